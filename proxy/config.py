@@ -1,0 +1,259 @@
+"""Settings: one frozen, validated model, loaded once at start.
+
+A TOML file gives the settings; environment variables ``PINPROXY_<SECTION>__<FIELD>``
+override single fields (e.g. ``PINPROXY_STORE__URL``), which is how a sidecar gets
+its Redis address and password without rewriting the file. Invalid settings raise
+``ConfigError`` with one line per offending field, named by its dotted path.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from proxy.errors import ConfigError
+from proxy.models import Dimension
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ListenConfig(_Section):
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    # Time an in-flight request gets to finish after SIGTERM before it is cut off.
+    shutdown_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # Headers whose values are trusted to carry the client's protocol (e.g. set by an
+    # ingress in front of the sidecar); otherwise X-Forwarded-Proto is derived locally.
+    trust_forwarded_headers: bool = False
+
+
+class StoreConfig(_Section):
+    kind: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    password: SecretStr | None = None
+    key_prefix: Annotated[str, Field(min_length=1, max_length=64)] = "pinproxy:"
+    pin_ttl_s: Annotated[float, Field(gt=0)] = 86400.0
+    # Pins are immutable except by explicit repin (which is broadcast), so a local copy
+    # can be trusted; it is re-read from the store after this long anyway, to notice a
+    # pin that expired in the store while this process kept using its copy.
+    local_cache_size: Annotated[int, Field(ge=0)] = 100_000
+    local_cache_ttl_s: Annotated[float, Field(gt=0)] = 60.0
+    # How often batched TTL refreshes for cache-hit sessions are flushed to the store.
+    touch_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    op_timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = 500
+    max_sessions: Annotated[int, Field(gt=0)] = 1_000_000  # in-memory store bound
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    def masked_url(self) -> str:
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = f"{parts.username or ''}:***@{parts.hostname}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+
+class SessionSource(_Section):
+    kind: Literal["header", "cookie", "body"]
+    # Header or cookie name, or a dotted path into the JSON body ("metadata.session_id").
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+
+    @model_validator(mode="after")
+    def _valid_name(self) -> Self:
+        if self.kind == "header" and not _HEADER_NAME.fullmatch(self.name):
+            raise ValueError(f"{self.name!r} is not a valid header name")
+        if self.kind == "body" and any(not part for part in self.name.split(".")):
+            raise ValueError(f"{self.name!r} is not a dotted path like 'metadata.session_id'")
+        return self
+
+
+def _default_sources() -> tuple[SessionSource, ...]:
+    return (
+        SessionSource(kind="header", name="X-Session-ID"),
+        SessionSource(kind="body", name="metadata.session_id"),
+    )
+
+
+class SessionsConfig(_Section):
+    sources: tuple[SessionSource, ...] = Field(default_factory=_default_sources)
+    # Without a session id a request is routed by latency and not pinned, unless this
+    # is set, in which case it gets 400.
+    required: bool = False
+    max_id_bytes: Annotated[int, Field(gt=0, le=4096)] = 256
+
+
+class VersionsConfig(_Section):
+    # The dimensions that make up the version key sessions pin to.
+    dimensions: tuple[Dimension, ...] = ("prompt", "parser", "tools", "model")
+    # Version keys (or bare prompt versions) new sessions may be pinned to; None: all.
+    admitted_for_new_sessions: tuple[str, ...] | None = None
+    # A pinned version that no backend has reported for this long is retired: its
+    # sessions are explicitly repinned to a new-session choice.
+    retire_after_s: Annotated[float, Field(gt=0)] = 600.0
+
+    @field_validator("dimensions")
+    @classmethod
+    def _dimensions(cls, value: tuple[Dimension, ...]) -> tuple[Dimension, ...]:
+        if "prompt" not in value:
+            raise ValueError("must include 'prompt'")
+        if len(set(value)) != len(value):
+            raise ValueError("must not repeat a dimension")
+        return value
+
+
+class DiscoveryConfig(_Section):
+    path: Annotated[str, Field(pattern=r"^/[^?#]*$")] = "/version"
+    interval_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    jitter: Annotated[float, Field(ge=0, lt=1)] = 0.2  # fraction of the interval
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    unhealthy_after: Annotated[int, Field(ge=1, le=100)] = 3
+    healthy_after: Annotated[int, Field(ge=1, le=100)] = 2
+
+
+class RoutingConfig(_Section):
+    # Off turns pinproxy into a plain latency router (the control in bench/incident).
+    pinning: bool = True
+    pin_wait_ms: Annotated[int, Field(ge=0, le=120_000)] = 2000
+    retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 2
+    # Time constant of the peak-EWMA latency estimate: how fast an old slowdown is forgotten.
+    ewma_decay_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    # Assumed time-to-first-byte of a backend that has not been measured yet.
+    initial_latency_ms: Annotated[float, Field(gt=0)] = 50.0
+
+
+class UpstreamConfig(_Section):
+    connect_timeout_s: Annotated[float, Field(gt=0, le=120)] = 2.0
+    # Longest silence allowed between two reads of a response (head or body chunk).
+    # A stream has no total deadline: long generations are normal.
+    read_idle_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    pool_size: Annotated[int, Field(ge=1)] = 1000
+    pool_size_per_host: Annotated[int, Field(ge=0)] = 0  # 0: no per-host limit
+    # Request bodies up to this size are held in memory so the request can be retried
+    # (mismatch guard, refused connection) and a session id read from them. Larger
+    # bodies stream straight through and cannot be retried. 0 streams everything.
+    max_buffered_body_bytes: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
+
+
+class BackendConfig(_Section):
+    id: Annotated[str, Field(pattern=_ID)]
+    region: Annotated[str, Field(pattern=_ID)]
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _http_base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not contain credentials")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return value.rstrip("/")
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    """Every setting pinproxy has; see config/example.toml for a commented example."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix="PINPROXY_",
+        env_nested_delimiter="__",
+    )
+
+    listen: ListenConfig = ListenConfig()
+    store: StoreConfig = StoreConfig()
+    sessions: SessionsConfig = SessionsConfig()
+    versions: VersionsConfig = VersionsConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    routing: RoutingConfig = RoutingConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    backends: tuple[BackendConfig, ...] = ()
+    log: LogConfig = LogConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (the file arrives as init kwargs).
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.listen.workers > 1 and self.store.kind != "redis":
+            raise ValueError(
+                "listen.workers > 1 needs store.kind = 'redis': with the in-memory store each "
+                "worker would keep its own pins and a session could be pinned twice"
+            )
+        ids = [b.id for b in self.backends]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"backends: duplicate id(s) {', '.join(duplicates)}")
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        """The resolved settings as plain data, with secrets masked (for check-config)."""
+        data = self.model_dump(mode="json")
+        data["store"]["url"] = self.store.masked_url()
+        if self.store.password is not None:
+            data["store"]["password"] = "***"
+        return data
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def settings_from_mapping(data: dict[str, Any]) -> Settings:
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read, validate and freeze the settings in the TOML file at ``path``."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return settings_from_mapping(data)

@@ -1,0 +1,104 @@
+"""The one error hierarchy: every failure a client can see is a ``ProxyError``.
+
+Library exceptions (aiohttp, redis, pydantic) are translated into these at the one
+boundary that talks to that library, with ``raise ... from exc``. The data plane turns
+any ``ProxyError`` into an OpenAI-shaped JSON body; anything else becomes a bare 500
+with no traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+
+class ProxyError(Exception):
+    """Base of every error pinproxy reports; carries the HTTP status and OpenAI error type."""
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def body(self) -> bytes:
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.error_type,
+            "param": self.param,
+            "code": self.code,
+        }
+        error.update(self.extra)
+        return orjson.dumps({"error": error})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, message={self.message!r})"
+
+
+class BadRequest(ProxyError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class VersionUnavailable(ProxyError):
+    """The session's pinned version has no healthy backend (after waiting ``pin_wait_ms``)."""
+
+    status = 503
+    error_type = "version_unavailable"
+
+    def __init__(self, version_key: str, retry_after_s: int, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or f"no healthy backend currently serves pinned version {version_key!r}; retry later",
+            headers={"Retry-After": str(retry_after_s)},
+            extra={"pinned_version": version_key},
+        )
+        self.version_key = version_key
+
+
+class NoBackends(ProxyError):
+    status = 503
+    error_type = "no_backends"
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(
+            "no healthy backend with a known version is available",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+
+class StoreUnavailable(ProxyError):
+    """The pin store could not be reached; the proxy refuses rather than guess a pin."""
+
+    status = 503
+    error_type = "pin_store_unavailable"
+
+
+class UpstreamError(ProxyError):
+    """The chosen backend failed before sending a response head."""
+
+    status = 502
+    error_type = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    error_type = "upstream_timeout"
+
+
+class ConfigError(Exception):
+    """Invalid configuration; raised at start, never at request time."""

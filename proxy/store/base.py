@@ -1,0 +1,50 @@
+"""The pin-store interface every implementation (memory, Redis) provides.
+
+Invariant 3 of the design: a pin is written once, atomically across all proxy
+replicas, and afterwards changes only through ``repin`` or ``unpin``. That is what
+lets an implementation cache pins locally and answer ``get`` without a round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from proxy.models import Pin
+
+
+class PinStore(Protocol):
+    """Where session pins live. Every method raises ``StoreUnavailable`` on I/O failure."""
+
+    async def get(self, session_id: str) -> Pin | None:
+        """The session's pin, or None. A hit slides the pin's TTL (possibly batched later)."""
+        ...
+
+    async def pin_if_absent(self, session_id: str, pin: Pin) -> Pin:
+        """Atomically pin the session unless it already is; return the pin that holds.
+
+        When two replicas race, exactly one pin is written and both get it back.
+        """
+        ...
+
+    async def repin(self, session_id: str, pin: Pin) -> Pin | None:
+        """Explicitly replace the session's pin; return the previous one.
+
+        Every process sharing the store drops its cached copy (within about a second).
+        """
+        ...
+
+    async def unpin(self, session_id: str) -> Pin | None:
+        """Remove the session's pin; return it. Caches are invalidated like ``repin``."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store answers."""
+        ...
+
+    async def start(self) -> None:
+        """Open connections and background tasks (cache invalidation, batched touches)."""
+        ...
+
+    async def close(self) -> None:
+        """Flush pending work and release every resource; safe to call twice."""
+        ...

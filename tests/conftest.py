@@ -1,0 +1,6 @@
+"""Shared pytest configuration; fixtures live in tests/fixtures/ as plugins."""
+
+pytest_plugins = [
+    "tests.fixtures.redis_server",
+    "tests.fixtures.sim",
+]
