@@ -94,8 +94,9 @@ class VersionBundle:
         be read as "parser unset", or every partially stamping backend would look
         like it flipped on every response.
         """
-        values = {dim: getattr(self, dim) for dim in DIMENSIONS}
-        values.update(stamp)
+        values: dict[str, str | None] = {dim: getattr(self, dim) for dim in DIMENSIONS}
+        for dim, value in stamp.items():
+            values[dim] = value
         prompt = values.pop("prompt")
         assert prompt is not None
         return VersionBundle(prompt=prompt, **values)

@@ -1,0 +1,201 @@
+"""Session-id extraction: source order, the three kinds of source, and validation."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.config import SessionSource
+from proxy.errors import BadRequest
+from proxy.sessions import extract_session_id, needs_body
+
+HEADER = SessionSource(kind="header", name="X-Session-ID")
+COOKIE = SessionSource(kind="cookie", name="sid")
+BODY = SessionSource(kind="body", name="metadata.session_id")
+
+
+def headers(**values: str) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in values.items()}))
+
+
+NO_HEADERS = headers()
+
+
+def body(doc: object) -> bytes:
+    return orjson.dumps(doc)
+
+
+def test_needs_body() -> None:
+    assert needs_body([HEADER, BODY])
+    assert not needs_body([HEADER, COOKIE])
+    assert not needs_body([])
+
+
+def test_first_source_in_order_wins() -> None:
+    h = headers(X_Session_ID="from-header")
+    b = body({"metadata": {"session_id": "from-body"}})
+    c = {"sid": "from-cookie"}
+    assert extract_session_id([HEADER, BODY, COOKIE], h, c, b) == "from-header"
+    assert extract_session_id([BODY, HEADER, COOKIE], h, c, b) == "from-body"
+    assert extract_session_id([COOKIE, BODY, HEADER], h, c, b) == "from-cookie"
+
+
+def test_falls_through_missing_and_empty_sources() -> None:
+    h = headers(X_Session_ID="")
+    b = body({"metadata": {"session_id": "from-body"}})
+    assert extract_session_id([HEADER, COOKIE, BODY], h, {"sid": ""}, b) == "from-body"
+    assert extract_session_id([HEADER, COOKIE], NO_HEADERS, {}, None) is None
+
+
+def test_header_lookup_is_case_insensitive() -> None:
+    h = headers(x_session_id="abc")
+    assert extract_session_id([HEADER], h, {}, None) == "abc"
+    lower = SessionSource(kind="header", name="x-session-id")
+    assert extract_session_id([lower], headers(X_SESSION_ID="abc"), {}, None) == "abc"
+
+
+def test_cookie_source() -> None:
+    assert extract_session_id([COOKIE], NO_HEADERS, {"sid": "c-1", "other": "x"}, None) == "c-1"
+    assert extract_session_id([COOKIE], NO_HEADERS, {"other": "x"}, None) is None
+
+
+def test_dotted_body_path() -> None:
+    deep = SessionSource(kind="body", name="a.b.c")
+    assert extract_session_id([deep], NO_HEADERS, {}, body({"a": {"b": {"c": "x"}}})) == "x"
+    top = SessionSource(kind="body", name="user")
+    assert extract_session_id([top], NO_HEADERS, {}, body({"user": "u-9"})) == "u-9"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"",
+        b'["metadata"]',
+        b'"metadata"',
+        b'{"metadata": "session_id"}',
+        b'{"metadata": ["session_id"]}',
+        b'{"metadata": {}}',
+        b'{"other": {"session_id": "x"}}',
+    ],
+)
+def test_body_without_a_usable_id_is_not_an_error(raw: bytes) -> None:
+    assert extract_session_id([BODY], NO_HEADERS, {}, raw) is None
+
+
+def test_no_body_skips_body_sources() -> None:
+    assert extract_session_id([BODY, COOKIE], NO_HEADERS, {"sid": "c"}, None) == "c"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (42, "42"),
+        (0, "0"),
+        (-7, "-7"),
+        (True, None),
+        (False, None),
+        (1.5, None),
+        (None, None),
+        ({"id": "x"}, None),
+        (["x"], None),
+        ("", None),
+    ],
+)
+def test_body_value_types(value: object, expected: str | None) -> None:
+    raw = body({"metadata": {"session_id": value}})
+    assert extract_session_id([BODY], NO_HEADERS, {}, raw) == expected
+
+
+def test_non_string_body_value_falls_through_to_the_next_source() -> None:
+    raw = body({"metadata": {"session_id": 1.5}})
+    assert extract_session_id([BODY, COOKIE], NO_HEADERS, {"sid": "c"}, raw) == "c"
+
+
+def test_body_is_parsed_only_when_a_body_source_is_reached() -> None:
+    # Invalid JSON behind a header that already answered is never looked at.
+    h = headers(X_Session_ID="h")
+    assert extract_session_id([HEADER, BODY], h, {}, b"\xff not json") == "h"
+
+
+def test_exactly_max_bytes_is_accepted() -> None:
+    value = "a" * 256
+    assert extract_session_id([HEADER], headers(X_Session_ID=value), {}, None) == value
+
+
+def test_longer_than_max_bytes_is_rejected_naming_the_source() -> None:
+    value = "a" * 257
+    with pytest.raises(BadRequest) as info:
+        extract_session_id([HEADER], headers(X_Session_ID=value), {}, None)
+    err = info.value
+    assert err.code == "invalid_session_id"
+    assert err.status == 400
+    assert err.message == "session id from header X-Session-ID is longer than 256 bytes"
+    assert value not in err.message
+
+
+def test_max_bytes_counts_utf8_bytes_not_characters() -> None:
+    ok = "é" * 128  # 2 bytes each: 256
+    assert extract_session_id([HEADER], headers(X_Session_ID=ok), {}, None) == ok
+    with pytest.raises(BadRequest, match="longer than 256 bytes"):
+        extract_session_id([HEADER], headers(X_Session_ID=ok + "a"), {}, None)
+    with pytest.raises(BadRequest, match="longer than 10 bytes"):
+        extract_session_id([COOKIE], NO_HEADERS, {"sid": "€€€€"}, None, max_bytes=10)
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x1f", "\t", "\n", "\x7f", "\x80", "\x85", "\x9f"])
+def test_control_characters_are_rejected(char: str) -> None:
+    raw = body({"metadata": {"session_id": f"abc{char}def"}})
+    with pytest.raises(BadRequest) as info:
+        extract_session_id([BODY], NO_HEADERS, {}, raw)
+    assert info.value.code == "invalid_session_id"
+    assert "body field metadata.session_id" in info.value.message
+    assert "control character" in info.value.message
+    assert f"U+{ord(char):04X}" in info.value.message
+    assert "abc" not in info.value.message
+
+
+def test_non_control_unicode_is_accepted() -> None:
+    for value in ("\xa0nbsp", "é", "日本", "🙂", "a b"):
+        assert extract_session_id([COOKIE], NO_HEADERS, {"sid": value}, None) == value
+
+
+def test_invalid_id_is_an_error_even_if_a_later_source_is_valid() -> None:
+    h = headers(X_Session_ID="ok")
+    with pytest.raises(BadRequest, match="cookie sid"):
+        extract_session_id([COOKIE, HEADER], h, {"sid": "bad\x01"}, None)
+
+
+def test_lone_surrogate_is_rejected() -> None:
+    with pytest.raises(BadRequest, match="not valid UTF-8"):
+        extract_session_id([COOKIE], NO_HEADERS, {"sid": "a\udcff"}, None)
+
+
+def is_control(c: str) -> bool:
+    return ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    value=st.text(alphabet=st.characters(codec="utf-8"), max_size=300),
+    max_bytes=st.integers(1, 300),
+)
+def test_any_accepted_id_is_clean_and_short_enough(value: str, max_bytes: int) -> None:
+    def extract() -> str | None:
+        return extract_session_id([COOKIE], NO_HEADERS, {"sid": value}, None, max_bytes=max_bytes)
+
+    if value and (len(value.encode()) > max_bytes or any(map(is_control, value))):
+        with pytest.raises(BadRequest) as info:
+            extract()
+        assert info.value.code == "invalid_session_id"
+        return
+    got = extract()
+    if not value:
+        assert got is None
+        return
+    assert got == value
+    assert len(got.encode("utf-8")) <= max_bytes
+    assert not any(map(is_control, got))
