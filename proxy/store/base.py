@@ -7,9 +7,10 @@ lets an implementation cache pins locally and answer ``get`` without a round tri
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from proxy.models import Pin
+if TYPE_CHECKING:
+    from proxy.models import Pin
 
 
 class PinStore(Protocol):

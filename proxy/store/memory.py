@@ -1,0 +1,90 @@
+"""The single-process pin store: a bounded dict, for one worker, tests and the demo.
+
+Every method runs to completion without an await, so check-and-set is atomic under
+asyncio without a lock. Every access (hit, write) both moves the entry to the end of
+the LRU order and sets its expiry to ``now + pin_ttl_s``; with a constant TTL and a
+monotonic clock, LRU order is therefore also expiry order, and expired entries are
+always at the front, where each call sweeps them off in amortised O(1).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.clock import Clock
+    from proxy.config import StoreConfig
+    from proxy.models import Pin
+
+
+class MemoryPinStore:
+    """``PinStore`` over a dict: LRU-bounded by ``max_sessions``, TTL sliding on every hit."""
+
+    def __init__(self, config: StoreConfig, clock: Clock) -> None:
+        self._max_sessions = config.max_sessions
+        self._ttl_s = config.pin_ttl_s
+        self._clock = clock
+        self._pins: OrderedDict[str, tuple[Pin, float]] = OrderedDict()
+        self._closed = False
+
+    def __len__(self) -> int:
+        self._sweep(self._clock.monotonic())
+        return len(self._pins)
+
+    async def get(self, session_id: str) -> Pin | None:
+        now = self._sweep(self._clock.monotonic())
+        entry = self._pins.get(session_id)
+        if entry is None:
+            return None
+        self._store(session_id, entry[0], now)
+        return entry[0]
+
+    async def pin_if_absent(self, session_id: str, pin: Pin) -> Pin:
+        now = self._sweep(self._clock.monotonic())
+        entry = self._pins.get(session_id)
+        winner = pin if entry is None else entry[0]
+        self._store(session_id, winner, now)
+        return winner
+
+    async def repin(self, session_id: str, pin: Pin) -> Pin | None:
+        now = self._sweep(self._clock.monotonic())
+        entry = self._pins.get(session_id)
+        self._store(session_id, pin, now)
+        return None if entry is None else entry[0]
+
+    async def unpin(self, session_id: str) -> Pin | None:
+        self._sweep(self._clock.monotonic())
+        entry = self._pins.pop(session_id, None)
+        return None if entry is None else entry[0]
+
+    async def ping(self) -> None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._closed = True
+
+    def _store(self, session_id: str, pin: Pin, now: float) -> None:
+        self._pins[session_id] = (pin, now + self._ttl_s)
+        self._pins.move_to_end(session_id)
+        while len(self._pins) > self._max_sessions:
+            self._pins.popitem(last=False)
+
+    def _sweep(self, now: float) -> float:
+        pins = self._pins
+        while pins:
+            first = next(iter(pins.values()))
+            if first[1] > now:
+                break
+            pins.popitem(last=False)
+        return now
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return (
+            f"MemoryPinStore(sessions={len(self._pins)}, max_sessions={self._max_sessions}, "
+            f"pin_ttl_s={self._ttl_s}{state})"
+        )

@@ -1,0 +1,409 @@
+"""The shared pin store: Redis, fronted by a process-local cache.
+
+Theory of operation
+-------------------
+Why the local cache is safe: a pin is written once (``SET NX``, atomic across every
+replica) and afterwards changes only through ``repin``/``unpin``. Those write and
+PUBLISH the session id on ``<prefix>invalidate`` inside one MULTI/EXEC, so whenever the
+change is applied the broadcast goes out too; every process subscribes to that channel
+and evicts the session. A copy can therefore only be stale while an invalidation is in
+flight (milliseconds), or while the subscription is down. The cache is used only while
+the subscription is confirmed, and it is cleared whenever the subscription breaks and
+again when it is (re)confirmed, since messages sent in between are lost. Reads that
+raced an invalidation are fenced by the cache generation (see ``PinCache.put``), and
+every entry is re-read after ``local_cache_ttl_s`` regardless.
+
+Why touches are batched: invariant "a cached pin costs no network round trip". A cache
+hit still has to slide the pin's TTL in Redis, so it only records the session in a
+pending set; a background task sends the refreshes every ``touch_interval_s`` as
+pipelined PEXPIREs. A PEXPIRE that finds no key means the pin expired or was deleted
+behind our back, so the local copy goes too. Misses use GETEX, which reads and slides
+in one round trip.
+
+TTLs go in milliseconds (PX / PEXPIRE) so fractional ``pin_ttl_s`` works. Keys are bytes:
+``surrogatepass`` UTF-8 is injective and defined for every Python string, and Redis keys
+are binary-safe, so no session id can collide with another or break its key. Each call
+is bounded by ``op_timeout_ms`` whatever the injected client's settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+import orjson
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from proxy.errors import StoreUnavailable
+from proxy.models import Pin
+from proxy.store.cache import PinCache
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Iterable
+
+    from redis.asyncio.client import PubSub
+
+    from proxy.clock import Clock
+    from proxy.config import StoreConfig
+
+T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
+
+_TEXT_FIELDS = ("version_key", "backend_id", "region")  # Pin's fields before pinned_at
+_TOUCH_CHUNK = 500
+_HEALTH_CHECK_INTERVAL_S = 15
+_MAX_CONNECTIONS = 64  # per process; one is the invalidation subscription
+_BACKOFF_MIN_S = 0.05
+_BACKOFF_MAX_S = 1.0
+_POLL_S = 0.5
+# A subscription that hears nothing for this long is pinged; no pong within the op
+# timeout (at least 1 s) means a half-open connection that would silently drop
+# invalidations, so it is torn down and resubscribed.
+_PUBSUB_IDLE_PING_S = 5.0
+
+
+def redis_client_from_config(config: StoreConfig) -> Redis:
+    """A client for ``config.url``: op-timeout sockets, no hidden retries, a bounded pool."""
+    timeout_s = config.op_timeout_ms / 1000
+    extra: dict[str, Any] = {}
+    if config.password is not None:
+        extra["password"] = config.password.get_secret_value()
+    # redis-py retries 3 times with backoff by default, which would multiply the op
+    # timeout; a failed pin lookup should surface at once as a 503 instead. The pool is
+    # bounded so that a burst (cold start, every connection dropped by a Redis restart)
+    # queues on a few connections instead of opening one per request.
+    pool = BlockingConnectionPool.from_url(
+        config.url,
+        max_connections=_MAX_CONNECTIONS,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=_HEALTH_CHECK_INTERVAL_S,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=False,
+        **extra,
+    )
+    return Redis.from_pool(pool)
+
+
+class RedisPinStore:
+    """``PinStore`` on Redis with a local cache, batched TTL touches and pub/sub invalidation."""
+
+    def __init__(self, config: StoreConfig, client: Redis, clock: Clock) -> None:
+        self._config = config
+        self._client = client
+        self._clock = clock
+        self._prefix = config.key_prefix
+        self._key_prefix = f"{config.key_prefix}pin:".encode()
+        self._channel = f"{config.key_prefix}invalidate".encode()
+        self._ttl_ms = max(1, round(config.pin_ttl_s * 1000))
+        self._op_timeout_s = config.op_timeout_ms / 1000
+        self._cache = PinCache(config.local_cache_size, config.local_cache_ttl_s, clock)
+        self._touches: set[str] = set()
+        self._subscribed = asyncio.Event()
+        self._subscriptions = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._rng = random.Random()
+        self._secrets = _secrets_of(config)
+
+    @property
+    def subscribed(self) -> bool:
+        """True while the invalidation subscription is confirmed (the cache is in use)."""
+        return self._subscribed.is_set()
+
+    @property
+    def subscriptions(self) -> int:
+        """How many times the invalidation channel has been (re)subscribed."""
+        return self._subscriptions
+
+    @property
+    def cached(self) -> int:
+        return len(self._cache)
+
+    @property
+    def pending_touches(self) -> int:
+        return len(self._touches)
+
+    def key(self, session_id: str) -> bytes:
+        """The Redis key holding the session's pin."""
+        return self._key_prefix + session_id.encode("utf-8", "surrogatepass")
+
+    async def get(self, session_id: str) -> Pin | None:
+        self._check_open()
+        if self._subscribed.is_set():
+            pin = self._cache.get(session_id)
+            if pin is not None:
+                self._touches.add(session_id)
+                return pin
+        generation = self._cache.generation
+        raw = await self._call("get", self._client.getex(self.key(session_id), px=self._ttl_ms))
+        if raw is None:
+            return None
+        pin = self._decode(session_id, raw)
+        self._remember(session_id, pin, generation)
+        return pin
+
+    async def pin_if_absent(self, session_id: str, pin: Pin) -> Pin:
+        self._check_open()
+        generation = self._cache.generation
+        key = self.key(session_id)
+        raw = await self._call(
+            "pin", self._client.set(key, _encode(pin), px=self._ttl_ms, nx=True, get=True)
+        )
+        if raw is None:
+            winner = pin
+        else:
+            winner = self._decode(session_id, raw)
+            # The existing pin was read, not written: slide its TTL like any hit.
+            self._touches.add(session_id)
+        self._remember(session_id, winner, generation)
+        return winner
+
+    async def repin(self, session_id: str, pin: Pin) -> Pin | None:
+        self._check_open()
+        key = self.key(session_id)
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(key, _encode(pin), px=self._ttl_ms, get=True)
+                pipe.publish(self._channel, session_id.encode("utf-8", "surrogatepass"))
+                results = await self._call("repin", pipe.execute())
+        finally:
+            # Even a failed write may have been applied (a timeout after sending).
+            self._cache.evict(session_id)
+        return self._previous(session_id, results[0])
+
+    async def unpin(self, session_id: str) -> Pin | None:
+        self._check_open()
+        key = self.key(session_id)
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.getdel(key)
+                pipe.publish(self._channel, session_id.encode("utf-8", "surrogatepass"))
+                results = await self._call("unpin", pipe.execute())
+        finally:
+            self._cache.evict(session_id)
+            self._touches.discard(session_id)
+        return self._previous(session_id, results[0])
+
+    async def ping(self) -> None:
+        self._check_open()
+        await self._call("ping", self._client.ping())
+
+    async def start(self) -> None:
+        self._check_open()
+        if self._tasks:
+            return
+        self._tasks = [
+            asyncio.create_task(
+                self._subscribe_forever(), name=f"pinstore-invalidate:{self._prefix}"
+            ),
+            asyncio.create_task(self._touch_forever(), name=f"pinstore-touch:{self._prefix}"),
+        ]
+        # Starting without the subscription is allowed (Redis may come up later): the
+        # store then works uncached until the background task gets through.
+        try:
+            async with asyncio.timeout(self._op_timeout_s):
+                await self._subscribed.wait()
+        except TimeoutError:
+            _log.warning("pin store started before its invalidation subscription was confirmed")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.flush_touches()
+        except StoreUnavailable as exc:
+            _log.warning("pending TTL touches dropped on close: %s", exc.message)
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            # The loops also stop on ``_closed``, should a cancellation get swallowed.
+            _, stuck = await asyncio.wait(self._tasks, timeout=1.0 + 2 * self._op_timeout_s)
+            if stuck:
+                _log.warning("pin store background tasks did not stop: %s", stuck)
+        self._tasks = []
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.aclose()
+
+    async def flush_touches(self) -> None:
+        """Send the pending TTL refreshes now; evict local copies whose key is gone."""
+        if not self._touches:
+            return
+        sessions = list(self._touches)
+        self._touches = set()
+        for start in range(0, len(sessions), _TOUCH_CHUNK):
+            chunk = sessions[start : start + _TOUCH_CHUNK]
+            alive = await self._call("touch", self._pexpire_all(chunk))
+            for session_id, exists in zip(chunk, alive, strict=True):
+                if not exists:
+                    self._cache.evict(session_id)
+
+    async def _pexpire_all(self, sessions: Iterable[str]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for session_id in sessions:
+                pipe.pexpire(self.key(session_id), self._ttl_ms)
+            return await pipe.execute()
+
+    async def _touch_forever(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._config.touch_interval_s)
+            try:
+                await self.flush_touches()
+            except StoreUnavailable as exc:
+                # Losing one batch only shortens TTLs that are normally hours long; the
+                # next hit of each session schedules its touch again.
+                _log.warning("TTL touch batch dropped: %s", exc.message)
+            except Exception:
+                _log.exception("TTL touch batch failed unexpectedly")
+
+    async def _subscribe_forever(self) -> None:
+        backoff = _BACKOFF_MIN_S
+        while not self._closed:
+            pubsub = self._client.pubsub()
+            heard = self._subscriptions
+            try:
+                async with asyncio.timeout(self._op_timeout_s):
+                    await pubsub.subscribe(self._channel)
+                await self._listen(pubsub)
+            except (RedisError, OSError) as exc:
+                _log.warning(
+                    "pin invalidation subscription lost, local cache dropped: %s",
+                    self._scrub(f"{type(exc).__name__}: {exc}"),
+                )
+            except Exception:
+                # Keep the subscriber alive whatever happens: without it the cache is off.
+                _log.exception("pin invalidation subscriber failed; resubscribing")
+            finally:
+                self._subscribed.clear()
+                self._cache.clear()
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            if self._subscriptions != heard:
+                backoff = _BACKOFF_MIN_S
+            await asyncio.sleep(backoff * self._rng.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        pong_deadline = max(1.0, self._op_timeout_s)
+        last_heard = self._clock.monotonic()
+        ping_sent: float | None = None
+        while not self._closed:
+            message = await pubsub.get_message(timeout=_POLL_S)
+            now = self._clock.monotonic()
+            if message is None:
+                if ping_sent is not None and now - ping_sent > pong_deadline:
+                    raise RedisConnectionError("invalidation subscription stopped answering")
+                if ping_sent is None and now - last_heard >= _PUBSUB_IDLE_PING_S:
+                    await pubsub.ping()
+                    ping_sent = now
+                continue
+            last_heard, ping_sent = now, None
+            kind = message.get("type")
+            if kind == "subscribe":
+                # Anything published while we were not subscribed is lost.
+                self._cache.clear()
+                self._subscriptions += 1
+                self._subscribed.set()
+            elif kind == "message":
+                self._invalidate(message.get("data"))
+
+    def _invalidate(self, data: object) -> None:
+        try:
+            if isinstance(data, bytes):
+                data = data.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            data = None
+        if isinstance(data, str):
+            self._cache.evict(data)
+        else:
+            # Not a session id we could have published: evict everything to be safe.
+            self._cache.clear()
+
+    def _remember(self, session_id: str, pin: Pin, generation: int) -> None:
+        if self._subscribed.is_set():
+            self._cache.put(session_id, pin, generation)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("the pin store is closed")
+
+    async def _call(self, what: str, operation: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._op_timeout_s):
+                return await operation
+        except (RedisError, OSError) as exc:  # OSError covers TimeoutError from asyncio
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancellation that lands in its own timeout or
+                # reconnect handling into an error; the caller asked to stop, so stop.
+                raise asyncio.CancelledError from exc
+            detail = self._scrub(f"{type(exc).__name__}: {exc}")
+            raise StoreUnavailable(
+                f"pin store {what} failed at {self._config.masked_url()}: {detail}",
+                code="pin_store_unavailable",
+            ) from exc
+
+    def _decode(self, session_id: str, raw: object) -> Pin:
+        try:
+            data = orjson.loads(raw) if isinstance(raw, bytes | str) else None
+            if not isinstance(data, dict) or not isinstance(data.get("pinned_at"), float | int):
+                raise ValueError("not a pin document")
+            version_key, backend_id, region = (data.get(name) for name in _TEXT_FIELDS)
+            if not (isinstance(version_key, str) and isinstance(backend_id, str)):
+                raise ValueError("not a pin document")
+            if not isinstance(region, str):
+                raise ValueError("not a pin document")
+            return Pin(version_key, backend_id, region, float(data["pinned_at"]))
+        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+            # Refuse rather than guess: a garbled pin is not the same as no pin.
+            raise StoreUnavailable(
+                f"the stored pin for session {session_id[:64]!r} is unreadable"
+            ) from exc
+
+    def _previous(self, session_id: str, raw: object) -> Pin | None:
+        if raw is None:
+            return None
+        try:
+            return self._decode(session_id, raw)
+        except StoreUnavailable as exc:
+            # The write already succeeded; a garbled old value must not turn it into a 503.
+            _log.warning("%s (replaced)", exc.message)
+            return None
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisPinStore(prefix={self._prefix!r}, url={self._config.masked_url()!r}, "
+            f"cached={len(self._cache)}, pending_touches={len(self._touches)}, "
+            f"subscribed={self._subscribed.is_set()}, closed={self._closed})"
+        )
+
+
+def _encode(pin: Pin) -> bytes:
+    document = {name: getattr(pin, name) for name in _TEXT_FIELDS}
+    return orjson.dumps({**document, "pinned_at": pin.pinned_at})
+
+
+def _secrets_of(config: StoreConfig) -> tuple[str, ...]:
+    secrets = []
+    if config.password is not None and config.password.get_secret_value():
+        secrets.append(config.password.get_secret_value())
+    url_password = urlsplit(config.url).password
+    if url_password:
+        secrets.append(url_password)
+    return tuple(secrets)
