@@ -8,7 +8,7 @@ with no traceback.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
 
@@ -16,8 +16,8 @@ import orjson
 class ProxyError(Exception):
     """Base of every error pinproxy reports; carries the HTTP status and OpenAI error type."""
 
-    status: ClassVar[int] = 500
-    error_type: ClassVar[str] = "internal_error"
+    status: int = 500
+    error_type: str = "internal_error"
 
     def __init__(
         self,
@@ -27,8 +27,11 @@ class ProxyError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
+        if status is not None:
+            self.status = status
         self.message = message
         self.code = code
         self.param = param

@@ -117,6 +117,11 @@ class LoadTracker:
         else:
             entry.ewma.observe(ttfb_s)
 
+    def abandon(self, backend_id: str) -> None:
+        """A request to ``backend_id`` was given up by our side (the client left): no sample."""
+        entry = self._entry(backend_id)
+        entry.inflight = max(entry.inflight - 1, 0)
+
     def cost(self, backend_id: str) -> float:
         """Lower is better; an unknown backend costs the initial estimate."""
         entry = self._entries.get(backend_id)

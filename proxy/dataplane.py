@@ -1,0 +1,387 @@
+"""The data-plane handler: every proxied request passes through ``DataPlane.handle``.
+
+Theory of operation, in request order:
+1. Read the body into memory when it is small enough (so it can be replayed and a
+   session id read from it); otherwise stream it through untouched.
+2. Extract the session id (pure) and look its pin up (local cache, else store).
+3. Ask ``routing.choose`` (pure) with the registry's current snapshot. When nothing
+   may take the request, wait for the registry to change until ``pin_wait_ms`` has
+   passed since the request arrived, then answer 503.
+4. A new session is pinned *before* anything is sent: pin-if-absent is atomic across
+   replicas, and when another replica's pin won, the choice is made again among the
+   winner's backends. So every answer a client ever receives matches the one pin.
+5. Send upstream with ``X-Pinned-Version``. On the response head, read the version
+   stamp; it is a fresh runtime report. If it disagrees with the pin, the response
+   is dropped unseen and the request goes once to another backend of the pinned
+   version (nothing has reached the client yet: invariant 5).
+6. Stream the body back chunk by chunk; record the time to first byte.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from proxy.errors import BadRequest, NoBackends, ProxyError, VersionUnavailable
+from proxy.headers import (
+    client_response_headers,
+    ensure_traceparent,
+    new_request_id,
+    upstream_request_headers,
+    valid_request_id,
+)
+from proxy.models import (
+    STAMP_HEADERS,
+    Dimension,
+    Forward,
+    InvalidVersion,
+    Pin,
+    RequestFacts,
+    Unavailable,
+    check_value,
+    prompt_of,
+)
+from proxy.routing import RoutingPolicy, choose
+from proxy.sessions import extract_session_id, needs_body
+from proxy.upstream import Body, Upstream, UpstreamConnectError, upstream_url
+
+if TYPE_CHECKING:
+    import random
+    from collections.abc import AsyncIterator, Mapping
+
+    from proxy.clock import Clock
+    from proxy.config import Settings
+    from proxy.ewma import LoadTracker
+    from proxy.metrics import ProxyMetrics
+    from proxy.registry import Registry
+    from proxy.store import PinStore
+
+logger = logging.getLogger(__name__)
+
+_STREAM_CHUNK = 64 * 1024
+
+
+@dataclass(slots=True)
+class _RequestBody:
+    data: bytes | None  # the whole body, when it was small enough to hold
+    stream: Body  # what to send upstream
+    content_length: int | None
+
+    @property
+    def replayable(self) -> bool:
+        return self.data is not None or self.stream is None
+
+
+@dataclass(slots=True)
+class _Served:
+    response: aiohttp.ClientResponse
+    forward: Forward
+    served_key: str
+    ttfb_s: float
+
+
+class DataPlane:
+    """Handles proxied requests; every I/O dependency is passed in."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        registry: Registry,
+        store: PinStore,
+        loads: LoadTracker,
+        upstream: Upstream,
+        metrics: ProxyMetrics,
+        clock: Clock,
+        rng: random.Random,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._store = store
+        self._loads = loads
+        self._upstream = upstream
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng
+        self._policy = RoutingPolicy.from_config(settings.routing, settings.versions)
+        self._sources = settings.sessions.sources
+        self._read_body_for_session = needs_body(self._sources)
+        self._pin_wait_s = settings.routing.pin_wait_ms / 1000.0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        incoming = request.headers.get("X-Request-ID")
+        request_id = incoming if valid_request_id(incoming) else new_request_id(self._rng)
+        assert request_id is not None
+        try:
+            return await self._proxy(request, request_id)
+        except ProxyError as exc:
+            if isinstance(exc, VersionUnavailable):
+                self._metrics.unavailable.labels(exc.version_key).inc()
+            return error_response(exc, request_id)
+
+    async def _proxy(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        arrived = self._clock.monotonic()
+        body = await self._read_body(request)
+        session_id = extract_session_id(
+            self._sources,
+            request.headers,
+            request.cookies,
+            body.data if self._read_body_for_session else None,
+            max_bytes=self._settings.sessions.max_id_bytes,
+        )
+        if session_id is None and self._settings.sessions.required:
+            raise BadRequest(
+                "a session id is required (see the configured session sources)",
+                code="missing_session_id",
+            )
+        pinning = self._settings.routing.pinning and session_id is not None
+        pin = await self._store.get(session_id) if pinning and session_id else None
+
+        served, version_changed = await self._route_and_send(
+            request, request_id, body, session_id if pinning else None, pin, arrived
+        )
+        return await self._relay(request, request_id, served, version_changed)
+
+    async def _route_and_send(
+        self,
+        request: web.Request,
+        request_id: str,
+        body: _RequestBody,
+        session_id: str | None,
+        pin: Pin | None,
+        arrived: float,
+    ) -> tuple[_Served, str | None]:
+        deadline = arrived + self._pin_wait_s
+        exclude: set[str] = set()
+        retries_left = 1 if body.replayable else 0
+        version_changed: str | None = None
+        traceparent = ensure_traceparent(request.headers.get("traceparent"), self._rng)
+        while True:
+            decision = choose(
+                RequestFacts(session_id=session_id, exclude=frozenset(exclude)),
+                pin,
+                self._registry.snapshot,
+                self._policy,
+                self._loads,
+                self._rng,
+                self._clock.time(),
+            )
+            if isinstance(decision, Unavailable):
+                remaining = deadline - self._clock.monotonic()
+                if remaining > 0:
+                    await self._registry.wait_for_change(remaining)
+                    continue
+                raise self._unavailable(decision)
+
+            if session_id is not None and decision.new_pin:
+                ours = Pin(
+                    decision.version_key,
+                    decision.backend.id,
+                    decision.backend.region,
+                    self._clock.time(),
+                )
+                pin = await self._store.pin_if_absent(session_id, ours)
+                if pin == ours:
+                    self._metrics.pins_created.labels(ours.version_key).inc()
+                elif pin.version_key != ours.version_key:
+                    # Another replica pinned this session first: its version holds.
+                    self._metrics.pin_races_lost.inc()
+                    continue
+            elif session_id is not None and decision.repin_from is not None:
+                pin = Pin(
+                    decision.version_key,
+                    decision.backend.id,
+                    decision.backend.region,
+                    self._clock.time(),
+                )
+                await self._store.repin(session_id, pin)
+                version_changed = f"{decision.repin_from} -> {decision.version_key}"
+                self._metrics.version_switches.labels(
+                    "retired", decision.repin_from, decision.version_key
+                ).inc()
+                logger.warning("session repinned: version %s retired", decision.repin_from)
+
+            try:
+                served = await self._send(
+                    request, request_id, traceparent, body, decision, pinned=session_id is not None
+                )
+            except UpstreamConnectError:
+                if retries_left == 0:
+                    raise
+                retries_left -= 1
+                exclude.add(decision.backend.id)
+                self._metrics.upstream_retries.labels("connect").inc()
+                continue
+
+            if session_id is None or served.served_key == decision.version_key:
+                return served, version_changed
+            # Mismatch guard: the backend flipped since we last heard from it.
+            served.response.close()
+            self._loads.finish(decision.backend.id, served.ttfb_s)
+            self._metrics.mismatch_guard.labels(
+                decision.backend.id, decision.version_key, served.served_key
+            ).inc()
+            logger.warning(
+                "backend %s answered with version %s for a session pinned to %s; withheld",
+                decision.backend.id,
+                served.served_key,
+                decision.version_key,
+            )
+            exclude.add(decision.backend.id)
+            if retries_left == 0:
+                raise VersionUnavailable(decision.version_key, self._settings.routing.retry_after_s)
+            retries_left -= 1
+            self._metrics.upstream_retries.labels("version_mismatch").inc()
+
+    async def _send(
+        self,
+        request: web.Request,
+        request_id: str,
+        traceparent: str,
+        body: _RequestBody,
+        forward: Forward,
+        *,
+        pinned: bool,
+    ) -> _Served:
+        backend = forward.backend
+        headers = upstream_request_headers(
+            request.headers,
+            client_ip=request.remote,
+            proto=self._client_proto(request),
+            request_id=request_id,
+            traceparent=traceparent,
+            pinned_version=forward.version_key if pinned else None,
+        )
+        if body.data is None and body.content_length is not None:
+            # A streamed body keeps its declared length rather than turning chunked.
+            headers["Content-Length"] = str(body.content_length)
+        url = upstream_url(backend.backend.url, request.rel_url.raw_path_qs)
+        payload = body.data if body.data is not None else body.stream
+        self._loads.start(backend.id)
+        started = self._clock.monotonic()
+        try:
+            response = await self._upstream.send(request.method, url, headers, payload)
+        except UpstreamConnectError as exc:
+            self._loads.finish(backend.id, None)
+            self._registry.report_failure(backend.id, exc.message)
+            raise
+        except ProxyError:
+            self._loads.finish(backend.id, None)
+            raise
+        except BaseException:
+            # Cancelled (the client hung up): not the backend's fault, so no penalty.
+            self._loads.abandon(backend.id)
+            raise
+        ttfb = self._clock.monotonic() - started
+        self._registry.report_success(backend.id)
+        served_key = self._apply_stamp(backend.id, response.headers) or forward.version_key
+        return _Served(response, forward, served_key, ttfb)
+
+    def _apply_stamp(self, backend_id: str, headers: Mapping[str, str]) -> str | None:
+        stamp: dict[Dimension, str] = {}
+        try:
+            for dim, header in STAMP_HEADERS.items():
+                value = headers.get(header)
+                if value is not None:
+                    stamp[dim] = check_value(dim, value.strip())
+        except InvalidVersion as exc:
+            logger.warning("backend %s sent an unusable version stamp: %s", backend_id, exc)
+            return None
+        if not stamp:
+            return None
+        return self._registry.report_stamp(backend_id, stamp)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        request_id: str,
+        served: _Served,
+        version_changed: str | None,
+    ) -> web.StreamResponse:
+        upstream = served.response
+        backend = served.forward.backend
+        headers = client_response_headers(upstream.headers)
+        headers["X-Prompt-Version"] = prompt_of(served.served_key)
+        headers["X-Served-By"] = backend.id
+        headers["X-Served-Region"] = backend.region
+        headers["X-Request-ID"] = request_id
+        if version_changed is not None:
+            headers["X-Prompt-Version-Changed"] = version_changed
+        out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        completed = False
+        try:
+            await out.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            completed = True
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The backend broke mid-body. Ending the response cleanly would pass a
+            # truncated answer off as complete; dropping the connection tells the truth.
+            logger.warning("backend %s failed mid-response: %r", backend.id, exc)
+            if request.transport is not None:
+                request.transport.close()
+        except ConnectionResetError:
+            logger.debug("client went away mid-response (request %s)", request_id)
+        finally:
+            if completed:
+                upstream.release()
+            else:
+                upstream.close()
+            self._loads.finish(backend.id, served.ttfb_s)
+        return out
+
+    async def _read_body(self, request: web.Request) -> _RequestBody:
+        length = request.content_length
+        if not request.body_exists:
+            return _RequestBody(data=b"", stream=None, content_length=None)
+        limit = self._settings.upstream.max_buffered_body_bytes
+        if length is not None and length > limit:
+            return _RequestBody(None, _chain(b"", request.content), length)
+        parts: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = await request.content.readany()
+            if not chunk:
+                return _RequestBody(data=b"".join(parts), stream=None, content_length=None)
+            parts.append(chunk)
+            size += len(chunk)
+        # Larger than we hold (and of undeclared length): stream what we have and the rest.
+        return _RequestBody(None, _chain(b"".join(parts), request.content), length)
+
+    def _client_proto(self, request: web.Request) -> str:
+        if self._settings.listen.trust_forwarded_headers:
+            forwarded = request.headers.get("X-Forwarded-Proto")
+            if forwarded in ("http", "https"):
+                return forwarded
+        return request.scheme
+
+    def _unavailable(self, decision: Unavailable) -> ProxyError:
+        retry_after = self._settings.routing.retry_after_s
+        if decision.version_key is not None:
+            return VersionUnavailable(decision.version_key, retry_after)
+        return NoBackends(retry_after)
+
+    def __repr__(self) -> str:
+        return f"DataPlane(pinning={self._settings.routing.pinning}, registry={self._registry!r})"
+
+
+async def _chain(prefix: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    if prefix:
+        yield prefix
+    async for chunk in rest.iter_chunked(_STREAM_CHUNK):
+        yield chunk
+
+
+def error_response(exc: ProxyError, request_id: str | None = None) -> web.Response:
+    """The OpenAI-shaped JSON answer for any ProxyError."""
+    headers = dict(exc.headers)
+    if request_id is not None:
+        headers["X-Request-ID"] = request_id
+    return web.Response(
+        status=exc.status, body=exc.body(), content_type="application/json", headers=headers
+    )

@@ -1,0 +1,144 @@
+"""Running the app: uvloop, the listening socket, worker processes, graceful drain.
+
+With ``workers = 1`` the proxy runs in this process. With more, this process only
+supervises: each worker is a spawned process that binds the same port with
+SO_REUSEPORT (the kernel spreads connections among them) and shares pins through
+Redis. A worker that dies unexpectedly is restarted, within a budget, so a single
+crash does not take the sidecar down; past the budget the supervisor exits non-zero
+and leaves restarting to the orchestrator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from proxy.app import build_app
+from proxy.logs import configure_logging
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from multiprocessing.process import BaseProcess
+
+    from proxy.config import Settings
+
+logger = logging.getLogger(__name__)
+
+_RESTARTS_PER_MINUTE = 5
+
+
+def run(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT; return the process exit code."""
+    if settings.listen.workers == 1:
+        _run_loop(settings, reuse_port=False)
+        return 0
+    return _supervise(settings)
+
+
+def _run_loop(settings: Settings, *, reuse_port: bool) -> None:
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        logger.info("uvloop not available; using the default event loop")
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings, reuse_port=reuse_port))
+
+
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Run one proxy in the current event loop until a stop signal arrives."""
+    app = build_app(settings)
+    # handler_cancellation: a client that disconnects cancels its handler, which
+    # closes the upstream request instead of generating tokens nobody will read.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        settings.listen.host,
+        settings.listen.port,
+        reuse_port=reuse_port,
+        shutdown_timeout=settings.listen.shutdown_timeout_s,
+        backlog=1024,
+    )
+    await site.start()
+    for address in runner.addresses:
+        host, port = address[:2]
+        logger.info("pinproxy listening on http://%s:%s", host, port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        # Graceful drain: runner.cleanup() closes the listening socket first (new
+        # connections go to other workers or replicas), gives in-flight requests up to
+        # shutdown_timeout_s to finish, then runs cleanup_ctx in reverse order.
+        logger.info(
+            "stopping: draining in-flight requests (up to %.0fs)",
+            settings.listen.shutdown_timeout_s,
+        )
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+        logger.info("stopped")
+
+
+def _worker_main(settings: Settings, index: int) -> None:
+    configure_logging(settings.log, worker=index)
+    _run_loop(settings, reuse_port=True)
+
+
+def _supervise(settings: Settings) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def start(index: int) -> BaseProcess:
+        proc = ctx.Process(target=_worker_main, args=(settings, index), name=f"pinproxy-{index}")
+        proc.start()
+        return proc
+
+    workers = {i: start(i) for i in range(settings.listen.workers)}
+    restarts: list[float] = []
+    code = 0
+    while not stopping:
+        time.sleep(0.2)
+        for index, proc in list(workers.items()):
+            if proc.is_alive() or stopping:
+                continue
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 60] + [now]
+            if len(restarts) > _RESTARTS_PER_MINUTE:
+                logger.error(
+                    "workers keep dying (%d restarts in a minute); giving up", len(restarts) - 1
+                )
+                stopping, code = True, 1
+                break
+            logger.error("worker %d exited with %s; restarting it", index, proc.exitcode)
+            workers[index] = start(index)
+
+    for proc in workers.values():
+        if proc.is_alive() and proc.pid is not None:
+            proc.terminate()  # SIGTERM: each worker drains on its own
+    deadline = time.monotonic() + settings.listen.shutdown_timeout_s + 5
+    for proc in workers.values():
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+    return code
