@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import re
 import tomllib
-from pathlib import Path
-from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic import model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from proxy.errors import ConfigError
 from proxy.models import Dimension
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -65,13 +74,16 @@ class StoreConfig(_Section):
         return value
 
     def masked_url(self) -> str:
+        """The URL with any password (userinfo or ``?password=``) replaced by ``***``."""
         parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = f"{parts.username or ''}:***@{parts.hostname}"
-        if parts.port:
-            netloc += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        netloc = parts.netloc
+        if parts.password is not None:
+            # Keep the host part exactly as written (IPv6 brackets, case).
+            netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+        query = urlencode(
+            [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, True)]
+        )
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class SessionSource(_Section):
@@ -217,6 +229,8 @@ class Settings(BaseSettings):
                 "listen.workers > 1 needs store.kind = 'redis': with the in-memory store each "
                 "worker would keep its own pins and a session could be pinned twice"
             )
+        if self.listen.workers > 1 and self.listen.port == 0:
+            raise ValueError("listen.port must be fixed when listen.workers > 1 (they share it)")
         ids = [b.id for b in self.backends]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
@@ -254,6 +268,10 @@ def load_settings(path: str | Path) -> Settings:
             data = tomllib.load(fh)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     return settings_from_mapping(data)

@@ -8,9 +8,11 @@ took and never see a half-applied update.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 DIMENSIONS: Final = ("prompt", "parser", "tools", "model")
 Dimension = Literal["prompt", "parser", "tools", "model"]
@@ -65,7 +67,7 @@ class VersionBundle:
             raw = data.get(dim)
             if raw is None:
                 values[dim] = None
-            elif isinstance(raw, str | int):
+            elif isinstance(raw, str | int) and not isinstance(raw, bool):
                 values[dim] = str(raw)
             else:
                 raise InvalidVersion(f"{dim} version must be a string, got {type(raw).__name__}")
