@@ -46,7 +46,7 @@ def extract_session_id(
     for source in sources:
         value: str | None
         if source.kind == "header":
-            value = headers.get(source.name)
+            value = _single_header(headers, source)
         elif source.kind == "cookie":
             value = cookies.get(source.name)
         else:
@@ -59,6 +59,20 @@ def extract_session_id(
             _validate(value, source, max_bytes)
             return value
     return None
+
+
+def _single_header(headers: Mapping[str, str], source: SessionSource) -> str | None:
+    # Two different ids in one request is ambiguous; picking either could break a pin.
+    getall = getattr(headers, "getall", None)
+    if getall is None:
+        return headers.get(source.name)
+    values = set(getall(source.name, ()))
+    if len(values) > 1:
+        raise BadRequest(
+            f"{_describe(source)}: the header appears more than once with different values",
+            code="invalid_session_id",
+        )
+    return values.pop() if values else None
 
 
 def _parse_json(body: bytes) -> object:

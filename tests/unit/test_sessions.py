@@ -199,3 +199,14 @@ def test_any_accepted_id_is_clean_and_short_enough(value: str, max_bytes: int) -
     assert got == value
     assert len(got.encode("utf-8")) <= max_bytes
     assert not any(map(is_control, got))
+
+
+def test_duplicate_session_headers_that_disagree_are_rejected() -> None:
+    sources = [SessionSource(kind="header", name="X-Session-ID")]
+    same = CIMultiDict([("X-Session-ID", "a"), ("x-session-id", "a")])
+    assert extract_session_id(sources, same, {}, None) == "a"
+    differing = CIMultiDict([("X-Session-ID", "a"), ("x-session-id", "b")])
+    with pytest.raises(BadRequest) as info:
+        extract_session_id(sources, differing, {}, None)
+    assert info.value.code == "invalid_session_id"
+    assert "more than once" in info.value.message
