@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +29,9 @@ from proxy.store import PinStore
 from proxy.store.memory import MemoryPinStore
 from proxy.store.redis import RedisPinStore, redis_client_from_config
 from proxy.upstream import Upstream, make_client_session
+
+if TYPE_CHECKING:
+    from proxy.events import RequestObserver
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ def build_app(
     rng: random.Random | None = None,
     metrics_registry: CollectorRegistry | None = None,
     store_factory: StoreFactory = default_store,
+    observers: Sequence[RequestObserver] = (),
 ) -> web.Application:
     """Build the data-plane application; nothing opens until the app starts."""
     clock = clock or SystemClock()
@@ -104,6 +109,7 @@ def build_app(
             metrics=app[METRICS],
             clock=clock,
             rng=rng,
+            observers=observers,
         )
         try:
             yield

@@ -27,6 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.errors import BadRequest, NoBackends, ProxyError, VersionUnavailable
+from proxy.events import RequestEvent, RequestObserver
 from proxy.headers import (
     client_response_headers,
     ensure_traceparent,
@@ -51,7 +52,7 @@ from proxy.upstream import Body, Upstream, UpstreamConnectError, upstream_url
 
 if TYPE_CHECKING:
     import random
-    from collections.abc import AsyncIterator, Mapping
+    from collections.abc import AsyncIterator, Mapping, Sequence
 
     from proxy.clock import Clock
     from proxy.config import Settings
@@ -77,6 +78,22 @@ class _RequestBody:
 
 
 @dataclass(slots=True)
+class _Outcome:
+    """What happened to one request, filled in along the way for its RequestEvent."""
+
+    session_id: str | None = None
+    status: int = 499  # until something is answered: the client went away
+    backend_id: str | None = None
+    region: str | None = None
+    version_key: str | None = None
+    new_pin: bool = False
+    version_changed: str | None = None
+    ttfb_s: float | None = None
+    error_type: str | None = None
+    streamed: bool = False
+
+
+@dataclass(slots=True)
 class _Served:
     response: aiohttp.ClientResponse
     forward: Forward
@@ -98,8 +115,10 @@ class DataPlane:
         metrics: ProxyMetrics,
         clock: Clock,
         rng: random.Random,
+        observers: Sequence[RequestObserver] = (),
     ) -> None:
         self._settings = settings
+        self._observers = tuple(observers)
         self._registry = registry
         self._store = store
         self._loads = loads
@@ -113,18 +132,67 @@ class DataPlane:
         self._pin_wait_s = settings.routing.pin_wait_ms / 1000.0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        arrived_at = self._clock.time()
+        arrived = self._clock.monotonic()
         incoming = request.headers.get("X-Request-ID")
         request_id = incoming if valid_request_id(incoming) else new_request_id(self._rng)
         assert request_id is not None
+        traceparent = ensure_traceparent(request.headers.get("traceparent"), self._rng)
+        outcome = _Outcome()
         try:
-            return await self._proxy(request, request_id)
+            return await self._proxy(request, request_id, traceparent, arrived, outcome)
         except ProxyError as exc:
             if isinstance(exc, VersionUnavailable):
                 self._metrics.unavailable.labels(exc.version_key).inc()
+                outcome.version_key = exc.version_key
+            outcome.status, outcome.error_type = exc.status, exc.error_type
             return error_response(exc, request_id)
+        finally:
+            if self._observers:
+                self._emit(request, request_id, traceparent, arrived_at, arrived, outcome)
 
-    async def _proxy(self, request: web.Request, request_id: str) -> web.StreamResponse:
-        arrived = self._clock.monotonic()
+    def _emit(
+        self,
+        request: web.Request,
+        request_id: str,
+        traceparent: str,
+        arrived_at: float,
+        arrived: float,
+        outcome: _Outcome,
+    ) -> None:
+        event = RequestEvent(
+            at=arrived_at,
+            request_id=request_id,
+            trace_id=traceparent.split("-")[1],
+            session_id=outcome.session_id,
+            method=request.method,
+            path=request.rel_url.path,
+            status=outcome.status,
+            backend_id=outcome.backend_id,
+            region=outcome.region,
+            version_key=outcome.version_key,
+            new_pin=outcome.new_pin,
+            version_changed=outcome.version_changed,
+            duration_s=self._clock.monotonic() - arrived,
+            ttfb_s=outcome.ttfb_s,
+            error_type=outcome.error_type,
+            streamed=outcome.streamed,
+        )
+        for observer in self._observers:
+            try:
+                observer.observe(event)
+            except Exception:
+                # An observer bug must never turn a served answer into an error.
+                logger.exception("request observer %r failed", observer)
+
+    async def _proxy(
+        self,
+        request: web.Request,
+        request_id: str,
+        traceparent: str,
+        arrived: float,
+        outcome: _Outcome,
+    ) -> web.StreamResponse:
         body = await self._read_body(request)
         session_id = extract_session_id(
             self._sources,
@@ -138,28 +206,30 @@ class DataPlane:
                 "a session id is required (see the configured session sources)",
                 code="missing_session_id",
             )
+        outcome.session_id = session_id
         pinning = self._settings.routing.pinning and session_id is not None
         pin = await self._store.get(session_id) if pinning and session_id else None
 
-        served, version_changed = await self._route_and_send(
-            request, request_id, body, session_id if pinning else None, pin, arrived
+        served = await self._route_and_send(
+            request, request_id, traceparent, body, session_id if pinning else None, pin,
+            arrived, outcome,
         )
-        return await self._relay(request, request_id, served, version_changed)
+        return await self._relay(request, request_id, served, outcome)
 
     async def _route_and_send(
         self,
         request: web.Request,
         request_id: str,
+        traceparent: str,
         body: _RequestBody,
         session_id: str | None,
         pin: Pin | None,
         arrived: float,
-    ) -> tuple[_Served, str | None]:
+        outcome: _Outcome,
+    ) -> _Served:
         deadline = arrived + self._pin_wait_s
         exclude: set[str] = set()
         retries_left = 1 if body.replayable else 0
-        version_changed: str | None = None
-        traceparent = ensure_traceparent(request.headers.get("traceparent"), self._rng)
         while True:
             decision = choose(
                 RequestFacts(session_id=session_id, exclude=frozenset(exclude)),
@@ -186,6 +256,7 @@ class DataPlane:
                 )
                 pin = await self._store.pin_if_absent(session_id, ours)
                 if pin == ours:
+                    outcome.new_pin = True
                     self._metrics.pins_created.labels(ours.version_key).inc()
                 elif pin.version_key != ours.version_key:
                     # Another replica pinned this session first: its version holds.
@@ -199,7 +270,7 @@ class DataPlane:
                     self._clock.time(),
                 )
                 await self._store.repin(session_id, pin)
-                version_changed = f"{decision.repin_from} -> {decision.version_key}"
+                outcome.version_changed = f"{decision.repin_from} -> {decision.version_key}"
                 self._metrics.version_switches.labels(
                     "retired", decision.repin_from, decision.version_key
                 ).inc()
@@ -218,7 +289,11 @@ class DataPlane:
                 continue
 
             if session_id is None or served.served_key == decision.version_key:
-                return served, version_changed
+                outcome.backend_id = decision.backend.id
+                outcome.region = decision.backend.region
+                outcome.version_key = served.served_key
+                outcome.ttfb_s = served.ttfb_s
+                return served
             # Mismatch guard: the backend flipped since we last heard from it.
             served.response.close()
             self._loads.finish(decision.backend.id, served.ttfb_s)
@@ -300,7 +375,7 @@ class DataPlane:
         request: web.Request,
         request_id: str,
         served: _Served,
-        version_changed: str | None,
+        outcome: _Outcome,
     ) -> web.StreamResponse:
         upstream = served.response
         backend = served.forward.backend
@@ -309,8 +384,9 @@ class DataPlane:
         headers["X-Served-By"] = backend.id
         headers["X-Served-Region"] = backend.region
         headers["X-Request-ID"] = request_id
-        if version_changed is not None:
-            headers["X-Prompt-Version-Changed"] = version_changed
+        if outcome.version_changed is not None:
+            headers["X-Prompt-Version-Changed"] = outcome.version_changed
+        outcome.streamed = upstream.content_type == "text/event-stream"
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         completed = False
         try:
@@ -319,6 +395,7 @@ class DataPlane:
                 await out.write(chunk)
             await out.write_eof()
             completed = True
+            outcome.status = upstream.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The backend broke mid-body. Ending the response cleanly would pass a
             # truncated answer off as complete; dropping the connection tells the truth.
