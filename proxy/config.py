@@ -8,6 +8,7 @@ its Redis address and password without rewriting the file. Invalid settings rais
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
@@ -185,6 +186,30 @@ class BackendConfig(_Section):
         return value.rstrip("/")
 
 
+class AdminConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9901
+    # Bearer token for every admin route; also read from PINPROXY_ADMIN__TOKEN. Without
+    # one the admin listener only binds loopback.
+    token: SecretStr | None = None
+    # Admin paths served without the token (e.g. "/metrics" for a scraper).
+    public_paths: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _loopback_without_token(self) -> Self:
+        if self.enabled and self.token is None and not _is_loopback(self.host):
+            raise ValueError(
+                f"admin.host {self.host!r} is not loopback: set admin.token "
+                "(or PINPROXY_ADMIN__TOKEN) before exposing the admin API"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -208,6 +233,7 @@ class Settings(BaseSettings):
     routing: RoutingConfig = RoutingConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     backends: tuple[BackendConfig, ...] = ()
+    admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
 
     @classmethod
@@ -231,6 +257,8 @@ class Settings(BaseSettings):
             )
         if self.listen.workers > 1 and self.listen.port == 0:
             raise ValueError("listen.port must be fixed when listen.workers > 1 (they share it)")
+        if self.listen.workers > 1 and self.admin.enabled and self.admin.port == 0:
+            raise ValueError("admin.port must be fixed when listen.workers > 1 (they share it)")
         ids = [b.id for b in self.backends]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
@@ -243,6 +271,8 @@ class Settings(BaseSettings):
         data["store"]["url"] = self.store.masked_url()
         if self.store.password is not None:
             data["store"]["password"] = "***"
+        if self.admin.token is not None:
+            data["admin"]["token"] = "***"
         return data
 
 
@@ -255,6 +285,10 @@ def _describe(exc: ValidationError) -> str:
 
 
 def settings_from_mapping(data: dict[str, Any]) -> Settings:
+    token = os.environ.get("PINPROXY_ADMIN_TOKEN")
+    if token:
+        # The documented short name for the one secret most deployments inject.
+        data = {**data, "admin": {**data.get("admin", {}), "token": token}}
     try:
         return Settings(**data)
     except ValidationError as exc:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from proxy.admin.app import build_admin_app
+from proxy.admin.routes import installers
 from proxy.app import build_app
 from proxy.logs import configure_logging
 
@@ -72,6 +74,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     for address in runner.addresses:
         host, port = address[:2]
         logger.info("pinproxy listening on http://%s:%s", host, port)
+    admin_runner = await _start_admin(app, settings, reuse_port=reuse_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -89,8 +92,24 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         )
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         await runner.cleanup()
         logger.info("stopped")
+
+
+async def _start_admin(
+    data_app: web.Application, settings: Settings, *, reuse_port: bool
+) -> web.AppRunner | None:
+    if not settings.admin.enabled:
+        return None
+    runner = web.AppRunner(build_admin_app(data_app, installers()), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port)
+    await site.start()
+    for address in runner.addresses:
+        logger.info("admin API listening on http://%s:%s", *address[:2])
+    return runner
 
 
 def _worker_main(settings: Settings, index: int) -> None:

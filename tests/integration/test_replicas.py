@@ -33,6 +33,8 @@ key_prefix = "{prefix}"
 interval_s = 0.2
 [log]
 level = "warning"
+[admin]
+enabled = false
 {backends}
 """
 
@@ -112,7 +114,8 @@ async def _pins(redis_url: str, pattern: str) -> list[bytes]:
 async def test_memory_store_with_several_workers_is_refused(
     proxy_processes: Callable[..., ProxyProcess], tmp_path: Path
 ) -> None:
-    proc = proxy_processes('[store]\nkind = "memory"\n', "--workers", "2")
+    proc = proxy_processes('[store]\nkind = "memory"\n[admin]\nenabled = false\n',
+                           "--workers", "2")
     assert proc.proc is not None
     code = proc.proc.wait(20)
     assert code == 1

@@ -26,7 +26,8 @@ def _toml(pops: list[SimPop], store: str = 'kind = "memory"', extra: str = "") -
         for p in pops
     )
     return (f'[listen]\nhost = "127.0.0.1"\nshutdown_timeout_s = 10\n{extra}\n'
-            f'[store]\n{store}\n[discovery]\ninterval_s = 0.2\n[log]\nlevel = "info"\n{backends}')
+            f'[store]\n{store}\n[discovery]\ninterval_s = 0.2\n[log]\nlevel = "info"\n'
+            f'[admin]\nenabled = false\n{backends}')
 
 
 async def _ready(http: aiohttp.ClientSession, proxy: ProxyProcess) -> None:

@@ -1,0 +1,1 @@
+"""The admin listener: operators' view of backends, versions and sessions."""

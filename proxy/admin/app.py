@@ -1,0 +1,76 @@
+"""The admin application: a second listener, never the data-plane port.
+
+It reads and steers the objects the data-plane app built (registry, store, ...),
+which it reaches through ``DATA_APP``; it opens nothing of its own. Every route needs
+the bearer token (compared in constant time) unless its path is configured public.
+Errors leave as the same OpenAI-shaped JSON as the data plane's; tokens never appear
+in logs or error bodies.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.app import SETTINGS
+from proxy.dataplane import error_response
+from proxy.errors import BadRequest, ProxyError
+
+logger = logging.getLogger(__name__)
+
+DATA_APP = web.AppKey("data_app", web.Application)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RouteInstaller = Callable[[web.Application], None]
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    error_type = "authentication_error"
+
+
+def build_admin_app(
+    data_app: web.Application, installers: tuple[RouteInstaller, ...] = ()
+) -> web.Application:
+    """The admin app over ``data_app``'s objects; each installer adds its routes."""
+    config = data_app[SETTINGS].admin
+    token = config.token.get_secret_value().encode() if config.token is not None else None
+    public = frozenset(config.public_paths)
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            if token is not None and request.path not in public:
+                _check_token(request, token)
+            return await handler(request)
+        except ProxyError as exc:
+            return error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(BadRequest(exc.reason, code=str(exc.status), status=exc.status))
+        except Exception:
+            logger.exception("admin: unexpected error on %s %s", request.method, request.path)
+            return error_response(ProxyError("internal error in the admin API"))
+
+    app = web.Application(middlewares=[guard], client_max_size=1024**2)
+    app[DATA_APP] = data_app
+    if token is None:
+        logger.warning("admin API has no token: it is bound to loopback only (%s)", config.host)
+    for install in installers:
+        install(app)
+    return app
+
+
+def _check_token(request: web.Request, token: bytes) -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    # compare_digest on the whole value: timing says nothing about how much matched.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token):
+        raise Unauthorized(
+            "missing or wrong admin token (send 'Authorization: Bearer <token>')",
+            headers={"WWW-Authenticate": 'Bearer realm="pinproxy-admin"'},
+        )
