@@ -1,8 +1,8 @@
 """Composition root: the one place that builds pinproxy's objects and wires them.
 
-Resources open in ``cleanup_ctx`` order (HTTP client, pin store, discovery) and
-close in reverse, so discovery stops before the client it polls with is closed and
-the store flushes its batched work before the process exits.
+Resources open in ``cleanup_ctx`` order (HTTP client, Redis client, pin store,
+discovery) and close in reverse, so discovery stops before the client it polls with
+is closed and the store flushes its batched work before the Redis client goes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 
 from proxy.clock import Clock, SystemClock
 from proxy.config import Settings
@@ -45,13 +46,14 @@ STORE = web.AppKey("store", PinStore)
 DISCOVERY = web.AppKey("discovery", Discovery)
 DATAPLANE = web.AppKey("dataplane", DataPlane)
 
-StoreFactory = Callable[[Settings, Clock], PinStore]
+REDIS = web.AppKey("redis", Redis)  # only when store.kind == "redis"
+
+StoreFactory = Callable[[Settings, Clock, "Redis | None"], PinStore]
 
 
-def default_store(settings: Settings, clock: Clock) -> PinStore:
-    if settings.store.kind == "redis":
-        client = redis_client_from_config(settings.store)
-        return RedisPinStore(settings.store, client, clock)
+def default_store(settings: Settings, clock: Clock, redis: Redis | None) -> PinStore:
+    if redis is not None:
+        return RedisPinStore(settings.store, redis, clock, owns_client=False)
     return MemoryPinStore(settings.store, clock)
 
 
@@ -87,8 +89,20 @@ def build_app(
             app[HTTP] = session
             yield
 
+    async def redis_client(app: web.Application) -> AsyncIterator[None]:
+        # One client (one bounded pool) for everything that talks to Redis.
+        if settings.store.kind != "redis":
+            yield
+            return
+        client = redis_client_from_config(settings.store)
+        app[REDIS] = client
+        try:
+            yield
+        finally:
+            await client.aclose()
+
     async def pin_store(app: web.Application) -> AsyncIterator[None]:
-        store = store_factory(settings, clock)
+        store = store_factory(settings, clock, app.get(REDIS))
         await store.start()
         app[STORE] = store
         try:
@@ -116,7 +130,7 @@ def build_app(
         finally:
             await found.stop()
 
-    app.cleanup_ctx.extend([http_client, pin_store, discovery])
+    app.cleanup_ctx.extend([http_client, redis_client, pin_store, discovery])
 
     async def proxy_handler(request: web.Request) -> web.StreamResponse:
         return await request.app[DATAPLANE].handle(request)

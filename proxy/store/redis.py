@@ -98,9 +98,12 @@ def redis_client_from_config(config: StoreConfig) -> Redis:
 class RedisPinStore:
     """``PinStore`` on Redis with a local cache, batched TTL touches and pub/sub invalidation."""
 
-    def __init__(self, config: StoreConfig, client: Redis, clock: Clock) -> None:
+    def __init__(
+        self, config: StoreConfig, client: Redis, clock: Clock, *, owns_client: bool = True
+    ) -> None:
         self._config = config
         self._client = client
+        self._owns_client = owns_client  # False: the composition root shares and closes it
         self._clock = clock
         self._prefix = config.key_prefix
         self._key_prefix = f"{config.key_prefix}pin:".encode()
@@ -233,8 +236,9 @@ class RedisPinStore:
             if stuck:
                 _log.warning("pin store background tasks did not stop: %s", stuck)
         self._tasks = []
-        with contextlib.suppress(RedisError, OSError):
-            await self._client.aclose()
+        if self._owns_client:
+            with contextlib.suppress(RedisError, OSError):
+                await self._client.aclose()
 
     async def flush_touches(self) -> None:
         """Send the pending TTL refreshes now; evict local copies whose key is gone."""
