@@ -1,12 +1,14 @@
 """Composition root: the one place that builds pinproxy's objects and wires them.
 
-Resources open in ``cleanup_ctx`` order (HTTP client, Redis client, pin store,
-discovery) and close in reverse, so discovery stops before the client it polls with
-is closed and the store flushes its batched work before the Redis client goes.
+Resources open in ``cleanup_ctx`` order (HTTP client, Redis client, pin store, audit,
+traffic counts, discovery, control plane) and close in reverse, so discovery stops
+before the client it polls with is closed and the store flushes its batched work
+before the Redis client goes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -17,18 +19,25 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from proxy.audit import AuditLog, AuditObserver, DisabledAudit, MemoryAudit, RedisAudit
 from proxy.clock import Clock, SystemClock
 from proxy.config import Settings
+from proxy.control import ControlPlane, ControlStore, LocalControlStore
+from proxy.control_redis import RedisControlStore
 from proxy.dataplane import DataPlane, error_response
 from proxy.discovery import Discovery
 from proxy.errors import BadRequest, ProxyError
 from proxy.ewma import LoadTracker
+from proxy.fleet_metrics import FleetCollector
+from proxy.health import Drain, HealthEndpoints
 from proxy.metrics import ProxyMetrics
 from proxy.models import Backend
 from proxy.registry import Registry
 from proxy.store import PinStore
 from proxy.store.memory import MemoryPinStore
 from proxy.store.redis import RedisPinStore, redis_client_from_config
+from proxy.telemetry import Telemetry
+from proxy.traffic import TrafficCounter
 from proxy.upstream import Upstream, make_client_session
 
 if TYPE_CHECKING:
@@ -41,10 +50,17 @@ CLOCK = web.AppKey("clock", Clock)
 REGISTRY = web.AppKey("registry", Registry)
 LOADS = web.AppKey("loads", LoadTracker)
 METRICS = web.AppKey("metrics", ProxyMetrics)
+FLEET_METRICS = web.AppKey("fleet_metrics", FleetCollector)  # gauges computed per scrape
+TELEMETRY = web.AppKey("telemetry", Telemetry)  # metrics, request log and trace observers
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 STORE = web.AppKey("store", PinStore)
 DISCOVERY = web.AppKey("discovery", Discovery)
 DATAPLANE = web.AppKey("dataplane", DataPlane)
+AUDIT = web.AppKey("audit", AuditLog)
+DRAIN = web.AppKey("drain", Drain)  # the server begins it on SIGTERM; readiness reads it
+RNG = web.AppKey("rng", random.Random)
+CONTROL = web.AppKey("control", ControlPlane)  # operators' fleet changes, shared by replicas
+TRAFFIC = web.AppKey("traffic", TrafficCounter)  # requests per region and version
 
 REDIS = web.AppKey("redis", Redis)  # only when store.kind == "redis"
 
@@ -57,32 +73,78 @@ def default_store(settings: Settings, clock: Clock, redis: Redis | None) -> PinS
     return MemoryPinStore(settings.store, clock)
 
 
+def default_audit(
+    settings: Settings, clock: Clock, redis: Redis | None, metrics: ProxyMetrics
+) -> AuditLog:
+    """The audit log beside the pin store: in Redis when pins are, else in memory."""
+    if not settings.audit.enabled:
+        return DisabledAudit(settings.audit)
+    if redis is not None:
+
+        def dropped(reason: str, count: int) -> None:
+            metrics.audit_dropped.labels(reason).inc(count)
+
+        return RedisAudit(settings.audit, settings.store, redis, on_drop=dropped)
+    return MemoryAudit(settings.audit, settings.store.pin_ttl_s, clock)
+
+
 def build_app(
     settings: Settings,
     *,
     clock: Clock | None = None,
     rng: random.Random | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    metrics_multiprocess_dir: str | None = None,
     store_factory: StoreFactory = default_store,
     observers: Sequence[RequestObserver] = (),
 ) -> web.Application:
-    """Build the data-plane application; nothing opens until the app starts."""
+    """Build the data-plane application; nothing opens until the app starts.
+
+    ``metrics_multiprocess_dir``: prometheus-client's multiprocess directory when this
+    is one of several workers (the supervisor sets it), so /metrics sums them all.
+    """
     clock = clock or SystemClock()
     rng = rng or random.Random()
     app = web.Application(middlewares=[_last_resort], client_max_size=1024**2)
     app[SETTINGS] = settings
     app[CLOCK] = clock
+    configured = tuple(
+        Backend(id=b.id, region=b.region, url=b.url, version_source=b.version_source)
+        for b in settings.backends
+    )
+    app[METRICS] = metrics = ProxyMetrics(
+        metrics_registry or CollectorRegistry(),
+        settings.metrics,
+        multiprocess_dir=metrics_multiprocess_dir,
+    )
     app[REGISTRY] = Registry(
-        (Backend(id=b.id, region=b.region, url=b.url) for b in settings.backends),
+        configured,
         dimensions=settings.versions.dimensions,
         unhealthy_after=settings.discovery.unhealthy_after,
         healthy_after=settings.discovery.healthy_after,
         clock=clock,
+        on_health_change=metrics.health_changed,
     )
+    app[FLEET_METRICS] = FleetCollector(app[REGISTRY])
+    metrics.add_scrape_time(app[FLEET_METRICS])
+    app[TELEMETRY] = telemetry = Telemetry(settings, metrics)
+    observers = (*telemetry.observers, *observers)
+
+    async def start_telemetry(app: web.Application) -> None:
+        telemetry.start()
+
+    async def close_telemetry(app: web.Application) -> None:
+        # After cleanup_ctx has stopped the data plane: nothing more will be observed.
+        # In a thread: exporting the last spans may wait on the network.
+        await asyncio.to_thread(telemetry.close)
+
+    app.on_startup.append(start_telemetry)
+    app.on_cleanup.append(close_telemetry)
     app[LOADS] = LoadTracker(
         clock, settings.routing.ewma_decay_s, settings.routing.initial_latency_ms / 1000.0
     )
-    app[METRICS] = ProxyMetrics(metrics_registry or CollectorRegistry())
+    app[DRAIN] = Drain()
+    app[RNG] = rng
 
     async def http_client(app: web.Application) -> AsyncIterator[None]:
         async with make_client_session(settings.upstream) as session:
@@ -110,6 +172,32 @@ def build_app(
         finally:
             await store.close()
 
+    async def audit(app: web.Application) -> AsyncIterator[None]:
+        # After the pin store, so it closes (flushing its queue) before the Redis client.
+        log = default_audit(settings, clock, app.get(REDIS), app[METRICS])
+        await log.start()
+        app[AUDIT] = log
+        try:
+            yield
+        finally:
+            await log.close()
+
+    async def traffic(app: web.Application) -> AsyncIterator[None]:
+        # Before discovery, which builds the data plane that feeds it; so it closes
+        # (flushing its last counts) after the data plane stopped and before Redis.
+        counter = TrafficCounter(
+            clock,
+            redis=app.get(REDIS),
+            key_prefix=settings.store.key_prefix,
+            op_timeout_s=settings.store.op_timeout_ms / 1000,
+        )
+        await counter.start()
+        app[TRAFFIC] = counter
+        try:
+            yield
+        finally:
+            await counter.close()
+
     async def discovery(app: web.Application) -> AsyncIterator[None]:
         found = Discovery(app[REGISTRY], app[HTTP], settings.discovery, rng)
         app[DISCOVERY] = found
@@ -123,18 +211,53 @@ def build_app(
             metrics=app[METRICS],
             clock=clock,
             rng=rng,
-            observers=observers,
+            observers=(*observers, app[TRAFFIC], AuditObserver(app[AUDIT]))
+            if settings.audit.enabled
+            else (*observers, app[TRAFFIC]),
         )
         try:
             yield
         finally:
             await found.stop()
 
-    app.cleanup_ctx.extend([http_client, redis_client, pin_store, discovery])
+    async def control_plane(app: web.Application) -> AsyncIterator[None]:
+        # After discovery, which it tells to poll added backends and forget removed
+        # ones; closed first, so no change lands on a registry nobody polls any more.
+        redis = app.get(REDIS)
+        store: ControlStore = (
+            LocalControlStore()
+            if redis is None
+            else RedisControlStore(
+                redis, settings.store.key_prefix, clock, settings.store.op_timeout_ms / 1000
+            )
+        )
+        control = ControlPlane(
+            configured=configured,
+            registry=app[REGISTRY],
+            discovery=app[DISCOVERY],
+            loads=app[LOADS],
+            store=store,
+            clock=clock,
+        )
+        await control.start()
+        app[CONTROL] = control
+        try:
+            yield
+        finally:
+            await control.close()
+
+    app.cleanup_ctx.extend(
+        [http_client, redis_client, pin_store, audit, traffic, discovery, control_plane]
+    )
 
     async def proxy_handler(request: web.Request) -> web.StreamResponse:
         return await request.app[DATAPLANE].handle(request)
 
+    # Health before the catch-all, which would otherwise proxy these paths too.
+    health = HealthEndpoints(registry=app[REGISTRY], store=lambda: app.get(STORE),
+                             drain=app[DRAIN])
+    app.router.add_route("*", settings.listen.health_path, health.healthz)
+    app.router.add_route("*", settings.listen.ready_path, health.readyz)
     app.router.add_route("*", "/{tail:.*}", proxy_handler)
     return app
 

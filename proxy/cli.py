@@ -85,3 +85,38 @@ def demo(port: int, check: bool) -> None:
     from proxy.demo import run_demo
 
     sys.exit(run_demo(port=port, check=check))
+
+
+@main.command()
+@click.argument("session_id")
+@click.option(
+    "--admin",
+    "admin_url",
+    default="http://127.0.0.1:9901",
+    show_default=True,
+    help="Base URL of a pinproxy admin listener.",
+)
+@click.option(
+    "--token",
+    envvar="PINPROXY_ADMIN_TOKEN",
+    help="Admin bearer token (default: $PINPROXY_ADMIN_TOKEN).",
+)
+@click.option(
+    "--limit", type=click.IntRange(0, 10_000), help="Trail records to show (default: all kept)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead of a table.")
+def session(
+    session_id: str, admin_url: str, token: str | None, limit: int | None, as_json: bool
+) -> None:
+    """Print a session's pin and audit trail."""
+    from proxy.admin.client import AdminRequestError, get_session
+    from proxy.sessionview import render_session
+
+    try:
+        document = get_session(admin_url, session_id, token=token, limit=limit)
+    except AdminRequestError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(render_session(document), nl=False)

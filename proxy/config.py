@@ -8,6 +8,8 @@ its Redis address and password without rewriting the file. Invalid settings rais
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import os
 import re
 import tomllib
@@ -26,7 +28,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from proxy.errors import ConfigError
-from proxy.models import Dimension
+from proxy.models import Dimension, VersionSource
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -48,6 +50,20 @@ class ListenConfig(_Section):
     # Headers whose values are trusted to carry the client's protocol (e.g. set by an
     # ingress in front of the sidecar); otherwise X-Forwarded-Proto is derived locally.
     trust_forwarded_headers: bool = False
+    # Liveness and readiness on the data port. The defaults live under a prefix no
+    # OpenAI-style API uses, so they cannot shadow a proxied path; change them if yours does.
+    health_path: Annotated[str, Field(pattern=r"^/[^?#]*$")] = "/_pinproxy/healthz"
+    ready_path: Annotated[str, Field(pattern=r"^/[^?#]*$")] = "/_pinproxy/readyz"
+    # After SIGTERM, readiness answers 503 for this long while requests are still
+    # served, so load balancers stop sending before the listener closes (a few
+    # seconds in production; longer than the balancer's readiness probe interval).
+    drain_grace_s: Annotated[float, Field(ge=0, le=300)] = 0.0
+
+    @model_validator(mode="after")
+    def _distinct_health_paths(self) -> Self:
+        if self.health_path == self.ready_path:
+            raise ValueError("health_path and ready_path must differ")
+        return self
 
 
 class StoreConfig(_Section):
@@ -172,6 +188,9 @@ class BackendConfig(_Section):
     id: Annotated[str, Field(pattern=_ID)]
     region: Annotated[str, Field(pattern=_ID)]
     url: str
+    # "push": the runtime cannot serve /version, so it is not polled; its version comes
+    # from PUT /admin/backends/{id}/runtime-version (and response stamps).
+    version_source: VersionSource = "poll"
 
     @field_validator("url")
     @classmethod
@@ -195,6 +214,39 @@ class AdminConfig(_Section):
     token: SecretStr | None = None
     # Admin paths served without the token (e.g. "/metrics" for a scraper).
     public_paths: tuple[str, ...] = ()
+    # Where a backend added through the admin API may point (an admin token must not
+    # become a way to make the proxy fetch cloud credentials). Every address its host
+    # resolves to must lie in one of ``backend_networks`` (CIDRs; None: anywhere) and
+    # in none of ``denied_backend_networks``; ``denied_backend_hosts`` are refused by
+    # name before resolving. The defaults refuse link-local and metadata endpoints.
+    backend_networks: tuple[str, ...] | None = None
+    denied_backend_networks: tuple[str, ...] = (
+        "169.254.0.0/16",  # IPv4 link-local, incl. 169.254.169.254 (AWS, GCP, Azure, ...)
+        "fe80::/10",  # IPv6 link-local
+        "fd00:ec2::254/128",  # AWS metadata over IPv6
+        "100.100.100.200/32",  # Alibaba Cloud metadata
+        "168.63.129.16/32",  # Azure WireServer
+    )
+    denied_backend_hosts: tuple[str, ...] = ("metadata.google.internal", "metadata.goog")
+    # How long resolving an added backend's host may take before the add is refused.
+    resolve_timeout_s: Annotated[float, Field(gt=0, le=30)] = 2.0
+
+    @field_validator("backend_networks", "denied_backend_networks")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not an IP network in CIDR form") from exc
+        return value
+
+    @field_validator("denied_backend_hosts")
+    @classmethod
+    def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(host.lower().rstrip(".") for host in value)
 
     @model_validator(mode="after")
     def _loopback_without_token(self) -> Self:
@@ -210,9 +262,71 @@ def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+class AuditConfig(_Section):
+    """The per-session audit trail: the last requests of each session, kept with its pin."""
+
+    enabled: bool = True
+    # How many of a session's most recent requests are kept (Redis trims approximately,
+    # reads never return more than this).
+    records_per_session: Annotated[int, Field(ge=1, le=10_000)] = 100
+    # Records waiting to be written. When it is full new records are dropped and counted
+    # (pinproxy_audit_dropped_total): the audit never slows or fails a request.
+    queue_size: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    # Records per pipelined round trip, and how long a partial batch may wait.
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
+    flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
+    # Bound on sessions with a trail when kept in memory (store.kind = "memory").
+    memory_max_sessions: Annotated[int, Field(ge=1)] = 10_000
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    # One line per proxied request (logger "pinproxy.requests"), whatever ``level`` is.
+    request_log: bool = True
+    # Session ids appear in log lines and spans as a keyed hash unless this is set.
+    raw_session_ids: bool = False
+    # Key of that hash (also PINPROXY_LOG__SESSION_HASH_KEY). Set it so hashes match
+    # across replicas and restarts; without it each `pinproxy serve` picks a random one.
+    session_hash_key: SecretStr | None = None
+
+
+def _ascending(value: tuple[float, ...]) -> tuple[float, ...]:
+    if not value or any(b <= a for a, b in itertools.pairwise(value)):
+        raise ValueError("must be a non-empty, strictly increasing list of seconds")
+    if value[0] <= 0:
+        raise ValueError("bucket bounds must be > 0")
+    return value
+
+
+class MetricsConfig(_Section):
+    # GET /metrics on the admin listener (add "/metrics" to admin.public_paths to let a
+    # scraper in without the admin token).
+    enabled: bool = True
+    duration_buckets: tuple[float, ...] = (
+        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+    )
+    ttfb_buckets: tuple[float, ...] = (
+        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    )
+
+    _check_buckets = field_validator("duration_buckets", "ttfb_buckets")(_ascending)
+
+
+class TracingConfig(_Section):
+    # OTLP/HTTP traces endpoint, e.g. "http://otel-collector:4318/v1/traces". Unset: no
+    # spans, and OpenTelemetry (the optional "otel" extra) is never imported.
+    otlp_endpoint: str | None = None
+    service_name: Annotated[str, Field(min_length=1, max_length=200)] = "pinproxy"
+    # Fraction of requests traced when the client did not sample the trace itself.
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
 
 
 class Settings(BaseSettings):
@@ -234,7 +348,10 @@ class Settings(BaseSettings):
     upstream: UpstreamConfig = UpstreamConfig()
     backends: tuple[BackendConfig, ...] = ()
     admin: AdminConfig = AdminConfig()
+    audit: AuditConfig = AuditConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -273,6 +390,8 @@ class Settings(BaseSettings):
             data["store"]["password"] = "***"
         if self.admin.token is not None:
             data["admin"]["token"] = "***"
+        if self.log.session_hash_key is not None:
+            data["log"]["session_hash_key"] = "***"
         return data
 
 

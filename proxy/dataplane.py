@@ -49,6 +49,7 @@ from proxy.models import (
 from proxy.routing import RoutingPolicy, choose
 from proxy.sessions import extract_session_id, needs_body
 from proxy.upstream import Body, Upstream, UpstreamConnectError, upstream_url
+from proxy.usage import TapLimits, new_tap
 
 if TYPE_CHECKING:
     import random
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 
     from proxy.clock import Clock
     from proxy.config import Settings
+    from proxy.events import Usage
     from proxy.ewma import LoadTracker
     from proxy.metrics import ProxyMetrics
     from proxy.registry import Registry
@@ -91,6 +93,9 @@ class _Outcome:
     ttfb_s: float | None = None
     error_type: str | None = None
     streamed: bool = False
+    request_body: bytes | None = None  # held body, for the response tap to read
+    usage: Usage | None = None
+    structured_output_valid: bool | None = None
 
 
 @dataclass(slots=True)
@@ -130,6 +135,8 @@ class DataPlane:
         self._sources = settings.sessions.sources
         self._read_body_for_session = needs_body(self._sources)
         self._pin_wait_s = settings.routing.pin_wait_ms / 1000.0
+        # Usage and JSON validity are read off responses only for someone to observe.
+        self._tap_limits = TapLimits() if self._observers else None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         arrived_at = self._clock.time()
@@ -177,6 +184,10 @@ class DataPlane:
             ttfb_s=outcome.ttfb_s,
             error_type=outcome.error_type,
             streamed=outcome.streamed,
+            usage=outcome.usage,
+            structured_output_valid=outcome.structured_output_valid,
+            traceparent=traceparent,
+            trace_continued=request.headers.get("traceparent") == traceparent,
         )
         for observer in self._observers:
             try:
@@ -207,8 +218,12 @@ class DataPlane:
                 code="missing_session_id",
             )
         outcome.session_id = session_id
+        outcome.request_body = body.data
         pinning = self._settings.routing.pinning and session_id is not None
-        pin = await self._store.get(session_id) if pinning and session_id else None
+        pin = None
+        if pinning and session_id:
+            with self._metrics.time_store("get"):
+                pin = await self._store.get(session_id)
 
         served = await self._route_and_send(
             request, request_id, traceparent, body, session_id if pinning else None, pin,
@@ -254,7 +269,8 @@ class DataPlane:
                     decision.backend.region,
                     self._clock.time(),
                 )
-                pin = await self._store.pin_if_absent(session_id, ours)
+                with self._metrics.time_store("pin_if_absent"):
+                    pin = await self._store.pin_if_absent(session_id, ours)
                 if pin == ours:
                     outcome.new_pin = True
                     self._metrics.pins_created.labels(ours.version_key).inc()
@@ -269,7 +285,8 @@ class DataPlane:
                     decision.backend.region,
                     self._clock.time(),
                 )
-                await self._store.repin(session_id, pin)
+                with self._metrics.time_store("repin"):
+                    await self._store.repin(session_id, pin)
                 outcome.version_changed = f"{decision.repin_from} -> {decision.version_key}"
                 self._metrics.version_switches.labels(
                     "retired", decision.repin_from, decision.version_key
@@ -388,14 +405,29 @@ class DataPlane:
             headers["X-Prompt-Version-Changed"] = outcome.version_changed
         outcome.streamed = upstream.content_type == "text/event-stream"
         out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        tap = None
+        if self._tap_limits is not None:
+            tap = new_tap(
+                upstream.status,
+                upstream.content_type,
+                upstream.headers.get("Content-Encoding"),
+                outcome.request_body,
+                self._tap_limits,
+            )
         completed = False
         try:
             await out.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await out.write(chunk)
+                if tap is not None:
+                    tap.feed(chunk)  # after the write: reading never delays a byte
             await out.write_eof()
             completed = True
             outcome.status = upstream.status
+            if tap is not None:
+                found = tap.finish()
+                outcome.usage = found.usage
+                outcome.structured_output_valid = found.structured_output_valid
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The backend broke mid-body. Ending the response cleanly would pass a
             # truncated answer off as complete; dropping the connection tells the truth.

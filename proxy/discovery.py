@@ -53,7 +53,13 @@ class Discovery:
 
     def sync(self) -> None:
         """Start polling backends the registry gained and stop those it lost."""
-        current = {s.id: s.backend for s in self._registry.snapshot.backends}
+        # Push-mode backends cannot serve /version: polling them would only fail and
+        # mark them unhealthy. Their versions arrive through the admin API instead.
+        current = {
+            s.id: s.backend
+            for s in self._registry.snapshot.backends
+            if s.backend.version_source == "poll"
+        }
         for backend_id in list(self._tasks):
             if backend_id not in current:
                 self._tasks.pop(backend_id).cancel()
@@ -71,7 +77,11 @@ class Discovery:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def poll_all(self) -> None:
-        backends = [s.backend for s in self._registry.snapshot.backends]
+        backends = [
+            s.backend
+            for s in self._registry.snapshot.backends
+            if s.backend.version_source == "poll"
+        ]
         await asyncio.gather(*(self.poll(b) for b in backends))
 
     async def poll(self, backend: Backend) -> None:

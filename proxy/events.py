@@ -44,6 +44,10 @@ class RequestEvent:
     usage: Usage | None = None
     # For requests that asked for JSON output: did the answer parse? None: not asked.
     structured_output_valid: bool | None = None
+    # The W3C traceparent sent upstream, and whether the client sent it (else the proxy
+    # started the trace): what a tracing observer needs to place its span.
+    traceparent: str | None = None
+    trace_continued: bool = False
 
     @property
     def prompt_version(self) -> str | None:

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 DIMENSIONS: Final = ("prompt", "parser", "tools", "model")
 Dimension = Literal["prompt", "parser", "tools", "model"]
 ReportSource = Literal["poll", "stamp", "push"]
+# How the proxy learns a backend's runtime version: by polling its /version, or only
+# from pushes through the admin API (for runtimes that cannot serve /version).
+VersionSource = Literal["poll", "push"]
 
 # Values end up in header values, Redis keys, metric labels and the canonical key
 # itself, so they are kept to a conservative alphabet; "," and "=" are the key's
@@ -123,6 +126,7 @@ class Backend:
     id: str
     region: str
     url: str  # base URL without a trailing slash, e.g. "http://10.0.0.5:8000"
+    version_source: VersionSource = "poll"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +140,9 @@ class BackendState:
     draining: bool = False
     reported_at: float | None = None  # wall-clock seconds of the last version report
     report_source: ReportSource | None = None
+    # What the rollout controller says it deployed; shown beside the runtime report
+    # (disagreement is drift) but never used for routing: the runtime wins (invariant 2).
+    intended: VersionBundle | None = None
 
     @property
     def id(self) -> str:
@@ -163,6 +170,9 @@ class Snapshot:
     generation: int = 0
     started_at: float = 0.0
     version_last_seen: Mapping[str, float] = field(default_factory=dict)
+    # Version keys or bare prompt versions an operator blocked for new sessions (the
+    # kill switch); sessions already pinned to them are still served.
+    blocked_versions: frozenset[str] = frozenset()
     by_id: Mapping[str, BackendState] = field(init=False, repr=False, compare=False)
     by_key: Mapping[str, tuple[BackendState, ...]] = field(init=False, repr=False, compare=False)
 
@@ -176,6 +186,11 @@ class Snapshot:
 
     def last_seen(self, version_key: str) -> float:
         return self.version_last_seen.get(version_key, self.started_at)
+
+    def blocks(self, version_key: str) -> bool:
+        """Whether new sessions are refused ``version_key`` (by full key or by its prompt)."""
+        blocked = self.blocked_versions
+        return bool(blocked) and (version_key in blocked or prompt_of(version_key) in blocked)
 
     def serving_keys(self) -> frozenset[str]:
         """Version keys with at least one healthy backend right now."""

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from proxy.models import Backend, BackendState, Dimension, ReportSource, Snapshot, VersionBundle
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
     from proxy.clock import Clock
 
@@ -57,14 +57,19 @@ class Registry:
         unhealthy_after: int,
         healthy_after: int,
         clock: Clock,
+        on_health_change: Callable[[str, str, bool], None] | None = None,
     ) -> None:
         self._dimensions = dimensions
+        # Told (backend id, region, now healthy?) after every health transition, e.g.
+        # to count it; it must be cheap and must not raise.
+        self._on_health_change = on_health_change
         self._unhealthy_after = unhealthy_after
         self._healthy_after = healthy_after
         self._clock = clock
         self._states: dict[str, BackendState] = {}
         self._health: dict[str, _Health] = {}
         self._last_seen: dict[str, float] = {}
+        self._blocked: frozenset[str] = frozenset()
         self._started_at = clock.time()
         self._changed = asyncio.Event()
         self._snapshot = Snapshot(started_at=self._started_at)
@@ -175,6 +180,22 @@ class Registry:
         self._states[backend_id] = replace(self._states[backend_id], draining=draining)
         self._publish()
 
+    def set_blocked(self, versions: frozenset[str]) -> None:
+        """Replace the set of version keys / bare prompts blocked for new sessions."""
+        if versions != self._blocked:
+            self._blocked = frozenset(versions)
+            self._publish()
+
+    def set_intent(self, backend_id: str, bundle: VersionBundle | None) -> None:
+        """Record the controller's intended version for the backend (None clears it).
+
+        Shown beside the runtime report; routing never reads it.
+        """
+        state = self._states[backend_id]
+        if state.intended != bundle:
+            self._states[backend_id] = replace(state, intended=bundle)
+            self._publish()
+
     # -- waiting ----------------------------------------------------------------
 
     async def wait_for_change(self, timeout: float) -> bool:
@@ -194,8 +215,10 @@ class Registry:
         health.transitions.append((self._clock.time(), healthy, why))
         del health.transitions[:-50]
         logger.info("backend %s is %s (%s)", backend_id, "healthy" if healthy else "unhealthy", why)
-        self._states[backend_id] = replace(self._states[backend_id], healthy=healthy)
+        state = self._states[backend_id] = replace(self._states[backend_id], healthy=healthy)
         self._publish()
+        if self._on_health_change is not None:
+            self._on_health_change(backend_id, state.region, healthy)
 
     def _publish(self) -> None:
         self._snapshot = Snapshot(
@@ -203,6 +226,7 @@ class Registry:
             generation=self._snapshot.generation + 1,
             started_at=self._started_at,
             version_last_seen=dict(self._last_seen),
+            blocked_versions=self._blocked,
         )
         # Wake everyone waiting on the old snapshot; later waiters get a fresh event.
         event, self._changed = self._changed, asyncio.Event()

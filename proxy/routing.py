@@ -3,7 +3,10 @@
 # Routing is two questions asked in a fixed order. First, which backends MAY take
 # this request: for a pinned session only backends whose runtime currently reports
 # the pinned version key (invariant 1: there is no silent fallback to another version),
-# for everything else the healthy, non-draining backends of an admitted version.
+# for everything else the healthy, non-draining backends of an admitted version. A
+# version is admitted when the static policy admits it and the snapshot does not
+# block it: the operator's kill switch arrives as data (``Snapshot.blocked_versions``),
+# so this stays a pure function, and it never touches sessions already pinned.
 # Second, which of those SHOULD take it: the one that looks cheapest by
 # "peak-EWMA latency x (in-flight + 1)", chosen with the power of two choices (P2C).
 #
@@ -96,10 +99,11 @@ def choose(
     """Decide where this request goes.
 
     A pinned session only ever gets a backend of its pinned version (draining ones
-    included, admission not applied), or, once that version has gone unreported for
-    ``policy.retire_after_s`` seconds (``now`` is wall-clock, like the snapshot's
-    ``last_seen``), an explicit repin (``Forward.repin_from``). Everything else is
-    picked by P2C among the eligible backends.
+    included, neither admission nor ``snapshot.blocked_versions`` applied), or, once
+    that version has gone unreported for ``policy.retire_after_s`` seconds (``now``
+    is wall-clock, like the snapshot's ``last_seen``), an explicit repin
+    (``Forward.repin_from``). Everything else is picked by P2C among the eligible
+    backends.
     """
     if pin is None or not policy.pinning or facts.session_id is None:
         eligible = _eligible(snapshot, policy, facts.exclude)
@@ -133,6 +137,7 @@ def _eligible(
     snapshot: Snapshot, policy: RoutingPolicy, exclude: frozenset[str]
 ) -> list[BackendState]:
     admits = policy.admits
+    blocks = snapshot.blocks
     return [
         s
         for s in snapshot.backends
@@ -141,6 +146,7 @@ def _eligible(
         and s.version_key is not None
         and s.id not in exclude
         and admits(s.version_key)
+        and not blocks(s.version_key)
     ]
 
 

@@ -11,21 +11,27 @@ and leaves restarting to the orchestrator.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
+import os
+import secrets
+import shutil
 import signal
+import tempfile
 import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from pydantic import SecretStr
 
 from proxy.admin.app import build_admin_app
 from proxy.admin.routes import installers
-from proxy.app import build_app
+from proxy.app import DRAIN, build_app
 from proxy.logs import configure_logging
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from multiprocessing.process import BaseProcess
 
     from proxy.config import Settings
@@ -40,7 +46,47 @@ def run(settings: Settings) -> int:
     if settings.listen.workers == 1:
         _run_loop(settings, reuse_port=False)
         return 0
-    return _supervise(settings)
+    with _multiprocess_metrics():
+        return _supervise(_with_session_hash_key(settings))
+
+
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextlib.contextmanager
+def _multiprocess_metrics() -> Iterator[str]:
+    """A directory where every worker's counters live, so /metrics can sum them.
+
+    Set in the environment before any worker starts: prometheus-client chooses its
+    multiprocess mode when a worker first imports it. An operator's own directory is
+    used (emptied of stale files) and kept; otherwise a temp dir is removed at exit.
+    """
+    given = os.environ.get(_MULTIPROC_ENV)
+    if given:
+        for stale in os.scandir(given):
+            if stale.name.endswith(".db"):
+                os.unlink(stale.path)
+        yield given
+        return
+    path = tempfile.mkdtemp(prefix="pinproxy-metrics-")
+    os.environ[_MULTIPROC_ENV] = path
+    try:
+        yield path
+    finally:
+        del os.environ[_MULTIPROC_ENV]
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _with_session_hash_key(settings: Settings) -> Settings:
+    """One random session-hash key for all workers, unless one is configured.
+
+    Each worker would otherwise pick its own, and one session's log lines would carry
+    a different hash depending on which worker served them.
+    """
+    if settings.log.session_hash_key is not None:
+        return settings
+    log = settings.log.model_copy(update={"session_hash_key": SecretStr(secrets.token_hex(32))})
+    return settings.model_copy(update={"log": log})
 
 
 def _run_loop(settings: Settings, *, reuse_port: bool) -> None:
@@ -57,7 +103,7 @@ def _run_loop(settings: Settings, *, reuse_port: bool) -> None:
 
 async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Run one proxy in the current event loop until a stop signal arrives."""
-    app = build_app(settings)
+    app = build_app(settings, metrics_multiprocess_dir=os.environ.get(_MULTIPROC_ENV))
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream request instead of generating tokens nobody will read.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -82,6 +128,17 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
+        # Readiness turns 503 first while requests are still served, so load balancers
+        # take this replica out of rotation before its listener closes. A second signal
+        # ends the grace period early.
+        app[DRAIN].begin()
+        if settings.listen.drain_grace_s > 0:
+            logger.info(
+                "stopping: readiness is 503; serving %.1fs more", settings.listen.drain_grace_s
+            )
+            stop.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.listen.drain_grace_s)
     finally:
         # Graceful drain: runner.cleanup() closes the listening socket first (new
         # connections go to other workers or replicas), gives in-flight requests up to
@@ -155,7 +212,10 @@ def _supervise(settings: Settings) -> int:
     for proc in workers.values():
         if proc.is_alive() and proc.pid is not None:
             proc.terminate()  # SIGTERM: each worker drains on its own
-    deadline = time.monotonic() + settings.listen.shutdown_timeout_s + 5
+    # Each worker first stays up (not ready) for the drain grace, then drains.
+    deadline = (
+        time.monotonic() + settings.listen.drain_grace_s + settings.listen.shutdown_timeout_s + 5
+    )
     for proc in workers.values():
         proc.join(max(0.0, deadline - time.monotonic()))
         if proc.is_alive():

@@ -50,6 +50,7 @@ class Route:
     status: int = 200
     tags: tuple[str, ...] = ()
     query: Sequence[tuple[str, str]] = field(default=())  # optional (name, description)
+    media_type: str | None = None  # a non-JSON answer (e.g. "text/plain"), when response is None
 
 
 def install(app: web.Application, routes: Sequence[Route]) -> None:
@@ -136,7 +137,12 @@ def openapi(routes: Sequence[Route], *, title: str, version: str, secured: bool)
             for name, desc in route.query
         ]
         responses: dict[str, Any] = {}
-        if route.response is None:
+        if route.response is None and route.media_type is not None:
+            responses[str(route.status)] = {
+                "description": "OK",
+                "content": {route.media_type: {"schema": {"type": "string"}}},
+            }
+        elif route.response is None:
             responses[str(route.status)] = {"description": "done"}
         else:
             responses[str(route.status)] = {

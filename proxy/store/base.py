@@ -38,6 +38,14 @@ class PinStore(Protocol):
         """Remove the session's pin; return it. Caches are invalidated like ``repin``."""
         ...
 
+    async def count_pinned(self, version_key: str) -> int:
+        """How many live sessions are pinned to ``version_key``, without scanning pins.
+
+        For operators (rollback, the fleet view), not for routing: it may lag by the
+        store's batching interval (Redis: ``touch_interval_s`` on other replicas).
+        """
+        ...
+
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""
         ...

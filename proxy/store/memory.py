@@ -26,6 +26,9 @@ class MemoryPinStore:
         self._ttl_s = config.pin_ttl_s
         self._clock = clock
         self._pins: OrderedDict[str, tuple[Pin, float]] = OrderedDict()
+        # Sessions per version key, kept in step with every insert and removal so that
+        # count_pinned is O(1) however many sessions there are.
+        self._counts: dict[str, int] = {}
         self._closed = False
 
     def __len__(self) -> int:
@@ -56,7 +59,14 @@ class MemoryPinStore:
     async def unpin(self, session_id: str) -> Pin | None:
         self._sweep(self._clock.monotonic())
         entry = self._pins.pop(session_id, None)
-        return None if entry is None else entry[0]
+        if entry is None:
+            return None
+        self._uncount(entry[0])
+        return entry[0]
+
+    async def count_pinned(self, version_key: str) -> int:
+        self._sweep(self._clock.monotonic())
+        return self._counts.get(version_key, 0)
 
     async def ping(self) -> None:
         return None
@@ -68,10 +78,22 @@ class MemoryPinStore:
         self._closed = True
 
     def _store(self, session_id: str, pin: Pin, now: float) -> None:
+        previous = self._pins.get(session_id)
+        if previous is None or previous[0].version_key != pin.version_key:
+            if previous is not None:
+                self._uncount(previous[0])
+            self._counts[pin.version_key] = self._counts.get(pin.version_key, 0) + 1
         self._pins[session_id] = (pin, now + self._ttl_s)
         self._pins.move_to_end(session_id)
         while len(self._pins) > self._max_sessions:
-            self._pins.popitem(last=False)
+            self._uncount(self._pins.popitem(last=False)[1][0])
+
+    def _uncount(self, pin: Pin) -> None:
+        left = self._counts.get(pin.version_key, 0) - 1
+        if left > 0:
+            self._counts[pin.version_key] = left
+        else:
+            self._counts.pop(pin.version_key, None)
 
     def _sweep(self, now: float) -> float:
         pins = self._pins
@@ -79,7 +101,7 @@ class MemoryPinStore:
             first = next(iter(pins.values()))
             if first[1] > now:
                 break
-            pins.popitem(last=False)
+            self._uncount(pins.popitem(last=False)[1][0])
         return now
 
     def __repr__(self) -> str:

@@ -20,6 +20,14 @@ pipelined PEXPIREs. A PEXPIRE that finds no key means the pin expired or was del
 behind our back, so the local copy goes too. Misses use GETEX, which reads and slides
 in one round trip.
 
+Why pinned sessions are counted in sorted sets: operators ask "how many sessions are
+pinned to v47" (rollback, the fleet view) and the answer must not scan every pin.
+Each version key has a sorted set ``<prefix>pinned:<version key>`` of session id ->
+wall-clock time of last use. The batched touches above already carry every use, so
+the same pipeline ZADDs the session (and trims entries older than the pin TTL); a
+count is a ZCOUNT over the TTL window. It lags by up to ``touch_interval_s`` for
+sessions used on other replicas, and a repin or unpin moves or removes the entry.
+
 TTLs go in milliseconds (PX / PEXPIRE) so fractional ``pin_ttl_s`` works. Keys are bytes:
 ``surrogatepass`` UTF-8 is injective and defined for every Python string, and Redis keys
 are binary-safe, so no session id can collide with another or break its key. Each call
@@ -47,7 +55,7 @@ from proxy.models import Pin
 from proxy.store.cache import PinCache
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Iterable
+    from collections.abc import Awaitable, Iterable, Sequence
 
     from redis.asyncio.client import PubSub
 
@@ -107,11 +115,13 @@ class RedisPinStore:
         self._clock = clock
         self._prefix = config.key_prefix
         self._key_prefix = f"{config.key_prefix}pin:".encode()
+        self._pinned_prefix = f"{config.key_prefix}pinned:".encode()
         self._channel = f"{config.key_prefix}invalidate".encode()
         self._ttl_ms = max(1, round(config.pin_ttl_s * 1000))
         self._op_timeout_s = config.op_timeout_ms / 1000
         self._cache = PinCache(config.local_cache_size, config.local_cache_ttl_s, clock)
-        self._touches: set[str] = set()
+        # Sessions used since the last batch -> their pinned version key.
+        self._touches: dict[str, str] = {}
         self._subscribed = asyncio.Event()
         self._subscriptions = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -141,12 +151,16 @@ class RedisPinStore:
         """The Redis key holding the session's pin."""
         return self._key_prefix + session_id.encode("utf-8", "surrogatepass")
 
+    def pinned_key(self, version_key: str) -> bytes:
+        """The sorted set of sessions pinned to ``version_key`` (see count_pinned)."""
+        return self._pinned_prefix + version_key.encode()
+
     async def get(self, session_id: str) -> Pin | None:
         self._check_open()
         if self._subscribed.is_set():
             pin = self._cache.get(session_id)
             if pin is not None:
-                self._touches.add(session_id)
+                self._touches[session_id] = pin.version_key
                 return pin
         generation = self._cache.generation
         raw = await self._call("get", self._client.getex(self.key(session_id), px=self._ttl_ms))
@@ -163,12 +177,10 @@ class RedisPinStore:
         raw = await self._call(
             "pin", self._client.set(key, _encode(pin), px=self._ttl_ms, nx=True, get=True)
         )
-        if raw is None:
-            winner = pin
-        else:
-            winner = self._decode(session_id, raw)
-            # The existing pin was read, not written: slide its TTL like any hit.
-            self._touches.add(session_id)
+        winner = pin if raw is None else self._decode(session_id, raw)
+        # A pin that was read rather than written gets its TTL slid like any hit; either
+        # way the next batch records the session under its version (count_pinned).
+        self._touches[session_id] = winner.version_key
         self._remember(session_id, winner, generation)
         return winner
 
@@ -178,12 +190,19 @@ class RedisPinStore:
         try:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.set(key, _encode(pin), px=self._ttl_ms, get=True)
+                pipe.zadd(
+                    self.pinned_key(pin.version_key), {_member(session_id): self._clock.time()}
+                )
                 pipe.publish(self._channel, session_id.encode("utf-8", "surrogatepass"))
                 results = await self._call("repin", pipe.execute())
         finally:
             # Even a failed write may have been applied (a timeout after sending).
             self._cache.evict(session_id)
-        return self._previous(session_id, results[0])
+            self._touches.pop(session_id, None)
+        previous = self._previous(session_id, results[0])
+        if previous is not None and previous.version_key != pin.version_key:
+            await self._uncount(session_id, previous)
+        return previous
 
     async def unpin(self, session_id: str) -> Pin | None:
         self._check_open()
@@ -195,8 +214,31 @@ class RedisPinStore:
                 results = await self._call("unpin", pipe.execute())
         finally:
             self._cache.evict(session_id)
-            self._touches.discard(session_id)
-        return self._previous(session_id, results[0])
+            self._touches.pop(session_id, None)
+        previous = self._previous(session_id, results[0])
+        if previous is not None:
+            await self._uncount(session_id, previous)
+        return previous
+
+    async def count_pinned(self, version_key: str) -> int:
+        self._check_open()
+        # This replica's pending uses first, so its own sessions are counted exactly.
+        await self.flush_touches()
+        since = self._clock.time() - self._config.pin_ttl_s
+        count = await self._call(
+            "count", self._client.zcount(self.pinned_key(version_key), since, "+inf")
+        )
+        return int(count)
+
+    async def _uncount(self, session_id: str, pin: Pin) -> None:
+        # A repin/unpin is rare (admin, retirement): one more round trip is fine, and a
+        # failure only leaves a count high until the entry ages out of the TTL window.
+        try:
+            await self._call(
+                "uncount", self._client.zrem(self.pinned_key(pin.version_key), _member(session_id))
+            )
+        except StoreUnavailable as exc:
+            _log.warning("pinned-session count not updated: %s", exc.message)
 
     async def ping(self) -> None:
         self._check_open()
@@ -244,19 +286,42 @@ class RedisPinStore:
         """Send the pending TTL refreshes now; evict local copies whose key is gone."""
         if not self._touches:
             return
-        sessions = list(self._touches)
-        self._touches = set()
-        for start in range(0, len(sessions), _TOUCH_CHUNK):
-            chunk = sessions[start : start + _TOUCH_CHUNK]
+        touched = list(self._touches.items())
+        self._touches = {}
+        for start in range(0, len(touched), _TOUCH_CHUNK):
+            chunk = touched[start : start + _TOUCH_CHUNK]
             alive = await self._call("touch", self._pexpire_all(chunk))
-            for session_id, exists in zip(chunk, alive, strict=True):
-                if not exists:
-                    self._cache.evict(session_id)
+            gone = [
+                (sid, version)
+                for (sid, version), exists in zip(chunk, alive, strict=True)
+                if not exists
+            ]
+            for session_id, _version in gone:
+                self._cache.evict(session_id)
+            if gone:
+                # The pin expired or was deleted behind our back: not pinned any more.
+                await self._call("touch", self._zrem_all(gone))
 
-    async def _pexpire_all(self, sessions: Iterable[str]) -> list[Any]:
+    async def _pexpire_all(self, touched: Sequence[tuple[str, str]]) -> list[Any]:
+        now = self._clock.time()
+        by_version: dict[str, dict[bytes, float]] = {}
         async with self._client.pipeline(transaction=False) as pipe:
-            for session_id in sessions:
+            for session_id, version_key in touched:
                 pipe.pexpire(self.key(session_id), self._ttl_ms)
+                by_version.setdefault(version_key, {})[_member(session_id)] = now
+            for version_key, members in by_version.items():
+                pinned = self.pinned_key(version_key)
+                pipe.zadd(pinned, members)
+                # Entries unused for a whole TTL belong to pins that have expired.
+                pipe.zremrangebyscore(pinned, "-inf", now - self._config.pin_ttl_s)
+                pipe.pexpire(pinned, self._ttl_ms)
+            results = await pipe.execute()
+        return results[: len(touched)]
+
+    async def _zrem_all(self, gone: Iterable[tuple[str, str]]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for session_id, version_key in gone:
+                pipe.zrem(self.pinned_key(version_key), _member(session_id))
             return await pipe.execute()
 
     async def _touch_forever(self) -> None:
@@ -330,6 +395,8 @@ class RedisPinStore:
             data = None
         if isinstance(data, str):
             self._cache.evict(data)
+            # A pending use would re-add the session under the version it just left.
+            self._touches.pop(data, None)
         else:
             # Not a session id we could have published: evict everything to be safe.
             self._cache.clear()
@@ -396,6 +463,11 @@ class RedisPinStore:
             f"cached={len(self._cache)}, pending_touches={len(self._touches)}, "
             f"subscribed={self._subscribed.is_set()}, closed={self._closed})"
         )
+
+
+def _member(session_id: str) -> bytes:
+    """A session's member in the pinned-count sorted sets (the id, as in its pin key)."""
+    return session_id.encode("utf-8", "surrogatepass")
 
 
 def _encode(pin: Pin) -> bytes:

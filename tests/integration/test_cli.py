@@ -36,7 +36,9 @@ def test_check_config_prints_resolved_settings_with_secrets_masked(tmp_path: Pat
     resolved = orjson.loads(result.stdout)
     assert resolved["store"]["url"] == "redis://app:***@cache:6379/0"
     assert resolved["store"]["password"] == "***"
-    assert resolved["backends"] == [{"id": "a", "region": "r", "url": "http://pop-a:8000"}]
+    assert resolved["backends"] == [
+        {"id": "a", "region": "r", "url": "http://pop-a:8000", "version_source": "poll"}
+    ]
     assert resolved["routing"]["pin_wait_ms"] == 2000
     assert "hunter2" not in result.stdout + result.stderr
     assert "s3cret" not in result.stdout + result.stderr

@@ -470,6 +470,43 @@ def test_set_draining(reg: Registry) -> None:
         reg.set_draining("zz", True)
 
 
+def test_set_intent_is_shown_but_never_becomes_the_runtime(reg: Registry) -> None:
+    reg.report_version("a", V1, "poll")
+    gen = reg.snapshot.generation
+    reg.set_intent("a", V2)
+    assert state(reg).intended == V2
+    assert state(reg).version == V1  # the runtime report is untouched
+    assert state(reg).version_key == K1
+    assert reg.snapshot.by_key == {K1: (state(reg),)}
+    assert reg.snapshot.generation == gen + 1
+    reg.set_intent("a", V2)  # no change, no new snapshot
+    assert reg.snapshot.generation == gen + 1
+    reg.report_version("a", V1, "push")  # a later runtime report keeps the intent
+    assert state(reg).intended == V2
+    reg.set_intent("a", None)
+    assert state(reg).intended is None
+    with pytest.raises(KeyError):
+        reg.set_intent("zz", V1)
+
+
+def test_set_blocked_is_published_in_the_snapshot(reg: Registry) -> None:
+    reg.report_version("a", V1, "poll")
+    gen = reg.snapshot.generation
+    reg.set_blocked(frozenset({"v1"}))
+    snap = reg.snapshot
+    assert snap.generation == gen + 1
+    assert snap.blocked_versions == frozenset({"v1"})
+    assert snap.blocks(K1)
+    assert not snap.blocks(K2)
+    reg.set_blocked(frozenset({"v1"}))
+    assert reg.snapshot.generation == gen + 1
+    reg.report_version("b", V2, "poll")  # later snapshots keep the blocked set
+    assert reg.snapshot.blocked_versions == frozenset({"v1"})
+    reg.set_blocked(frozenset({K2}))
+    assert reg.snapshot.blocks(K2)
+    assert not reg.snapshot.blocks(K1)
+
+
 def test_repr(reg: Registry) -> None:
     reg.report_version("a", V2, "poll")
     reg.report_version("b", V1, "poll")

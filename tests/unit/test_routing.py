@@ -66,22 +66,37 @@ def state(
     )
 
 
-def snap(*states: BackendState, ages: dict[str, float] | None = None) -> Snapshot:
+def snap(
+    *states: BackendState,
+    ages: dict[str, float] | None = None,
+    blocked: frozenset[str] = frozenset(),
+) -> Snapshot:
     seen = {k: NOW - age for k, age in (ages or {}).items()}
-    return Snapshot(backends=states, started_at=NOW - 10_000, version_last_seen=seen)
+    return Snapshot(
+        backends=states, started_at=NOW - 10_000, version_last_seen=seen, blocked_versions=blocked
+    )
 
 
 def pin_to(key: str) -> Pin:
     return Pin(version_key=key, backend_id="b0", region="r1", pinned_at=NOW - 100)
 
 
-def eligible_for_new(s: BackendState, facts: RequestFacts, policy: RoutingPolicy) -> bool:
+def blocked_key(snapshot: Snapshot, key: str) -> bool:
+    """The kill switch, spelt out independently of ``Snapshot.blocks``."""
+    prompt = key.split(",")[0].removeprefix("prompt=")
+    return key in snapshot.blocked_versions or prompt in snapshot.blocked_versions
+
+
+def eligible_for_new(
+    s: BackendState, facts: RequestFacts, policy: RoutingPolicy, snapshot: Snapshot
+) -> bool:
     return (
         s.routable
         and not s.draining
         and s.id not in facts.exclude
         and s.version_key is not None
         and policy.admits(s.version_key)
+        and not blocked_key(snapshot, s.version_key)
     )
 
 
@@ -104,6 +119,11 @@ _SESSION = st.one_of(st.none(), st.just("sess-1"))
 _ADMITTED = st.one_of(
     st.none(), st.frozensets(st.sampled_from((*KEYS, "v1", "v2", "v3", "unknown")))
 )
+# The operator's kill switch: usually nothing blocked, else full keys or bare prompts.
+_BLOCKED = st.one_of(
+    st.just(frozenset()),
+    st.frozensets(st.sampled_from((*KEYS, GONE_KEY, "v1", "v2", "v3", "unknown")), max_size=3),
+)
 # A few fixed values so that ties come up often.
 _COSTS = st.lists(
     st.one_of(st.sampled_from((0.0, 0.05, 1.0)), st.floats(0.0, 10.0)), min_size=7, max_size=7
@@ -120,7 +140,7 @@ def scenarios(
         state(f"b{i}", bundle, healthy=healthy, draining=draining)
         for i, (bundle, healthy, draining) in enumerate(draw(_BACKENDS))
     )
-    snapshot = snap(*states, ages=draw(_AGES))
+    snapshot = snap(*states, ages=draw(_AGES), blocked=draw(_BLOCKED))
     exclude = draw(_EXCLUDE)
     if pinned:
         session: str | None = "sess-1"
@@ -240,7 +260,7 @@ def test_pinned_session_never_crosses_versions_unless_retired(case: Scenario) ->
     assert decision.repin_from == pin.version_key
     assert NOW - snapshot.last_seen(pin.version_key) >= policy.retire_after_s
     assert decision.version_key == decision.backend.version_key
-    assert eligible_for_new(decision.backend, facts, policy)
+    assert eligible_for_new(decision.backend, facts, policy, snapshot)
 
 
 @settings(max_examples=200, deadline=None)
@@ -272,7 +292,7 @@ def test_new_and_unpinned_traffic_only_goes_to_eligible_backends(case: Scenario)
     facts, _pin, snapshot, policy, _, _ = case
     if pinned_path(case):
         return
-    eligible = [s for s in snapshot.backends if eligible_for_new(s, facts, policy)]
+    eligible = [s for s in snapshot.backends if eligible_for_new(s, facts, policy, snapshot)]
     decision = run(case)
     if not eligible:
         assert decision == Unavailable(None, "no_backends")
@@ -284,6 +304,50 @@ def test_new_and_unpinned_traffic_only_goes_to_eligible_backends(case: Scenario)
     assert decision.new_pin == (policy.pinning and facts.session_id is not None)
     if not policy.pinning or facts.session_id is None:
         assert decision.new_pin is False
+
+
+@settings(max_examples=200, deadline=None)
+@edge_cases
+@given(scenarios())
+def test_blocked_versions_never_get_new_sessions(case: Scenario) -> None:
+    _facts, _pin, snapshot, _policy, _, _ = case
+    decision = run(case)
+    if not isinstance(decision, Forward):
+        return
+    if decision.new_pin or decision.repin_from is not None or not pinned_path(case):
+        # A new pin, a retirement repin or unpinned traffic: a choice for new work.
+        assert not blocked_key(snapshot, decision.version_key)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios(pinned=True), st.booleans())
+def test_pinned_sessions_of_a_blocked_version_are_still_served(
+    case: Scenario, by_prompt: bool
+) -> None:
+    facts, pin, snapshot, policy, costs, seed = case
+    assert pin is not None
+    prompt = pin.version_key.split(",")[0].removeprefix("prompt=")
+    blocked = prompt if by_prompt else pin.version_key
+    # Same fleet and same "last seen" times (so retirement is unchanged), pin blocked.
+    blocked_snapshot = Snapshot(
+        backends=snapshot.backends,
+        started_at=snapshot.started_at,
+        version_last_seen=snapshot.version_last_seen,
+        blocked_versions=snapshot.blocked_versions | {blocked},
+    )
+    candidates = [
+        s
+        for s in snapshot.backends
+        if s.routable and s.version_key == pin.version_key and s.id not in facts.exclude
+    ]
+    decision = run((facts, pin, blocked_snapshot, policy, costs, seed))
+    if candidates:
+        assert isinstance(decision, Forward)
+        assert decision.backend in candidates
+        assert decision.version_key == pin.version_key
+        assert decision.repin_from is None
+        # Blocking changes nothing for a served pin: same seed, same backend.
+        assert decision == run((facts, pin, snapshot, policy, costs, seed))
 
 
 @settings(max_examples=200, deadline=None)
@@ -391,6 +455,29 @@ def test_pinning_off_ignores_the_pin() -> None:
         NOW,
     )
     assert decision == Forward(snapshot.backends[0], V2.key(), new_pin=False)
+
+
+def test_kill_switch_by_prompt_or_key_spares_existing_pins() -> None:
+    snapshot = snap(state("old", V1), state("new", V2), blocked=frozenset({"v2"}))
+    assert snapshot.blocks(V2.key())
+    assert not snapshot.blocks(V1.key())
+    for seed in range(50):
+        fresh = choose(
+            RequestFacts("s"), None, snapshot, RoutingPolicy(), Costs(), random.Random(seed), NOW
+        )
+        assert isinstance(fresh, Forward)
+        assert fresh.backend.id == "old"
+        pinned = choose(
+            RequestFacts("s"), pin_to(V2.key()), snapshot, RoutingPolicy(), Costs(),
+            random.Random(seed), NOW,
+        )
+        assert isinstance(pinned, Forward)
+        assert pinned.backend.id == "new"
+    everything = snap(state("old", V1), state("new", V2), blocked=frozenset({V1.key(), "v2"}))
+    decision = choose(
+        RequestFacts("s"), None, everything, RoutingPolicy(), Costs(), random.Random(0), NOW
+    )
+    assert decision == Unavailable(None, "no_backends")
 
 
 def test_admission_by_full_key_or_by_prompt() -> None:

@@ -1,0 +1,141 @@
+"""Where a backend added through the admin API may point.
+
+An admin token must not turn into a way to make the proxy send requests (with clients'
+prompts) to, or fetch from, places it should not reach: cloud metadata services hand
+out credentials to anything on the host that asks. So an added backend's URL must be
+plain http(s) without credentials, and every address its host resolves to must be
+inside the configured ``admin.backend_networks`` (None: anywhere) and outside
+``admin.denied_backend_networks`` (by default link-local and known metadata
+addresses); ``admin.denied_backend_hosts`` are refused by name before resolving.
+IPv4-mapped IPv6 addresses are checked as the IPv4 address they carry.
+
+Limitation: the check runs when the backend is added. A host name that later resolves
+elsewhere (DNS rebinding) is not re-checked on each connection; operators who need
+that should add backends by IP address or restrict ``backend_networks``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from proxy.errors import BadRequest
+
+if TYPE_CHECKING:
+    from proxy.config import AdminConfig
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+class BackendUrlRefused(BadRequest):
+    """An added backend's URL is malformed or points somewhere the policy forbids."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"url: {message}", code="backend_url_refused", param="url")
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (the event loop's getaddrinfo)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    return [str(info[4][0]) for info in infos]
+
+
+class BackendUrlPolicy:
+    """Checks an added backend's base URL against the admin settings."""
+
+    def __init__(self, config: AdminConfig, resolve: Resolver = system_resolve) -> None:
+        self._allowed: tuple[IPNetwork, ...] | None = (
+            None
+            if config.backend_networks is None
+            else tuple(ipaddress.ip_network(n, strict=False) for n in config.backend_networks)
+        )
+        self._denied = tuple(
+            ipaddress.ip_network(n, strict=False) for n in config.denied_backend_networks
+        )
+        self._denied_hosts = frozenset(config.denied_backend_hosts)
+        self._timeout_s = config.resolve_timeout_s
+        self._resolve = resolve
+
+    async def check(self, url: str) -> str:
+        """The URL as stored (no trailing slash); raises ``BackendUrlRefused`` naming why."""
+        host, port = _parse(url)
+        if host in self._denied_hosts:
+            raise BackendUrlRefused(f"host {host!r} is a denied host (admin.denied_backend_hosts)")
+        literal = _ip(host)
+        if literal is not None:
+            addresses = [literal]
+        else:
+            addresses = await self._lookup(host, port)
+        for address in addresses:
+            self._check_address(host, address)
+        return url.rstrip("/")
+
+    async def _lookup(self, host: str, port: int) -> list[IPAddress]:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                found = await self._resolve(host, port)
+        except (OSError, UnicodeError) as exc:  # socket.gaierror and TimeoutError included
+            raise BackendUrlRefused(f"host {host!r} cannot be resolved") from exc
+        addresses = [a for a in (_ip(raw) for raw in found) if a is not None]
+        if not addresses:
+            raise BackendUrlRefused(f"host {host!r} resolves to no IP address")
+        return addresses
+
+    def _check_address(self, host: str, address: IPAddress) -> None:
+        shown = host if host == str(address) else f"{host!r} ({address})"
+        for network in self._denied:
+            if address.version == network.version and address in network:
+                raise BackendUrlRefused(
+                    f"{shown} is in denied network {network} "
+                    "(link-local or cloud metadata; see admin.denied_backend_networks)"
+                )
+        if self._allowed is not None and not any(
+            address.version == n.version and address in n for n in self._allowed
+        ):
+            raise BackendUrlRefused(
+                f"{shown} is outside the allowed networks (admin.backend_networks)"
+            )
+
+    def __repr__(self) -> str:
+        allowed = "any" if self._allowed is None else [str(n) for n in self._allowed]
+        return f"BackendUrlPolicy(allowed={allowed}, denied={[str(n) for n in self._denied]})"
+
+
+def _parse(url: str) -> tuple[str, int]:
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        # urlsplit silently drops tabs and newlines; the stored URL would still hold them.
+        raise BackendUrlRefused("must not contain whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise BackendUrlRefused(f"not a valid URL: {exc}") from exc
+    if parts.scheme not in ("http", "https"):
+        shown = parts.scheme or "none"
+        raise BackendUrlRefused(f"scheme must be http or https, not {shown!r}")
+    if "@" in parts.netloc:
+        raise BackendUrlRefused("must not contain credentials (userinfo before '@')")
+    if not parts.hostname:
+        raise BackendUrlRefused("must name a host")
+    if parts.query or parts.fragment:
+        raise BackendUrlRefused("must not have a query or fragment")
+    default = 443 if parts.scheme == "https" else 80
+    return parts.hostname.lower().rstrip("."), port if port is not None else default
+
+
+def _ip(text: str) -> IPAddress | None:
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone id
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
+    return address

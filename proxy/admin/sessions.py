@@ -1,0 +1,280 @@
+"""Admin routes for one session: its pin and audit trail; repin and unpin it.
+
+A repin or unpin goes through the pin store, which is what makes it reach every
+replica: the Redis store writes and PUBLISHes the invalidation in one transaction,
+and every process evicts its cached copy (see proxy/store/redis.py). The change is
+also written into the session's audit trail, so the trail shows why the next request
+went to another version (invariant 1: a change of version is explicit, counted,
+audited).
+
+Session ids arrive percent-encoded in the path and are held to the data plane's rules
+(proxy/sessions.py): valid UTF-8, at most ``sessions.max_id_bytes`` bytes, no control
+character; anything else is a 400 before anything is read or changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING, Final, Self
+from urllib.parse import unquote_to_bytes
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from proxy.admin.api import Body, Conflict, NotFound, Route, int_query, read_body, reply
+from proxy.admin.app import DATA_APP
+from proxy.app import AUDIT, CLOCK, LOADS, METRICS, REGISTRY, RNG, SETTINGS, STORE
+from proxy.audit import AuditRecord
+from proxy.errors import BadRequest
+from proxy.headers import ensure_traceparent, new_request_id, valid_request_id
+from proxy.models import Forward, Pin, RequestFacts, Snapshot, prompt_of
+from proxy.routing import RoutingPolicy, choose
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+# The data plane's rule (proxy/sessions.py): C0, DEL and C1 never appear in an id.
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_MAX_LIMIT: Final = 10_000
+_SESSION_SEGMENT: Final = 3  # raw_parts of "/admin/sessions/{id}...": "/", admin, sessions, id
+
+
+class PinView(BaseModel):
+    """A session's pin: the version key it is held to, and where and when it was pinned."""
+
+    version_key: str
+    prompt_version: str
+    backend_id: str
+    region: str
+    pinned_at: float = Field(description="wall-clock seconds since the epoch")
+
+    @classmethod
+    def of(cls, pin: Pin) -> PinView:
+        return cls(version_key=pin.version_key, prompt_version=prompt_of(pin.version_key),
+                   backend_id=pin.backend_id, region=pin.region, pinned_at=pin.pinned_at)
+
+
+class AuditRecordView(BaseModel):
+    """One request of the session (or an admin repin/unpin, which has no backend)."""
+
+    at: float = Field(description="wall-clock seconds since the epoch when it arrived")
+    request_id: str
+    trace_id: str
+    method: str
+    path: str
+    status: int
+    backend_id: str | None
+    region: str | None
+    version_key: str | None = Field(description="the version that served it")
+    latency_ms: float
+    ttfb_ms: float | None
+    version_changed: str | None = Field(description="'old -> new' when the pin changed")
+    error_type: str | None
+
+    @classmethod
+    def of(cls, record: AuditRecord) -> AuditRecordView:
+        return cls(at=record.at, request_id=record.request_id, trace_id=record.trace_id,
+                   method=record.method, path=record.path, status=record.status,
+                   backend_id=record.backend_id, region=record.region,
+                   version_key=record.version_key, latency_ms=record.latency_ms,
+                   ttfb_ms=record.ttfb_ms, version_changed=record.version_changed,
+                   error_type=record.error_type)
+
+
+class SessionView(BaseModel):
+    session_id: str
+    pin: PinView | None = Field(description="null when the session is not pinned now")
+    trail: list[AuditRecordView] = Field(description="the last requests, oldest first")
+    records_per_session: int = Field(description="how many records the trail keeps at most")
+
+
+class RepinBody(Body):
+    """Exactly one of: ``version`` (a version key, or a bare prompt version that names
+    one serving key), or ``fresh: true`` (the choice a new session would get now)."""
+
+    # strict: "fresh": "yes" or "version": 5 is a 400, not quietly coerced.
+    model_config = ConfigDict(
+        strict=True,
+        json_schema_extra={"oneOf": [{"required": ["version"]}, {"required": ["fresh"]}]},
+    )
+
+    version: str | None = Field(default=None, min_length=1, max_length=1024)
+    fresh: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.version is None) == (self.fresh is None):
+            raise ValueError("give exactly one of 'version' or 'fresh'")
+        if self.fresh is False:
+            raise ValueError("'fresh' must be true when given")
+        return self
+
+
+class RepinResult(BaseModel):
+    session_id: str
+    previous: PinView | None = Field(description="the pin before (null if it expired meanwhile)")
+    pin: PinView
+    changed: bool = Field(description="whether the version key changed")
+
+
+class UnpinResult(BaseModel):
+    session_id: str
+    previous: PinView
+
+
+async def _get_session(request: web.Request) -> web.StreamResponse:
+    data = request.app[DATA_APP]
+    session_id = _session_id(request, data[SETTINGS].sessions.max_id_bytes)
+    audit = data[AUDIT]
+    limit = int_query(request, "limit", audit.records_per_session, lo=0, hi=_MAX_LIMIT)
+    # Note: reading the pin slides its TTL like any request of the session would.
+    pin = await data[STORE].get(session_id)
+    records = await audit.trail(session_id, max(limit, 1))
+    if pin is None and not records:
+        raise NotFound("no pin and no audit trail for this session (unknown or expired)")
+    trail = records[len(records) - limit:] if limit else []
+    return reply(SessionView(
+        session_id=session_id,
+        pin=None if pin is None else PinView.of(pin),
+        trail=[AuditRecordView.of(r) for r in trail],
+        records_per_session=audit.records_per_session,
+    ))
+
+
+async def _repin(request: web.Request) -> web.StreamResponse:
+    data = request.app[DATA_APP]
+    started = data[CLOCK].monotonic()
+    session_id = _session_id(request, data[SETTINGS].sessions.max_id_bytes)
+    body = await read_body(request, RepinBody)
+    store = data[STORE]
+    current = await store.get(session_id)
+    if current is None:
+        raise NotFound("this session has no pin to change (never pinned, expired or unpinned)")
+    chosen = _choose(request, session_id, body)
+    pin = Pin(chosen.version_key, chosen.backend.id, chosen.backend.region, data[CLOCK].time())
+    # A pin that expired since the read above is simply written anew.
+    previous = await store.repin(session_id, pin)
+    changed = previous is None or previous.version_key != pin.version_key
+    if previous is not None and changed:
+        data[METRICS].version_switches.labels(
+            "admin_repin", previous.version_key, pin.version_key
+        ).inc()
+    before = "(none)" if previous is None else previous.version_key
+    logger.info("admin: session repinned %s -> %s", before, pin.version_key)
+    _audit(request, session_id, pin.version_key, f"{before} -> {pin.version_key}", started)
+    return reply(RepinResult(
+        session_id=session_id,
+        previous=None if previous is None else PinView.of(previous),
+        pin=PinView.of(pin),
+        changed=changed,
+    ))
+
+
+async def _unpin(request: web.Request) -> web.StreamResponse:
+    data = request.app[DATA_APP]
+    started = data[CLOCK].monotonic()
+    session_id = _session_id(request, data[SETTINGS].sessions.max_id_bytes)
+    previous = await data[STORE].unpin(session_id)
+    if previous is None:
+        raise NotFound("this session has no pin (never pinned, expired or already unpinned)")
+    logger.info("admin: session unpinned from %s", previous.version_key)
+    _audit(request, session_id, None, f"{previous.version_key} -> (unpinned)", started)
+    return reply(UnpinResult(session_id=session_id, previous=PinView.of(previous)))
+
+
+def _choose(request: web.Request, session_id: str, body: RepinBody) -> Forward:
+    """Where the session goes: a backend of the named version, or a new-session choice."""
+    data = request.app[DATA_APP]
+    settings = data[SETTINGS]
+    snapshot = data[REGISTRY].snapshot
+    policy = RoutingPolicy.from_config(settings.routing, settings.versions)
+    facts = RequestFacts(session_id=session_id)
+    target: Pin | None = None
+    if body.version is not None:
+        key = resolve_version(snapshot, body.version)
+        # Routing among the named version's backends, exactly as a pinned request would.
+        target = Pin(key, "", "", 0.0)
+    decision = choose(facts, target, snapshot, policy, data[LOADS], data[RNG], data[CLOCK].time())
+    if not isinstance(decision, Forward) or decision.repin_from is not None:
+        raise Conflict("no backend may take new sessions right now (none healthy with an "
+                       "admitted version)", code="no_backends")
+    return decision
+
+
+def resolve_version(snapshot: Snapshot, wanted: str) -> str:
+    """The serving version key ``wanted`` names: itself, or the one key with that prompt.
+
+    Raises ``Conflict`` unless exactly one version key with a routable backend matches.
+    """
+    serving = {s.version_key for s in snapshot.backends if s.routable and s.version_key}
+    if wanted in serving:
+        return wanted
+    matches = sorted(key for key in serving if prompt_of(key) == wanted)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise Conflict(f"prompt version {wanted!r} is served under several version keys "
+                       f"({', '.join(matches)}); name one",
+                       code="ambiguous_version", param="version")
+    raise Conflict(f"no routable backend serves version {wanted!r} now",
+                   code="version_not_serving", param="version")
+
+
+def _audit(request: web.Request, session_id: str, version_key: str | None, change: str,
+           started: float) -> None:
+    data = request.app[DATA_APP]
+    rng, clock = data[RNG], data[CLOCK]
+    incoming = request.headers.get("X-Request-ID")
+    traceparent = ensure_traceparent(request.headers.get("traceparent"), rng)
+    data[AUDIT].offer(session_id, AuditRecord(
+        at=clock.time(),
+        request_id=incoming if incoming and valid_request_id(incoming) else new_request_id(rng),
+        trace_id=traceparent.split("-")[1],
+        method=request.method,
+        path="/admin/sessions/{session_id}/pin",  # the id is the trail's own key
+        status=200,
+        backend_id=None,
+        region=None,
+        version_key=version_key,
+        latency_ms=round((clock.monotonic() - started) * 1000.0, 3),
+        version_changed=change,
+    ))
+
+
+def _session_id(request: web.Request, max_bytes: int) -> str:
+    """The path's session id, decoded strictly and held to the data plane's rules."""
+    raw = request.rel_url.raw_parts[_SESSION_SEGMENT]
+    try:
+        value = unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest("session id is not valid UTF-8 once percent-decoded",
+                         code="invalid_session_id", param="session_id") from exc
+    # The id itself is never echoed in an error: it may be long, binary or a secret.
+    if len(value.encode("utf-8")) > max_bytes:
+        raise BadRequest(f"session id is longer than {max_bytes} bytes",
+                         code="invalid_session_id", param="session_id")
+    bad = _CONTROL.search(value)
+    if bad is not None:
+        raise BadRequest(f"session id contains a control character (U+{ord(bad.group()):04X} at "
+                         f"position {bad.start()})", code="invalid_session_id", param="session_id")
+    return value
+
+
+_TAGS = ("sessions",)
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/admin/sessions/{session_id}", _get_session,
+          "A session's pin (version, when, where) and its audit trail, oldest first.",
+          response=SessionView, tags=_TAGS,
+          query=(("limit", f"trail records to return, 0-{_MAX_LIMIT} "
+                           "(default and most: audit.records_per_session)"),)),
+    Route("PUT", "/admin/sessions/{session_id}/pin", _repin,
+          "Repin the session to a named version (which must have a routable backend) or "
+          "to a fresh new-session choice; reaches every replica sharing the store.",
+          response=RepinResult, request=RepinBody, tags=_TAGS),
+    Route("DELETE", "/admin/sessions/{session_id}/pin", _unpin,
+          "Unpin the session: its next request is routed like a new session's.",
+          response=UnpinResult, tags=_TAGS),
+)

@@ -1,0 +1,279 @@
+"""The control state in Redis, shared by every replica, with change notices over pub/sub.
+
+Layout: one hash per kind, ``<prefix>control:<kind>`` (see ``control.KINDS``), one field
+per backend id or version, JSON values. A change HSETs/HDELs only the fields that
+differ and PUBLISHes on ``<prefix>control`` inside one MULTI/EXEC, so the notice goes
+out exactly when the change is applied, and concurrent changes to different fields on
+different replicas do not overwrite each other. A load reads every hash in one
+MULTI/EXEC, so it never sees half of another replica's change.
+
+Hearing changes follows the pin store's invalidation subscriber (proxy/store/redis.py):
+reconnect with jittered backoff, ping a quiet subscription to detect a half-open
+connection, and reload the whole state on every (re)subscription, since notices sent
+while unsubscribed are lost. Notices that arrive together are coalesced into one
+reload. A full reload also runs every ``_RESYNC_S`` as a backstop. The state is small
+(one field per backend and blocked version), so a full reload costs one round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from proxy.control import ControlState, ControlUnavailable, PushedReport
+from proxy.models import Backend, InvalidVersion, VersionBundle
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Mapping
+
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+
+    from proxy.clock import Clock
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+_BACKOFF_MIN_S = 0.05
+_BACKOFF_MAX_S = 1.0
+_POLL_S = 0.25
+_PUBSUB_IDLE_PING_S = 5.0
+_RESYNC_S = 30.0
+
+# Hash names under "<prefix>control:"; each field is one backend id or version.
+KINDS = ("backends", "removed", "drained", "blocked", "intents", "pushes")
+Entries = dict[str, dict[str, bytes]]
+
+
+class RedisControlStore:
+    """``ControlStore`` in Redis hashes; ``start`` subscribes and reloads on every notice."""
+
+    def __init__(self, redis: Redis, key_prefix: str, clock: Clock, op_timeout_s: float) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._op_timeout_s = op_timeout_s
+        self._keys = {kind: f"{key_prefix}control:{kind}".encode() for kind in KINDS}
+        self._channel = f"{key_prefix}control".encode()
+        self._task: asyncio.Task[None] | None = None
+        self._loaded = asyncio.Event()
+        self._subscriptions = 0
+        self._notices = 0
+        self._closed = False
+        self._rng = random.Random()
+
+    @property
+    def subscriptions(self) -> int:
+        """How many times the change channel has been (re)subscribed."""
+        return self._subscriptions
+
+    @property
+    def notices(self) -> int:
+        """Change notices heard (including this process's own)."""
+        return self._notices
+
+    async def load(self) -> ControlState:
+        async def read() -> list[Any]:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for kind in KINDS:
+                    pipe.hgetall(self._keys[kind])
+                return await pipe.execute()
+
+        results = await self._call("load", read())
+        return state_from_entries(
+            {
+                kind: {_text(k): v for k, v in fields.items()}
+                for kind, fields in zip(KINDS, results, strict=True)
+            }
+        )
+
+    async def save(self, before: ControlState, after: ControlState) -> None:
+        old, new = state_entries(before), state_entries(after)
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for kind in KINDS:
+                    changed = {f: v for f, v in new[kind].items() if old[kind].get(f) != v}
+                    gone = [f for f in old[kind] if f not in new[kind]]
+                    if changed:
+                        pipe.hset(self._keys[kind], mapping=changed)  # type: ignore[arg-type]
+                    if gone:
+                        pipe.hdel(self._keys[kind], *gone)
+                pipe.publish(self._channel, b"changed")
+                await pipe.execute()
+
+        await self._call("save", write())
+
+    async def start(self, reload: Callable[[], Awaitable[None]]) -> None:
+        if self._task is not None:
+            return
+        self._task = asyncio.create_task(self._subscribe_forever(reload), name="control-sub")
+        # Serving with only the configured backends beats not serving while Redis is
+        # away; the subscriber applies the shared state as soon as it gets through.
+        try:
+            async with asyncio.timeout(max(1.0, 2 * self._op_timeout_s)):
+                await self._loaded.wait()
+        except TimeoutError:
+            logger.warning("started before the shared control state could be loaded")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _subscribe_forever(self, reload: Callable[[], Awaitable[None]]) -> None:
+        backoff = _BACKOFF_MIN_S
+        while not self._closed:
+            pubsub = self._redis.pubsub()
+            heard = self._subscriptions
+            try:
+                async with asyncio.timeout(self._op_timeout_s):
+                    await pubsub.subscribe(self._channel)
+                await self._listen(pubsub, reload)
+            except (RedisError, OSError, ControlUnavailable) as exc:
+                logger.warning("control subscription lost; resubscribing: %s", exc)
+            except Exception:
+                # Keep the subscriber alive whatever happens: without it changes are missed.
+                logger.exception("control subscriber failed; resubscribing")
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            if self._subscriptions != heard:
+                backoff = _BACKOFF_MIN_S
+            await asyncio.sleep(backoff * self._rng.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+
+    async def _listen(self, pubsub: PubSub, reload: Callable[[], Awaitable[None]]) -> None:
+        pong_deadline = max(1.0, self._op_timeout_s)
+        last_heard = last_sync = self._clock.monotonic()
+        ping_sent: float | None = None
+        while not self._closed:
+            message = await pubsub.get_message(timeout=_POLL_S)
+            now = self._clock.monotonic()
+            if message is None:
+                if ping_sent is not None and now - ping_sent > pong_deadline:
+                    raise RedisConnectionError("control subscription stopped answering")
+                if ping_sent is None and now - last_heard >= _PUBSUB_IDLE_PING_S:
+                    await pubsub.ping()
+                    ping_sent = now
+                if now - last_sync >= _RESYNC_S:
+                    await reload()
+                    last_sync = now
+                continue
+            last_heard, ping_sent = now, None
+            kind = message.get("type")
+            if kind == "subscribe":
+                await reload()
+                last_sync = now
+                self._subscriptions += 1
+                self._loaded.set()
+            elif kind == "message":
+                self._notices += 1
+                # Take every notice already waiting, then reload once for all of them.
+                while (extra := await pubsub.get_message(timeout=0)) is not None:
+                    self._notices += extra.get("type") == "message"
+                await reload()
+                last_sync = now
+
+    async def _call(self, what: str, operation: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._op_timeout_s):
+                return await operation
+        except (RedisError, OSError) as exc:  # OSError covers asyncio's TimeoutError
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from exc
+            raise ControlUnavailable(
+                f"control state {what} failed: {type(exc).__name__}",
+                code="control_plane_unavailable",
+            ) from exc
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisControlStore(channel={self._channel.decode()!r}, "
+            f"subscriptions={self._subscriptions}, notices={self._notices}, "
+            f"closed={self._closed})"
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def state_entries(state: ControlState) -> Entries:
+    """The state as hash fields: kind -> field -> JSON value (what Redis stores)."""
+    return {
+        "backends": {
+            b.id: orjson.dumps(
+                {"region": b.region, "url": b.url, "version_source": b.version_source}
+            )
+            for b in state.added.values()
+        },
+        "removed": {bid: b"1" for bid in state.removed},
+        "drained": {bid: b"1" for bid in state.drained},
+        "blocked": {version: b"1" for version in state.blocked},
+        "intents": {bid: orjson.dumps(v.as_dict()) for bid, v in state.intents.items()},
+        "pushes": {
+            bid: orjson.dumps({"version": p.version.as_dict(), "at": p.at, "id": p.push_id})
+            for bid, p in state.pushes.items()
+        },
+    }
+
+
+def state_from_entries(entries: Mapping[str, Mapping[str, bytes]]) -> ControlState:
+    """Parse stored fields; an unreadable field is skipped with a warning, not fatal."""
+
+    def ids(kind: str) -> frozenset[str]:
+        return frozenset(entries.get(kind, {}))
+
+    return ControlState(
+        added=_parse_all(entries, "backends", _parse_backend),
+        removed=ids("removed"),
+        drained=ids("drained"),
+        blocked=ids("blocked"),
+        intents=_parse_all(entries, "intents", _parse_bundle),
+        pushes=_parse_all(entries, "pushes", _parse_push),
+    )
+
+
+def _parse_all(
+    entries: Mapping[str, Mapping[str, bytes]], kind: str, parse: Callable[[str, Any], T]
+) -> dict[str, T]:
+    out: dict[str, T] = {}
+    for key, raw in entries.get(kind, {}).items():
+        try:
+            out[key] = parse(key, orjson.loads(raw))
+        except (ValueError, TypeError, KeyError) as exc:
+            # One garbled field must not hide every other operator setting.
+            logger.warning("ignoring unreadable control entry %s/%s: %s", kind, key, exc)
+    return out
+
+
+def _parse_backend(backend_id: str, data: Any) -> Backend:
+    source = data.get("version_source", "poll")
+    if source not in ("poll", "push"):
+        raise ValueError(f"version_source {source!r}")
+    return Backend(backend_id, str(data["region"]), str(data["url"]), source)
+
+
+def _parse_bundle(_key: str, data: Any) -> VersionBundle:
+    if not isinstance(data, dict):
+        raise TypeError("not a version object")
+    try:
+        return VersionBundle.from_mapping(data)
+    except InvalidVersion as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _parse_push(key: str, data: Any) -> PushedReport:
+    return PushedReport(_parse_bundle(key, data["version"]), float(data["at"]), str(data["id"]))
