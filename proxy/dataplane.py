@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.errors import BadRequest, NoBackends, ProxyError, VersionUnavailable
-from proxy.events import RequestEvent, RequestObserver
+from proxy.events import Outcome
 from proxy.headers import (
     client_response_headers,
     ensure_traceparent,
@@ -46,57 +46,25 @@ from proxy.models import (
     check_value,
     prompt_of,
 )
+from proxy.request_body import RequestBody, read_body
 from proxy.routing import RoutingPolicy, choose
 from proxy.sessions import extract_session_id, needs_body
-from proxy.upstream import Body, Upstream, UpstreamConnectError, upstream_url
+from proxy.upstream import Upstream, UpstreamConnectError, upstream_url
 from proxy.usage import TapLimits, new_tap
 
 if TYPE_CHECKING:
     import random
-    from collections.abc import AsyncIterator, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     from proxy.clock import Clock
     from proxy.config import Settings
-    from proxy.events import Usage
+    from proxy.events import RequestObserver
     from proxy.ewma import LoadTracker
     from proxy.metrics import ProxyMetrics
     from proxy.registry import Registry
     from proxy.store import PinStore
 
 logger = logging.getLogger(__name__)
-
-_STREAM_CHUNK = 64 * 1024
-
-
-@dataclass(slots=True)
-class _RequestBody:
-    data: bytes | None  # the whole body, when it was small enough to hold
-    stream: Body  # what to send upstream
-    content_length: int | None
-
-    @property
-    def replayable(self) -> bool:
-        return self.data is not None or self.stream is None
-
-
-@dataclass(slots=True)
-class _Outcome:
-    """What happened to one request, filled in along the way for its RequestEvent."""
-
-    session_id: str | None = None
-    status: int = 499  # until something is answered: the client went away
-    backend_id: str | None = None
-    region: str | None = None
-    version_key: str | None = None
-    new_pin: bool = False
-    version_changed: str | None = None
-    ttfb_s: float | None = None
-    error_type: str | None = None
-    streamed: bool = False
-    request_body: bytes | None = None  # held body, for the response tap to read
-    usage: Usage | None = None
-    structured_output_valid: bool | None = None
-
 
 @dataclass(slots=True)
 class _Served:
@@ -145,7 +113,7 @@ class DataPlane:
         request_id = incoming if valid_request_id(incoming) else new_request_id(self._rng)
         assert request_id is not None
         traceparent = ensure_traceparent(request.headers.get("traceparent"), self._rng)
-        outcome = _Outcome()
+        outcome = Outcome()
         try:
             return await self._proxy(request, request_id, traceparent, arrived, outcome)
         except ProxyError as exc:
@@ -165,29 +133,16 @@ class DataPlane:
         traceparent: str,
         arrived_at: float,
         arrived: float,
-        outcome: _Outcome,
+        outcome: Outcome,
     ) -> None:
-        event = RequestEvent(
+        event = outcome.event(
             at=arrived_at,
             request_id=request_id,
-            trace_id=traceparent.split("-")[1],
-            session_id=outcome.session_id,
+            traceparent=traceparent,
+            incoming_traceparent=request.headers.get("traceparent"),
             method=request.method,
             path=request.rel_url.path,
-            status=outcome.status,
-            backend_id=outcome.backend_id,
-            region=outcome.region,
-            version_key=outcome.version_key,
-            new_pin=outcome.new_pin,
-            version_changed=outcome.version_changed,
             duration_s=self._clock.monotonic() - arrived,
-            ttfb_s=outcome.ttfb_s,
-            error_type=outcome.error_type,
-            streamed=outcome.streamed,
-            usage=outcome.usage,
-            structured_output_valid=outcome.structured_output_valid,
-            traceparent=traceparent,
-            trace_continued=request.headers.get("traceparent") == traceparent,
         )
         for observer in self._observers:
             try:
@@ -202,9 +157,9 @@ class DataPlane:
         request_id: str,
         traceparent: str,
         arrived: float,
-        outcome: _Outcome,
+        outcome: Outcome,
     ) -> web.StreamResponse:
-        body = await self._read_body(request)
+        body = await read_body(request, self._settings.upstream.max_buffered_body_bytes)
         session_id = extract_session_id(
             self._sources,
             request.headers,
@@ -236,11 +191,11 @@ class DataPlane:
         request: web.Request,
         request_id: str,
         traceparent: str,
-        body: _RequestBody,
+        body: RequestBody,
         session_id: str | None,
         pin: Pin | None,
         arrived: float,
-        outcome: _Outcome,
+        outcome: Outcome,
     ) -> _Served:
         deadline = arrived + self._pin_wait_s
         exclude: set[str] = set()
@@ -334,7 +289,7 @@ class DataPlane:
         request: web.Request,
         request_id: str,
         traceparent: str,
-        body: _RequestBody,
+        body: RequestBody,
         forward: Forward,
         *,
         pinned: bool,
@@ -392,7 +347,7 @@ class DataPlane:
         request: web.Request,
         request_id: str,
         served: _Served,
-        outcome: _Outcome,
+        outcome: Outcome,
     ) -> web.StreamResponse:
         upstream = served.response
         backend = served.forward.backend
@@ -444,24 +399,6 @@ class DataPlane:
             self._loads.finish(backend.id, served.ttfb_s)
         return out
 
-    async def _read_body(self, request: web.Request) -> _RequestBody:
-        length = request.content_length
-        if not request.body_exists:
-            return _RequestBody(data=b"", stream=None, content_length=None)
-        limit = self._settings.upstream.max_buffered_body_bytes
-        if length is not None and length > limit:
-            return _RequestBody(None, _chain(b"", request.content), length)
-        parts: list[bytes] = []
-        size = 0
-        while size <= limit:
-            chunk = await request.content.readany()
-            if not chunk:
-                return _RequestBody(data=b"".join(parts), stream=None, content_length=None)
-            parts.append(chunk)
-            size += len(chunk)
-        # Larger than we hold (and of undeclared length): stream what we have and the rest.
-        return _RequestBody(None, _chain(b"".join(parts), request.content), length)
-
     def _client_proto(self, request: web.Request) -> str:
         if self._settings.listen.trust_forwarded_headers:
             forwarded = request.headers.get("X-Forwarded-Proto")
@@ -477,13 +414,6 @@ class DataPlane:
 
     def __repr__(self) -> str:
         return f"DataPlane(pinning={self._settings.routing.pinning}, registry={self._registry!r})"
-
-
-async def _chain(prefix: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    if prefix:
-        yield prefix
-    async for chunk in rest.iter_chunked(_STREAM_CHUNK):
-        yield chunk
 
 
 def error_response(exc: ProxyError, request_id: str | None = None) -> web.Response:

@@ -58,3 +58,57 @@ class RequestObserver(Protocol):
     def observe(self, event: RequestEvent) -> None:
         """Take note of a finished request. Must not block, await or raise."""
         ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one request, filled in along the request path for its event."""
+
+    session_id: str | None = None
+    status: int = 499  # until something is answered: the client went away
+    backend_id: str | None = None
+    region: str | None = None
+    version_key: str | None = None
+    new_pin: bool = False
+    version_changed: str | None = None
+    ttfb_s: float | None = None
+    error_type: str | None = None
+    streamed: bool = False
+    request_body: bytes | None = None  # held body, for the response tap to read
+    usage: Usage | None = None
+    structured_output_valid: bool | None = None
+
+    def event(
+        self,
+        *,
+        at: float,
+        request_id: str,
+        traceparent: str,
+        incoming_traceparent: str | None,
+        method: str,
+        path: str,
+        duration_s: float,
+    ) -> RequestEvent:
+        return RequestEvent(
+            at=at,
+            request_id=request_id,
+            trace_id=traceparent.split("-")[1],
+            session_id=self.session_id,
+            method=method,
+            path=path,
+            status=self.status,
+            backend_id=self.backend_id,
+            region=self.region,
+            version_key=self.version_key,
+            new_pin=self.new_pin,
+            version_changed=self.version_changed,
+            duration_s=duration_s,
+            ttfb_s=self.ttfb_s,
+            error_type=self.error_type,
+            streamed=self.streamed,
+            usage=self.usage,
+            structured_output_valid=self.structured_output_valid,
+            traceparent=traceparent,
+            trace_continued=incoming_traceparent == traceparent,
+        )
+
