@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.app import build_app
 from proxy.config import Settings, settings_from_mapping
+from proxy.logs import configure_logging
 from proxy.sim import PopState, SimPop
 
 
@@ -77,6 +78,8 @@ async def _demo(port: int, check: bool) -> int:
     for spec, pop in zip(DEMO_POPS, pops, strict=True):
         await pop.start(port=0 if check else spec.port)
     settings = demo_settings(0 if check else port, {p.state.backend_id: p.url for p in pops})
+    # The human-readable request lines show which version served each request.
+    configure_logging(settings.log)
     runner = web.AppRunner(build_app(settings), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
