@@ -96,6 +96,11 @@ async def test_a_crashed_worker_is_replaced_and_the_port_keeps_serving(
     assert proxy.proc is not None
     before = _children(proxy.proc.pid)
     assert len(before) == 2
+    # Both workers serve before one is killed (one answering is what _ready saw).
+    deadline = time.monotonic() + 20
+    while proxy.log(tail=None).count("pinproxy listening on") < 2:
+        assert time.monotonic() < deadline, proxy.log()
+        await asyncio.sleep(0.1)
     victim = max(before)
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 20
@@ -106,6 +111,11 @@ async def test_a_crashed_worker_is_replaced_and_the_port_keeps_serving(
         await asyncio.sleep(0.2)
     else:
         raise AssertionError(f"worker not replaced:\n{proxy.log()}")
+    # A worker that has bound the port but not yet listened can be handed a connection
+    # by SO_REUSEPORT and refuse it, so wait for the replacement to say it listens.
+    while proxy.log(tail=None).count("pinproxy listening on") < 3:
+        assert time.monotonic() < deadline, proxy.log()
+        await asyncio.sleep(0.1)
     statuses = []
     for i in range(20):
         async with aiohttp.ClientSession() as fresh, fresh.post(
