@@ -149,7 +149,12 @@ def openapi(routes: Sequence[Route], *, title: str, version: str, secured: bool)
                 "description": "OK",
                 "content": {"application/json": {"schema": ref(route.response)}},
             }
-        for status, why in (("400", "bad input"), ("404", "unknown id"), ("409", "conflict")):
+        for status, why in (
+            ("400", "bad input"),
+            ("404", "unknown id"),
+            ("409", "conflict"),
+            ("503", "the shared store (Redis) cannot be reached; nothing changed"),
+        ):
             responses[status] = {"description": why, "content": error}
         if secured:
             responses["401"] = {"description": "missing or wrong token", "content": error}
