@@ -12,8 +12,8 @@ Theory of operation, in request order:
    winner's backends. So every answer a client ever receives matches the one pin.
 5. Send upstream with ``X-Pinned-Version``. On the response head, read the version
    stamp; it is a fresh runtime report. If it disagrees with the pin, the response
-   is dropped unseen and the request goes once to another backend of the pinned
-   version (nothing has reached the client yet: invariant 5).
+   is dropped unseen and the request goes to the next backend of the pinned version,
+   each at most once (nothing has reached the client yet: invariant 5).
 6. Stream the body back chunk by chunk; record the time to first byte.
 """
 
@@ -199,7 +199,7 @@ class DataPlane:
     ) -> _Served:
         deadline = arrived + self._pin_wait_s
         exclude: set[str] = set()
-        retries_left = 1 if body.replayable else 0
+        connect_retries = 1 if body.replayable else 0
         while True:
             decision = choose(
                 RequestFacts(session_id=session_id, exclude=frozenset(exclude)),
@@ -253,9 +253,9 @@ class DataPlane:
                     request, request_id, traceparent, body, decision, pinned=session_id is not None
                 )
             except UpstreamConnectError:
-                if retries_left == 0:
+                if connect_retries == 0:
                     raise
-                retries_left -= 1
+                connect_retries -= 1
                 exclude.add(decision.backend.id)
                 self._metrics.upstream_retries.labels("connect").inc()
                 continue
@@ -279,9 +279,12 @@ class DataPlane:
                 decision.version_key,
             )
             exclude.add(decision.backend.id)
-            if retries_left == 0:
+            if not body.replayable:
                 raise VersionUnavailable(decision.version_key, self._settings.routing.retry_after_s)
-            retries_left -= 1
+            # Each mismatch removes a backend that really runs another version and nothing
+            # has reached the client, so the next backend of the pinned version is always
+            # worth asking: a region that cuts over as a whole flips all its replicas at
+            # once. The exclusion set tries each backend once, which bounds the loop.
             self._metrics.upstream_retries.labels("version_mismatch").inc()
 
     async def _send(

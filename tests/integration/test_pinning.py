@@ -219,3 +219,29 @@ async def test_flip_with_no_other_backend_gives_503_not_the_wrong_version(
     assert status == 503
     assert body["error"]["type"] == "version_unavailable"  # type: ignore[index]
     assert body["error"]["pinned_version"] == "prompt=v47"  # type: ignore[index]
+
+
+async def test_a_region_cutting_over_as_a_whole_still_serves_its_sessions_elsewhere(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    # Found by bench/incident: both replicas of a region flip at the same instant; the
+    # pinned version is still served by a slower region, so the session must get it.
+    north_1 = await start_pop("ap-northeast-1", "ap-northeast", "v46", ttfb_ms=0)
+    north_2 = await start_pop("ap-northeast-2", "ap-northeast", "v46", ttfb_ms=0)
+    south = await start_pop("ap-south-1", "ap-south", "v46", ttfb_ms=40)
+    proxy = await start_proxy([north_1, north_2, south], discovery={"interval_s": 3600},
+                              routing={"initial_latency_ms": 0.001})
+    for _ in range(6):
+        assert (await _ask(http, proxy.url, "alice"))[1] == "v46"
+    assert north_1.requests and north_2.requests, "the fast region must have been measured"
+    for pop in (north_1, north_2):
+        pop.flip(VersionBundle(prompt="v47"))
+    status, version, served_by, body = await _ask(http, proxy.url, "alice")
+    assert (status, version, served_by) == (200, "v46", "ap-south-1")
+    assert "v47" not in str(body)
+    withheld = sum(
+        proxy.metric("pinproxy_mismatch_guard_triggers_total", backend=b,
+                     pinned_version="prompt=v46", stamped_version="prompt=v47")
+        for b in ("ap-northeast-1", "ap-northeast-2")
+    )
+    assert withheld == 2
