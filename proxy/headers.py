@@ -60,29 +60,33 @@ _ZERO_TRACE: Final = "0" * 32
 _ZERO_PARENT: Final = "0" * 16
 
 
-def _values(headers: Mapping[str, str], name: str) -> list[str]:
-    # items() (not get) so a multidict yields every duplicate; comparing lowered names
-    # keeps this right for a plain dict too.
-    lowered = name.lower()
-    return [v for k, v in headers.items() if k.lower() == lowered]
+# Everything dropped on each way, before whatever a Connection header names.
+_UPSTREAM_DROP: Final = HOP_BY_HOP | _REPLACED_UPSTREAM
+_DOWNSTREAM_DROP: Final = HOP_BY_HOP | _REPLACED_DOWNSTREAM
+
+_Item = tuple[str, str, str]  # (name as sent, value, lowercased name)
 
 
-def _connection_listed(headers: Mapping[str, str]) -> set[str]:
-    return {
+def _scan(headers: Mapping[str, str], drop: frozenset[str]) -> tuple[CIMultiDict[str], list[_Item]]:
+    """The headers minus ``drop`` and whatever Connection lists, plus every item lowered.
+
+    One pass to lower the names, then one to filter (a Connection header may come after
+    the headers it names): this runs twice per proxied request, so it avoids re-walking
+    the headers once per special name. items() (not get) so a multidict yields every
+    duplicate; comparing lowered names keeps this right for a plain dict too.
+    """
+    items = [(name, value, name.lower()) for name, value in headers.items()]
+    listed = {
         token
-        for value in _values(headers, "connection")
+        for _, value, lowered in items
+        if lowered == "connection"
         for raw in value.split(",")
         if (token := raw.strip().lower())
     }
-
-
-def _copy_without(headers: Mapping[str, str], drop: frozenset[str]) -> CIMultiDict[str]:
-    dropped = HOP_BY_HOP | drop | _connection_listed(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() not in dropped:
-            out.add(name, value)
-    return out
+    dropped = drop | listed if listed else drop
+    return CIMultiDict(
+        [(name, value) for name, value, lowered in items if lowered not in dropped]
+    ), items
 
 
 def upstream_request_headers(
@@ -103,19 +107,22 @@ def upstream_request_headers(
     trace id); when the trace was restarted it describes a trace that no longer applies
     and is dropped, as W3C Trace Context's processing model says.
     """
-    out = _copy_without(client, _REPLACED_UPSTREAM)
-    forwarded = [v.strip() for v in _values(client, "X-Forwarded-For") if v.strip()]
+    out, items = _scan(client, _UPSTREAM_DROP)
+    forwarded = [v.strip() for _, v, low in items if low == "x-forwarded-for" and v.strip()]
     if client_ip:
         forwarded.append(client_ip)
     if forwarded:
         out["X-Forwarded-For"] = ", ".join(forwarded)
     out["X-Forwarded-Proto"] = proto
     out["X-Request-ID"] = request_id
-    incoming = _values(client, "traceparent")
+    incoming = [v for _, v, low in items if low == "traceparent"]
     parent = parse_traceparent(incoming[0]) if len(incoming) == 1 else None
-    ours = parse_traceparent(traceparent)
-    if parent is None or ours is None or parent[0] != ours[0]:
+    if parent is None:
         out.popall("tracestate", None)
+    else:
+        ours = parse_traceparent(traceparent)
+        if ours is None or parent[0] != ours[0]:
+            out.popall("tracestate", None)
     out["traceparent"] = traceparent
     if pinned_version is not None:
         out["X-Pinned-Version"] = pinned_version
@@ -127,7 +134,7 @@ def client_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
 
     Content-Length and Content-Encoding stay: the body is relayed byte for byte.
     """
-    return _copy_without(upstream, _REPLACED_DOWNSTREAM)
+    return _scan(upstream, _DOWNSTREAM_DROP)[0]
 
 
 def valid_request_id(value: str | None) -> bool:
