@@ -1,0 +1,1 @@
+"""pinproxy benchmarks: ``python -m bench <scenario>`` (see bench/README.md)."""

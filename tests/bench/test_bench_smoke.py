@@ -1,0 +1,134 @@
+"""Every bench scenario, end to end with tiny sizes: the harness works and reports.
+
+These are not performance tests: the sizes are far too small for the numbers to mean
+anything. They assert that each scenario starts its processes, drives load, cleans up
+and writes a report with the expected fields, plots included, and that the incident
+replay keeps every pinproxy session on one version while the control does not.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import incident, overhead, streaming, throughput
+from bench.procs import find_nginx
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="the bench needs redis-server"
+)
+
+
+def _written(report: dict[str, Any], *pngs: str) -> dict[str, Any]:
+    out = Path(report["out"])
+    for name in ("report.json", "raw.json", "summary.md", *pngs):
+        assert (out / name).is_file(), f"{name} missing from {out}"
+        assert (out / name).stat().st_size > 0
+    for png in pngs:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["scenario"] == report["scenario"]
+    assert on_disk["machine"]["nproc"] >= 1
+    assert "layout" in on_disk
+    return on_disk
+
+
+def test_overhead_reports_direct_proxy_and_added_percentiles(tmp_path: Path) -> None:
+    report = overhead.run(
+        overhead.OverheadConfig(rounds=2, requests=20, warmup=10, out_root=tmp_path)
+    )
+    on_disk = _written(report, "latency-cdf.png", "added-by-round.png")
+    assert len(on_disk["rounds"]) == 2
+    for side in ("direct", "proxy", "added"):
+        for p in ("p50_ms", "p90_ms", "p99_ms"):
+            assert on_disk["summary"][side][p]["median"] is not None
+    assert on_disk["errors"] == {"direct": 0, "proxy": 0}
+    assert set(on_disk["targets"]) == {"added_p50_ms", "added_p99_ms", "errors"}
+    assert on_disk["pooled"]["proxy"]["count"] == 40
+
+
+def test_throughput_reports_ceilings_open_loop_cpu_and_ratios(tmp_path: Path) -> None:
+    report = throughput.run(
+        throughput.ThroughputConfig(
+            duration_s=0.5,
+            warmup_s=0.2,
+            concurrency=8,
+            levels=(0.5,),
+            sessions=50,
+            targets=("direct", "pinproxy-1w", "nginx"),
+            out_root=tmp_path,
+        )
+    )
+    on_disk = _written(report, "latency-cdf.png", "ceilings.png", "cpu-per-request.png")
+    results = on_disk["results"]
+    assert {"direct", "pinproxy-1w"} <= set(results)
+    if find_nginx() is None:
+        assert "nginx" in on_disk["skipped"]
+    else:
+        assert "nginx" in results
+    for res in results.values():
+        ceiling = res["ceiling"]
+        assert ceiling["rps"] > 0
+        assert ceiling["errors"] == 0
+        for key in ("p50_ms", "p99_ms"):
+            assert key in ceiling["latency"]
+        assert "proxy_cpu_s_per_1k" in ceiling
+        [level] = res["open_loop"]
+        assert level["mode"] == "open"
+        assert level["completed"] > 0
+    assert results["pinproxy-1w"]["ceiling"]["proxy_cpu_us_per_request"] > 0
+    assert on_disk["ratios"]["pinproxy-1w/direct"] is not None
+    assert on_disk["generator"]["closed_loop"] in ("wrk", "builtin")
+    assert on_disk["sim_pop_ceiling"]["rps"] > 0
+    assert on_disk["targets"]["pinproxy_errors"]["value"] == 0
+
+
+def test_streaming_reports_ttft_gaps_completion_and_rss(tmp_path: Path) -> None:
+    report = streaming.run(
+        streaming.StreamingConfig(
+            streams=(10,),
+            tokens_per_second=20.0,
+            completion_tokens=4,
+            ramp_s=0.2,
+            out_root=tmp_path,
+        )
+    )
+    on_disk = _written(report, "ttft-cdf.png", "ttft-hist.png", "inter-chunk-cdf.png")
+    [level] = on_disk["levels"]
+    assert level["streams"] == 10
+    assert level["proxy"]["completed"] == 10
+    assert level["direct"]["completed"] == 10
+    assert level["streams_lost"] == 0
+    assert level["added_ttft_p99_ms"] is not None
+    assert level["proxy"]["inter_chunk"]["count"] > 0
+    assert level["proxy_rss_mb"]["peak"] > 0
+    assert set(on_disk["targets"]) == {"added_ttft_p99_ms", "streams_lost", "rss_mb_per_1k_streams"}
+
+
+def test_incident_replay_pinproxy_keeps_sessions_on_one_version_control_does_not(
+    tmp_path: Path,
+) -> None:
+    report = incident.run(
+        incident.IncidentConfig(
+            duration_s=4.0,
+            sessions=30,
+            turns=4,
+            poll_interval_s=0.2,
+            out_root=tmp_path,
+        )
+    )
+    on_disk = _written(report, "versions-over-time.png")
+    pinned, control = on_disk["runs"]["pinproxy"], on_disk["runs"]["control"]
+    for run in (pinned, control):
+        assert run["requests"] == 30 * 4
+        assert set(run["over_time"]["series"]) == set(incident.REGIONS)
+        assert "failures_by_reason" in run
+    assert pinned["sessions_mixed_versions"] == 0, pinned["mixed_session_ids"]
+    assert pinned["failures_attributable_to_pinning_while_served"] == 0
+    assert control["sessions_mixed_versions"] > 0
+    assert on_disk["targets"]["pinproxy_mixed_sessions"]["ok"] is True
+    assert on_disk["targets"]["control_shows_damage"]["ok"] is True
