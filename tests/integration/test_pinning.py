@@ -233,7 +233,9 @@ async def test_a_region_cutting_over_as_a_whole_still_serves_its_sessions_elsewh
                               routing={"initial_latency_ms": 0.001})
     for _ in range(6):
         assert (await _ask(http, proxy.url, "alice"))[1] == "v46"
-    assert north_1.requests and north_2.requests, "the fast region must have been measured"
+    # Both fast replicas were measured, so they are tried before the slow region.
+    assert north_1.requests
+    assert north_2.requests
     for pop in (north_1, north_2):
         pop.flip(VersionBundle(prompt="v47"))
     status, version, served_by, body = await _ask(http, proxy.url, "alice")
