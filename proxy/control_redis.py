@@ -7,12 +7,12 @@ out exactly when the change is applied, and concurrent changes to different fiel
 different replicas do not overwrite each other. A load reads every hash in one
 MULTI/EXEC, so it never sees half of another replica's change.
 
-Hearing changes follows the pin store's invalidation subscriber (proxy/store/redis.py):
-reconnect with jittered backoff, ping a quiet subscription to detect a half-open
-connection, and reload the whole state on every (re)subscription, since notices sent
-while unsubscribed are lost. Notices that arrive together are coalesced into one
-reload. A full reload also runs every ``_RESYNC_S`` as a backstop. The state is small
-(one field per backend and blocked version), so a full reload costs one round trip.
+Hearing changes uses the same ``proxy.pubsub.Subscriber`` as the pin store's
+invalidations (reconnect with backoff, ping a quiet subscription), and reloads the
+whole state on every (re)subscription, since notices sent while unsubscribed are
+lost. Notices that arrive together are coalesced into one reload. A full reload also
+runs every ``_RESYNC_S`` as a backstop. The state is small (one field per backend and
+blocked version), so a full reload costs one round trip.
 """
 
 from __future__ import annotations
@@ -24,17 +24,16 @@ import random
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.control import ControlState, ControlUnavailable, PushedReport
 from proxy.models import Backend, InvalidVersion, VersionBundle
+from proxy.pubsub import Subscriber
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
     from redis.asyncio import Redis
-    from redis.asyncio.client import PubSub
 
     from proxy.clock import Clock
 
@@ -42,10 +41,7 @@ T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
-_BACKOFF_MIN_S = 0.05
-_BACKOFF_MAX_S = 1.0
 _POLL_S = 0.25
-_PUBSUB_IDLE_PING_S = 5.0
 _RESYNC_S = 30.0
 
 # Hash names under "<prefix>control:"; each field is one backend id or version.
@@ -63,16 +59,15 @@ class RedisControlStore:
         self._keys = {kind: f"{key_prefix}control:{kind}".encode() for kind in KINDS}
         self._channel = f"{key_prefix}control".encode()
         self._task: asyncio.Task[None] | None = None
+        self._subscriber: Subscriber | None = None
         self._loaded = asyncio.Event()
-        self._subscriptions = 0
         self._notices = 0
-        self._closed = False
-        self._rng = random.Random()
+        self._last_sync = 0.0
 
     @property
     def subscriptions(self) -> int:
         """How many times the change channel has been (re)subscribed."""
-        return self._subscriptions
+        return 0 if self._subscriber is None else self._subscriber.subscriptions
 
     @property
     def notices(self) -> int:
@@ -114,7 +109,33 @@ class RedisControlStore:
     async def start(self, reload: Callable[[], Awaitable[None]]) -> None:
         if self._task is not None:
             return
-        self._task = asyncio.create_task(self._subscribe_forever(reload), name="control-sub")
+
+        async def subscribed() -> None:
+            await self._reload(reload)
+            self._loaded.set()
+
+        async def notices(batch: list[object]) -> None:
+            # Every notice already waiting is answered by one reload.
+            self._notices += len(batch)
+            await self._reload(reload)
+
+        async def quiet(now: float) -> None:
+            if now - self._last_sync >= _RESYNC_S:
+                await self._reload(reload)
+
+        self._subscriber = Subscriber(
+            self._redis,
+            self._channel,
+            clock=self._clock,
+            rng=random.Random(),
+            op_timeout_s=self._op_timeout_s,
+            poll_s=_POLL_S,
+            on_subscribed=subscribed,
+            on_messages=notices,
+            on_lost=lambda why: logger.warning("control subscription lost; resubscribing: %s", why),
+            on_quiet=quiet,
+        )
+        self._task = asyncio.create_task(self._subscriber.run(), name="control-sub")
         # Serving with only the configured backends beats not serving while Redis is
         # away; the subscriber applies the shared state as soon as it gets through.
         try:
@@ -124,66 +145,17 @@ class RedisControlStore:
             logger.warning("started before the shared control state could be loaded")
 
     async def close(self) -> None:
-        self._closed = True
+        if self._subscriber is not None:
+            self._subscriber.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
 
-    async def _subscribe_forever(self, reload: Callable[[], Awaitable[None]]) -> None:
-        backoff = _BACKOFF_MIN_S
-        while not self._closed:
-            pubsub = self._redis.pubsub()
-            heard = self._subscriptions
-            try:
-                async with asyncio.timeout(self._op_timeout_s):
-                    await pubsub.subscribe(self._channel)
-                await self._listen(pubsub, reload)
-            except (RedisError, OSError, ControlUnavailable) as exc:
-                logger.warning("control subscription lost; resubscribing: %s", exc)
-            except Exception:
-                # Keep the subscriber alive whatever happens: without it changes are missed.
-                logger.exception("control subscriber failed; resubscribing")
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
-            if self._subscriptions != heard:
-                backoff = _BACKOFF_MIN_S
-            await asyncio.sleep(backoff * self._rng.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
-
-    async def _listen(self, pubsub: PubSub, reload: Callable[[], Awaitable[None]]) -> None:
-        pong_deadline = max(1.0, self._op_timeout_s)
-        last_heard = last_sync = self._clock.monotonic()
-        ping_sent: float | None = None
-        while not self._closed:
-            message = await pubsub.get_message(timeout=_POLL_S)
-            now = self._clock.monotonic()
-            if message is None:
-                if ping_sent is not None and now - ping_sent > pong_deadline:
-                    raise RedisConnectionError("control subscription stopped answering")
-                if ping_sent is None and now - last_heard >= _PUBSUB_IDLE_PING_S:
-                    await pubsub.ping()
-                    ping_sent = now
-                if now - last_sync >= _RESYNC_S:
-                    await reload()
-                    last_sync = now
-                continue
-            last_heard, ping_sent = now, None
-            kind = message.get("type")
-            if kind == "subscribe":
-                await reload()
-                last_sync = now
-                self._subscriptions += 1
-                self._loaded.set()
-            elif kind == "message":
-                self._notices += 1
-                # Take every notice already waiting, then reload once for all of them.
-                while (extra := await pubsub.get_message(timeout=0)) is not None:
-                    self._notices += extra.get("type") == "message"
-                await reload()
-                last_sync = now
+    async def _reload(self, reload: Callable[[], Awaitable[None]]) -> None:
+        await reload()
+        self._last_sync = self._clock.monotonic()
 
     async def _call(self, what: str, operation: Awaitable[T]) -> T:
         try:
@@ -201,8 +173,8 @@ class RedisControlStore:
     def __repr__(self) -> str:
         return (
             f"RedisControlStore(channel={self._channel.decode()!r}, "
-            f"subscriptions={self._subscriptions}, notices={self._notices}, "
-            f"closed={self._closed})"
+            f"subscriptions={self.subscriptions}, notices={self._notices}, "
+            f"running={self._task is not None})"
         )
 
 

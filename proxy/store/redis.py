@@ -47,17 +47,15 @@ import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
 from proxy.models import Pin
+from proxy.pubsub import Subscriber
 from proxy.store.cache import PinCache
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterable, Sequence
-
-    from redis.asyncio.client import PubSub
 
     from proxy.clock import Clock
     from proxy.config import StoreConfig
@@ -70,13 +68,7 @@ _TEXT_FIELDS = ("version_key", "backend_id", "region")  # Pin's fields before pi
 _TOUCH_CHUNK = 500
 _HEALTH_CHECK_INTERVAL_S = 15
 _MAX_CONNECTIONS = 64  # per process; one is the invalidation subscription
-_BACKOFF_MIN_S = 0.05
-_BACKOFF_MAX_S = 1.0
 _POLL_S = 0.5
-# A subscription that hears nothing for this long is pinged; no pong within the op
-# timeout (at least 1 s) means a half-open connection that would silently drop
-# invalidations, so it is torn down and resubscribed.
-_PUBSUB_IDLE_PING_S = 5.0
 
 
 def redis_client_from_config(config: StoreConfig) -> Redis:
@@ -123,11 +115,20 @@ class RedisPinStore:
         # Sessions used since the last batch -> their pinned version key.
         self._touches: dict[str, str] = {}
         self._subscribed = asyncio.Event()
-        self._subscriptions = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self._rng = random.Random()
         self._secrets = _secrets_of(config)
+        self._subscriber = Subscriber(
+            client,
+            self._channel,
+            clock=clock,
+            rng=random.Random(),
+            op_timeout_s=self._op_timeout_s,
+            poll_s=_POLL_S,
+            on_subscribed=self._on_subscribed,
+            on_messages=self._on_invalidations,
+            on_lost=self._on_subscription_lost,
+        )
 
     @property
     def subscribed(self) -> bool:
@@ -137,7 +138,7 @@ class RedisPinStore:
     @property
     def subscriptions(self) -> int:
         """How many times the invalidation channel has been (re)subscribed."""
-        return self._subscriptions
+        return self._subscriber.subscriptions
 
     @property
     def cached(self) -> int:
@@ -250,7 +251,7 @@ class RedisPinStore:
             return
         self._tasks = [
             asyncio.create_task(
-                self._subscribe_forever(), name=f"pinstore-invalidate:{self._prefix}"
+                self._subscriber.run(), name=f"pinstore-invalidate:{self._prefix}"
             ),
             asyncio.create_task(self._touch_forever(), name=f"pinstore-touch:{self._prefix}"),
         ]
@@ -266,6 +267,7 @@ class RedisPinStore:
         if self._closed:
             return
         self._closed = True
+        self._subscriber.close()
         try:
             await self.flush_touches()
         except StoreUnavailable as exc:
@@ -336,56 +338,21 @@ class RedisPinStore:
             except Exception:
                 _log.exception("TTL touch batch failed unexpectedly")
 
-    async def _subscribe_forever(self) -> None:
-        backoff = _BACKOFF_MIN_S
-        while not self._closed:
-            pubsub = self._client.pubsub()
-            heard = self._subscriptions
-            try:
-                async with asyncio.timeout(self._op_timeout_s):
-                    await pubsub.subscribe(self._channel)
-                await self._listen(pubsub)
-            except (RedisError, OSError) as exc:
-                _log.warning(
-                    "pin invalidation subscription lost, local cache dropped: %s",
-                    self._scrub(f"{type(exc).__name__}: {exc}"),
-                )
-            except Exception:
-                # Keep the subscriber alive whatever happens: without it the cache is off.
-                _log.exception("pin invalidation subscriber failed; resubscribing")
-            finally:
-                self._subscribed.clear()
-                self._cache.clear()
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
-            if self._subscriptions != heard:
-                backoff = _BACKOFF_MIN_S
-            await asyncio.sleep(backoff * self._rng.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+    async def _on_subscribed(self) -> None:
+        # Anything published while we were not subscribed is lost.
+        self._cache.clear()
+        self._subscribed.set()
 
-    async def _listen(self, pubsub: PubSub) -> None:
-        pong_deadline = max(1.0, self._op_timeout_s)
-        last_heard = self._clock.monotonic()
-        ping_sent: float | None = None
-        while not self._closed:
-            message = await pubsub.get_message(timeout=_POLL_S)
-            now = self._clock.monotonic()
-            if message is None:
-                if ping_sent is not None and now - ping_sent > pong_deadline:
-                    raise RedisConnectionError("invalidation subscription stopped answering")
-                if ping_sent is None and now - last_heard >= _PUBSUB_IDLE_PING_S:
-                    await pubsub.ping()
-                    ping_sent = now
-                continue
-            last_heard, ping_sent = now, None
-            kind = message.get("type")
-            if kind == "subscribe":
-                # Anything published while we were not subscribed is lost.
-                self._cache.clear()
-                self._subscriptions += 1
-                self._subscribed.set()
-            elif kind == "message":
-                self._invalidate(message.get("data"))
+    async def _on_invalidations(self, batch: list[object]) -> None:
+        for data in batch:
+            self._invalidate(data)
+
+    def _on_subscription_lost(self, reason: str) -> None:
+        self._subscribed.clear()
+        self._cache.clear()
+        _log.warning(
+            "pin invalidation subscription lost, local cache dropped: %s", self._scrub(reason)
+        )
 
     def _invalidate(self, data: object) -> None:
         try:

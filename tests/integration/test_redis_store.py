@@ -459,16 +459,17 @@ async def test_every_subscribe_confirmation_clears_the_cache_and_messages_evict(
     script: list[dict[str, Any] | None] = [
         {"type": "message", "data": b"a"},
         {"type": "message", "data": "\udcff".encode("utf-8", "surrogatepass")},
+        None,  # nothing more waiting: the batch of two is applied
     ]
     with pytest.raises(AssertionError, match="exhausted"):
-        await store._listen(ScriptedPubSub(clock, script))  # type: ignore[arg-type]
+        await store._subscriber._listen(ScriptedPubSub(clock, script))  # type: ignore[arg-type]
     assert ("a" in store._cache, "b" in store._cache, "\udcff" in store._cache) == (
         False,
         True,
         False,
     )
     with pytest.raises(AssertionError, match="exhausted"):
-        await store._listen(ScriptedPubSub(clock, [{"type": "subscribe", "data": 1}]))  # type: ignore[arg-type]
+        await store._subscriber._listen(ScriptedPubSub(clock, [{"type": "subscribe", "data": 1}]))  # type: ignore[arg-type]
     assert store.cached == 0
     assert store.subscriptions == 1
 
@@ -478,7 +479,7 @@ async def test_silent_subscription_is_pinged_then_abandoned() -> None:
     store = offline_store(clock)
     pubsub = ScriptedPubSub(clock, [None] * 40)
     with pytest.raises(RedisError, match="stopped answering"):
-        await store._listen(pubsub)  # type: ignore[arg-type]
+        await store._subscriber._listen(pubsub)  # type: ignore[arg-type]
     assert pubsub.pings == 1
     # Idle for 5 s before the ping, then more than 1 s without a pong.
     assert len(pubsub.script) == 40 - 13
