@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from proxy.errors import ProxyError
+from proxy.errors import Conflict, NotFound, ProxyError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -52,18 +52,12 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
-class UnknownBackend(ProxyError):
-    status = 404
-    error_type = "not_found_error"
-
+class UnknownBackend(NotFound):
     def __init__(self, backend_id: str) -> None:
         super().__init__(f"no backend with id {backend_id!r}", param="backend_id")
 
 
-class BackendExists(ProxyError):
-    status = 409
-    error_type = "conflict_error"
-
+class BackendExists(Conflict):
     def __init__(self, backend_id: str) -> None:
         super().__init__(f"a backend with id {backend_id!r} already exists", param="id")
 

@@ -57,6 +57,21 @@ class BadRequest(ProxyError):
     error_type = "invalid_request_error"
 
 
+class Unauthorized(ProxyError):
+    status = 401
+    error_type = "authentication_error"
+
+
+class NotFound(ProxyError):
+    status = 404
+    error_type = "not_found_error"
+
+
+class Conflict(ProxyError):
+    status = 409
+    error_type = "conflict_error"
+
+
 class VersionUnavailable(ProxyError):
     """The session's pinned version has no healthy backend (after waiting ``pin_wait_ms``)."""
 

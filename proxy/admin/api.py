@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from proxy.errors import BadRequest, ProxyError
+from proxy.errors import BadRequest
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
@@ -27,16 +27,6 @@ class Body(BaseModel):
     """Base of admin request bodies: unknown fields are an error, not silently dropped."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NotFound(ProxyError):
-    status = 404
-    error_type = "not_found_error"
-
-
-class Conflict(ProxyError):
-    status = 409
-    error_type = "conflict_error"
 
 
 @dataclass(frozen=True, slots=True)

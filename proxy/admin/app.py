@@ -17,7 +17,7 @@ from aiohttp import web
 
 from proxy.app import SETTINGS
 from proxy.dataplane import error_response
-from proxy.errors import BadRequest, ProxyError
+from proxy.errors import BadRequest, ProxyError, Unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +25,6 @@ DATA_APP = web.AppKey("data_app", web.Application)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RouteInstaller = Callable[[web.Application], None]
-
-
-class Unauthorized(ProxyError):
-    status = 401
-    error_type = "authentication_error"
 
 
 def build_admin_app(

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from proxy.admin.api import NotFound, Route
+from proxy.admin.api import Route
 from proxy.admin.app import DATA_APP
 from proxy.app import FLEET_METRICS, METRICS, SETTINGS, STORE
-from proxy.errors import StoreUnavailable
+from proxy.errors import NotFound, StoreUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -21,11 +21,11 @@ from urllib.parse import unquote_to_bytes
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from proxy.admin.api import Body, Conflict, NotFound, Route, int_query, read_body, reply
+from proxy.admin.api import Body, Route, int_query, read_body, reply
 from proxy.admin.app import DATA_APP
 from proxy.app import AUDIT, CLOCK, LOADS, METRICS, REGISTRY, RNG, SETTINGS, STORE
 from proxy.audit import AuditRecord
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, Conflict, NotFound
 from proxy.headers import ensure_traceparent, new_request_id, valid_request_id
 from proxy.models import Forward, Pin, RequestFacts, Snapshot, prompt_of
 from proxy.routing import RoutingPolicy, choose

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.admin.api import Conflict
 from proxy.admin.sessions import RepinBody, resolve_version
+from proxy.errors import Conflict
 from proxy.models import Backend, BackendState, Snapshot, VersionBundle
 
 
