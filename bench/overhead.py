@@ -19,10 +19,7 @@ from bench.httpload import SerialClient, build_request
 from bench.procs import (
     PopSpec,
     Proc,
-    free_port,
-    parse_overrides,
-    proxy_toml,
-    start_pinproxy,
+    start_pinproxy_in_front,
     start_redis,
     start_sim_pop,
 )
@@ -122,16 +119,9 @@ def run(cfg: OverheadConfig) -> dict[str, Any]:
             layout.load_cpus,
             layout,
         )
-        port = free_port()
-        toml = proxy_toml(
-            port=port,
-            backends=[("pop-1", "us-east", pop_url)],
-            redis_url=redis_url,
-            key_prefix=f"bench-ovh-{port}:",
-            sections=parse_overrides(cfg.proxy_set),
-        )
-        proxy = start_pinproxy(
-            ctx.procs, "pinproxy", toml, port, cpus=layout.sut_cpus, layout=layout
+        proxy, port = start_pinproxy_in_front(
+            ctx.procs, layout, ("pop-1", "us-east", pop_url), redis_url=redis_url,
+            tag="ovh", proxy_set=cfg.proxy_set, cpus=layout.sut_cpus,
         )
         measured = run_async(_measure(ctx, cfg, pop_url, port, proxy))
         proxy_rss = proxy.rss_bytes()

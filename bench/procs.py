@@ -500,6 +500,36 @@ def start_pinproxy(
     return procs.start(name, layout.wrap(cmd, cpus), port=port, timeout_s=60.0, env=env, cwd=cwd)
 
 
+def start_pinproxy_in_front(
+    procs: Procs,
+    layout: Layout,
+    backend: tuple[str, str, str],
+    *,
+    redis_url: str | None,
+    tag: str,
+    proxy_set: Sequence[str],
+    cpus: str | None,
+    port: int | None = None,
+    name: str = "pinproxy",
+    workers: int = 1,
+) -> tuple[Proc, int]:
+    """pinproxy in front of one ``(id, region, url)`` backend; returns it and its port.
+
+    Each run gets its own Redis key prefix, so runs sharing a Redis never see each
+    other's pins.
+    """
+    port = free_port() if port is None else port
+    toml = proxy_toml(
+        port=port,
+        backends=[backend],
+        redis_url=redis_url,
+        key_prefix=f"bench-{tag}-{port}:",
+        sections=parse_overrides(proxy_set),
+    )
+    proc = start_pinproxy(procs, name, toml, port, cpus=cpus, layout=layout, workers=workers)
+    return proc, port
+
+
 # -- nginx --------------------------------------------------------------------------------
 
 

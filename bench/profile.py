@@ -25,10 +25,8 @@ from bench.procs import (
     find_nginx,
     free_port,
     nginx_static_pop_conf,
-    parse_overrides,
-    proxy_toml,
     start_nginx,
-    start_pinproxy,
+    start_pinproxy_in_front,
     start_redis,
     start_sim_pop,
 )
@@ -96,16 +94,9 @@ def run(cfg: ProfileConfig) -> dict[str, Any]:
                 ctx.procs, PopSpec("pop-1", "bench", "v47"), layout.load_cpus, layout
             )
             backend = "sim"
-        pport = free_port()
-        toml = proxy_toml(
-            port=pport,
-            backends=[("pop-1", "bench", backend_url)],
-            redis_url=redis_url,
-            key_prefix=f"bench-prof-{pport}:",
-            sections=parse_overrides(cfg.proxy_set),
-        )
-        proxy = start_pinproxy(
-            ctx.procs, "pinproxy", toml, pport, cpus=layout.sut_cpus, layout=layout
+        proxy, pport = start_pinproxy_in_front(
+            ctx.procs, layout, ("pop-1", "bench", backend_url), redis_url=redis_url,
+            tag="prof", proxy_set=cfg.proxy_set, cpus=layout.sut_cpus,
         )
         url = f"http://127.0.0.1:{pport}"
         run_async(wait_ready("127.0.0.1", pport))

@@ -25,10 +25,7 @@ from bench.httpload import HttpConn, build_request
 from bench.procs import (
     PopSpec,
     Proc,
-    free_port,
-    parse_overrides,
-    proxy_toml,
-    start_pinproxy,
+    start_pinproxy_in_front,
     start_redis,
     start_sim_pop,
 )
@@ -200,16 +197,9 @@ def run(cfg: StreamingConfig) -> dict[str, Any]:
             completion_tokens=cfg.completion_tokens,
         )
         _, pop_url = start_sim_pop(ctx.procs, spec, layout.load_cpus, layout)
-        port = free_port()
-        toml = proxy_toml(
-            port=port,
-            backends=[("pop-1", "us-east", pop_url)],
-            redis_url=redis_url,
-            key_prefix=f"bench-st-{port}:",
-            sections=parse_overrides(cfg.proxy_set),
-        )
-        proxy = start_pinproxy(
-            ctx.procs, "pinproxy", toml, port, cpus=layout.sut_cpus, layout=layout
+        proxy, port = start_pinproxy_in_front(
+            ctx.procs, layout, ("pop-1", "us-east", pop_url), redis_url=redis_url,
+            tag="st", proxy_set=cfg.proxy_set, cpus=layout.sut_cpus,
         )
 
         async def measure() -> dict[int, dict[str, _SideResult]]:

@@ -32,10 +32,8 @@ from bench.procs import (
     free_port,
     nginx_proxy_conf,
     nginx_static_pop_conf,
-    parse_overrides,
-    proxy_toml,
     start_nginx,
-    start_pinproxy,
+    start_pinproxy_in_front,
     start_redis,
     start_sim_pop,
 )
@@ -186,15 +184,11 @@ def _start_target(
     workers = 2 if name == "pinproxy-2w" else 1
     if workers > 1 and redis_url is None:
         return "several workers need the Redis store"
-    toml = proxy_toml(
-        port=port,
-        backends=[(backend_id, "bench", backend_url)],
-        redis_url=redis_url,
-        key_prefix=f"bench-tp-{port}:",
-        sections=parse_overrides(cfg.proxy_set),
-    )
     cpus = layout.sut_cpus if workers == 1 else layout.all_cpus
-    proc = start_pinproxy(ctx.procs, name, toml, port, cpus=cpus, layout=layout, workers=workers)
+    proc, _ = start_pinproxy_in_front(
+        ctx.procs, layout, (backend_id, "bench", backend_url), redis_url=redis_url,
+        tag="tp", proxy_set=cfg.proxy_set, cpus=cpus, port=port, name=name, workers=workers,
+    )
     note = f"{workers} worker(s) on CPU {cpus}" if cpus else f"{workers} worker(s)"
     return _Target(name, f"http://127.0.0.1:{port}", proc, note)
 
