@@ -30,6 +30,7 @@ from proxy.errors import BadRequest, ProxyError
 from proxy.ewma import LoadTracker
 from proxy.fleet_metrics import FleetCollector
 from proxy.health import Drain, HealthEndpoints
+from proxy.http1 import Http1Pool
 from proxy.metrics import ProxyMetrics
 from proxy.models import Backend
 from proxy.registry import Registry
@@ -53,6 +54,7 @@ METRICS = web.AppKey("metrics", ProxyMetrics)
 FLEET_METRICS = web.AppKey("fleet_metrics", FleetCollector)  # gauges computed per scrape
 TELEMETRY = web.AppKey("telemetry", Telemetry)  # metrics, request log and trace observers
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+HTTP1 = web.AppKey("http1", Http1Pool)  # the lean client for held bodies
 STORE = web.AppKey("store", PinStore)
 DISCOVERY = web.AppKey("discovery", Discovery)
 DATAPLANE = web.AppKey("dataplane", DataPlane)
@@ -147,9 +149,14 @@ def build_app(
     app[RNG] = rng
 
     async def http_client(app: web.Application) -> AsyncIterator[None]:
-        async with make_client_session(settings.upstream) as session:
-            app[HTTP] = session
-            yield
+        pool = Http1Pool(settings.upstream)
+        app[HTTP1] = pool
+        try:
+            async with make_client_session(settings.upstream) as session:
+                app[HTTP] = session
+                yield
+        finally:
+            await pool.close()
 
     async def redis_client(app: web.Application) -> AsyncIterator[None]:
         # One client (one bounded pool) for everything that talks to Redis.
@@ -207,7 +214,7 @@ def build_app(
             registry=app[REGISTRY],
             store=app[STORE],
             loads=app[LOADS],
-            upstream=Upstream(app[HTTP]),
+            upstream=Upstream(app[HTTP], app[HTTP1]),
             metrics=app[METRICS],
             clock=clock,
             rng=rng,

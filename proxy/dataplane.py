@@ -23,10 +23,15 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
-from proxy.errors import BadRequest, NoBackends, ProxyError, VersionUnavailable
+from proxy.errors import (
+    BadRequest,
+    NoBackends,
+    ProxyError,
+    UpstreamBodyError,
+    VersionUnavailable,
+)
 from proxy.events import Outcome
 from proxy.headers import (
     client_response_headers,
@@ -49,7 +54,7 @@ from proxy.models import (
 from proxy.request_body import RequestBody, read_body
 from proxy.routing import RoutingPolicy, choose
 from proxy.sessions import extract_session_id, needs_body
-from proxy.upstream import Upstream, UpstreamConnectError, upstream_url
+from proxy.upstream import Upstream, UpstreamConnectError, UpstreamResponse
 from proxy.usage import TapLimits, new_tap
 
 if TYPE_CHECKING:
@@ -68,7 +73,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class _Served:
-    response: aiohttp.ClientResponse
+    response: UpstreamResponse
     forward: Forward
     served_key: str
     ttfb_s: float
@@ -309,12 +314,13 @@ class DataPlane:
         if body.data is None and body.content_length is not None:
             # A streamed body keeps its declared length rather than turning chunked.
             headers["Content-Length"] = str(body.content_length)
-        url = upstream_url(backend.backend.url, request.rel_url.raw_path_qs)
         payload = body.data if body.data is not None else body.stream
         self._loads.start(backend.id)
         started = self._clock.monotonic()
         try:
-            response = await self._upstream.send(request.method, url, headers, payload)
+            response = await self._upstream.send(
+                request.method, backend.backend.url, request.rel_url.raw_path_qs, headers, payload
+            )
         except UpstreamConnectError as exc:
             self._loads.finish(backend.id, None)
             self._registry.report_failure(backend.id, exc.message)
@@ -375,7 +381,7 @@ class DataPlane:
         completed = False
         try:
             await out.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            while chunk := await upstream.read_chunk():
                 await out.write(chunk)
                 if tap is not None:
                     tap.feed(chunk)  # after the write: reading never delays a byte
@@ -386,7 +392,7 @@ class DataPlane:
                 found = tap.finish()
                 outcome.usage = found.usage
                 outcome.structured_output_valid = found.structured_output_valid
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except UpstreamBodyError as exc:
             # The backend broke mid-body. Ending the response cleanly would pass a
             # truncated answer off as complete; dropping the connection tells the truth.
             logger.warning("backend %s failed mid-response: %r", backend.id, exc)

@@ -118,5 +118,17 @@ class UpstreamTimeout(UpstreamError):
     error_type = "upstream_timeout"
 
 
+class UpstreamConnectError(UpstreamError):
+    """No response head came back because the connection failed or was dropped.
+
+    Nothing reached the client, so the request may go to another backend of the
+    same version (invariant 5).
+    """
+
+
+class UpstreamBodyError(UpstreamError):
+    """The backend failed after its response head: the answer is incomplete."""
+
+
 class ConfigError(Exception):
     """Invalid configuration; raised at start, never at request time."""

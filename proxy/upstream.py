@@ -1,35 +1,54 @@
-"""The one HTTP client to the backends, and the boundary where its errors are translated.
+"""The HTTP clients to the backends, and the boundary where their errors are translated.
 
-The session never follows redirects, never decompresses (bodies pass byte for byte),
-never keeps cookies (a proxy must not mix users' cookies) and never adds headers of
-its own. Streams have no total deadline: a connect timeout bounds reaching the
-backend and an idle-read timeout bounds each silence, head included.
+Requests whose body is held in memory (nearly all of an LLM API's) go through the lean
+keep-alive pool in http1.py; streamed bodies and HEAD go through aiohttp's client.
+Either way the caller gets an ``UpstreamResponse`` and only pinproxy's own errors.
+
+Neither client follows redirects, decompresses (bodies pass byte for byte), keeps
+cookies (a proxy must not mix users' cookies) or adds headers of its own. Streams have
+no total deadline: a connect timeout bounds reaching the backend and an idle-read
+timeout bounds each silence, head included.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 from yarl import URL
 
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.errors import UpstreamBodyError, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from proxy.http1 import Http1Pool, Target
 
 if TYPE_CHECKING:
-    from multidict import CIMultiDict
+    from multidict import CIMultiDict, CIMultiDictProxy
 
     from proxy.config import UpstreamConfig
 
 Body = bytes | AsyncIterable[bytes] | None
 
+__all__ = ["Body", "Upstream", "UpstreamConnectError", "UpstreamResponse", "upstream_url"]
 
-class UpstreamConnectError(UpstreamError):
-    """No response head came back because the connection failed or was dropped.
 
-    Nothing reached the client, so the request may go to another backend of the
-    same version (invariant 5).
-    """
+class UpstreamResponse(Protocol):
+    """A backend's response whose head is in. Finish it with ``release`` or ``close``."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def content_type(self) -> str: ...
+
+    async def read_chunk(self) -> bytes:
+        """What has arrived of the body; ``b""`` at its end. Raises ``UpstreamBodyError``."""
+        ...
+
+    def release(self) -> None: ...
+    def close(self) -> None: ...
 
 
 def make_client_session(config: UpstreamConfig) -> aiohttp.ClientSession:
@@ -65,21 +84,72 @@ def upstream_url(base_url: str, raw_path_qs: str) -> URL:
     return URL(base_url + raw_path_qs, encoded=True)
 
 
+class _AiohttpResponse:
+    """aiohttp's response behind ``UpstreamResponse``, its body errors translated."""
+
+    __slots__ = ("_response", "content_type", "headers", "reason", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.reason = response.reason
+        self.headers = response.headers
+        self.content_type = response.content_type
+
+    async def read_chunk(self) -> bytes:
+        try:
+            return await self._response.content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamBodyError(
+                f"the backend failed mid-response: {type(exc).__name__}"
+            ) from exc
+
+    def release(self) -> None:
+        self._response.release()
+
+    def close(self) -> None:
+        self._response.close()
+
+    def __repr__(self) -> str:
+        return f"_AiohttpResponse({self.status})"
+
+
 class Upstream:
-    def __init__(self, http: aiohttp.ClientSession) -> None:
+    def __init__(self, http: aiohttp.ClientSession, pool: Http1Pool) -> None:
         self._http = http
+        self._pool = pool
+        self._targets: dict[str, Target] = {}
 
     async def send(
-        self, method: str, url: URL, headers: Mapping[str, str] | CIMultiDict[str], body: Body
-    ) -> aiohttp.ClientResponse:
-        """Send the request; return once the response head is in. The caller releases it.
+        self,
+        method: str,
+        base_url: str,
+        path_qs: str,
+        headers: Mapping[str, str] | CIMultiDict[str],
+        body: Body,
+    ) -> UpstreamResponse:
+        """Send the request; return once the response head is in. The caller finishes it.
 
-        An empty body is sent as no body: aiohttp then adds no ``Content-Length: 0`` to a
-        GET, HEAD or OPTIONS that had none (RFC 9110 §8.6), and keeps ``0`` for methods
-        that anticipate content (POST, PUT, PATCH, DELETE), as the client's own would.
+        ``path_qs`` is the request's own path and query, kept exactly as received. An
+        empty body is sent as no body: no ``Content-Length: 0`` is added to a GET, HEAD
+        or OPTIONS that had none (RFC 9110 §8.6), while methods that anticipate content
+        (POST, PUT, PATCH, DELETE) keep ``0``, as the client's own would.
         """
+        if not path_qs.startswith("/"):
+            path_qs = "/" + path_qs
+        # HEAD answers carry a length but no body, which only aiohttp's parser is told.
+        if isinstance(body, bytes) and method != "HEAD":
+            target = self._targets.get(base_url)
+            if target is None:
+                target = self._targets[base_url] = Target(base_url)
+            return await self._pool.request(target, method, path_qs, headers, body)
+        return await self._send_aiohttp(method, upstream_url(base_url, path_qs), headers, body)
+
+    async def _send_aiohttp(
+        self, method: str, url: URL, headers: Mapping[str, str] | CIMultiDict[str], body: Body
+    ) -> UpstreamResponse:
         try:
-            return await self._http.request(
+            response = await self._http.request(
                 method, url, headers=headers, data=body if body != b"" else None,
                 allow_redirects=False,
             )
@@ -95,6 +165,7 @@ class Upstream:
             raise UpstreamError(
                 f"the backend sent an invalid response: {type(exc).__name__}"
             ) from exc
+        return _AiohttpResponse(response)
 
     def __repr__(self) -> str:
-        return f"Upstream(closed={self._http.closed})"
+        return f"Upstream(closed={self._http.closed}, pool={self._pool!r})"

@@ -1,0 +1,533 @@
+"""A lean HTTP/1.1 client to the backends, for requests whose body is held in memory.
+
+Theory of operation. aiohttp's client spends more CPU per request than the rest of
+pinproxy's request path together (per-request timers, trace hooks, cookie handling,
+a writer task, a StreamReader per response). A proxy that already holds the whole
+request body needs none of that. Per backend origin this pool keeps idle keep-alive
+connections; a request is serialised once and written with one ``transport.write``;
+llhttp (httptools) parses the response, and body chunks are handed to the relay as
+they arrive.
+
+- A connection is either idle in its origin's list or owned by one response. It goes
+  back only when that response was read to its end and both sides allow keep-alive;
+  anything else closes it, so a connection never carries a half-read answer.
+- A reused idle connection may have been closed by the backend meanwhile. When it
+  fails before any byte of the response came back, the request is written once more
+  on a fresh connection to the same backend; any other failure is the caller's.
+- Backpressure: past ``_HIGH_WATER`` unread bytes the socket stops being read until
+  the relay has taken the body below ``_LOW_WATER``.
+- Timeouts: connecting is bounded by ``connect_timeout_s``; each silence while the
+  response is awaited (head or body) by ``read_idle_timeout_s``, checked by one timer
+  per connection against the time of the last byte, so reading costs no timer.
+
+Streamed (unheld) bodies and HEAD requests keep using aiohttp's client (upstream.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+from collections import deque
+from typing import TYPE_CHECKING, Final, cast
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.errors import UpstreamBodyError, UpstreamConnectError, UpstreamError, UpstreamTimeout
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from proxy.config import UpstreamConfig
+
+_HIGH_WATER: Final = 256 * 1024
+_LOW_WATER: Final = 64 * 1024
+# aiohttp's rule, kept so both clients frame requests alike: methods that anticipate
+# no content send no Content-Length for an empty body; the others send 0.
+_NO_CONTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_DNS_TTL_S: Final = 10.0
+
+Origin = tuple[str, str, int]  # scheme, host, port
+
+
+class Target:
+    """Where a backend base URL sends requests: origin, Host header and path prefix."""
+
+    __slots__ = ("host_header", "origin", "prefix")
+
+    def __init__(self, base_url: str) -> None:
+        parts = urlsplit(base_url)
+        scheme = parts.scheme
+        host = parts.hostname or ""
+        default = 443 if scheme == "https" else 80
+        port = parts.port or default
+        self.origin: Origin = (scheme, host, port)
+        shown = f"[{host}]" if ":" in host else host
+        self.host_header = shown if port == default else f"{shown}:{port}"
+        self.prefix = parts.path.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"Target({self.origin!r}, prefix={self.prefix!r})"
+
+
+def request_bytes(
+    method: str, target: str, host: str, headers: Mapping[str, str], body: bytes
+) -> bytes:
+    """The request as written on the wire: head (UTF-8, the client's bytes kept) and body."""
+    parts = [method, " ", target, " HTTP/1.1\r\nHost: ", host, "\r\n"]
+    for name, value in headers.items():
+        parts += (name, ": ", value, "\r\n")
+    if body or method not in _NO_CONTENT_METHODS:
+        parts += ("Content-Length: ", str(len(body)), "\r\n")
+    parts.append("\r\n")
+    # surrogateescape: header bytes that were not UTF-8 go out as they came in.
+    return "".join(parts).encode("utf-8", "surrogateescape") + body
+
+
+class Http1Response:
+    """A response whose head is in; the body is read with ``read_chunk``."""
+
+    __slots__ = ("_conn", "content_type", "headers", "reason", "status")
+
+    def __init__(self, conn: _Connection, status: int, reason: str,
+                 headers: CIMultiDictProxy[str]) -> None:
+        self._conn = conn
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        content_type = headers.get("Content-Type")
+        self.content_type = (
+            "application/octet-stream"
+            if content_type is None
+            else content_type.partition(";")[0].strip().lower()
+        )
+
+    async def read_chunk(self) -> bytes:
+        """The next part of the body (all that has arrived); ``b""`` at its end."""
+        return await self._conn.read_chunk()
+
+    def release(self) -> None:
+        """Done with a fully read response: the connection may serve another request."""
+        self._conn.finish(reuse=True)
+
+    def close(self) -> None:
+        """Done before the end (or after an error): the connection is closed."""
+        self._conn.finish(reuse=False)
+
+    def __repr__(self) -> str:
+        return f"Http1Response({self.status}, {self._conn!r})"
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; llhttp's callbacks (``on_*``) fill in the response."""
+
+    def __init__(self, pool: Http1Pool, origin: Origin, idle_timeout_s: float) -> None:
+        self._pool = pool
+        self.origin = origin
+        self._loop = asyncio.get_running_loop()
+        self._idle_timeout_s = idle_timeout_s
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self._begin()
+
+    def _begin(self) -> None:
+        self._busy = False
+        self._status = 0
+        self._reason: list[bytes] = []
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._interim = False
+        self._head: Http1Response | None = None
+        self._complete = False
+        self._keep_alive = False
+        self._until_eof = False
+        self._error: UpstreamError | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self.got_bytes = False
+        self._last_read = 0.0
+
+    # --- used by the pool and the response -------------------------------------------
+
+    def send(self, payload: bytes) -> None:
+        assert self._transport is not None
+        self._busy = True
+        self._last_read = self._loop.time()
+        self._transport.write(payload)
+
+    async def read_head(self) -> Http1Response:
+        while self._head is None:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        return self._head
+
+    async def read_chunk(self) -> bytes:
+        while True:
+            chunks = self._chunks
+            if chunks:
+                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self._buffered = 0
+                if self._paused and self._transport is not None:
+                    self._paused = False
+                    self._transport.resume_reading()
+                return data
+            if self._complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    def finish(self, *, reuse: bool) -> None:
+        if self.closed:
+            return
+        if reuse and self._complete and self._keep_alive and not self._chunks:
+            self._cancel_timer()
+            self._begin()
+            self.reused = True
+            self.idle_since = self._loop.time()
+            self._pool.put_idle(self)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.close()
+        self._mark_closed()
+
+    def usable(self) -> bool:
+        return not self.closed and self._transport is not None and not self._transport.is_closing()
+
+    # --- waiting, with the idle timeout ----------------------------------------------
+
+    async def _wait(self) -> None:
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        if self._timer is None:
+            self._timer = self._loop.call_at(
+                self._last_read + self._idle_timeout_s, self._check_idle
+            )
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self._waiter is None or self.closed:
+            return
+        due = self._last_read + self._idle_timeout_s
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check_idle)
+            return
+        self._fail(UpstreamTimeout("the backend did not answer in time"))
+        self.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None and not self._complete:
+            self._error = error
+        self._wake()
+
+    def _mark_closed(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._cancel_timer()
+            self._pool.forget(self)
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but implement it.
+        self._transport = cast("asyncio.Transport", transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        self._last_read = self._loop.time()
+        if not self._busy:
+            # Bytes nobody asked for: the connection's framing can no longer be trusted.
+            self.abort()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("the backend switched protocols"))
+            self.abort()
+        except httptools.HttpParserError as exc:
+            message = "the backend sent an invalid response"
+            self._fail(UpstreamBodyError(message) if self._head else UpstreamError(message))
+            self.abort()
+            del exc
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost tells the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._busy and not self._complete:
+            if self._until_eof and self._head is not None and exc is None:
+                self._complete = True  # a body delimited by the end of the connection
+                self._keep_alive = False
+                self._wake()
+            elif self._head is None:
+                self._fail(UpstreamConnectError(
+                    "the backend closed the connection before answering"
+                    if exc is None else f"connection to the backend failed: {exc}"
+                ))
+            else:
+                self._fail(UpstreamBodyError("the backend closed the connection mid-response"))
+        self._mark_closed()
+
+    # --- llhttp callbacks ------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason.append(reason)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
+            self._interim = True
+            return
+        headers = CIMultiDictProxy(CIMultiDict(
+            [(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+             for n, v in self._raw_headers]
+        ))
+        self._until_eof = (
+            status not in (204, 304)
+            and "Content-Length" not in headers
+            and "Transfer-Encoding" not in headers
+        )
+        self._head = Http1Response(
+            self, status, b"".join(self._reason).decode("utf-8", "surrogateescape"), headers
+        )
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            self._reason.clear()
+            self._raw_headers.clear()
+            return
+        self._complete = True
+        self._keep_alive = self._parser.should_keep_alive() and not self._until_eof
+        self._cancel_timer()
+        self._wake()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "busy" if self._busy else "idle"
+        scheme, host, port = self.origin
+        return f"_Connection({scheme}://{host}:{port}, {state}, reused={self.reused})"
+
+
+class Http1Pool:
+    """Keep-alive connections per backend origin, bounded like aiohttp's connector."""
+
+    def __init__(self, config: UpstreamConfig, *, keepalive_s: float = 15.0) -> None:
+        self._connect_timeout_s = config.connect_timeout_s
+        self._idle_timeout_s = config.read_idle_timeout_s
+        self._limit = config.pool_size
+        self._limit_per_origin = config.pool_size_per_host
+        self._keepalive_s = keepalive_s
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._open: dict[Origin, int] = {}
+        self._total = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._connections: set[_Connection] = set()
+        self._addresses: dict[str, tuple[float, str]] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self._closed = False
+
+    async def request(
+        self, target: Target, method: str, path_qs: str, headers: Mapping[str, str], body: bytes
+    ) -> Http1Response:
+        """Send one request; return once the response head is in. The caller finishes it."""
+        payload = request_bytes(method, target.prefix + path_qs, target.host_header, headers, body)
+        conn = await self._acquire(target.origin)
+        try:
+            conn.send(payload)
+            return await conn.read_head()
+        except UpstreamConnectError:
+            conn.abort()
+            if not conn.reused or conn.got_bytes:
+                raise
+        except BaseException:
+            conn.abort()
+            raise
+        # The backend had closed this idle connection before our request reached it.
+        conn = await self._acquire(target.origin, fresh=True)
+        try:
+            conn.send(payload)
+            return await conn.read_head()
+        except BaseException:
+            conn.abort()
+            raise
+
+    async def close(self) -> None:
+        """Close every connection, idle or not; later requests fail."""
+        self._closed = True
+        for conn in list(self._connections):
+            conn.abort()
+        self._idle.clear()
+
+    # --- connections ---------------------------------------------------------------
+
+    async def _acquire(self, origin: Origin, *, fresh: bool = False) -> _Connection:
+        while True:
+            if not fresh and (conn := self._take_idle(origin)) is not None:
+                return conn
+            if self._has_room(origin) or self._evict_idle():
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        return await self._connect(origin)
+
+    def _take_idle(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        now = asyncio.get_running_loop().time()
+        while idle:
+            conn = idle.pop()  # the most recently used: least likely closed by the backend
+            if conn.usable() and now - conn.idle_since < self._keepalive_s:
+                return conn
+            conn.abort()
+        return None
+
+    def _has_room(self, origin: Origin) -> bool:
+        if self._total >= self._limit:
+            return False
+        return not self._limit_per_origin or self._open.get(origin, 0) < self._limit_per_origin
+
+    def _evict_idle(self) -> bool:
+        # At the total limit an idle connection elsewhere is worth less than a request.
+        if self._total < self._limit:
+            return False
+        for idle in self._idle.values():
+            if idle:
+                idle.pop(0).abort()
+                return True
+        return False
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        if self._closed:
+            raise UpstreamConnectError("the upstream pool is closed")
+        scheme, host, port = origin
+        self._total += 1
+        self._open[origin] = self._open.get(origin, 0) + 1
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                address = await self._resolve(host, port)
+                tls = self._tls() if scheme == "https" else None
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, origin, self._idle_timeout_s),
+                    address, port, ssl=tls, server_hostname=host if tls else None,
+                )
+        except TimeoutError as exc:
+            self._release_slot(origin)
+            raise UpstreamConnectError("connecting to the backend timed out") from exc
+        except OSError as exc:
+            self._release_slot(origin)
+            reason = exc.strerror or type(exc).__name__
+            raise UpstreamConnectError(f"connection to the backend failed: {reason}") from exc
+        except BaseException:
+            self._release_slot(origin)
+            raise
+        self._connections.add(conn)
+        return conn
+
+    async def _resolve(self, host: str, port: int) -> str:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return host
+        loop = asyncio.get_running_loop()
+        cached = self._addresses.get(host)
+        if cached is not None and cached[0] > loop.time():
+            return cached[1]
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"no address for {host}")
+        address = str(infos[0][4][0])
+        self._addresses[host] = (loop.time() + _DNS_TTL_S, address)
+        return address
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    # --- called by connections -----------------------------------------------------
+
+    def put_idle(self, conn: _Connection) -> None:
+        if self._closed:
+            conn.abort()
+            return
+        self._idle.setdefault(conn.origin, []).append(conn)
+        self._wake_waiters()
+
+    def forget(self, conn: _Connection) -> None:
+        if conn in self._connections:
+            self._connections.discard(conn)
+            self._release_slot(conn.origin)
+        idle = self._idle.get(conn.origin)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def _release_slot(self, origin: Origin) -> None:
+        self._total -= 1
+        left = self._open.get(origin, 1) - 1
+        if left:
+            self._open[origin] = left
+        else:
+            self._open.pop(origin, None)
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def __repr__(self) -> str:
+        idle = sum(len(v) for v in self._idle.values())
+        return f"Http1Pool(open={self._total}, idle={idle}, limit={self._limit})"
