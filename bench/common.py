@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from bench.httpload import SerialClient, build_request
 from bench.procs import Layout, Procs, machine_facts, pinned_self, raised_fd_limit
 from bench.report import new_run_dir
+from proxy.config import RuntimeConfig
+from proxy.gc_tuning import tune_gc
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Iterator
@@ -61,7 +63,12 @@ def run_context(scenario: str, out_root: Path | None, *, pin: bool = True) -> It
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop when it is there (the client should cost as little as possible)."""
+    """Run on uvloop when it is there (the client should cost as little as possible).
+
+    The load generator measures latency, so its own GC pauses must not land in the
+    numbers: it gets pinproxy's GC settings.
+    """
+    tune_gc(RuntimeConfig())
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a pinproxy dependency

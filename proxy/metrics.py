@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 STORE_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                         0.5, 1.0)
 
+GC_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
 _STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # Label combinations are bounded by design; the cache bound is a backstop only.
 _MAX_CACHED_SERIES: Final = 10_000
@@ -101,6 +103,13 @@ class ProxyMetrics:
             "pinproxy_audit_dropped",
             "Audit records lost: queue_full (dropped, never waited for) or write_failed.",
             ["reason"],
+            registry=registry,
+        )
+        self.gc_pause = Histogram(
+            "pinproxy_gc_pause_seconds",
+            "Python garbage collections, by generation: each one stalls every request in flight.",
+            ["generation"],
+            buckets=GC_BUCKETS,
             registry=registry,
         )
         self.requests = Counter(
@@ -175,6 +184,10 @@ class ProxyMetrics:
         self.health_transitions.labels(
             backend_id, region, "healthy" if healthy else "unhealthy"
         ).inc()
+
+    def gc_paused(self, generation: str, seconds: float) -> None:
+        """``GcPauses`` hook: one garbage collection took ``seconds``."""
+        self.gc_pause.labels(generation).observe(seconds)
 
     def time_store(self, operation: str) -> StoreTimer:
         """``with metrics.time_store("get"): await store.get(...)``: times and counts failures."""

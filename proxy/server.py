@@ -27,7 +27,8 @@ from pydantic import SecretStr
 
 from proxy.admin.app import build_admin_app
 from proxy.admin.routes import installers
-from proxy.app import DRAIN, build_app
+from proxy.app import DRAIN, METRICS, build_app
+from proxy.gc_tuning import GcPauses, tune_gc
 from proxy.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -121,6 +122,10 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         host, port = address[:2]
         logger.info("pinproxy listening on http://%s:%s", host, port)
     admin_runner = await _start_admin(app, settings, reuse_port=reuse_port)
+    # Everything start-up allocated now lives as long as the process: freeze it.
+    tune_gc(settings.runtime)
+    gc_pauses = GcPauses(app[METRICS].gc_paused)
+    gc_pauses.install()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -152,6 +157,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         if admin_runner is not None:
             await admin_runner.cleanup()
         await runner.cleanup()
+        gc_pauses.uninstall()
         logger.info("stopped")
 
 

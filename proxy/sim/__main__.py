@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from proxy.config import RuntimeConfig
+from proxy.gc_tuning import tune_gc
 from proxy.models import DIMENSIONS, Dimension, InvalidVersion, VersionBundle
 from proxy.sim.pop import SimPop
 from proxy.sim.state import PopState
@@ -115,6 +117,9 @@ def main(
     except (InvalidVersion, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
     pop = SimPop(state, access_log=access_log)
+    # The same GC settings as pinproxy's: a mock whose own GC pauses show up in the
+    # benchmarks' direct baseline would hide (or fake) pinproxy's.
+    tune_gc(RuntimeConfig())
     with asyncio.Runner(loop_factory=_loop_factory(uvloop)) as runner:
         runner.run(_serve(pop, host, port))
 

@@ -58,6 +58,8 @@ def test_example_file_loads() -> None:
     assert settings.discovery.unhealthy_after == 3
     assert settings.discovery.healthy_after == 2
     assert settings.log.format == "json"
+    assert settings.runtime.gc_freeze_after_start is True
+    assert settings.runtime.gc_thresholds == (700, 10, 1000)
     assert [(b.id, b.region, b.url) for b in settings.backends] == [
         ("us-east-1", "us-east", "http://pop.us-east.internal:8000"),
         ("eu-west-1", "eu-west", "http://pop.eu-west.internal:8000"),
@@ -164,6 +166,11 @@ def test_backend_url_trailing_slash_is_dropped() -> None:
             "  versions.dimensions.1: Input should be 'prompt', 'parser', 'tools' or 'model'",
         ),
         ({"discovery": {"path": "version"}}, "  discovery.path: String should match pattern"),
+        (
+            {"runtime": {"gc_thresholds": [700, 0, 10]}},
+            "  runtime.gc_thresholds.1: Input should be greater than or equal to 1",
+        ),
+        ({"runtime": {"gc_thresholds": [700, 10]}}, "  runtime.gc_thresholds.2: Field required"),
     ],
 )
 def test_error_names_field_by_dotted_path(data: dict[str, Any], line: str) -> None:
