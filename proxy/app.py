@@ -19,7 +19,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from proxy.audit import AuditLog, AuditObserver, DisabledAudit, MemoryAudit, RedisAudit
+from proxy.audit import AuditLog, AuditObserver, DisabledAudit, MemoryAudit
+from proxy.audit_redis import RedisAudit
 from proxy.clock import Clock, SystemClock
 from proxy.config import Settings
 from proxy.control import ControlPlane, ControlStore, LocalControlStore

@@ -15,7 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.app import AUDIT
-from proxy.audit import AuditRecord, RedisAudit
+from proxy.audit import AuditRecord
+from proxy.audit_redis import RedisAudit
 from proxy.config import AuditConfig, StoreConfig
 from tests.fixtures.proxy import StartProxy
 from tests.fixtures.redis_server import RedisServer
@@ -137,6 +138,51 @@ async def test_redis_streams_are_trimmed_and_expire_with_the_pin_ttl(redis_url: 
         assert [r.request_id for r in await reader.trail("s1", 5)] == [
             "r-247", "r-248", "r-249"]
     finally:
+        await audit.close()
+        await client.aclose()
+
+
+async def test_a_batch_of_many_sessions_keeps_each_sessions_order_and_ttl(
+    redis_url: str,
+) -> None:
+    client = aioredis.from_url(redis_url)
+    store = StoreConfig(kind="redis", url=redis_url, key_prefix="many:", pin_ttl_s=30)
+    audit = RedisAudit(AuditConfig(records_per_session=50, batch_size=450), store, client)
+    try:
+        for i in range(900):  # two batches, each written in several script calls
+            audit.offer(f"s{i % 7}", _record(i))
+        await audit.flush()
+        assert (audit.written, audit.write_failures) == (900, 0)
+        for s in range(7):
+            expected = [f"r-{i}" for i in range(900) if i % 7 == s][-50:]
+            assert [r.request_id for r in await audit.trail(f"s{s}", 50)] == expected
+            assert 25_000 < await client.pttl(audit.key(f"s{s}")) <= 30_000
+    finally:
+        await client.delete(*(audit.key(f"s{s}") for s in range(7)))
+        await audit.close()
+        await client.aclose()
+
+
+async def test_a_batch_redis_refuses_is_counted_and_the_next_one_is_written(
+    redis_url: str,
+) -> None:
+    client = aioredis.from_url(redis_url)
+    store = StoreConfig(kind="redis", url=redis_url, key_prefix="refused:")
+    drops: list[tuple[str, int]] = []
+    audit = RedisAudit(AuditConfig(batch_size=10), store, client,
+                       on_drop=lambda reason, n: drops.append((reason, n)))
+    try:
+        await client.set(b"refused:audit:taken", b"not a stream")
+        for i in range(3):
+            audit.offer("taken", _record(i))
+        await audit.flush()  # WRONGTYPE from inside the script: the batch is lost
+        assert (audit.written, audit.write_failures, drops) == (0, 3, [("write_failed", 3)])
+        audit.offer("fine", _record(7))
+        await audit.flush()
+        assert audit.written == 1
+        assert [r.request_id for r in await audit.trail("fine", 5)] == ["r-7"]
+    finally:
+        await client.delete(b"refused:audit:taken", b"refused:audit:fine")
         await audit.close()
         await client.aclose()
 

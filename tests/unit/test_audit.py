@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
-from proxy.audit import AuditObserver, AuditRecord, DisabledAudit, MemoryAudit, RedisAudit
+from proxy.audit import AuditObserver, AuditRecord, DisabledAudit, MemoryAudit
+from proxy.audit_redis import RedisAudit
 from proxy.clock import ManualClock
 from proxy.config import AuditConfig, StoreConfig
 from proxy.events import RequestEvent
@@ -50,6 +52,14 @@ def test_record_from_event_and_json_round_trip() -> None:
     for garbage in (b"{", b"[]", b'{"at": 1}', b'{"unknown": 1}', b"null",
                     record.to_json().replace(b'"status":200', b'"status":"200"')):
         assert AuditRecord.from_json(garbage) is None
+
+
+def test_record_json_is_what_it_always_was() -> None:
+    for record in (_record(0), AuditRecord.from_event(_event(
+            ttfb_s=None, backend_id=None, region=None, version_key=None, status=503,
+            error_type="service_unavailable", version_changed="a -> b", path="/é\n\"x"))):
+        assert record.to_json() == orjson.dumps(asdict(record))
+    assert _record(0).to_json().startswith(b'{"at":1700000000.0,"request_id":"r-0",')
 
 
 def test_observer_records_only_requests_with_a_session() -> None:
