@@ -15,7 +15,9 @@ they arrive.
   fails before any byte of the response came back, the request is written once more
   on a fresh connection to the same backend; any other failure is the caller's.
 - Backpressure: past ``_HIGH_WATER`` unread bytes the socket stops being read until
-  the relay has taken the body below ``_LOW_WATER``.
+  the relay takes what is buffered (it always takes all of it at once).
+- A response ends the connection's business until it is finished: bytes past its end
+  (a second response nobody asked for) close the connection rather than join a body.
 - Timeouts: connecting is bounded by ``connect_timeout_s``; each silence while the
   response is awaited (head or body) by ``read_idle_timeout_s``, checked by one timer
   per connection against the time of the last byte, so reading costs no timer.
@@ -44,7 +46,6 @@ if TYPE_CHECKING:
     from proxy.config import UpstreamConfig
 
 _HIGH_WATER: Final = 256 * 1024
-_LOW_WATER: Final = 64 * 1024
 # aiohttp's rule, kept so both clients frame requests alike: methods that anticipate
 # no content send no Content-Length for an empty body; the others send 0.
 _NO_CONTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -234,7 +235,11 @@ class _Connection(asyncio.Protocol):
         if self._loop.time() < due:
             self._timer = self._loop.call_at(due, self._check_idle)
             return
-        self._fail(UpstreamTimeout("the backend did not answer in time"))
+        self._fail(
+            UpstreamTimeout("the backend did not answer in time")
+            if self._head is None
+            else UpstreamBodyError("the backend went silent mid-response")
+        )
         self.abort()
 
     def _cancel_timer(self) -> None:
@@ -297,6 +302,12 @@ class _Connection(asyncio.Protocol):
         self._mark_closed()
 
     # --- llhttp callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # llhttp would parse on into a second response; raising makes feed_data fail
+            # (HttpParserCallbackError), which closes the connection.
+            raise UpstreamError("the backend sent more than one response")
 
     def on_status(self, reason: bytes) -> None:
         self._reason.append(reason)
@@ -363,7 +374,7 @@ class Http1Pool:
         self._total = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._connections: set[_Connection] = set()
-        self._addresses: dict[str, tuple[float, str]] = {}
+        self._addresses: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
@@ -454,12 +465,19 @@ class Http1Pool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                address = await self._resolve(host, port)
                 tls = self._tls() if scheme == "https" else None
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self, origin, self._idle_timeout_s),
-                    address, port, ssl=tls, server_hostname=host if tls else None,
-                )
+                addresses = await self._resolve(host, port)
+                for number, address in enumerate(addresses, 1):
+                    try:
+                        _, conn = await loop.create_connection(
+                            lambda: _Connection(self, origin, self._idle_timeout_s),
+                            address, port, ssl=tls, server_hostname=host if tls else None,
+                        )
+                        break
+                    except OSError:
+                        # Like aiohttp: each address in turn (say ::1 first, backend on IPv4).
+                        if number == len(addresses):
+                            raise
         except TimeoutError as exc:
             self._release_slot(origin)
             raise UpstreamConnectError("connecting to the backend timed out") from exc
@@ -473,23 +491,23 @@ class Http1Pool:
         self._connections.add(conn)
         return conn
 
-    async def _resolve(self, host: str, port: int) -> str:
+    async def _resolve(self, host: str, port: int) -> tuple[str, ...]:
         try:
             ipaddress.ip_address(host)
         except ValueError:
             pass
         else:
-            return host
+            return (host,)
         loop = asyncio.get_running_loop()
         cached = self._addresses.get(host)
         if cached is not None and cached[0] > loop.time():
             return cached[1]
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        if not infos:
+        addresses = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not addresses:
             raise OSError(f"no address for {host}")
-        address = str(infos[0][4][0])
-        self._addresses[host] = (loop.time() + _DNS_TTL_S, address)
-        return address
+        self._addresses[host] = (loop.time() + _DNS_TTL_S, addresses)
+        return addresses
 
     def _tls(self) -> ssl.SSLContext:
         if self._ssl is None:
