@@ -112,6 +112,12 @@ class ProxyMetrics:
             buckets=GC_BUCKETS,
             registry=registry,
         )
+        self.loop_lag = Histogram(
+            "pinproxy_event_loop_lag_seconds",
+            "How late a 50 ms timer ran: every request in flight waited as long for the loop.",
+            buckets=GC_BUCKETS,
+            registry=registry,
+        )
         self.requests = Counter(
             "pinproxy_requests",
             "Proxied requests by the version that answered (or the pinned one, on a 503).",

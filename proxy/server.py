@@ -30,6 +30,7 @@ from proxy.admin.routes import installers
 from proxy.app import DRAIN, METRICS, build_app
 from proxy.gc_tuning import GcPauses, tune_gc
 from proxy.logs import configure_logging
+from proxy.loop_lag import LoopLagMonitor
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -122,10 +123,12 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         host, port = address[:2]
         logger.info("pinproxy listening on http://%s:%s", host, port)
     admin_runner = await _start_admin(app, settings, reuse_port=reuse_port)
-    # Everything start-up allocated now lives as long as the process: freeze it.
-    tune_gc(settings.runtime)
     gc_pauses = GcPauses(app[METRICS].gc_paused)
     gc_pauses.install()
+    # Everything start-up allocated now lives as long as the process: freeze it.
+    tune_gc(settings.runtime)
+    loop_lag = LoopLagMonitor(app[METRICS].loop_lag.observe)
+    loop_lag.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -157,6 +160,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         if admin_runner is not None:
             await admin_runner.cleanup()
         await runner.cleanup()
+        loop_lag.stop()
         gc_pauses.uninstall()
         logger.info("stopped")
 

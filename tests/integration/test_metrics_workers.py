@@ -113,4 +113,11 @@ async def test_metrics_are_summed_over_workers_and_gauges_are_not(
         assert series(samples, "pinproxy_backend_health_transitions_total") == {
             L(backend="us-east-1", region="us-east", to="healthy"): 2,
         }
+        # Each worker's loop-lag timer ticks every 50 ms and the two are summed.
+        lag = series(samples, "pinproxy_event_loop_lag_seconds_count")
+        assert set(lag) == {()}
+        assert lag[()] > 2
+        # Each worker reports at least the full collection that freezing start-up runs.
+        gc_pauses = series(samples, "pinproxy_gc_pause_seconds_count")
+        assert gc_pauses.get(L(generation="2"), 0) >= 2, gc_pauses
     assert proxy.stop() == 0

@@ -1,0 +1,52 @@
+"""Event-loop lag: how late a timer fires is how long every request waited for the loop.
+
+Anything that holds the event loop (a garbage collection, a large batch serialised in
+one go, a slow callback, the process descheduled) delays every request in flight by
+the same amount, and none of them can say why. A timer armed every ``interval_s``
+measures it directly: the time between when it was due and when it ran. The cost is
+one timer per interval, nothing per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class LoopLagMonitor:
+    """Reports each tick's lateness (seconds) to ``observe`` while started."""
+
+    def __init__(self, observe: Callable[[float], None], *, interval_s: float = 0.05) -> None:
+        self._observe = observe
+        self._interval_s = interval_s
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        self.ticks = 0
+        self.worst_s = 0.0
+
+    def start(self) -> None:
+        if self._handle is None:
+            self._schedule(asyncio.get_running_loop())
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._due = loop.time() + self._interval_s
+        self._handle = loop.call_at(self._due, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        lag = max(0.0, loop.time() - self._due)
+        self.ticks += 1
+        self.worst_s = max(self.worst_s, lag)
+        self._observe(lag)
+        self._schedule(loop)
+
+    def __repr__(self) -> str:
+        return (f"LoopLagMonitor(interval_s={self._interval_s}, ticks={self.ticks}, "
+                f"worst_ms={self.worst_s * 1000:.1f})")
