@@ -59,7 +59,7 @@ def test_example_file_loads() -> None:
     assert settings.discovery.healthy_after == 2
     assert settings.log.format == "json"
     assert settings.runtime.gc_freeze_after_start is True
-    assert settings.runtime.gc_thresholds == (700, 10, 1000)
+    assert settings.runtime.gc_thresholds == (2000, 10, 1000)
     assert [(b.id, b.region, b.url) for b in settings.backends] == [
         ("us-east-1", "us-east", "http://pop.us-east.internal:8000"),
         ("eu-west-1", "eu-west", "http://pop.eu-west.internal:8000"),
