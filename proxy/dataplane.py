@@ -368,7 +368,16 @@ class DataPlane:
         if outcome.version_changed is not None:
             headers["X-Prompt-Version-Changed"] = outcome.version_changed
         outcome.streamed = upstream.content_type == "text/event-stream"
-        out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        # An answer that is already all here (most non-streamed ones) goes out as one
+        # web.Response, whose head and body leave in one write instead of two.
+        whole = upstream.whole_body()
+        out = (
+            web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            if whole is None
+            else web.Response(
+                status=upstream.status, reason=upstream.reason, headers=headers, body=whole
+            )
+        )
         tap = None
         if self._tap_limits is not None:
             tap = new_tap(
@@ -381,11 +390,14 @@ class DataPlane:
         completed = False
         try:
             await out.prepare(request)
-            while chunk := await upstream.read_chunk():
-                await out.write(chunk)
-                if tap is not None:
-                    tap.feed(chunk)  # after the write: reading never delays a byte
+            if whole is None:
+                while chunk := await upstream.read_chunk():
+                    await out.write(chunk)
+                    if tap is not None:
+                        tap.feed(chunk)  # after the write: reading never delays a byte
             await out.write_eof()
+            if whole and tap is not None:
+                tap.feed(whole)
             completed = True
             outcome.status = upstream.status
             if tap is not None:

@@ -110,6 +110,10 @@ class Http1Response:
         """The next part of the body (all that has arrived); ``b""`` at its end."""
         return await self._conn.read_chunk()
 
+    def whole_body(self) -> bytes | None:
+        """The whole body when all of it has already arrived (then read), else None."""
+        return self._conn.whole_body()
+
     def release(self) -> None:
         """Done with a fully read response: the connection may serve another request."""
         self._conn.finish(reuse=True)
@@ -178,15 +182,28 @@ class _Connection(asyncio.Protocol):
                 data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
                 chunks.clear()
                 self._buffered = 0
-                if self._paused and self._transport is not None:
-                    self._paused = False
-                    self._transport.resume_reading()
+                self._resume()
                 return data
             if self._complete:
                 return b""
             if self._error is not None:
                 raise self._error
             await self._wait()
+
+    def whole_body(self) -> bytes | None:
+        if not self._complete:
+            return None
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        self._resume()
+        return data
+
+    def _resume(self) -> None:
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
 
     def finish(self, *, reuse: bool) -> None:
         if self.closed:

@@ -47,6 +47,10 @@ class UpstreamResponse(Protocol):
         """What has arrived of the body; ``b""`` at its end. Raises ``UpstreamBodyError``."""
         ...
 
+    def whole_body(self) -> bytes | None:
+        """The whole body when all of it has already arrived (then read), else None."""
+        ...
+
     def release(self) -> None: ...
     def close(self) -> None: ...
 
@@ -103,6 +107,9 @@ class _AiohttpResponse:
             raise UpstreamBodyError(
                 f"the backend failed mid-response: {type(exc).__name__}"
             ) from exc
+
+    def whole_body(self) -> None:
+        return None  # aiohttp's reader does not say; its responses stream
 
     def release(self) -> None:
         self._response.release()

@@ -683,6 +683,54 @@ async def test_unread_body_stops_the_reading_and_then_arrives_intact(
     resp.release()
 
 
+async def test_a_whole_body_taken_at_once_leaves_the_connection_reading(
+    start_backend: StartBackend, make_pool: MakePool
+) -> None:
+    # Larger than the high-water mark and sent at once: the read that completes it also
+    # pauses the socket, so taking it with whole_body() must resume reading, or the
+    # next response on the reused connection would never be read.
+    big = os.urandom(300_000)
+
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        peer.send(response(big))
+        await keep_alive(peer)
+
+    backend = await start_backend(script)
+    pool, target = make_pool(idle_timeout_s=IDLE_S), backend.target()
+    resp = await pool.request(target, "GET", "/", {}, b"")
+    deadline = time.monotonic() + SLOW_S
+    while (whole := resp.whole_body()) is None:
+        assert time.monotonic() < deadline, "the whole body never arrived"
+        await asyncio.sleep(0.01)
+    assert whole == big
+    assert await resp.read_chunk() == b""
+    resp.release()
+    assert (await fetch(pool, target))[1] == b"ok"
+    assert backend.accepted == 1
+
+
+async def test_whole_body_is_none_while_the_body_is_still_coming(
+    start_backend: StartBackend, make_pool: MakePool
+) -> None:
+    release = asyncio.Event()
+
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        await release.wait()
+        peer.send(b"cd")
+        await peer.wait_eof()
+
+    backend = await start_backend(script)
+    resp = await make_pool().request(backend.target(), "GET", "/", {}, b"")
+    await asyncio.sleep(QUIET_S)
+    assert resp.whole_body() is None
+    release.set()
+    assert await read_all(resp) == b"abcd"
+    resp.release()
+
+
 # --- pool limits, close, cancellation -----------------------------------------------------
 
 
