@@ -115,8 +115,15 @@ class Registry:
             self._states[backend_id] = replace(
                 state, version=bundle, version_key=key, reported_at=now, report_source=source
             )
-        else:
+        elif (
+            state.report_source != source
+            or state.reported_at is None
+            or now - state.reported_at >= _LAST_SEEN_GRANULARITY_S
+        ):
             # Same version again: remember when, but don't publish a snapshot for it.
+            # Every response stamps, so within a second the time is left as it was:
+            # snapshots publish it at that granularity anyway, and a replace() per
+            # response was a measurable share of the request path.
             self._states[backend_id] = replace(state, reported_at=now, report_source=source)
         previous = self._last_seen.get(key)
         seen_moved = previous is None or now - previous >= _LAST_SEEN_GRANULARITY_S
@@ -134,8 +141,12 @@ class Registry:
         state = self._states.get(backend_id)
         if state is None:
             return None
-        if state.version is not None:
-            bundle = state.version.overlay(stamp)
+        current = state.version
+        if current is not None and all(getattr(current, dim) == v for dim, v in stamp.items()):
+            # The usual case: the stamp says what we already knew; no new bundle to build.
+            return self.report_version(backend_id, current, "stamp")
+        if current is not None:
+            bundle = current.overlay(stamp)
         elif "prompt" in stamp:
             bundle = VersionBundle(prompt=stamp["prompt"]).overlay(stamp)
         else:

@@ -293,6 +293,38 @@ def test_same_version_publishes_when_last_seen_moved_a_second(
     assert snap.by_id["a"].report_source == "push"
 
 
+def test_reported_at_of_an_unchanged_version_moves_at_most_once_a_second(
+    reg: Registry, clock: ManualClock
+) -> None:
+    def published_a() -> BackendState:
+        reg.report_version("b", next(flip), "poll")  # a change elsewhere publishes
+        return state(reg, "a")
+
+    flip = iter([V1, V2, V1, V2])
+    reg.report_version("a", V1, "stamp")
+    clock.advance(0.5)
+    reg.report_version("a", V1, "stamp")  # every response stamps: not worth a new state
+    assert published_a().reported_at == T0
+    reg.report_version("a", V1, "poll")  # another source is news at once
+    assert (published_a().reported_at, state(reg, "a").report_source) == (T0 + 0.5, "poll")
+    clock.advance(1.0)
+    reg.report_version("a", V1, "poll")
+    assert published_a().reported_at == T0 + 1.5
+
+
+def test_a_stamp_that_repeats_the_known_version_keeps_it(
+    reg: Registry, clock: ManualClock
+) -> None:
+    full = VersionBundle(prompt="v1", parser="p1", model="m1")
+    reg.report_version("a", full, "poll")
+    clock.advance(1.0)
+    assert reg.report_stamp("a", {"prompt": "v1"}) == reg.version_key(full)
+    assert (state(reg).version, state(reg).report_source) == (full, "stamp")
+    changed = VersionBundle(prompt="v1", parser="p2", model="m1")
+    assert reg.report_stamp("a", {"prompt": "v1", "parser": "p2"}) == reg.version_key(changed)
+    assert state(reg).version == changed
+
+
 def test_last_seen_is_shared_by_backends_of_one_version(reg: Registry, clock: ManualClock) -> None:
     reg.report_version("a", V1, "poll")
     clock.advance(0.5)
