@@ -1,9 +1,9 @@
 """Composition root: the one place that builds pinproxy's objects and wires them.
 
-Resources open in ``cleanup_ctx`` order (HTTP client, Redis client, pin store, audit,
-traffic counts, discovery, control plane) and close in reverse, so discovery stops
-before the client it polls with is closed and the store flushes its batched work
-before the Redis client goes.
+Resources open in ``cleanup_ctx`` order (loop-lag monitor, HTTP clients, Redis client,
+pin store, audit, traffic counts, discovery, control plane) and close in reverse, so
+discovery stops before the client it polls with is closed and the store flushes its
+batched work before the Redis client goes.
 """
 
 from __future__ import annotations
@@ -25,16 +25,18 @@ from proxy.clock import Clock, SystemClock
 from proxy.config import Settings
 from proxy.control import ControlPlane, ControlStore, LocalControlStore
 from proxy.control_redis import RedisControlStore
-from proxy.dataplane import DataPlane, error_response
+from proxy.dataplane import DataPlane
 from proxy.discovery import Discovery
 from proxy.errors import BadRequest, ProxyError
 from proxy.ewma import LoadTracker
 from proxy.fleet_metrics import FleetCollector
 from proxy.health import Drain, HealthEndpoints
 from proxy.http1 import Http1Pool
+from proxy.loop_lag import LoopLagMonitor
 from proxy.metrics import ProxyMetrics
 from proxy.models import Backend
 from proxy.registry import Registry
+from proxy.relay import error_response
 from proxy.store import PinStore
 from proxy.store.memory import MemoryPinStore
 from proxy.store.redis import RedisPinStore, redis_client_from_config
@@ -64,6 +66,7 @@ DRAIN = web.AppKey("drain", Drain)  # the server begins it on SIGTERM; readiness
 RNG = web.AppKey("rng", random.Random)
 CONTROL = web.AppKey("control", ControlPlane)  # operators' fleet changes, shared by replicas
 TRAFFIC = web.AppKey("traffic", TrafficCounter)  # requests per region and version
+LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)  # how late the event loop runs timers
 
 REDIS = web.AppKey("redis", Redis)  # only when store.kind == "redis"
 
@@ -148,6 +151,15 @@ def build_app(
     )
     app[DRAIN] = Drain()
     app[RNG] = rng
+    app[LOOP_LAG] = LoopLagMonitor(metrics.loop_lag.observe, clock=clock.monotonic)
+
+    async def loop_lag(app: web.Application) -> AsyncIterator[None]:
+        # First in, last out: it watches the loop for everything else's lifetime.
+        app[LOOP_LAG].start()
+        try:
+            yield
+        finally:
+            app[LOOP_LAG].stop()
 
     async def http_client(app: web.Application) -> AsyncIterator[None]:
         pool = Http1Pool(settings.upstream)
@@ -219,6 +231,7 @@ def build_app(
             metrics=app[METRICS],
             clock=clock,
             rng=rng,
+            loop_lag=app[LOOP_LAG],
             observers=(*observers, app[TRAFFIC], AuditObserver(app[AUDIT]))
             if settings.audit.enabled
             else (*observers, app[TRAFFIC]),
@@ -255,7 +268,8 @@ def build_app(
             await control.close()
 
     app.cleanup_ctx.extend(
-        [http_client, redis_client, pin_store, audit, traffic, discovery, control_plane]
+        [loop_lag, http_client, redis_client, pin_store, audit, traffic, discovery,
+         control_plane]
     )
 
     async def proxy_handler(request: web.Request) -> web.StreamResponse:

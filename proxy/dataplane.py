@@ -14,27 +14,27 @@ Theory of operation, in request order:
    stamp; it is a fresh runtime report. If it disagrees with the pin, the response
    is dropped unseen and the request goes to the next backend of the pinned version,
    each at most once (nothing has reached the client yet: invariant 5).
-6. Stream the body back chunk by chunk; record the time to first byte.
+6. Stream the body back chunk by chunk (relay.py); record the time to first byte.
+
+A pin-store call that times out while the event loop itself ran late is this
+process's overload, not the store's failure: it is answered ``proxy_overloaded``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from aiohttp import web
+from typing import TYPE_CHECKING, TypeVar
 
 from proxy.errors import (
     BadRequest,
     NoBackends,
+    Overloaded,
     ProxyError,
-    UpstreamBodyError,
+    StoreUnavailable,
     VersionUnavailable,
 )
 from proxy.events import Outcome
 from proxy.headers import (
-    client_response_headers,
     ensure_traceparent,
     new_request_id,
     upstream_request_headers,
@@ -49,35 +49,32 @@ from proxy.models import (
     RequestFacts,
     Unavailable,
     check_value,
-    prompt_of,
 )
+from proxy.relay import Served, error_response, relay
 from proxy.request_body import RequestBody, read_body
 from proxy.routing import RoutingPolicy, choose
 from proxy.sessions import extract_session_id, needs_body
-from proxy.upstream import Upstream, UpstreamConnectError, UpstreamResponse
-from proxy.usage import TapLimits, new_tap
+from proxy.upstream import Upstream, UpstreamConnectError
+from proxy.usage import TapLimits
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     import random
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Awaitable, Mapping, Sequence
+
+    from aiohttp import web
 
     from proxy.clock import Clock
     from proxy.config import Settings
     from proxy.events import RequestObserver
     from proxy.ewma import LoadTracker
+    from proxy.loop_lag import LoopLagMonitor
     from proxy.metrics import ProxyMetrics
     from proxy.registry import Registry
     from proxy.store import PinStore
 
 logger = logging.getLogger(__name__)
-
-@dataclass(slots=True)
-class _Served:
-    response: UpstreamResponse
-    forward: Forward
-    served_key: str
-    ttfb_s: float
-
 
 class DataPlane:
     """Handles proxied requests; every I/O dependency is passed in."""
@@ -94,6 +91,7 @@ class DataPlane:
         clock: Clock,
         rng: random.Random,
         observers: Sequence[RequestObserver] = (),
+        loop_lag: LoopLagMonitor | None = None,
     ) -> None:
         self._settings = settings
         self._observers = tuple(observers)
@@ -104,6 +102,8 @@ class DataPlane:
         self._metrics = metrics
         self._clock = clock
         self._rng = rng
+        self._loop_lag = loop_lag
+        self._store_timeout_s = settings.store.op_timeout_ms / 1000
         self._policy = RoutingPolicy.from_config(settings.routing, settings.versions)
         self._sources = settings.sessions.sources
         self._read_body_for_session = needs_body(self._sources)
@@ -183,13 +183,15 @@ class DataPlane:
         pin = None
         if pinning and session_id:
             with self._metrics.time_store("get"):
-                pin = await self._store.get(session_id)
+                pin = await self._stored(self._store.get(session_id))
 
         served = await self._route_and_send(
             request, request_id, traceparent, body, session_id if pinning else None, pin,
             arrived, outcome,
         )
-        return await self._relay(request, request_id, served, outcome)
+        return await relay(
+            request, request_id, served, outcome, loads=self._loads, tap_limits=self._tap_limits
+        )
 
     async def _route_and_send(
         self,
@@ -201,7 +203,7 @@ class DataPlane:
         pin: Pin | None,
         arrived: float,
         outcome: Outcome,
-    ) -> _Served:
+    ) -> Served:
         deadline = arrived + self._pin_wait_s
         exclude: set[str] = set()
         connect_retries = 1 if body.replayable else 0
@@ -230,7 +232,7 @@ class DataPlane:
                     self._clock.time(),
                 )
                 with self._metrics.time_store("pin_if_absent"):
-                    pin = await self._store.pin_if_absent(session_id, ours)
+                    pin = await self._stored(self._store.pin_if_absent(session_id, ours))
                 if pin == ours:
                     outcome.new_pin = True
                     self._metrics.pins_created.labels(ours.version_key).inc()
@@ -246,7 +248,7 @@ class DataPlane:
                     self._clock.time(),
                 )
                 with self._metrics.time_store("repin"):
-                    await self._store.repin(session_id, pin)
+                    await self._stored(self._store.repin(session_id, pin))
                 outcome.version_changed = f"{decision.repin_from} -> {decision.version_key}"
                 self._metrics.version_switches.labels(
                     "retired", decision.repin_from, decision.version_key
@@ -301,7 +303,7 @@ class DataPlane:
         forward: Forward,
         *,
         pinned: bool,
-    ) -> _Served:
+    ) -> Served:
         backend = forward.backend
         headers = upstream_request_headers(
             request.headers,
@@ -335,7 +337,28 @@ class DataPlane:
         ttfb = self._clock.monotonic() - started
         self._registry.report_success(backend.id)
         served_key = self._apply_stamp(backend.id, response.headers) or forward.version_key
-        return _Served(response, forward, served_key, ttfb)
+        return Served(response, forward, served_key, ttfb)
+
+    async def _stored(self, operation: Awaitable[T]) -> T:
+        """A pin-store call, its timeout told apart from a store failure.
+
+        A call times out when its answer is not processed in time, and a saturated event
+        loop delays that as surely as a frozen store. When the loop itself ran late by
+        half the timeout or more meanwhile, the time went here: the request is refused
+        as ``Overloaded`` (and not counted as a store error), so neither the client nor
+        the pin-store alert blames a store that is fine.
+        """
+        started = self._clock.monotonic()
+        try:
+            return await operation
+        except StoreUnavailable as exc:
+            lag = self._loop_lag
+            if exc.timed_out and lag is not None and (
+                lag.worst_since(started) >= self._store_timeout_s / 2
+            ):
+                self._metrics.overloaded.inc()
+                raise Overloaded(self._settings.routing.retry_after_s) from exc
+            raise
 
     def _apply_stamp(self, backend_id: str, headers: Mapping[str, str]) -> str | None:
         stamp: dict[Dimension, str] = {}
@@ -350,75 +373,6 @@ class DataPlane:
         if not stamp:
             return None
         return self._registry.report_stamp(backend_id, stamp)
-
-    async def _relay(
-        self,
-        request: web.Request,
-        request_id: str,
-        served: _Served,
-        outcome: Outcome,
-    ) -> web.StreamResponse:
-        upstream = served.response
-        backend = served.forward.backend
-        headers = client_response_headers(upstream.headers)
-        headers["X-Prompt-Version"] = prompt_of(served.served_key)
-        headers["X-Served-By"] = backend.id
-        headers["X-Served-Region"] = backend.region
-        headers["X-Request-ID"] = request_id
-        if outcome.version_changed is not None:
-            headers["X-Prompt-Version-Changed"] = outcome.version_changed
-        outcome.streamed = upstream.content_type == "text/event-stream"
-        # An answer that is already all here (most non-streamed ones) goes out as one
-        # web.Response, whose head and body leave in one write instead of two.
-        whole = upstream.whole_body()
-        out = (
-            web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-            if whole is None
-            else web.Response(
-                status=upstream.status, reason=upstream.reason, headers=headers, body=whole
-            )
-        )
-        tap = None
-        if self._tap_limits is not None:
-            tap = new_tap(
-                upstream.status,
-                upstream.content_type,
-                upstream.headers.get("Content-Encoding"),
-                outcome.request_body,
-                self._tap_limits,
-            )
-        completed = False
-        try:
-            await out.prepare(request)
-            if whole is None:
-                while chunk := await upstream.read_chunk():
-                    await out.write(chunk)
-                    if tap is not None:
-                        tap.feed(chunk)  # after the write: reading never delays a byte
-            await out.write_eof()
-            if whole and tap is not None:
-                tap.feed(whole)
-            completed = True
-            outcome.status = upstream.status
-            if tap is not None:
-                found = tap.finish()
-                outcome.usage = found.usage
-                outcome.structured_output_valid = found.structured_output_valid
-        except UpstreamBodyError as exc:
-            # The backend broke mid-body. Ending the response cleanly would pass a
-            # truncated answer off as complete; dropping the connection tells the truth.
-            logger.warning("backend %s failed mid-response: %r", backend.id, exc)
-            if request.transport is not None:
-                request.transport.close()
-        except ConnectionResetError:
-            logger.debug("client went away mid-response (request %s)", request_id)
-        finally:
-            if completed:
-                upstream.release()
-            else:
-                upstream.close()
-            self._loads.finish(backend.id, served.ttfb_s)
-        return out
 
     def _client_proto(self, request: web.Request) -> str:
         if self._settings.listen.trust_forwarded_headers:
@@ -435,13 +389,3 @@ class DataPlane:
 
     def __repr__(self) -> str:
         return f"DataPlane(pinning={self._settings.routing.pinning}, registry={self._registry!r})"
-
-
-def error_response(exc: ProxyError, request_id: str | None = None) -> web.Response:
-    """The OpenAI-shaped JSON answer for any ProxyError."""
-    headers = dict(exc.headers)
-    if request_id is not None:
-        headers["X-Request-ID"] = request_id
-    return web.Response(
-        status=exc.status, body=exc.body(), content_type="application/json", headers=headers
-    )

@@ -100,10 +100,28 @@ class NoBackends(ProxyError):
 
 
 class StoreUnavailable(ProxyError):
-    """The pin store could not be reached; the proxy refuses rather than guess a pin."""
+    """The pin store could not be reached; the proxy refuses rather than guess a pin.
+
+    ``timed_out``: no answer within the operation timeout (rather than a refusal or a
+    broken connection), which a saturated event loop can also cause (see Overloaded).
+    """
 
     status = 503
     error_type = "pin_store_unavailable"
+    timed_out = False
+
+
+class Overloaded(ProxyError):
+    """This proxy is too busy to serve the request in time; another replica may not be."""
+
+    status = 503
+    error_type = "proxy_overloaded"
+
+    def __init__(self, retry_after_s: int, message: str | None = None) -> None:
+        super().__init__(
+            message or "pinproxy is overloaded and could not serve the request in time; retry",
+            headers={"Retry-After": str(retry_after_s)},
+        )
 
 
 class UpstreamError(ProxyError):

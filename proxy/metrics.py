@@ -112,6 +112,12 @@ class ProxyMetrics:
             buckets=GC_BUCKETS,
             registry=registry,
         )
+        self.overloaded = Counter(
+            "pinproxy_overloaded_responses",
+            "Requests refused with 503 proxy_overloaded: a pin-store call timed out while "
+            "the event loop itself ran late (this process was saturated, not the store).",
+            registry=registry,
+        )
         self.loop_lag = Histogram(
             "pinproxy_event_loop_lag_seconds",
             "How late a 50 ms timer ran: every request in flight waited as long for the loop.",

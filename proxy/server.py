@@ -30,7 +30,6 @@ from proxy.admin.routes import installers
 from proxy.app import DRAIN, METRICS, build_app
 from proxy.gc_tuning import GcPauses, tune_gc
 from proxy.logs import configure_logging
-from proxy.loop_lag import LoopLagMonitor
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -127,8 +126,6 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     gc_pauses.install()
     # Everything start-up allocated now lives as long as the process: freeze it.
     tune_gc(settings.runtime)
-    loop_lag = LoopLagMonitor(app[METRICS].loop_lag.observe)
-    loop_lag.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -160,7 +157,6 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         if admin_runner is not None:
             await admin_runner.cleanup()
         await runner.cleanup()
-        loop_lag.stop()
         gc_pauses.uninstall()
         logger.info("stopped")
 

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy.app import SETTINGS
-from proxy.dataplane import error_response
 from proxy.errors import BadRequest, ProxyError, Unauthorized
+from proxy.relay import error_response
 
 logger = logging.getLogger(__name__)
 

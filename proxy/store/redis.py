@@ -48,6 +48,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import StoreUnavailable
 from proxy.models import Pin
@@ -387,10 +388,12 @@ class RedisPinStore:
                 # reconnect handling into an error; the caller asked to stop, so stop.
                 raise asyncio.CancelledError from exc
             detail = self._scrub(f"{type(exc).__name__}: {exc}")
-            raise StoreUnavailable(
+            error = StoreUnavailable(
                 f"pin store {what} failed at {self._config.masked_url()}: {detail}",
                 code="pin_store_unavailable",
-            ) from exc
+            )
+            error.timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
+            raise error from exc
 
     def _decode(self, session_id: str, raw: object) -> Pin:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.loop_lag import LoopLagMonitor
@@ -55,3 +56,29 @@ async def test_lag_reaches_the_metrics_histogram() -> None:
     count = next(line for line in text.splitlines()
                  if line.startswith("pinproxy_event_loop_lag_seconds_count"))
     assert float(count.split()[-1]) == monitor.ticks > 0
+
+
+async def test_worst_since_sees_only_ticks_due_after_the_given_time() -> None:
+    now = [100.0]  # a fake clock: lateness is exactly what the test sets
+    monitor = LoopLagMonitor(lambda lag: None, interval_s=0.01, clock=lambda: now[0])
+    monitor.start()  # first tick due at 100.01
+    now[0] = 100.51
+    await asyncio.sleep(0.05)  # it runs 0.5 s late; the next is due at 100.52
+    now[0] = 101.0
+    await asyncio.sleep(0.05)  # that one runs 0.48 s late
+    monitor.stop()
+    assert monitor.worst_since(100.0) == pytest.approx(0.5)
+    assert monitor.worst_since(100.2) == pytest.approx(0.48)
+    assert monitor.worst_since(102.0) == 0.0  # stopped: nothing overdue counts
+
+
+async def test_a_tick_that_is_overdue_right_now_counts() -> None:
+    monitor = LoopLagMonitor(lambda lag: None, interval_s=0.01)
+    monitor.start()
+    try:
+        await asyncio.sleep(0.03)
+        started = time.monotonic()
+        time.sleep(0.2)  # noqa: ASYNC251 - the loop is held: the next tick cannot run yet
+        assert monitor.worst_since(started) >= 0.15
+    finally:
+        monitor.stop()
