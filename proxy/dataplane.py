@@ -342,20 +342,22 @@ class DataPlane:
     async def _stored(self, operation: Awaitable[T]) -> T:
         """A pin-store call, its timeout told apart from a store failure.
 
-        A call times out when its answer is not processed in time, and a saturated event
-        loop delays that as surely as a frozen store. When the loop itself ran late by
-        half the timeout or more meanwhile, the time went here: the request is refused
-        as ``Overloaded`` (and not counted as a store error), so neither the client nor
-        the pin-store alert blames a store that is fine.
+        A call times out when its answer is not processed in time, and a saturated
+        proxy delays that as surely as a frozen store: requests queue for the store's
+        pooled connections and for the event loop. When other calls succeeded while
+        this one waited, or the loop itself ran late by half the timeout or more, the
+        time went here: the request is refused as ``Overloaded`` (and not counted as a
+        store error), so neither the client nor the pin-store alert blames a store
+        that is fine.
         """
         started = self._clock.monotonic()
         try:
             return await operation
         except StoreUnavailable as exc:
             lag = self._loop_lag
-            if exc.timed_out and lag is not None and (
-                lag.worst_since(started) >= self._store_timeout_s / 2
-            ):
+            if exc.timed_out and (exc.store_answering or (
+                lag is not None and lag.worst_since(started) >= self._store_timeout_s / 2
+            )):
                 self._metrics.overloaded.inc()
                 raise Overloaded(self._settings.routing.retry_after_s) from exc
             raise

@@ -103,12 +103,14 @@ class StoreUnavailable(ProxyError):
     """The pin store could not be reached; the proxy refuses rather than guess a pin.
 
     ``timed_out``: no answer within the operation timeout (rather than a refusal or a
-    broken connection), which a saturated event loop can also cause (see Overloaded).
+    broken connection), which a saturated proxy can also cause (see Overloaded);
+    ``store_answering``: other calls succeeded meanwhile, so the store itself works.
     """
 
     status = 503
     error_type = "pin_store_unavailable"
     timed_out = False
+    store_answering = False
 
 
 class Overloaded(ProxyError):

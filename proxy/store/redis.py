@@ -118,6 +118,7 @@ class RedisPinStore:
         self._subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._answered_at = float("-inf")  # when a call last succeeded (monotonic)
         self._secrets = _secrets_of(config)
         self._subscriber = Subscriber(
             client,
@@ -378,9 +379,10 @@ class RedisPinStore:
             raise StoreUnavailable("the pin store is closed")
 
     async def _call(self, what: str, operation: Awaitable[T]) -> T:
+        started = self._clock.monotonic()
         try:
             async with asyncio.timeout(self._op_timeout_s):
-                return await operation
+                result = await operation
         except (RedisError, OSError) as exc:  # OSError covers TimeoutError from asyncio
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -393,7 +395,12 @@ class RedisPinStore:
                 code="pin_store_unavailable",
             )
             error.timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
+            # Other calls answered while this one waited (for a pooled connection, or
+            # for the event loop): Redis works, this process is what is slow.
+            error.store_answering = self._answered_at > started
             raise error from exc
+        self._answered_at = self._clock.monotonic()
+        return result
 
     def _decode(self, session_id: str, raw: object) -> Pin:
         try:
