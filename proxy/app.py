@@ -31,7 +31,7 @@ from proxy.errors import BadRequest, ProxyError
 from proxy.ewma import LoadTracker
 from proxy.fleet_metrics import FleetCollector
 from proxy.health import Drain, HealthEndpoints
-from proxy.http1 import Http1Pool
+from proxy.http1_pool import Http1Pool
 from proxy.loop_lag import LoopLagMonitor
 from proxy.metrics import ProxyMetrics
 from proxy.models import Backend

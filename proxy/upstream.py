@@ -19,12 +19,13 @@ import aiohttp
 from yarl import URL
 
 from proxy.errors import UpstreamBodyError, UpstreamConnectError, UpstreamError, UpstreamTimeout
-from proxy.http1 import Http1Pool, Target
+from proxy.http1 import Target
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict, CIMultiDictProxy
 
     from proxy.config import UpstreamConfig
+    from proxy.http1_pool import Http1Pool
 
 Body = bytes | AsyncIterable[bytes] | None
 

@@ -22,7 +22,8 @@ import pytest_asyncio
 
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamBodyError, UpstreamConnectError, UpstreamError, UpstreamTimeout
-from proxy.http1 import Http1Pool, Http1Response, Target
+from proxy.http1 import Http1Response, Target
+from proxy.http1_pool import Http1Pool
 
 # A broken promise must fail the test, not hang it.
 pytestmark = pytest.mark.timeout(15)
