@@ -111,7 +111,7 @@ class DataPlane:
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         arrived_at = self._clock.time()
         arrived = self._clock.monotonic()
         incoming = request.headers.get("X-Request-ID")
@@ -133,7 +133,7 @@ class DataPlane:
 
     def _emit(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         request_id: str,
         traceparent: str,
         arrived_at: float,
@@ -158,7 +158,7 @@ class DataPlane:
 
     async def _proxy(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         request_id: str,
         traceparent: str,
         arrived: float,
@@ -195,7 +195,7 @@ class DataPlane:
 
     async def _route_and_send(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         request_id: str,
         traceparent: str,
         body: RequestBody,
@@ -296,7 +296,7 @@ class DataPlane:
 
     async def _send(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         request_id: str,
         traceparent: str,
         body: RequestBody,
@@ -376,7 +376,7 @@ class DataPlane:
             return None
         return self._registry.report_stamp(backend_id, stamp)
 
-    def _client_proto(self, request: web.Request) -> str:
+    def _client_proto(self, request: web.BaseRequest) -> str:
         if self._settings.listen.trust_forwarded_headers:
             forwarded = request.headers.get("X-Forwarded-Proto")
             if forwarded in ("http", "https"):

@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.app import build_app
+from proxy.app import DataPlaneRunner, build_app
 from proxy.config import Settings, settings_from_mapping
 from proxy.logs import configure_logging
 from proxy.sim import PopState, SimPop
@@ -80,7 +80,7 @@ async def _demo(port: int, check: bool) -> int:
     settings = demo_settings(0 if check else port, {p.state.backend_id: p.url for p in pops})
     # The human-readable request lines show which version served each request.
     configure_logging(settings.log)
-    runner = web.AppRunner(build_app(settings), handler_cancellation=True, access_log=None)
+    runner = DataPlaneRunner(build_app(settings), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
     await site.start()

@@ -59,11 +59,11 @@ class HealthEndpoints:
         self._store = store
         self._drain = drain
 
-    async def healthz(self, request: web.Request) -> web.StreamResponse:
+    async def healthz(self, request: web.BaseRequest) -> web.StreamResponse:
         _only_get(request)
         return _json(200, {"status": "alive"})
 
-    async def readyz(self, request: web.Request) -> web.StreamResponse:
+    async def readyz(self, request: web.BaseRequest) -> web.StreamResponse:
         _only_get(request)
         snapshot = self._registry.snapshot
         known = sum(1 for s in snapshot.backends if s.version_key is not None)
@@ -93,7 +93,7 @@ class HealthEndpoints:
         return f"HealthEndpoints(drain={self._drain!r})"
 
 
-def _only_get(request: web.Request) -> None:
+def _only_get(request: web.BaseRequest) -> None:
     if request.method not in ("GET", "HEAD"):
         raise MethodNotAllowed(
             f"{request.method} is not allowed here (GET only)", headers={"Allow": "GET, HEAD"}

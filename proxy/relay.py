@@ -35,7 +35,7 @@ class Served:
 
 
 async def relay(
-    request: web.Request,
+    request: web.BaseRequest,
     request_id: str,
     served: Served,
     outcome: Outcome,

@@ -32,7 +32,7 @@ class RequestBody:
         return self.data is not None or self.stream is None
 
 
-async def read_body(request: web.Request, limit: int) -> RequestBody:
+async def read_body(request: web.BaseRequest, limit: int) -> RequestBody:
     """Hold bodies of up to ``limit`` bytes; larger ones stream on, unreplayable."""
     length = request.content_length
     if not request.body_exists:

@@ -27,7 +27,7 @@ from pydantic import SecretStr
 
 from proxy.admin.app import build_admin_app
 from proxy.admin.routes import installers
-from proxy.app import DRAIN, METRICS, build_app
+from proxy.app import DRAIN, METRICS, DataPlaneRunner, build_app
 from proxy.gc_tuning import GcPauses, tune_gc
 from proxy.logs import configure_logging
 
@@ -107,7 +107,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     app = build_app(settings, metrics_multiprocess_dir=os.environ.get(_MULTIPROC_ENV))
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream request instead of generating tokens nobody will read.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = DataPlaneRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(
         runner,
