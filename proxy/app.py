@@ -39,7 +39,8 @@ from proxy.registry import Registry
 from proxy.relay import error_response
 from proxy.store import PinStore
 from proxy.store.memory import MemoryPinStore
-from proxy.store.redis import RedisPinStore, redis_client_from_config
+from proxy.store.redis import RedisPinStore
+from proxy.store.redis_wire import redis_client_from_config
 from proxy.telemetry import Telemetry
 from proxy.traffic import TrafficCounter
 from proxy.upstream import Upstream, make_client_session

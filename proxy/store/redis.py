@@ -28,10 +28,9 @@ the same pipeline ZADDs the session (and trims entries older than the pin TTL); 
 count is a ZCOUNT over the TTL window. It lags by up to ``touch_interval_s`` for
 sessions used on other replicas, and a repin or unpin moves or removes the entry.
 
-TTLs go in milliseconds (PX / PEXPIRE) so fractional ``pin_ttl_s`` works. Keys are bytes:
-``surrogatepass`` UTF-8 is injective and defined for every Python string, and Redis keys
-are binary-safe, so no session id can collide with another or break its key. Each call
-is bounded by ``op_timeout_ms`` whatever the injected client's settings.
+TTLs go in milliseconds (PX / PEXPIRE) so fractional ``pin_ttl_s`` works. Keys are bytes
+(see redis_wire.py: no session id can collide with another or break its key). Each
+call is bounded by ``op_timeout_ms`` whatever the injected client's settings.
 """
 
 from __future__ import annotations
@@ -41,59 +40,30 @@ import contextlib
 import logging
 import random
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
 
-import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import StoreUnavailable
-from proxy.models import Pin
 from proxy.pubsub import Subscriber
 from proxy.store.cache import PinCache
+from proxy.store.redis_wire import decode_pin, encode_pin, member, scrub, secrets_of
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterable, Sequence
 
+    from redis.asyncio import Redis
+
     from proxy.clock import Clock
     from proxy.config import StoreConfig
+    from proxy.models import Pin
 
 T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
-_TEXT_FIELDS = ("version_key", "backend_id", "region")  # Pin's fields before pinned_at
 _TOUCH_CHUNK = 500
-_HEALTH_CHECK_INTERVAL_S = 15
-_MAX_CONNECTIONS = 64  # per process; one is the invalidation subscription
 _POLL_S = 0.5
-
-
-def redis_client_from_config(config: StoreConfig) -> Redis:
-    """A client for ``config.url``: op-timeout sockets, no hidden retries, a bounded pool."""
-    timeout_s = config.op_timeout_ms / 1000
-    extra: dict[str, Any] = {}
-    if config.password is not None:
-        extra["password"] = config.password.get_secret_value()
-    # redis-py retries 3 times with backoff by default, which would multiply the op
-    # timeout; a failed pin lookup should surface at once as a 503 instead. The pool is
-    # bounded so that a burst (cold start, every connection dropped by a Redis restart)
-    # queues on a few connections instead of opening one per request.
-    pool = BlockingConnectionPool.from_url(
-        config.url,
-        max_connections=_MAX_CONNECTIONS,
-        timeout=timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=_HEALTH_CHECK_INTERVAL_S,
-        retry=Retry(NoBackoff(), 0),
-        decode_responses=False,
-        **extra,
-    )
-    return Redis.from_pool(pool)
 
 
 class RedisPinStore:
@@ -119,7 +89,7 @@ class RedisPinStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._answered_at = float("-inf")  # when a call last succeeded (monotonic)
-        self._secrets = _secrets_of(config)
+        self._secrets = secrets_of(config)
         self._subscriber = Subscriber(
             client,
             self._channel,
@@ -178,7 +148,7 @@ class RedisPinStore:
         generation = self._cache.generation
         key = self.key(session_id)
         raw = await self._call(
-            "pin", self._client.set(key, _encode(pin), px=self._ttl_ms, nx=True, get=True)
+            "pin", self._client.set(key, encode_pin(pin), px=self._ttl_ms, nx=True, get=True)
         )
         winner = pin if raw is None else self._decode(session_id, raw)
         # A pin that was read rather than written gets its TTL slid like any hit; either
@@ -192,9 +162,9 @@ class RedisPinStore:
         key = self.key(session_id)
         try:
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(key, _encode(pin), px=self._ttl_ms, get=True)
+                pipe.set(key, encode_pin(pin), px=self._ttl_ms, get=True)
                 pipe.zadd(
-                    self.pinned_key(pin.version_key), {_member(session_id): self._clock.time()}
+                    self.pinned_key(pin.version_key), {member(session_id): self._clock.time()}
                 )
                 pipe.publish(self._channel, session_id.encode("utf-8", "surrogatepass"))
                 results = await self._call("repin", pipe.execute())
@@ -238,7 +208,7 @@ class RedisPinStore:
         # failure only leaves a count high until the entry ages out of the TTL window.
         try:
             await self._call(
-                "uncount", self._client.zrem(self.pinned_key(pin.version_key), _member(session_id))
+                "uncount", self._client.zrem(self.pinned_key(pin.version_key), member(session_id))
             )
         except StoreUnavailable as exc:
             _log.warning("pinned-session count not updated: %s", exc.message)
@@ -312,7 +282,7 @@ class RedisPinStore:
         async with self._client.pipeline(transaction=False) as pipe:
             for session_id, version_key in touched:
                 pipe.pexpire(self.key(session_id), self._ttl_ms)
-                by_version.setdefault(version_key, {})[_member(session_id)] = now
+                by_version.setdefault(version_key, {})[member(session_id)] = now
             for version_key, members in by_version.items():
                 pinned = self.pinned_key(version_key)
                 pipe.zadd(pinned, members)
@@ -325,7 +295,7 @@ class RedisPinStore:
     async def _zrem_all(self, gone: Iterable[tuple[str, str]]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
             for session_id, version_key in gone:
-                pipe.zrem(self.pinned_key(version_key), _member(session_id))
+                pipe.zrem(self.pinned_key(version_key), member(session_id))
             return await pipe.execute()
 
     async def _touch_forever(self) -> None:
@@ -353,7 +323,8 @@ class RedisPinStore:
         self._subscribed.clear()
         self._cache.clear()
         _log.warning(
-            "pin invalidation subscription lost, local cache dropped: %s", self._scrub(reason)
+            "pin invalidation subscription lost, local cache dropped: %s",
+            scrub(reason, self._secrets),
         )
 
     def _invalidate(self, data: object) -> None:
@@ -389,7 +360,7 @@ class RedisPinStore:
                 # redis-py can turn a cancellation that lands in its own timeout or
                 # reconnect handling into an error; the caller asked to stop, so stop.
                 raise asyncio.CancelledError from exc
-            detail = self._scrub(f"{type(exc).__name__}: {exc}")
+            detail = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
             error = StoreUnavailable(
                 f"pin store {what} failed at {self._config.masked_url()}: {detail}",
                 code="pin_store_unavailable",
@@ -404,16 +375,8 @@ class RedisPinStore:
 
     def _decode(self, session_id: str, raw: object) -> Pin:
         try:
-            data = orjson.loads(raw) if isinstance(raw, bytes | str) else None
-            if not isinstance(data, dict) or not isinstance(data.get("pinned_at"), float | int):
-                raise ValueError("not a pin document")
-            version_key, backend_id, region = (data.get(name) for name in _TEXT_FIELDS)
-            if not (isinstance(version_key, str) and isinstance(backend_id, str)):
-                raise ValueError("not a pin document")
-            if not isinstance(region, str):
-                raise ValueError("not a pin document")
-            return Pin(version_key, backend_id, region, float(data["pinned_at"]))
-        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+            return decode_pin(raw)
+        except ValueError as exc:
             # Refuse rather than guess: a garbled pin is not the same as no pin.
             raise StoreUnavailable(
                 f"the stored pin for session {session_id[:64]!r} is unreadable"
@@ -429,34 +392,9 @@ class RedisPinStore:
             _log.warning("%s (replaced)", exc.message)
             return None
 
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
-
     def __repr__(self) -> str:
         return (
             f"RedisPinStore(prefix={self._prefix!r}, url={self._config.masked_url()!r}, "
             f"cached={len(self._cache)}, pending_touches={len(self._touches)}, "
             f"subscribed={self._subscribed.is_set()}, closed={self._closed})"
         )
-
-
-def _member(session_id: str) -> bytes:
-    """A session's member in the pinned-count sorted sets (the id, as in its pin key)."""
-    return session_id.encode("utf-8", "surrogatepass")
-
-
-def _encode(pin: Pin) -> bytes:
-    document = {name: getattr(pin, name) for name in _TEXT_FIELDS}
-    return orjson.dumps({**document, "pinned_at": pin.pinned_at})
-
-
-def _secrets_of(config: StoreConfig) -> tuple[str, ...]:
-    secrets = []
-    if config.password is not None and config.password.get_secret_value():
-        secrets.append(config.password.get_secret_value())
-    url_password = urlsplit(config.url).password
-    if url_password:
-        secrets.append(url_password)
-    return tuple(secrets)

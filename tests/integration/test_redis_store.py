@@ -17,7 +17,8 @@ from proxy.clock import ManualClock, SystemClock
 from proxy.config import StoreConfig
 from proxy.errors import StoreUnavailable
 from proxy.models import Pin
-from proxy.store.redis import RedisPinStore, redis_client_from_config
+from proxy.store.redis import RedisPinStore
+from proxy.store.redis_wire import redis_client_from_config
 from tests.fixtures.redis_server import RedisServer
 
 if TYPE_CHECKING:

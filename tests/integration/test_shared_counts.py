@@ -15,7 +15,8 @@ from proxy.clock import SystemClock
 from proxy.config import StoreConfig
 from proxy.events import RequestEvent
 from proxy.models import Pin
-from proxy.store.redis import RedisPinStore, redis_client_from_config
+from proxy.store.redis import RedisPinStore
+from proxy.store.redis_wire import redis_client_from_config
 from proxy.traffic import TrafficCounter, TrafficUnavailable
 from tests.fixtures.redis_server import RedisServer
 
