@@ -29,7 +29,14 @@ _DNS_TTL_S: Final = 10.0
 class Http1Pool:
     """Keep-alive connections per backend origin, bounded like aiohttp's connector."""
 
-    def __init__(self, config: UpstreamConfig, *, keepalive_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        keepalive_s: float = 15.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """``tls``: how https backends are verified; by default the system's CAs."""
         self._connect_timeout_s = config.connect_timeout_s
         self._idle_timeout_s = config.read_idle_timeout_s
         self._limit = config.pool_size
@@ -41,7 +48,7 @@ class Http1Pool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._connections: set[Connection] = set()
         self._addresses: dict[str, tuple[float, tuple[str, ...]]] = {}
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = tls
         self._closed = False
 
     async def request(

@@ -1,0 +1,115 @@
+"""The lean client to https backends: certificates verified, connections kept alive.
+
+A throwaway CA (trustme) signs the backend's certificate; the pool is told to trust it
+the way an operator's trust store would. Real TLS over loopback sockets.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import pytest
+import pytest_asyncio
+import trustme
+from aiohttp import web
+
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamConnectError
+from proxy.http1 import Target
+from proxy.http1_pool import Http1Pool
+
+StartTls = Callable[[trustme.LeafCert], Awaitable[int]]
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest_asyncio.fixture
+async def start_tls() -> AsyncIterator[StartTls]:
+    """An https backend on 127.0.0.1 that answers with what it saw and from which port."""
+    runners: list[web.AppRunner] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        body = await request.read()
+        return web.json_response({"host": request.host, "peer_port": peer[1] if peer else None,
+                                  "body": body.decode()})
+
+    async def start(cert: trustme.LeafCert) -> int:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(context)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context).start()
+        runners.append(runner)
+        return int(runner.addresses[0][1])
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def trusting(ca: trustme.CA | None) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if ca is not None:
+        ca.configure_trust(context)
+    return context
+
+
+async def fetch_json(pool: Http1Pool, target: Target) -> dict[str, object]:
+    resp = await pool.request(target, "POST", "/v1/chat/completions", {}, b"hello")
+    parts = []
+    while chunk := await resp.read_chunk():
+        parts.append(chunk)
+    resp.release()
+    assert resp.status == 200
+    answer: dict[str, object] = orjson.loads(b"".join(parts))
+    return answer
+
+
+async def test_a_verified_https_backend_answers_and_keeps_its_connection(
+    ca: trustme.CA, start_tls: StartTls
+) -> None:
+    port = await start_tls(ca.issue_cert("localhost", "127.0.0.1"))
+    pool = Http1Pool(UpstreamConfig(connect_timeout_s=5), tls=trusting(ca))
+    try:
+        # By name: the certificate is checked against "localhost", whichever of its
+        # addresses answers (the backend listens on 127.0.0.1 only).
+        target = Target(f"https://localhost:{port}")
+        first = await fetch_json(pool, target)
+        second = await fetch_json(pool, target)
+    finally:
+        await pool.close()
+    assert first["host"] == f"localhost:{port}"
+    assert first["body"] == "hello"
+    assert first["peer_port"] == second["peer_port"]  # one TLS connection, reused
+
+
+async def test_an_untrusted_certificate_is_refused(
+    ca: trustme.CA, start_tls: StartTls
+) -> None:
+    port = await start_tls(ca.issue_cert("localhost", "127.0.0.1"))
+    pool = Http1Pool(UpstreamConfig(connect_timeout_s=5), tls=trusting(None))
+    try:
+        with pytest.raises(UpstreamConnectError, match="connection to the backend failed"):
+            await pool.request(Target(f"https://127.0.0.1:{port}"), "GET", "/", {}, b"")
+    finally:
+        await pool.close()
+
+
+async def test_a_certificate_for_another_name_is_refused(
+    ca: trustme.CA, start_tls: StartTls
+) -> None:
+    port = await start_tls(ca.issue_cert("pop.other.example"))
+    pool = Http1Pool(UpstreamConfig(connect_timeout_s=5), tls=trusting(ca))
+    try:
+        with pytest.raises(UpstreamConnectError):
+            await pool.request(Target(f"https://127.0.0.1:{port}"), "GET", "/", {}, b"")
+    finally:
+        await pool.close()
