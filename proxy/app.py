@@ -42,6 +42,7 @@ from proxy.store.memory import MemoryPinStore
 from proxy.store.redis import RedisPinStore
 from proxy.store.redis_wire import redis_client_from_config
 from proxy.telemetry import Telemetry
+from proxy.tls import client_tls_context
 from proxy.traffic import TrafficCounter
 from proxy.upstream import Upstream, make_client_session
 
@@ -165,10 +166,11 @@ def build_app(
             app[LOOP_LAG].stop()
 
     async def http_client(app: web.Application) -> AsyncIterator[None]:
-        pool = Http1Pool(settings.upstream)
+        tls = client_tls_context(settings.upstream)  # one trust policy for both clients
+        pool = Http1Pool(settings.upstream, tls=tls)
         app[HTTP1] = pool
         try:
-            async with make_client_session(settings.upstream) as session:
+            async with make_client_session(settings.upstream, tls) as session:
                 app[HTTP] = session
                 yield
         finally:

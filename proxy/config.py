@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
     SecretStr,
     ValidationError,
     field_validator,
@@ -29,6 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from proxy.errors import ConfigError
 from proxy.models import Dimension, VersionSource
+from proxy.tls import client_tls_context
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -198,6 +200,22 @@ class UpstreamConfig(_Section):
     # (mismatch guard, refused connection) and a session id read from them. Larger
     # bodies stream straight through and cannot be retried. 0 streams everything.
     max_buffered_body_bytes: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
+    # TLS to https backends: the system's CAs, or the PEM bundle in ca_file (a private
+    # CA); client_cert_file (with client_key_file, unless the key is in it) for mTLS.
+    ca_file: FilePath | None = None
+    client_cert_file: FilePath | None = None
+    client_key_file: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _usable_tls_files(self) -> Self:
+        if self.client_key_file is not None and self.client_cert_file is None:
+            raise ValueError("client_key_file needs client_cert_file")
+        if self.ca_file is not None or self.client_cert_file is not None:
+            try:
+                client_tls_context(self)  # a bad PEM fails here, not at the first request
+            except ConfigError as exc:
+                raise ValueError(exc.args[0]) from exc
+        return self
 
 
 class BackendConfig(_Section):

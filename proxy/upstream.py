@@ -22,6 +22,8 @@ from proxy.errors import UpstreamBodyError, UpstreamConnectError, UpstreamError,
 from proxy.http1 import Target
 
 if TYPE_CHECKING:
+    import ssl
+
     from multidict import CIMultiDict, CIMultiDictProxy
 
     from proxy.config import UpstreamConfig
@@ -56,11 +58,16 @@ class UpstreamResponse(Protocol):
     def close(self) -> None: ...
 
 
-def make_client_session(config: UpstreamConfig) -> aiohttp.ClientSession:
+def make_client_session(
+    config: UpstreamConfig, tls: ssl.SSLContext | None = None
+) -> aiohttp.ClientSession:
+    """aiohttp's client for streamed bodies, HEAD and /version polls; ``tls`` verifies
+    https backends (aiohttp's default, the system's CAs, when None)."""
     connector = aiohttp.TCPConnector(
         limit=config.pool_size,
         limit_per_host=config.pool_size_per_host,
         ttl_dns_cache=10,
+        ssl=tls if tls is not None else True,
     )
     return aiohttp.ClientSession(
         connector=connector,

@@ -1,14 +1,17 @@
-"""The lean client to https backends: certificates verified, connections kept alive.
+"""https backends: certificates verified, connections kept alive, a private CA by config.
 
 A throwaway CA (trustme) signs the backend's certificate; the pool is told to trust it
-the way an operator's trust store would. Real TLS over loopback sockets.
+the way an operator's trust store would, or pinproxy is given it as upstream.ca_file.
+Real TLS over loopback sockets.
 """
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
@@ -19,8 +22,9 @@ from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamConnectError
 from proxy.http1 import Target
 from proxy.http1_pool import Http1Pool
+from tests.fixtures.proxy import StartProxy
 
-StartTls = Callable[[trustme.LeafCert], Awaitable[int]]
+StartTls = Callable[..., Awaitable[int]]
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +38,19 @@ async def start_tls() -> AsyncIterator[StartTls]:
     runners: list[web.AppRunner] = []
 
     async def answer(request: web.Request) -> web.Response:
+        if request.path == "/version":  # what pinproxy's discovery polls
+            return web.json_response({"prompt": "v1"})
         peer = request.transport.get_extra_info("peername") if request.transport else None
         body = await request.read()
         return web.json_response({"host": request.host, "peer_port": peer[1] if peer else None,
                                   "body": body.decode()})
 
-    async def start(cert: trustme.LeafCert) -> int:
+    async def start(cert: trustme.LeafCert, client_ca: trustme.CA | None = None) -> int:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(context)
+        if client_ca is not None:  # mutual TLS: only clients with a certificate it signed
+            client_ca.configure_trust(context)
+            context.verify_mode = ssl.CERT_REQUIRED
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", answer)
         runner = web.AppRunner(app, access_log=None)
@@ -113,3 +122,59 @@ async def test_a_certificate_for_another_name_is_refused(
             await pool.request(Target(f"https://127.0.0.1:{port}"), "GET", "/", {}, b"")
     finally:
         await pool.close()
+
+
+async def test_a_backend_signed_by_a_private_ca_is_served_with_upstream_ca_file(
+    ca: trustme.CA, start_tls: StartTls, start_proxy: StartProxy, tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    port = await start_tls(ca.issue_cert("localhost", "127.0.0.1"))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    backend = {"id": "tls-1", "region": "r1", "url": f"https://localhost:{port}"}
+    proxy = await start_proxy([], backends=[backend], upstream={"ca_file": str(ca_file)},
+                              discovery={"interval_s": 0.1})
+    async with http.post(f"{proxy.url}/v1/chat/completions", data=b"over tls",
+                         headers={"X-Session-ID": "s1"}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["X-Served-By"] == "tls-1"
+        assert resp.headers["X-Prompt-Version"] == "v1"  # the /version poll worked over TLS
+        assert (await resp.json())["body"] == "over tls"
+
+
+async def test_without_the_private_ca_the_backend_is_never_trusted(
+    ca: trustme.CA, start_tls: StartTls, start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    port = await start_tls(ca.issue_cert("localhost", "127.0.0.1"))
+    backend = {"id": "tls-1", "region": "r1", "url": f"https://localhost:{port}"}
+    proxy = await start_proxy([], backends=[backend], discovery={"interval_s": 0.1},
+                              routing={"pin_wait_ms": 300})
+    async with http.post(f"{proxy.url}/v1/chat/completions", data=b"x") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["error"]["type"] == "no_backends"
+
+
+async def test_a_backend_asking_for_a_client_certificate_gets_upstream_client_cert_file(
+    ca: trustme.CA, start_tls: StartTls, start_proxy: StartProxy, tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    port = await start_tls(ca.issue_cert("localhost"), client_ca=ca)
+    ca_file, client = tmp_path / "ca.pem", tmp_path / "client.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    ca.issue_cert("pinproxy.edge.example").private_key_and_cert_chain_pem.write_to_path(
+        str(client))
+    backend = {"id": "mtls-1", "region": "r1", "url": f"https://localhost:{port}"}
+    with_cert = await start_proxy(
+        [], backends=[backend], discovery={"interval_s": 0.1},
+        upstream={"ca_file": str(ca_file), "client_cert_file": str(client)},
+    )
+    without = await start_proxy(
+        [], backends=[backend], discovery={"interval_s": 0.1}, routing={"pin_wait_ms": 300},
+        upstream={"ca_file": str(ca_file)},
+    )
+    async with http.post(f"{with_cert.url}/v1/chat/completions", data=b"mutual") as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["body"] == "mutual"
+    async with http.post(f"{without.url}/v1/chat/completions", data=b"x") as resp:
+        assert resp.status == 503  # the backend refused the handshake: never healthy

@@ -378,3 +378,25 @@ def test_non_utf8_file_is_config_error(tmp_path: Path) -> None:
 def test_directory_is_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=str(tmp_path)):
         load_settings(tmp_path)
+
+
+def test_tls_files_that_are_not_usable_pem_are_refused_at_start(tmp_path: Path) -> None:
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    assert "upstream: Value error, upstream.ca_file: not a usable CA bundle" in refused(
+        {"upstream": {"ca_file": str(not_pem)}}
+    )
+    assert "upstream.client_cert_file: not a usable certificate and key" in refused(
+        {"upstream": {"client_cert_file": str(not_pem)}}
+    )
+    assert "upstream.ca_file: Path does not point to a file" in refused(
+        {"upstream": {"ca_file": str(tmp_path / "missing.pem")}}
+    )
+
+
+def test_a_client_key_without_its_certificate_is_refused(tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("x\n")
+    assert "client_key_file needs client_cert_file" in refused(
+        {"upstream": {"client_key_file": str(key)}}
+    )
