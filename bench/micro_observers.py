@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from proxy.audit import AuditObserver
 from proxy.audit_redis import RedisAudit
-from proxy.config import AuditConfig, StoreConfig
+from proxy.config import StoreConfig
+from proxy.config_telemetry import AuditConfig
 from proxy.events import RequestEvent, Usage
 from proxy.logs import JsonFormatter, TextFormatter
 from proxy.requestlog import LOGGER_NAME, RequestLog, SessionHasher

@@ -28,7 +28,7 @@ import orjson
 if TYPE_CHECKING:
 
     from proxy.clock import Clock
-    from proxy.config import AuditConfig
+    from proxy.config_telemetry import AuditConfig
     from proxy.events import RequestEvent
 
 _MAX_PATH = 200  # request paths are recorded truncated: a trail entry stays small

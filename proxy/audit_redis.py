@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
     from redis.asyncio import Redis
 
-    from proxy.config import AuditConfig, StoreConfig
+    from proxy.config import StoreConfig
+    from proxy.config_telemetry import AuditConfig
 
     DropHook = Callable[[str, int], None]  # (reason, how many records)
 

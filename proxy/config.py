@@ -3,13 +3,14 @@
 A TOML file gives the settings; environment variables ``PINPROXY_<SECTION>__<FIELD>``
 override single fields (e.g. ``PINPROXY_STORE__URL``), which is how a sidecar gets
 its Redis address and password without rewriting the file. Invalid settings raise
-``ConfigError`` with one line per offending field, named by its dotted path.
+``ConfigError`` with one line per offending field, named by its dotted path. The
+sections of what pinproxy reports (audit, log, metrics, tracing) live in
+config_telemetry.py.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import os
 import re
 import tomllib
@@ -17,8 +18,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     FilePath,
     SecretStr,
@@ -28,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from proxy.config_telemetry import AuditConfig, LogConfig, MetricsConfig, Section, TracingConfig
 from proxy.errors import ConfigError
 from proxy.models import Dimension, VersionSource
 from proxy.tls import client_tls_context
@@ -39,11 +39,7 @@ _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ListenConfig(_Section):
+class ListenConfig(Section):
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     workers: Annotated[int, Field(ge=1, le=64)] = 1
@@ -68,7 +64,7 @@ class ListenConfig(_Section):
         return self
 
 
-class RuntimeConfig(_Section):
+class RuntimeConfig(Section):
     # Python's cyclic collector stops the event loop while it runs, and a full (gen 2)
     # collection walks every live container: with 2,000 streams in flight that measured
     # 45-96 ms, a stall every stream in flight sees. Freezing what start-up allocated
@@ -84,7 +80,7 @@ class RuntimeConfig(_Section):
     ] = (2000, 10, 1000)
 
 
-class StoreConfig(_Section):
+class StoreConfig(Section):
     kind: Literal["memory", "redis"] = "memory"
     url: str = "redis://127.0.0.1:6379/0"
     password: SecretStr | None = None
@@ -121,7 +117,7 @@ class StoreConfig(_Section):
         return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
-class SessionSource(_Section):
+class SessionSource(Section):
     kind: Literal["header", "cookie", "body"]
     # Header or cookie name, or a dotted path into the JSON body ("metadata.session_id").
     name: Annotated[str, Field(min_length=1, max_length=200)]
@@ -142,7 +138,7 @@ def _default_sources() -> tuple[SessionSource, ...]:
     )
 
 
-class SessionsConfig(_Section):
+class SessionsConfig(Section):
     sources: tuple[SessionSource, ...] = Field(default_factory=_default_sources)
     # Without a session id a request is routed by latency and not pinned, unless this
     # is set, in which case it gets 400.
@@ -150,7 +146,7 @@ class SessionsConfig(_Section):
     max_id_bytes: Annotated[int, Field(gt=0, le=4096)] = 256
 
 
-class VersionsConfig(_Section):
+class VersionsConfig(Section):
     # The dimensions that make up the version key sessions pin to.
     dimensions: tuple[Dimension, ...] = ("prompt", "parser", "tools", "model")
     # Version keys (or bare prompt versions) new sessions may be pinned to; None: all.
@@ -169,7 +165,7 @@ class VersionsConfig(_Section):
         return value
 
 
-class DiscoveryConfig(_Section):
+class DiscoveryConfig(Section):
     path: Annotated[str, Field(pattern=r"^/[^?#]*$")] = "/version"
     interval_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
     jitter: Annotated[float, Field(ge=0, lt=1)] = 0.2  # fraction of the interval
@@ -178,7 +174,7 @@ class DiscoveryConfig(_Section):
     healthy_after: Annotated[int, Field(ge=1, le=100)] = 2
 
 
-class RoutingConfig(_Section):
+class RoutingConfig(Section):
     # Off turns pinproxy into a plain latency router (the control in bench/incident).
     pinning: bool = True
     pin_wait_ms: Annotated[int, Field(ge=0, le=120_000)] = 2000
@@ -189,7 +185,7 @@ class RoutingConfig(_Section):
     initial_latency_ms: Annotated[float, Field(gt=0)] = 50.0
 
 
-class UpstreamConfig(_Section):
+class UpstreamConfig(Section):
     connect_timeout_s: Annotated[float, Field(gt=0, le=120)] = 2.0
     # Longest silence allowed between two reads of a response (head or body chunk).
     # A stream has no total deadline: long generations are normal.
@@ -218,7 +214,7 @@ class UpstreamConfig(_Section):
         return self
 
 
-class BackendConfig(_Section):
+class BackendConfig(Section):
     id: Annotated[str, Field(pattern=_ID)]
     region: Annotated[str, Field(pattern=_ID)]
     url: str
@@ -239,7 +235,7 @@ class BackendConfig(_Section):
         return value.rstrip("/")
 
 
-class AdminConfig(_Section):
+class AdminConfig(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 9901
@@ -294,73 +290,6 @@ class AdminConfig(_Section):
 
 def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
-
-
-class AuditConfig(_Section):
-    """The per-session audit trail: the last requests of each session, kept with its pin."""
-
-    enabled: bool = True
-    # How many of a session's most recent requests are kept (Redis trims approximately,
-    # reads never return more than this).
-    records_per_session: Annotated[int, Field(ge=1, le=10_000)] = 100
-    # Records waiting to be written. When it is full new records are dropped and counted
-    # (pinproxy_audit_dropped_total): the audit never slows or fails a request.
-    queue_size: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
-    # Records per pipelined round trip, and how long a partial batch may wait.
-    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
-    flush_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.2
-    # Bound on sessions with a trail when kept in memory (store.kind = "memory").
-    memory_max_sessions: Annotated[int, Field(ge=1)] = 10_000
-
-
-class LogConfig(_Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["text", "json"] = "text"
-    # One line per proxied request (logger "pinproxy.requests"), whatever ``level`` is.
-    request_log: bool = True
-    # Session ids appear in log lines and spans as a keyed hash unless this is set.
-    raw_session_ids: bool = False
-    # Key of that hash (also PINPROXY_LOG__SESSION_HASH_KEY). Set it so hashes match
-    # across replicas and restarts; without it each `pinproxy serve` picks a random one.
-    session_hash_key: SecretStr | None = None
-
-
-def _ascending(value: tuple[float, ...]) -> tuple[float, ...]:
-    if not value or any(b <= a for a, b in itertools.pairwise(value)):
-        raise ValueError("must be a non-empty, strictly increasing list of seconds")
-    if value[0] <= 0:
-        raise ValueError("bucket bounds must be > 0")
-    return value
-
-
-class MetricsConfig(_Section):
-    # GET /metrics on the admin listener (add "/metrics" to admin.public_paths to let a
-    # scraper in without the admin token).
-    enabled: bool = True
-    duration_buckets: tuple[float, ...] = (
-        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
-    )
-    ttfb_buckets: tuple[float, ...] = (
-        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    )
-
-    _check_buckets = field_validator("duration_buckets", "ttfb_buckets")(_ascending)
-
-
-class TracingConfig(_Section):
-    # OTLP/HTTP traces endpoint, e.g. "http://otel-collector:4318/v1/traces". Unset: no
-    # spans, and OpenTelemetry (the optional "otel" extra) is never imported.
-    otlp_endpoint: str | None = None
-    service_name: Annotated[str, Field(min_length=1, max_length=200)] = "pinproxy"
-    # Fraction of requests traced when the client did not sample the trace itself.
-    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
-
-    @field_validator("otlp_endpoint")
-    @classmethod
-    def _http_endpoint(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).scheme not in ("http", "https"):
-            raise ValueError("must be an http:// or https:// URL")
-        return value
 
 
 class Settings(BaseSettings):

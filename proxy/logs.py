@@ -25,7 +25,7 @@ from proxy.requestlog import LOGGER_NAME as REQUEST_LOGGER
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from proxy.config import LogConfig
+    from proxy.config_telemetry import LogConfig
 
 # Keys a record's own fields may not replace in a JSON line.
 _RESERVED: Final = frozenset({"time", "level", "logger", "message", "worker", "exception"})

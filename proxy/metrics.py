@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from proxy.config import MetricsConfig
+from proxy.config_telemetry import MetricsConfig
 from proxy.errors import StoreUnavailable
 from proxy.models import prompt_of
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, runtime_check
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from proxy.config import LogConfig
+    from proxy.config_telemetry import LogConfig
     from proxy.events import RequestEvent
 
     Line: TypeAlias = tuple[float, Mapping[str, object]]  # (when, fields) of one line

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Tracer
 
-    from proxy.config import TracingConfig
+    from proxy.config_telemetry import TracingConfig
     from proxy.events import RequestEvent
     from proxy.requestlog import SessionHasher
 

@@ -17,7 +17,8 @@ import redis.asyncio as aioredis
 from proxy.app import AUDIT
 from proxy.audit import AuditRecord
 from proxy.audit_redis import RedisAudit
-from proxy.config import AuditConfig, StoreConfig
+from proxy.config import StoreConfig
+from proxy.config_telemetry import AuditConfig
 from tests.fixtures.proxy import StartProxy
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.sim import StartPop

@@ -12,7 +12,7 @@ from aiohttp import web
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from proxy.config import TracingConfig
+from proxy.config_telemetry import TracingConfig
 from proxy.models import VersionBundle
 from proxy.requestlog import SessionHasher
 from proxy.tracing import build_tracing

@@ -11,7 +11,8 @@ from redis.asyncio import Redis
 from proxy.audit import AuditObserver, AuditRecord, DisabledAudit, MemoryAudit
 from proxy.audit_redis import RedisAudit
 from proxy.clock import ManualClock
-from proxy.config import AuditConfig, StoreConfig
+from proxy.config import StoreConfig
+from proxy.config_telemetry import AuditConfig
 from proxy.events import RequestEvent
 
 
