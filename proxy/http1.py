@@ -185,13 +185,8 @@ class Connection(asyncio.Protocol):
 
     async def read_chunk(self) -> bytes:
         while True:
-            chunks = self._chunks
-            if chunks:
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._buffered = 0
-                self._resume()
-                return data
+            if self._chunks:
+                return self._take_buffered()
             if self._complete:
                 return b""
             if self._error is not None:
@@ -199,19 +194,18 @@ class Connection(asyncio.Protocol):
             await self._wait()
 
     def whole_body(self) -> bytes | None:
-        if not self._complete:
-            return None
+        return self._take_buffered() if self._complete else None
+
+    def _take_buffered(self) -> bytes:
+        """Everything buffered, at once; reading resumes if it was paused for it."""
         chunks = self._chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered = 0
-        self._resume()
-        return data
-
-    def _resume(self) -> None:
         if self._paused and self._transport is not None:
             self._paused = False
             self._transport.resume_reading()
+        return data
 
     def finish(self, *, reuse: bool) -> None:
         if self.closed:
