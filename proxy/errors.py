@@ -72,31 +72,37 @@ class Conflict(ProxyError):
     error_type = "conflict_error"
 
 
-class VersionUnavailable(ProxyError):
-    """The session's pinned version has no healthy backend (after waiting ``pin_wait_ms``)."""
+class RetryLater(ProxyError):
+    """A 503 that tells the client when to try again (``Retry-After``)."""
 
     status = 503
+
+    def __init__(
+        self, message: str, retry_after_s: int, *, extra: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)}, extra=extra)
+
+
+class VersionUnavailable(RetryLater):
+    """The session's pinned version has no healthy backend (after waiting ``pin_wait_ms``)."""
+
     error_type = "version_unavailable"
 
     def __init__(self, version_key: str, retry_after_s: int, message: str | None = None) -> None:
         super().__init__(
             message
             or f"no healthy backend currently serves pinned version {version_key!r}; retry later",
-            headers={"Retry-After": str(retry_after_s)},
+            retry_after_s,
             extra={"pinned_version": version_key},
         )
         self.version_key = version_key
 
 
-class NoBackends(ProxyError):
-    status = 503
+class NoBackends(RetryLater):
     error_type = "no_backends"
 
     def __init__(self, retry_after_s: int) -> None:
-        super().__init__(
-            "no healthy backend with a known version is available",
-            headers={"Retry-After": str(retry_after_s)},
-        )
+        super().__init__("no healthy backend with a known version is available", retry_after_s)
 
 
 class StoreUnavailable(ProxyError):
@@ -113,16 +119,15 @@ class StoreUnavailable(ProxyError):
     store_answering = False
 
 
-class Overloaded(ProxyError):
+class Overloaded(RetryLater):
     """This proxy is too busy to serve the request in time; another replica may not be."""
 
-    status = 503
     error_type = "proxy_overloaded"
 
-    def __init__(self, retry_after_s: int, message: str | None = None) -> None:
+    def __init__(self, retry_after_s: int) -> None:
         super().__init__(
-            message or "pinproxy is overloaded and could not serve the request in time; retry",
-            headers={"Retry-After": str(retry_after_s)},
+            "pinproxy is overloaded and could not serve the request in time; retry",
+            retry_after_s,
         )
 
 
