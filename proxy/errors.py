@@ -144,11 +144,24 @@ class UpstreamTimeout(UpstreamError):
 
 
 class UpstreamConnectError(UpstreamError):
-    """No response head came back because the connection failed or was dropped.
+    """No connection to the backend: nothing of the request was written.
 
-    Nothing reached the client, so the request may go to another backend of the
-    same version (invariant 5).
+    The backend cannot have acted on the request, so it may go to another backend of
+    the same version whatever its method (invariant 5); the backend is suspect.
     """
+
+
+class UpstreamDropped(UpstreamError):
+    """The request was written, then the connection ended before a response head.
+
+    The backend may have acted on it (a completion is billed), so it is replayed only
+    when its method is idempotent or it carries an ``Idempotency-Key`` (nginx's and
+    Go's rule); ``reused`` says it went out on a pooled keep-alive connection.
+    """
+
+    def __init__(self, message: str, *, reused: bool = False) -> None:
+        super().__init__(message)
+        self.reused = reused
 
 
 class UpstreamBodyError(UpstreamError):

@@ -143,6 +143,8 @@ class BackendState:
     # What the rollout controller says it deployed; shown beside the runtime report
     # (disagreement is drift) but never used for routing: the runtime wins (invariant 2).
     intended: VersionBundle | None = None
+    # Outlier detection: not routed before this wall-clock time (0: not ejected).
+    ejected_until: float = 0.0
 
     @property
     def id(self) -> str:
