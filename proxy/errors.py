@@ -156,11 +156,22 @@ class UpstreamDropped(UpstreamError):
 
     The backend may have acted on it (a completion is billed), so it is replayed only
     when its method is idempotent or it carries an ``Idempotency-Key`` (nginx's and
-    Go's rule); ``reused`` says it went out on a pooled keep-alive connection.
+    Go's rule); ``reused`` says it went out on a pooled keep-alive connection. Told to
+    the client as Envoy does a reset before headers: 503 with ``Retry-After`` and
+    ``code: upstream_dropped``, since it is the client that knows whether trying
+    again is safe.
     """
 
-    def __init__(self, message: str, *, reused: bool = False) -> None:
-        super().__init__(message)
+    status = 503
+
+    def __init__(
+        self, message: str, *, reused: bool = False, retry_after_s: int | None = None
+    ) -> None:
+        super().__init__(
+            message,
+            code="upstream_dropped",
+            headers=None if retry_after_s is None else {"Retry-After": str(retry_after_s)},
+        )
         self.reused = reused
 
 

@@ -33,7 +33,8 @@ The rules, as transitions (the issue numbers of the bugs they fix are in the tes
 - ``SendFailed("dropped")``: the request was written and no head came back. The
   backend may have acted on it, so it is replayed only when the request is
   ``idempotent`` (method or Idempotency-Key) and held in memory, and only while the
-  retry budget has room; otherwise 502. A POST is never sent twice.
+  retry budget has room; otherwise 503 ``upstream_dropped`` with Retry-After (the
+  client knows whether trying again is safe). A POST is never sent twice.
 - Timeouts and invalid heads are answered (504, 502) and fed to outlier detection.
 - A 5xx head is relayed (the client sees the backend's own error) but reported as
   a failure, so outlier detection ejects a backend that fails fast and the load
@@ -466,7 +467,12 @@ class Lifecycle:
         ):
             self.retries += 1
             return self._route(world, (*effects, CountRetry("dropped", budgeted=True)))
-        return self._fail(UpstreamDropped(event.message, reused=event.reused), effects)
+        return self._fail(
+            UpstreamDropped(
+                event.message, reused=event.reused, retry_after_s=self.policy.retry_after_s
+            ),
+            effects,
+        )
 
     # -- helpers --------------------------------------------------------------------------
 

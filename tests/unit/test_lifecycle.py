@@ -271,13 +271,15 @@ def test_an_answer_stamped_with_another_version_is_withheld() -> None:
 # --- a POST is never sent twice (issue 9: the same POST reached backends 3 times) ------------
 
 
-def test_a_written_post_that_was_dropped_is_answered_502_not_replayed() -> None:
+def test_a_written_post_that_was_dropped_is_answered_503_not_replayed() -> None:
     m = machine(idempotent=False)
     tried = sent_to(pinned_send(m))
     step = m.step(SendFailed("dropped", "closed before answering"), world())
     assert isinstance(step.action, Fail)
     assert isinstance(step.action.error, UpstreamDropped)
-    assert step.action.error.status == 502
+    assert step.action.error.status == 503
+    assert step.action.error.code == "upstream_dropped"
+    assert step.action.error.headers == {"Retry-After": "2"}
     assert MarkSuspect(tried, "closed before answering") in step.effects
 
 
@@ -421,7 +423,7 @@ def test_a_pinned_session_is_only_ever_answered_by_its_version(
         action = step.action
         if isinstance(action, Fail):
             if isinstance(action.error, UpstreamError):
-                # A 502/504 only ever follows a written request, never a dead backend.
+                # A gateway error only ever follows a written request, never a dead backend.
                 assert sends
                 assert not isinstance(action.error, NoBackends)
             break
