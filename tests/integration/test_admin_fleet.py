@@ -13,7 +13,7 @@ import pytest
 
 from proxy.admin import fleet
 from proxy.sim import SimPop
-from tests.fixtures.proxy import RunningProxy, StartProxy
+from tests.fixtures.proxy import RunningProxy, StartProxy, loopback_resolve
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.sim import StartPop
 from tests.integration.fleet_helpers import Admin, Served, ask, eventually
@@ -524,7 +524,8 @@ async def test_bad_input_is_a_4xx_naming_the_problem_and_changes_nothing(
 ) -> None:
     a = await start_pop("a", "r1", "v1")
     other = await start_pop("other", "r2", "v2")
-    proxy = await start_proxy([a], redis_url, versions={"dimensions": ["prompt", "model"]})
+    proxy = await start_proxy([a], redis_url, versions={"dimensions": ["prompt", "model"]},
+                              admin_resolve=loopback_resolve)  # x.invalid: no DNS query
     admin = admin_of(http, proxy)
     await healthy(admin, "a")
     before = await _state(admin)

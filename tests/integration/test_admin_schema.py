@@ -20,14 +20,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from proxy.admin.routes import all_routes
-from tests.fixtures.proxy import RunningProxy, StartProxy
+from tests.fixtures.proxy import RunningProxy, StartProxy, loopback_resolve
 from tests.fixtures.sim import StartPop
 from tests.integration.sessions_helpers import chat, trail_of, wait_routable
 
@@ -52,19 +51,13 @@ DESTRUCTIVE = (  # operation, its path parameter, the resource it may destroy
 )
 
 
-async def _no_dns(host: str, port: int) -> list[str]:
-    """Resolve added backends' names without DNS: the fuzz must send nothing off-host."""
-    if host == "localhost":
-        return ["127.0.0.1"]
-    raise socket.gaierror(socket.EAI_NONAME, f"{host}: not resolved in this test")
-
-
 async def _live_proxy(start_pop: StartPop, start_proxy: StartProxy, redis_url: str,
                       http: aiohttp.ClientSession) -> RunningProxy:
     pops = [await start_pop("pop-a", "r-a", "v1"), await start_pop("pop-b", "r-b", "v2"),
             await start_pop(DOOMED_BACKEND, "r-a", "v1")]
-    # Backends the fuzz adds may only be on loopback: their /version is polled.
-    proxy = await start_proxy(pops, redis_url, admin_resolve=_no_dns, admin={
+    # Backends the fuzz adds may only be on loopback (their /version is polled), and
+    # their names are resolved without DNS: the fuzz sends nothing off this host.
+    proxy = await start_proxy(pops, redis_url, admin_resolve=loopback_resolve, admin={
         "token": TOKEN, "backend_networks": ["127.0.0.0/8", "::1/128"]})
     await wait_routable(proxy, "pop-a", "pop-b", DOOMED_BACKEND)
     for session in (*SESSIONS, DOOMED_SESSION):
