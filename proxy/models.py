@@ -25,6 +25,7 @@ VersionSource = Literal["poll", "push"]
 # itself, so they are kept to a conservative alphabet; "," and "=" are the key's
 # own separators and therefore excluded.
 _VALUE_RE: Final = re.compile(r"^[A-Za-z0-9._:/@+~-]{1,128}$")
+VALUE_PATTERN: Final = _VALUE_RE.pattern  # for schemas (a JSON Schema / ECMA-262 regex too)
 
 STAMP_HEADERS: Final[Mapping[Dimension, str]] = {
     "prompt": "X-Prompt-Version",
