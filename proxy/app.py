@@ -38,6 +38,13 @@ from proxy.models import Backend
 from proxy.outlier import OutlierPolicy
 from proxy.registry import Registry
 from proxy.relay import error_response
+from proxy.rollout_control import (
+    LocalRolloutStore,
+    RedisRolloutStore,
+    RolloutController,
+    RolloutStore,
+    SoakCounter,
+)
 from proxy.store import PinStore
 from proxy.store.memory import MemoryPinStore
 from proxy.store.redis import RedisPinStore
@@ -70,6 +77,8 @@ RNG = web.AppKey("rng", random.Random)
 CONTROL = web.AppKey("control", ControlPlane)  # operators' fleet changes, shared by replicas
 TRAFFIC = web.AppKey("traffic", TrafficCounter)  # requests per region and version
 LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)  # how late the event loop runs timers
+SOAK = web.AppKey("soak", SoakCounter)  # per region and version: what the soak judges
+ROLLOUT = web.AppKey("rollout", RolloutController)  # region cutover, soak, kill switch
 
 REDIS = web.AppKey("redis", Redis)  # only when store.kind == "redis"
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -159,6 +168,7 @@ def build_app(
         clock, settings.routing.ewma_decay_s, settings.routing.initial_latency_ms / 1000.0
     )
     app[DRAIN] = Drain()
+    app[SOAK] = SoakCounter()
     app[RNG] = rng
     app[LOOP_LAG] = LoopLagMonitor(metrics.loop_lag.observe, clock=clock.monotonic)
 
@@ -243,14 +253,36 @@ def build_app(
             rng=rng,
             loop_lag=app[LOOP_LAG],
             probe=found.probe,
-            observers=(*observers, app[TRAFFIC], AuditObserver(app[AUDIT]))
+            observers=(*observers, app[TRAFFIC], app[SOAK], AuditObserver(app[AUDIT]))
             if settings.audit.enabled
-            else (*observers, app[TRAFFIC]),
+            else (*observers, app[TRAFFIC], app[SOAK]),
         )
         try:
             yield
         finally:
             await found.stop()
+
+    async def rollout(app: web.Application) -> AsyncIterator[None]:
+        # After the control plane, which its kill switch blocks versions through.
+        redis = app.get(REDIS)
+        store: RolloutStore = (
+            LocalRolloutStore() if redis is None else RedisRolloutStore(
+                redis, settings.store.key_prefix, clock, settings.store.op_timeout_ms / 1000
+            )
+        )
+        control = app[CONTROL]
+        controller = RolloutController(
+            config=settings.rollout, registry=app[REGISTRY], store=store,
+            counter=app[SOAK], block=lambda version: control.set_blocked(version, True),
+            admit=lambda version: control.set_blocked(version, False),
+            clock=clock, metrics_registry=metrics.registry,
+        )
+        await controller.start()
+        app[ROLLOUT] = controller
+        try:
+            yield
+        finally:
+            await controller.close()
 
     async def control_plane(app: web.Application) -> AsyncIterator[None]:
         # After discovery, which it tells to poll added backends and forget removed
@@ -280,7 +312,7 @@ def build_app(
 
     app.cleanup_ctx.extend(
         [loop_lag, http_client, redis_client, pin_store, audit, traffic, discovery,
-         control_plane]
+         control_plane, rollout]
     )
 
     health = HealthEndpoints(registry=app[REGISTRY], store=lambda: app.get(STORE),

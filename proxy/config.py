@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from proxy.config_rollout import RolloutConfig
 from proxy.config_telemetry import AuditConfig, LogConfig, MetricsConfig, Section, TracingConfig
 from proxy.errors import ConfigError
 from proxy.models import Dimension, VersionSource
@@ -344,6 +345,7 @@ class Settings(BaseSettings):
     versions: VersionsConfig = VersionsConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
     routing: RoutingConfig = RoutingConfig()
+    rollout: RolloutConfig = RolloutConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     backends: tuple[BackendConfig, ...] = ()
     admin: AdminConfig = AdminConfig()

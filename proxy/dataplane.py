@@ -359,8 +359,9 @@ class DataPlane:
             outcome.new_pin = True
             metrics.pins_created.labels(effect.version_key).inc()
         else:
-            metrics.version_switches.labels("retired", effect.from_key, effect.to_key).inc()
-            logger.warning("session repinned: version %s retired", effect.from_key)
+            metrics.version_switches.labels(effect.reason, effect.from_key, effect.to_key).inc()
+            logger.warning("session repinned from %s to %s (%s)", effect.from_key,
+                           effect.to_key, effect.reason)
 
     def _world(self) -> World:
         return World(

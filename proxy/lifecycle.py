@@ -247,6 +247,7 @@ class CountNewPin:
 class CountRepin:
     from_key: str
     to_key: str
+    reason: str = "retired"  # or "rollback"
 
 
 Effect = (
@@ -374,7 +375,8 @@ class Lifecycle:
                 decision.version_key, decision.backend.id, decision.backend.region, world.now
             )
             self.version_changed = f"{decision.repin_from} -> {decision.version_key}"
-            effects = (*effects, CountRepin(decision.repin_from, decision.version_key))
+            effects = (*effects, CountRepin(decision.repin_from, decision.version_key,
+                                            decision.repin_reason))
             return Step(Repin(self.session_id, self.pin), effects)
         return self._send(effects)
 

@@ -176,6 +176,10 @@ class Snapshot:
     # Version keys or bare prompt versions an operator blocked for new sessions (the
     # kill switch); sessions already pinned to them are still served.
     blocked_versions: frozenset[str] = frozenset()
+    # Rollout discipline (proxy/rollout.py): per atomic region, the only version its
+    # backends serve to new sessions; and rolled-back version -> where its sessions go.
+    region_current: Mapping[str, str] = field(default_factory=dict)
+    rollbacks: Mapping[str, str] = field(default_factory=dict)
     by_id: Mapping[str, BackendState] = field(init=False, repr=False, compare=False)
     by_key: Mapping[str, tuple[BackendState, ...]] = field(init=False, repr=False, compare=False)
 
@@ -231,6 +235,7 @@ class Forward:
     version_key: str
     new_pin: bool = False
     repin_from: str | None = None
+    repin_reason: Literal["retired", "rollback"] = "retired"
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,8 @@ class Registry:
         self._health: dict[str, _Health] = {}
         self._last_seen: dict[str, float] = {}
         self._blocked: frozenset[str] = frozenset()
+        self._region_current: dict[str, str] = {}
+        self._rollbacks: dict[str, str] = {}
         self._started_at = clock.time()
         self._changed = asyncio.Event()
         self._snapshot = Snapshot(started_at=self._started_at)
@@ -242,6 +244,13 @@ class Registry:
             self._blocked = frozenset(versions)
             self._publish()
 
+    def set_rollout(self, region_current: Mapping[str, str], rollbacks: Mapping[str, str]) -> None:
+        """Publish the rollout state routing reads (see proxy/rollout.py)."""
+        if (region_current, rollbacks) != (self._region_current, self._rollbacks):
+            self._region_current = dict(region_current)
+            self._rollbacks = dict(rollbacks)
+            self._publish()
+
     def set_intent(self, backend_id: str, bundle: VersionBundle | None) -> None:
         """Record the controller's intended version for the backend (None clears it).
 
@@ -298,6 +307,8 @@ class Registry:
             started_at=self._started_at,
             version_last_seen=dict(self._last_seen),
             blocked_versions=self._blocked,
+            region_current=self._region_current,
+            rollbacks=self._rollbacks,
         )
         # Wake everyone waiting on the old snapshot; later waiters get a fresh event.
         event, self._changed = self._changed, asyncio.Event()

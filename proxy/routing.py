@@ -6,7 +6,11 @@
 # for everything else the healthy, non-draining backends of an admitted version. A
 # version is admitted when the static policy admits it and the snapshot does not
 # block it: the operator's kill switch arrives as data (``Snapshot.blocked_versions``),
-# so this stays a pure function, and it never touches sessions already pinned.
+# so this stays a pure function, and it never touches sessions already pinned. So does
+# the rollout discipline (proxy/rollout.py): in an atomic region only backends serving
+# the region's current version take new sessions (``Snapshot.region_current``), and a
+# session pinned to a rolled-back version is repinned to its target
+# (``Snapshot.rollbacks``), explicitly, like a retired one.
 # Second, which of those SHOULD take it: the one that looks cheapest by
 # "peak-EWMA latency x (in-flight + 1)", chosen with the power of two choices (P2C).
 #
@@ -47,7 +51,7 @@ from proxy.models import (
 
 if TYPE_CHECKING:
     import random
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from proxy.config import RoutingConfig, VersionsConfig
 
@@ -117,6 +121,14 @@ def choose(
 
     pinned = pin.version_key
     exclude = facts.exclude
+    goal = snapshot.rollbacks.get(pinned)
+    if goal is not None:
+        # Rolled back: the session moves, explicitly, to the rollback's target.
+        targets = [s for s in snapshot.by_key.get(goal, ())
+                   if s.healthy and s.id not in exclude and s.ejected_until <= now]
+        if targets:
+            return Forward(_pick(targets, loads, rng), goal, repin_from=pinned,
+                           repin_reason="rollback")
     candidates = [
         s
         for s in snapshot.by_key.get(pinned, ())
@@ -140,6 +152,7 @@ def _eligible(
 ) -> list[BackendState]:
     admits = policy.admits
     blocks = snapshot.blocks
+    current = snapshot.region_current
     return [
         s
         for s in snapshot.backends
@@ -150,7 +163,15 @@ def _eligible(
         and s.ejected_until <= now
         and admits(s.version_key)
         and not blocks(s.version_key)
+        and _current_allows(current.get(s.region), s.version_key, blocks)
     ]
+
+
+def _current_allows(current: str | None, version_key: str, blocks: Callable[[str], bool]) -> bool:
+    """Whether a region's current version lets its backend running ``version_key`` take
+    new sessions: no current (per_replica), that very version, or a current the
+    operator blocked (the kill switch overrides the region discipline)."""
+    return current is None or current == version_key or blocks(current)
 
 
 def _pick(candidates: Sequence[BackendState], loads: LoadView, rng: random.Random) -> BackendState:

@@ -1,0 +1,229 @@
+"""Admin routes for the rollout discipline (proxy/rollout.py): the rollout picture, an
+operator's forced cutover, the coordinated rollback, and eval results for the soak."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Annotated, Any, Final
+
+from pydantic import BaseModel, Field, field_validator
+
+from proxy.admin.api import Body, Param, Route, read_body, reply
+from proxy.admin.app import DATA_APP
+from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref
+from proxy.app import ROLLOUT
+from proxy.errors import BadRequest, Conflict, NotFound
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from proxy.rollout import RolloutEvent
+    from proxy.rollout_control import RolloutController
+
+_TAGS = ("rollout",)
+_ID: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_ID_RE: Final = re.compile(_ID)
+REGION: Final = Param("region", "a region id, as in the config (1-64 of [A-Za-z0-9._-])",
+                      lambda _settings: {"type": "string", "pattern": _ID})
+TARGET: Final = Param("target", VERSION.description.replace("a version key", "the target"),
+                      VERSION.schema)
+
+
+class EventView(BaseModel):
+    at: float = Field(description="wall-clock seconds")
+    kind: str = Field(description="initialised, flipped, held_back, soak_passed, regression, "
+                                  "rolled_back or forced")
+    region: str
+    version: str
+    detail: dict[str, Any] = Field(description="the evidence: reasons, counts, rates, z")
+
+
+class RegionView(BaseModel):
+    region: str
+    mode: str = Field(description="atomic or per_replica")
+    state: str = Field(description="steady, mixed, soaking or halted")
+    current: str = Field(description="the version new sessions in this region get")
+    since: float
+    previous: str | None
+    soak_until: float | None = Field(description="when the soak ends, while soaking")
+    candidate: str | None = Field(description="what every replica reports, not yet current")
+    held: str | None = Field(description="why the candidate is held back")
+    halted: str | None = Field(description="the version a regression or rollback halted")
+    replicas: dict[str, int] = Field(description="healthy replicas per version key")
+
+
+class RolloutView(BaseModel):
+    regions: list[RegionView]
+    blocked: list[str]
+    rollbacks: dict[str, str] = Field(description="rolled-back version -> repin target")
+    events: list[EventView] = Field(description="the latest decisions, oldest first")
+
+
+class RollbackTarget(BaseModel):
+    id: str
+    region: str
+    runtime: str = Field(description="the version key its runtime reports now")
+    intended: str | None = Field(description="the controller's intent, where it differs")
+    target: str = Field(description="what this backend's region rolls back to")
+
+
+class RollbackResult(BaseModel):
+    version: str
+    to: str
+    events: list[EventView]
+    backends: list[RollbackTarget] = Field(
+        description="backends whose runtime still reports the version: roll these back")
+    already_there: list[str] = Field(description="regions that already run the target: no-op")
+    rollbacks: dict[str, str]
+
+
+class EvalsBody(Body):
+    passed: Annotated[int, Field(ge=0, le=1_000_000_000)]
+    failed: Annotated[int, Field(ge=0, le=1_000_000_000)]
+
+    @field_validator("passed", "failed", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: object) -> object:
+        # JSON Schema's integer takes 3.0 but not true; pydantic's lax int takes both.
+        if isinstance(value, bool):
+            raise ValueError("must be an integer, not a boolean")
+        return value
+
+
+def _controller(request: web.Request) -> RolloutController:
+    return request.app[DATA_APP][ROLLOUT]
+
+
+def _events(events: list[RolloutEvent]) -> list[EventView]:
+    return [EventView(at=e.at, kind=e.kind, region=e.region, version=e.version,
+                      detail=dict(e.detail)) for e in events]
+
+
+def rollout_view(controller: RolloutController, fleet: Fleet, *, last: int = 50) -> RolloutView:
+    """The rollout picture (also what ``pinproxy status`` and /admin/ui show)."""
+    snapshot = fleet.registry.snapshot
+    state = controller.state
+    policy = controller.policy
+    regions: list[RegionView] = []
+    for region in sorted({s.region for s in snapshot.backends} | set(state.regions)):
+        replicas: dict[str, int] = {}
+        for s in snapshot.backends:
+            if s.region == region and s.routable and s.version_key:
+                replicas[s.version_key] = replicas.get(s.version_key, 0) + 1
+        rs = state.regions.get(region)
+        if rs is None:
+            continue
+        regions.append(RegionView(
+            region=region, mode=policy.mode_of(region), state=rs.phase, current=rs.current,
+            since=rs.since, previous=rs.previous,
+            soak_until=rs.since + policy.soak_s if rs.soaking else None,
+            candidate=rs.candidate, held=rs.held, halted=rs.halted, replicas=replicas,
+        ))
+    return RolloutView(regions=regions, blocked=sorted(snapshot.blocked_versions),
+                       rollbacks=dict(state.rollbacks),
+                       events=_events(controller.events()[-last:]))
+
+
+async def _rollout(request: web.Request) -> web.StreamResponse:
+    return reply(rollout_view(_controller(request), Fleet.of(request)))
+
+
+def _region(request: web.Request) -> str:
+    region = request.match_info["region"]
+    if not _ID_RE.fullmatch(region):
+        raise BadRequest(f"invalid region id {region!r}", code="invalid_region", param="region")
+    return region
+
+
+async def _force(request: web.Request) -> web.StreamResponse:
+    fleet = Fleet.of(request)
+    region = _region(request)
+    ref = version_ref(request.match_info["version"], fleet.registry.dimensions)
+    snapshot = fleet.registry.snapshot
+    if region not in {s.region for s in snapshot.backends}:
+        raise NotFound(f"no backend is in region {region!r}", code="unknown_region",
+                       param="region")
+    keys = sorted({s.version_key for s in snapshot.backends
+                   if s.region == region and s.version_key and matches(ref, s.version_key)})
+    if not keys:
+        raise NotFound(f"no backend in region {region!r} reports {ref!r}",
+                       code="version_not_in_region", param="version")
+    event = await _controller(request).force(region, keys[0])
+    return reply(EventView(at=event.at, kind=event.kind, region=event.region,
+                           version=event.version, detail=dict(event.detail)))
+
+
+async def _roll_back(request: web.Request) -> web.StreamResponse:
+    fleet = Fleet.of(request)
+    dims = fleet.registry.dimensions
+    bad = version_ref(request.match_info["version"], dims)
+    to = version_ref(request.match_info["target"], dims)
+    if not any(matches(to, k) for k in fleet.registry.snapshot.serving_keys()):
+        raise Conflict(f"no healthy backend serves {to!r}: nothing to roll back to",
+                       code="target_not_serving", param="target")
+    controller = _controller(request)
+    # A rollback to itself changes nothing (and blocks nothing): it only lists.
+    events = [] if bad == to else await controller.rollback(bad, to)
+    snapshot = fleet.registry.snapshot
+    state = controller.state
+    targets: list[RollbackTarget] = []
+    for s in snapshot.backends:
+        if not s.version_key or not matches(bad, s.version_key):
+            continue
+        rs = state.regions.get(s.region)
+        intended = None if s.intended is None else fleet.registry.version_key(s.intended)
+        targets.append(RollbackTarget(
+            id=s.id, region=s.region, runtime=s.version_key,
+            intended=intended if intended != s.version_key else None,
+            target=rs.current if rs is not None and not matches(bad, rs.current) else to,
+        ))
+    already = sorted(
+        region for region in {s.region for s in snapshot.backends}
+        if all(s.version_key and matches(to, s.version_key)
+               for s in snapshot.backends if s.region == region and s.routable)
+        and any(s.routable for s in snapshot.backends if s.region == region)
+    )
+    return reply(RollbackResult(version=bad, to=to, events=_events(events), backends=targets,
+                                already_there=already, rollbacks=dict(state.rollbacks)))
+
+
+async def _evals(request: web.Request) -> web.StreamResponse:
+    fleet = Fleet.of(request)
+    region = _region(request)
+    ref = version_ref(request.match_info["version"], fleet.registry.dimensions)
+    body = await read_body(request, EvalsBody)
+    snapshot = fleet.registry.snapshot
+    keys = sorted({s.version_key for s in snapshot.backends
+                   if s.version_key and matches(ref, s.version_key)}) or [ref]
+    _controller(request).push_evals(region, keys[0], body.passed, body.failed)
+    return reply(EvalsAccepted(region=region, version=keys[0], passed=body.passed,
+                               failed=body.failed), status=202)
+
+
+class EvalsAccepted(BaseModel):
+    region: str
+    version: str
+    passed: int
+    failed: int
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/admin/rollout", _rollout,
+          "The rollout picture: each region's current version and state (steady, mixed, "
+          "soaking, halted), replicas per version, held-back candidates, recent decisions.",
+          RolloutView, tags=_TAGS),
+    Route("PUT", "/admin/rollout/regions/{region}/current/{version}", _force,
+          "Force a region's current version for new sessions now (no settle, no gates).",
+          EventView, tags=_TAGS, path_params=(REGION, VERSION),
+          errors=((404, "no backend in that region, or none of them reports the version"),)),
+    Route("POST", "/admin/versions/{version}/roll-back-to/{target}", _roll_back,
+          "Coordinated rollback: block the version for new sessions, return every region "
+          "running it to the target (each region's own previous bundle where it matches), "
+          "repin its sessions on their next request, and list the backends whose runtime "
+          "still reports it.",
+          RollbackResult, tags=_TAGS, path_params=(VERSION, TARGET),
+          errors=((409, "no healthy backend serves the target"),)),
+    Route("POST", "/admin/versions/{version}/evals/{region}", _evals,
+          "Eval results for a version in a region: the soak's evals signal.",
+          EvalsAccepted, EvalsBody, status=202, tags=_TAGS, path_params=(VERSION, REGION)),
+)  # fmt: skip
