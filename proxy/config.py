@@ -144,6 +144,9 @@ class SessionsConfig(Section):
     # is set, in which case it gets 400.
     required: bool = False
     max_id_bytes: Annotated[int, Field(gt=0, le=4096)] = 256
+    # A body a body source must read is held until its id is settled; one still
+    # unsettled past this many bytes is refused (413), never forwarded unpinned.
+    max_scan_bytes: Annotated[int, Field(ge=0, le=1 << 30)] = 32 * 1024 * 1024
 
 
 class VersionsConfig(Section):

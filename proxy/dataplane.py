@@ -1,9 +1,10 @@
 """The data-plane handler: every proxied request passes through ``DataPlane.handle``.
 
 Theory of operation, in request order:
-1. Read the body into memory when it is small enough (so it can be replayed and a
-   session id read from it); otherwise stream it through untouched.
-2. Extract the session id (pure) and look its pin up (local cache, else store).
+1. Read the body and the session id together (request_body.SessionBodyReader): a
+   small body is held (replayable); a larger one streams, after as much of it as a
+   body session source needs to settle the id (never an unpinned guess).
+2. Look the session's pin up (local cache, else store).
 3. Ask ``routing.choose`` (pure) with the registry's current snapshot. When nothing
    may take the request, wait for the registry to change until ``pin_wait_ms`` has
    passed since the request arrived, then answer 503.
@@ -26,7 +27,6 @@ import logging
 from typing import TYPE_CHECKING, TypeVar
 
 from proxy.errors import (
-    BadRequest,
     NoBackends,
     Overloaded,
     ProxyError,
@@ -51,9 +51,8 @@ from proxy.models import (
     check_value,
 )
 from proxy.relay import Served, error_response, relay
-from proxy.request_body import RequestBody, read_body
+from proxy.request_body import RequestBody, SessionBodyReader
 from proxy.routing import RoutingPolicy, choose
-from proxy.sessions import extract_session_id, needs_body
 from proxy.upstream import Upstream, UpstreamConnectError
 from proxy.usage import TapLimits
 
@@ -105,8 +104,9 @@ class DataPlane:
         self._loop_lag = loop_lag
         self._store_timeout_s = settings.store.op_timeout_ms / 1000
         self._policy = RoutingPolicy.from_config(settings.routing, settings.versions)
-        self._sources = settings.sessions.sources
-        self._read_body_for_session = needs_body(self._sources)
+        self._body_reader = SessionBodyReader(
+            settings.sessions, settings.upstream.max_buffered_body_bytes
+        )
         self._pin_wait_s = settings.routing.pin_wait_ms / 1000.0
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
@@ -164,19 +164,7 @@ class DataPlane:
         arrived: float,
         outcome: Outcome,
     ) -> web.StreamResponse:
-        body = await read_body(request, self._settings.upstream.max_buffered_body_bytes)
-        session_id = extract_session_id(
-            self._sources,
-            request.headers,
-            request.cookies,
-            body.data if self._read_body_for_session else None,
-            max_bytes=self._settings.sessions.max_id_bytes,
-        )
-        if session_id is None and self._settings.sessions.required:
-            raise BadRequest(
-                "a session id is required (see the configured session sources)",
-                code="missing_session_id",
-            )
+        body, session_id = await self._body_reader.read(request)
         outcome.session_id = session_id
         outcome.request_body = body.data
         pinning = self._settings.routing.pinning and session_id is not None
