@@ -231,10 +231,18 @@ class BackendConfig(Section):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http:// or https:// URL")
+        if "\\" in value:
+            raise ValueError("must not contain a backslash (aiohttp's client refuses it)")
         if parts.username is not None or parts.password is not None:
             raise ValueError("must not contain credentials")
         if parts.query or parts.fragment:
             raise ValueError("must not have a query or fragment")
+        try:
+            port = parts.port  # read lazily by urlsplit: the clients would fail on it
+        except ValueError as exc:
+            raise ValueError(f"has an invalid port: {exc}") from exc
+        if port == 0:
+            raise ValueError("port must be 1-65535")
         return value.rstrip("/")
 
 

@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from yarl import URL
+
 from proxy.errors import BadRequest
 
 if TYPE_CHECKING:
@@ -113,6 +115,10 @@ def _parse(url: str) -> tuple[str, int]:
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         # urlsplit silently drops tabs and newlines; the stored URL would still hold them.
         raise BackendUrlRefused("must not contain whitespace or control characters")
+    if "\\" in url:
+        # yarl (aiohttp's client) refuses a backslash that urlsplit takes as a path
+        # character: every streamed request to such a backend would fail.
+        raise BackendUrlRefused("must not contain a backslash")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -127,8 +133,20 @@ def _parse(url: str) -> tuple[str, int]:
         raise BackendUrlRefused("must name a host")
     if parts.query or parts.fragment:
         raise BackendUrlRefused("must not have a query or fragment")
+    if port == 0:
+        # urlsplit reads ":0" as port 0, the lean client as "no port" (the default),
+        # aiohttp as port 0: one URL, three destinations.
+        raise BackendUrlRefused("port must be 1-65535")
     default = 443 if parts.scheme == "https" else 80
-    return parts.hostname.lower().rstrip("."), port if port is not None else default
+    host, port = parts.hostname.lower().rstrip("."), port if port is not None else default
+    try:
+        seen = URL(url, encoded=True)  # how aiohttp's client will read it
+    except ValueError as exc:
+        raise BackendUrlRefused(f"not a valid URL: {exc}") from exc
+    zoneless = host.split("%", 1)[0]  # an IPv6 zone id, percent-encoded or not
+    if (seen.host or "").lower().rstrip(".").split("%", 1)[0] != zoneless or seen.port != port:
+        raise BackendUrlRefused("is read differently by the HTTP clients")
+    return host, port
 
 
 def _ip(text: str) -> IPAddress | None:
