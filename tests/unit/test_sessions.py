@@ -6,7 +6,7 @@ import json
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -283,3 +283,30 @@ def test_duplicate_session_headers_that_disagree_are_rejected() -> None:
         extract_session_id(sources, differing, {}, None)
     assert info.value.code == "invalid_session_id"
     assert "more than once" in info.value.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=120), header=st.one_of(st.none(), st.text(max_size=20)))
+@example(raw=b'{"metadata": {"session_id": ' + b"1" * 5000 + b"}}", header=None)
+@example(raw=b'{"metadata": {"session_id": "\\ud800"}}', header=None)
+@example(raw=b"\xef\xbb\xbf", header=None)
+def test_any_body_gives_a_clean_id_none_or_a_stated_refusal(
+    raw: bytes, header: str | None
+) -> None:
+    h = headers(X_Session_ID=header) if header is not None else NO_HEADERS
+    refusal: BadRequest | None = None
+    try:
+        got = extract_session_id([HEADER, BODY], h, {}, raw)
+    except BadRequest as exc:
+        refusal = exc
+    if refusal is not None:
+        assert refusal.code in ("invalid_session_id", "unreadable_session_id")
+        assert refusal.status == 400
+        return
+    if got is not None:
+        assert 0 < len(got.encode("utf-8")) <= 256
+        assert not any(map(is_control, got))
+        if not header:
+            # A body id is what Python's json, like a backend, reads at the path.
+            value = json.loads(raw)["metadata"]["session_id"]
+            assert got == (value if isinstance(value, str) else str(value))
