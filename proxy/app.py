@@ -366,7 +366,10 @@ class DataPlaneRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         await super()._make_server()  # starts the application and freezes it
         # BaseRunner keeps the keyword arguments given to it for the server it makes.
-        return web.Server(self.app[SERVE], **self._kwargs)
+        # auto_decompress=False: a request body passes byte for byte, its
+        # Content-Encoding with it (aiohttp would inflate a gzip body and forward the
+        # plain bytes still labelled gzip, which the backend then fails to inflate).
+        return web.Server(self.app[SERVE], **{"auto_decompress": False, **self._kwargs})
 
 
 async def _expect(request: web.BaseRequest) -> None:

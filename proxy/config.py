@@ -145,6 +145,9 @@ class SessionsConfig(Section):
     # is set, in which case it gets 400.
     required: bool = False
     max_id_bytes: Annotated[int, Field(gt=0, le=4096)] = 256
+    # A body a body source must read is held until its id is settled; one still
+    # unsettled past this many bytes is refused (413), never forwarded unpinned.
+    max_scan_bytes: Annotated[int, Field(ge=0, le=1 << 30)] = 32 * 1024 * 1024
 
 
 class VersionsConfig(Section):
@@ -264,10 +267,18 @@ class BackendConfig(Section):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http:// or https:// URL")
+        if "\\" in value:
+            raise ValueError("must not contain a backslash (aiohttp's client refuses it)")
         if parts.username is not None or parts.password is not None:
             raise ValueError("must not contain credentials")
         if parts.query or parts.fragment:
             raise ValueError("must not have a query or fragment")
+        try:
+            port = parts.port  # read lazily by urlsplit: the clients would fail on it
+        except ValueError as exc:
+            raise ValueError(f"has an invalid port: {exc}") from exc
+        if port == 0:
+            raise ValueError("port must be 1-65535")
         return value.rstrip("/")
 
 

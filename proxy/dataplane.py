@@ -1,19 +1,19 @@
 """The data-plane handler: every proxied request passes through ``DataPlane.handle``.
 
 Theory of operation, in request order:
-1. Read the body into memory when it is small enough (so it can be replayed and a
-   session id read from it); otherwise stream it through untouched.
-2. Extract the session id (pure).
-3. Run the request's lifecycle: every decision from the pin lookup to the response
+1. Read the body and the session id together (request_body.SessionBodyReader): a
+   small body is held (replayable); a larger one streams, after as much of it as a
+   body session source needs to settle the id (never an unpinned guess).
+2. Run the request's lifecycle: every decision from the pin lookup to the response
    head to relay (pin-if-absent before anything is sent, pin races, retirement
    repins, the mismatch guard, refusals, failed connections, replays, pin-wait) is
    made by the pure state machine in lifecycle.py; ``_route_and_send`` only executes
    its actions (store calls, sends, waits) and effects (counters, passive health),
    and translates each send's result into an event, in one place (``_attempt``).
-4. Send upstream with ``X-Pinned-Version``. On the response head, read the version
+3. Send upstream with ``X-Pinned-Version``. On the response head, read the version
    stamp: it is a fresh runtime report, applied to the registry before the machine
    sees the head (nothing has reached the client yet: invariant 5).
-5. Stream the body back chunk by chunk (relay.py); record the time to first byte.
+4. Stream the body back chunk by chunk (relay.py); record the time to first byte.
 
 A pin-store call that times out while the event loop itself ran late is this
 process's overload, not the store's failure: it is answered ``proxy_overloaded``.
@@ -25,7 +25,6 @@ import logging
 from typing import TYPE_CHECKING, TypeVar
 
 from proxy.errors import (
-    BadRequest,
     Overloaded,
     ProxyError,
     StoreUnavailable,
@@ -74,9 +73,8 @@ from proxy.lifecycle import (
 )
 from proxy.models import STAMP_HEADERS, Dimension, InvalidVersion, check_value
 from proxy.relay import Served, error_response, relay
-from proxy.request_body import RequestBody, read_body
+from proxy.request_body import RequestBody, SessionBodyReader
 from proxy.routing import RoutingPolicy
-from proxy.sessions import extract_session_id, needs_body
 from proxy.usage import TapLimits
 
 T = TypeVar("T")
@@ -134,8 +132,9 @@ class DataPlane:
         self._loop_lag = loop_lag
         self._store_timeout_s = settings.store.op_timeout_ms / 1000
         self._policy = RoutingPolicy.from_config(settings.routing, settings.versions)
-        self._sources = settings.sessions.sources
-        self._read_body_for_session = needs_body(self._sources)
+        self._body_reader = SessionBodyReader(
+            settings.sessions, settings.upstream.max_buffered_body_bytes
+        )
         routing = settings.routing
         self._lifecycle = LifecyclePolicy(
             routing=self._policy,
@@ -204,19 +203,7 @@ class DataPlane:
         arrived: float,
         outcome: Outcome,
     ) -> web.StreamResponse:
-        body = await read_body(request, self._settings.upstream.max_buffered_body_bytes)
-        session_id = extract_session_id(
-            self._sources,
-            request.headers,
-            request.cookies,
-            body.data if self._read_body_for_session else None,
-            max_bytes=self._settings.sessions.max_id_bytes,
-        )
-        if session_id is None and self._settings.sessions.required:
-            raise BadRequest(
-                "a session id is required (see the configured session sources)",
-                code="missing_session_id",
-            )
+        body, session_id = await self._body_reader.read(request)
         outcome.session_id = session_id
         outcome.request_body = body.data
         pinning = self._settings.routing.pinning and session_id is not None

@@ -112,14 +112,11 @@ class Discovery:
                     )
                     return
                 body = await resp.read()
-            data = orjson.loads(body)
-            if not isinstance(data, dict):
-                raise InvalidVersion("version document is not a JSON object")
-            bundle = VersionBundle.from_mapping(data)
+            bundle = parse_version_report(body)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._registry.report_failure(backend.id, f"poll failed: {type(exc).__name__}")
             return
-        except (orjson.JSONDecodeError, InvalidVersion) as exc:
+        except InvalidVersion as exc:
             logger.warning("backend %s sent an unusable version report: %s", backend.id, exc)
             self._registry.report_failure(backend.id, "invalid version report")
             return
@@ -135,3 +132,14 @@ class Discovery:
 
     def __repr__(self) -> str:
         return f"Discovery(backends={len(self._tasks)}, interval_s={self._config.interval_s})"
+
+
+def parse_version_report(body: bytes) -> VersionBundle:
+    """A ``/version`` document's bundle; ``InvalidVersion`` for anything unusable."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidVersion(f"version document is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidVersion("version document is not a JSON object")
+    return VersionBundle.from_mapping(data)

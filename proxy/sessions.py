@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-import orjson
-
 from proxy.errors import BadRequest
+from proxy.json_body import (
+    ABSENT,
+    PENDING,
+    BodyKind,
+    Found,
+    HeldJson,
+    PathResult,
+    Pending,
+    Unreadable,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -18,12 +27,18 @@ if TYPE_CHECKING:
 # where a control character could forge or break a record.
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
-_UNSET: Final = object()
+
+BodyLookup = Callable[[str], PathResult | Pending]
+"""The id at a dotted path of the request body, or ``PENDING`` while it streams in."""
 
 
-def needs_body(sources: Sequence[SessionSource]) -> bool:
-    """Whether any source reads the request body (so the body must be buffered)."""
-    return any(source.kind == "body" for source in sources)
+def no_json_body(kind: BodyKind, content_encoding: str | None = None) -> BodyLookup:
+    """The lookup for a body that is not read as JSON: none at all, another content type
+    (a backend would not read it as JSON either), or a Content-Encoding not undone here."""
+    if kind is BodyKind.ENCODED:
+        unreadable = Unreadable(f"the body has Content-Encoding {content_encoding}")
+        return lambda _path: unreadable
+    return lambda _path: ABSENT
 
 
 def extract_session_id(
@@ -34,15 +49,36 @@ def extract_session_id(
     *,
     max_bytes: int = 256,
 ) -> str | None:
+    """The session id from a request whose JSON body (if any) is held whole.
+
+    ``body`` is the JSON body's bytes, or None when the request has no JSON body.
+    """
+    lookup = HeldJson(body) if body is not None else no_json_body(BodyKind.NONE)
+    found = resolve_session_id(sources, headers, cookies, lookup, max_bytes=max_bytes)
+    assert found is not PENDING  # a held body settles every path
+    return found
+
+
+def resolve_session_id(
+    sources: Sequence[SessionSource],
+    headers: Mapping[str, str],
+    cookies: Mapping[str, str],
+    body: BodyLookup,
+    *,
+    max_bytes: int = 256,
+) -> str | Pending | None:
     """The session id from the first source, in order, that carries one; None if none does.
 
-    ``headers`` must be case-insensitive (e.g. a multidict). A missing or empty value,
-    a body that is absent or not a JSON object, or a body field that is neither a string
-    nor an integer counts as "this source has no id". A found id that is too long or
-    contains a control character raises ``BadRequest`` (it is not skipped: a client that
-    sent an id meant it, and routing it as a different session would break its pin).
+    ``headers`` must be case-insensitive (e.g. a multidict). A missing or empty header or
+    cookie, and a body path that is missing, null or "", count as "this source has no
+    id". A body source that cannot be read (the body is not JSON, or the value at the
+    path is neither a string nor an integer) raises ``BadRequest`` with code
+    ``unreadable_session_id``: routing such a request unpinned would silently lose its
+    session. ``PENDING`` means a body source must wait for more of a streamed body. A
+    found id that is too long or contains a control character raises ``BadRequest``
+    (it is not skipped: a client that sent an id meant it, and routing it as a different
+    session would break its pin).
     """
-    parsed: object = _UNSET
     for source in sources:
         value: str | None
         if source.kind == "header":
@@ -50,11 +86,16 @@ def extract_session_id(
         elif source.kind == "cookie":
             value = cookies.get(source.name)
         else:
-            if body is None:
-                continue
-            if parsed is _UNSET:
-                parsed = _parse_json(body)
-            value = _walk(parsed, source.name)
+            result = body(source.name)
+            if result is PENDING:
+                return PENDING
+            if isinstance(result, Unreadable):
+                raise BadRequest(
+                    f"{_describe(source)} cannot be read: {result.reason}",
+                    code="unreadable_session_id",
+                    param=source.name,
+                )
+            value = result.value if isinstance(result, Found) else None
         if value:
             _validate(value, source, max_bytes)
             return value
@@ -73,28 +114,6 @@ def _single_header(headers: Mapping[str, str], source: SessionSource) -> str | N
             code="invalid_session_id",
         )
     return values.pop() if values else None
-
-
-def _parse_json(body: bytes) -> object:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        # Not ours to reject: the backend will answer a malformed body properly.
-        return None
-
-
-def _walk(document: object, path: str) -> str | None:
-    node = document
-    for part in path.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    if isinstance(node, str):
-        return node
-    # bool is an int subclass, but True is not anyone's session id.
-    if isinstance(node, int) and not isinstance(node, bool):
-        return str(node)
-    return None
 
 
 def _describe(source: SessionSource) -> str:

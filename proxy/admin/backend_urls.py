@@ -28,6 +28,8 @@ import socket
 from typing import TYPE_CHECKING, Final, Protocol
 from urllib.parse import urlsplit
 
+from yarl import URL
+
 from proxy.errors import BadRequest
 
 if TYPE_CHECKING:
@@ -44,11 +46,11 @@ class Resolver(Protocol):
 
 
 # A base URL: http or https (any case), a host name, IPv4 or bracketed IPv6 address
-# (zone id percent-encoded), an optional port 0-65535 and an optional path of RFC 3986
+# (zone id percent-encoded), an optional port 1-65535 and an optional path of RFC 3986
 # path characters; no userinfo, query, fragment, whitespace or non-ASCII. The same
 # text is a Python, a Rust (pydantic) and an ECMA-262 (JSON Schema) regular expression.
 _PORT: Final = (
-    r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+    r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
 )
 _HOST: Final = r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9._~-]+)?\])"
 URL_PATTERN: Final = (
@@ -151,7 +153,15 @@ def _parse(url: str) -> tuple[str, int]:
         raise BackendUrlRefused(f"not an IP address: {exc}", forbidden=True) from exc
     assert parts.hostname is not None  # the pattern requires a host
     default = 443 if parts.scheme == "https" else 80
-    return parts.hostname.lower().rstrip("."), port if port is not None else default
+    host, port = parts.hostname.lower().rstrip("."), port if port is not None else default
+    try:
+        seen = URL(url, encoded=True)  # how aiohttp's client will read it
+    except ValueError as exc:
+        raise BackendUrlRefused(f"not a valid URL: {exc}") from exc
+    zoneless = host.split("%", 1)[0]  # an IPv6 zone id, percent-encoded or not
+    if (seen.host or "").lower().rstrip(".").split("%", 1)[0] != zoneless or seen.port != port:
+        raise BackendUrlRefused("is read differently by the HTTP clients")
+    return host, port
 
 
 def _malformed(url: str) -> str:
@@ -170,6 +180,14 @@ def _malformed(url: str) -> str:
         return f"scheme must be http or https, not {parts.scheme or 'none'!r}"
     if "@" in parts.netloc:
         return "must not contain credentials (userinfo before '@')"
+    if "\\" in url:
+        # yarl (aiohttp's client) refuses a backslash that urlsplit takes as a path
+        # character: every streamed request to such a backend would fail.
+        return "must not contain a backslash"
+    if parts.port == 0 or re.search(r":0[0-9]*(?:/|$)", parts.netloc + "/"):
+        # urlsplit reads ":0" as port 0, the lean client as "no port" (the default),
+        # aiohttp as port 0: one URL, three destinations.
+        return "port must be 1-65535, without leading zeros"
     if not parts.hostname:
         return "must name a host"
     if "?" in url or "#" in url:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import SessionSource
 from proxy.errors import BadRequest
-from proxy.sessions import extract_session_id, needs_body
+from proxy.sessions import extract_session_id
 
 HEADER = SessionSource(kind="header", name="X-Session-ID")
 COOKIE = SessionSource(kind="cookie", name="sid")
@@ -26,12 +28,6 @@ NO_HEADERS = headers()
 
 def body(doc: object) -> bytes:
     return orjson.dumps(doc)
-
-
-def test_needs_body() -> None:
-    assert needs_body([HEADER, BODY])
-    assert not needs_body([HEADER, COOKIE])
-    assert not needs_body([])
 
 
 def test_first_source_in_order_wins() -> None:
@@ -72,18 +68,43 @@ def test_dotted_body_path() -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        b"{not json",
         b"",
-        b'["metadata"]',
-        b'"metadata"',
-        b'{"metadata": "session_id"}',
-        b'{"metadata": ["session_id"]}',
+        b"null",
         b'{"metadata": {}}',
+        b'{"metadata": null}',
+        b'{"metadata": {"session_id": null}}',
+        b'{"metadata": {"session_id": ""}}',
         b'{"other": {"session_id": "x"}}',
     ],
 )
-def test_body_without_a_usable_id_is_not_an_error(raw: bytes) -> None:
+def test_a_readable_body_without_the_field_has_no_id(raw: bytes) -> None:
     assert extract_session_id([BODY], NO_HEADERS, {}, raw) is None
+
+
+# These were "no id" before issue 9: each routed the request unpinned, silently losing
+# the session of a client that meant to send one (a double-encoded "metadata", say).
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", "the body is not JSON"),
+        (b'{"metadata": {"session_id": "x"}', "the body is not JSON"),  # truncated
+        (b'["metadata"]', "the body is an array, not an object"),
+        (b'"metadata"', "the body is a string, not an object"),
+        (b'{"metadata": "session_id"}', "metadata is a string, not an object"),
+        (b'{"metadata": ["session_id"]}', "metadata is an array, not an object"),
+        (b'{"metadata": "{\\"session_id\\": \\"x\\"}"}', "metadata is a string, not an object"),
+    ],
+)
+def test_a_body_source_that_cannot_be_read_is_refused_as_unreadable(
+    raw: bytes, reason: str
+) -> None:
+    with pytest.raises(BadRequest) as info:
+        extract_session_id([BODY, COOKIE], NO_HEADERS, {"sid": "c"}, raw)
+    assert (info.value.status, info.value.code) == (400, "unreadable_session_id")
+    assert info.value.param == "metadata.session_id"
+    assert info.value.message == (
+        f"session id from body field metadata.session_id cannot be read: {reason}"
+    )
 
 
 def test_no_body_skips_body_sources() -> None:
@@ -92,27 +113,79 @@ def test_no_body_skips_body_sources() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [
-        (42, "42"),
-        (0, "0"),
-        (-7, "-7"),
-        (True, None),
-        (False, None),
-        (1.5, None),
-        (None, None),
-        ({"id": "x"}, None),
-        (["x"], None),
-        ("", None),
-    ],
+    [(42, "42"), (0, "0"), (-7, "-7"), (None, None), ("", None), ("s-1", "s-1")],
 )
 def test_body_value_types(value: object, expected: str | None) -> None:
     raw = body({"metadata": {"session_id": value}})
     assert extract_session_id([BODY], NO_HEADERS, {}, raw) == expected
 
 
-def test_non_string_body_value_falls_through_to_the_next_source() -> None:
-    raw = body({"metadata": {"session_id": 1.5}})
+@pytest.mark.parametrize(
+    ("value", "what"),
+    [
+        (True, "a boolean"),
+        (False, "a boolean"),
+        (1.5, "a number that is not an integer"),
+        ({"id": "x"}, "an object"),
+        (["x"], "an array"),
+    ],
+)
+def test_a_body_value_that_is_no_id_is_refused_not_skipped(value: object, what: str) -> None:
+    # Before issue 9 these fell through to the next source (or to no pin at all).
+    raw = body({"metadata": {"session_id": value}})
+    with pytest.raises(BadRequest) as info:
+        extract_session_id([BODY, COOKIE], NO_HEADERS, {"sid": "c"}, raw)
+    assert info.value.code == "unreadable_session_id"
+    assert info.value.message.endswith(
+        f"metadata.session_id is {what}, not a string or an integer"
+    )
+
+
+def test_an_absent_body_field_falls_through_to_the_next_source() -> None:
+    raw = body({"metadata": {"session_id": None}})
     assert extract_session_id([BODY, COOKIE], NO_HEADERS, {"sid": "c"}, raw) == "c"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"temperature": NaN, "metadata": {"session_id": "s-1"}}',
+        b'{"a": [Infinity, -Infinity], "metadata": {"session_id": "s-1"}}',
+        b'\xef\xbb\xbf{"metadata": {"session_id": "s-1"}}',
+        b'{"content": "\\ud800", "metadata": {"session_id": "s-1"}}',
+        b'{"content": "\\udc00 lone low", "metadata": {"session_id": "s-1"}}',
+        '{"metadata": {"session_id": "s-1"}}'.encode("utf-16"),
+    ],
+)
+def test_the_body_is_read_the_way_a_backend_reads_it(raw: bytes) -> None:
+    # Each of these is refused by orjson and accepted by Python's json, as by a backend.
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(raw)
+    assert json.loads(raw)["metadata"]["session_id"] == "s-1"
+    assert extract_session_id([BODY], NO_HEADERS, {}, raw) == "s-1"
+
+
+def test_a_lone_surrogate_in_the_id_itself_is_an_invalid_id() -> None:
+    raw = b'{"metadata": {"session_id": "a\\ud800"}}'
+    with pytest.raises(BadRequest) as info:
+        extract_session_id([BODY], NO_HEADERS, {}, raw)
+    assert info.value.code == "invalid_session_id"
+
+
+def test_an_integer_id_past_64_bits_is_read_exactly_as_a_backend_reads_it() -> None:
+    # orjson reads it as a float (which is no id); Python's json, like a backend, exactly.
+    raw = b'{"metadata": {"session_id": 123456789012345678901234567890}}'
+    assert isinstance(orjson.loads(raw)["metadata"]["session_id"], float)
+    assert extract_session_id([BODY], NO_HEADERS, {}, raw) == "123456789012345678901234567890"
+    with pytest.raises(BadRequest, match="not an integer"):
+        extract_session_id([BODY], NO_HEADERS, {}, raw.replace(b"}}", b".5}}"))
+
+
+def test_an_integer_id_too_long_for_python_is_unreadable() -> None:
+    raw = b'{"metadata": {"session_id": ' + b"9" * 5000 + b"}}"
+    with pytest.raises(BadRequest) as info:
+        extract_session_id([BODY], NO_HEADERS, {}, raw)
+    assert info.value.code == "unreadable_session_id"
 
 
 def test_body_is_parsed_only_when_a_body_source_is_reached() -> None:
@@ -210,3 +283,30 @@ def test_duplicate_session_headers_that_disagree_are_rejected() -> None:
         extract_session_id(sources, differing, {}, None)
     assert info.value.code == "invalid_session_id"
     assert "more than once" in info.value.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=120), header=st.one_of(st.none(), st.text(max_size=20)))
+@example(raw=b'{"metadata": {"session_id": ' + b"1" * 5000 + b"}}", header=None)
+@example(raw=b'{"metadata": {"session_id": "\\ud800"}}', header=None)
+@example(raw=b"\xef\xbb\xbf", header=None)
+def test_any_body_gives_a_clean_id_none_or_a_stated_refusal(
+    raw: bytes, header: str | None
+) -> None:
+    h = headers(X_Session_ID=header) if header is not None else NO_HEADERS
+    refusal: BadRequest | None = None
+    try:
+        got = extract_session_id([HEADER, BODY], h, {}, raw)
+    except BadRequest as exc:
+        refusal = exc
+    if refusal is not None:
+        assert refusal.code in ("invalid_session_id", "unreadable_session_id")
+        assert refusal.status == 400
+        return
+    if got is not None:
+        assert 0 < len(got.encode("utf-8")) <= 256
+        assert not any(map(is_control, got))
+        if not header:
+            # A body id is what Python's json, like a backend, reads at the path.
+            value = json.loads(raw)["metadata"]["session_id"]
+            assert got == (value if isinstance(value, str) else str(value))
