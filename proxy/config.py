@@ -94,6 +94,13 @@ class StoreConfig(Section):
     # How often batched TTL refreshes for cache-hit sessions are flushed to the store.
     touch_interval_s: Annotated[float, Field(gt=0)] = 5.0
     op_timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = 500
+    # Repins and unpins are also appended to a capped stream that a replica replays when
+    # it reconnects (the broadcast reaches only those listening). A replica that missed
+    # more entries than the stream keeps drops its whole cache instead.
+    repin_log_size: Annotated[int, Field(ge=100, le=10_000_000)] = 10_000
+    # After the store lost data, each replica writes back the pins it holds (those used
+    # within pin_ttl_s) with pin-if-absent, at most this many per second.
+    reassert_per_s: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000
     max_sessions: Annotated[int, Field(gt=0)] = 1_000_000  # in-memory store bound
 
     @field_validator("url")

@@ -77,8 +77,16 @@ class ProxyMetrics:
         )
         self.version_switches = Counter(
             "pinproxy_session_version_switches",
-            "Sessions moved to another version, by reason (retired, admin_repin).",
+            "Sessions moved to another version, by reason (retired, admin_repin, pin_lost, "
+            "pin_conflict).",
             ["reason", "from_version", "to_version"],
+            registry=registry,
+        )
+        self.pin_conflicts = Counter(
+            "pinproxy_pin_conflicts",
+            "Pins re-asserted after the store lost data that found another pin in place "
+            "(the stored pin won; the session's next answer is marked), per replica.",
+            ["from_version", "to_version"],
             registry=registry,
         )
         self.mismatch_guard = Counter(

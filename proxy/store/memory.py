@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from proxy.store.base import Lookup
+
 if TYPE_CHECKING:
     from proxy.clock import Clock
     from proxy.config import StoreConfig
@@ -42,6 +44,10 @@ class MemoryPinStore:
             return None
         self._store(session_id, entry[0], now)
         return entry[0]
+
+    async def lookup(self, session_id: str) -> Lookup:
+        # One process, one dict: nothing else can lose, replace or re-assert a pin.
+        return Lookup(await self.get(session_id))
 
     async def pin_if_absent(self, session_id: str, pin: Pin) -> Pin:
         now = self._sweep(self._clock.monotonic())

@@ -16,6 +16,7 @@ import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.models import Pin
 
@@ -34,7 +35,10 @@ def redis_client_from_config(config: StoreConfig) -> Redis:
     if config.password is not None:
         extra["password"] = config.password.get_secret_value()
     # redis-py retries 3 times with backoff by default, which would multiply the op
-    # timeout; a failed pin lookup should surface at once as a 503 instead. The pool is
+    # timeout; a failed pin lookup should surface at once as a 503 instead. One retry
+    # on a broken connection only: after a Redis restart every pooled connection is
+    # dead, and the first command on each would otherwise fail although Redis is
+    # back (a timeout is never retried, so the op timeout still bounds a call). The pool is
     # bounded so that a burst (cold start, every connection dropped by a Redis restart)
     # queues on a few connections instead of opening one per request.
     pool = BlockingConnectionPool.from_url(
@@ -44,11 +48,43 @@ def redis_client_from_config(config: StoreConfig) -> Redis:
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=_HEALTH_CHECK_INTERVAL_S,
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         decode_responses=False,
         **extra,
     )
     return Redis.from_pool(pool)
+
+
+class StoreKeys:
+    """Every Redis key and channel name the pin store uses, under one prefix.
+
+    ``<prefix>pin:<session>`` holds a pin, ``<prefix>changed:<session>`` the version a
+    session lost in a re-assertion conflict (read once, by its next answer),
+    ``<prefix>pinned:<version key>`` the sorted set of sessions per version,
+    ``<prefix>repins`` the capped stream of repins and unpins (replayed by a replica
+    that reconnects), ``<prefix>epoch`` the token whose disappearance means the store
+    lost its data, and ``<prefix>invalidate`` the pub/sub channel.
+    """
+
+    __slots__ = ("_changed", "_pin", "_pinned", "channel", "epoch", "log")
+
+    def __init__(self, prefix: str) -> None:
+        raw = prefix.encode()
+        self._pin = raw + b"pin:"
+        self._changed = raw + b"changed:"
+        self._pinned = raw + b"pinned:"
+        self.log = raw + b"repins"
+        self.epoch = raw + b"epoch"
+        self.channel = raw + b"invalidate"
+
+    def pin(self, session_id: str) -> bytes:
+        return self._pin + member(session_id)
+
+    def changed(self, session_id: str) -> bytes:
+        return self._changed + member(session_id)
+
+    def pinned(self, version_key: str) -> bytes:
+        return self._pinned + version_key.encode()
 
 
 def encode_pin(pin: Pin) -> bytes:
