@@ -151,6 +151,12 @@ class SessionsConfig(Section):
     # is set, in which case it gets 400.
     required: bool = False
     max_id_bytes: Annotated[int, Field(gt=0, le=4096)] = 256
+    # A continuing conversation (an earlier answer in the request) that finds no pin:
+    # "refuse" answers 503 pin_lost while the store lost data within lost_pin_refuse_s
+    # (None: always), since a replica holding the pin is writing it back; "mark" pins it
+    # afresh and marks the answer "unknown -> <key>". See proxy/lost_pin.py.
+    on_lost_pin: Literal["mark", "refuse"] = "refuse"
+    lost_pin_refuse_s: Annotated[float, Field(gt=0, le=86_400)] | None = 30.0
 
 
 class VersionsConfig(Section):

@@ -63,6 +63,7 @@ class RedisControlStore:
         self._loaded = asyncio.Event()
         self._notices = 0
         self._last_sync = 0.0
+        self._retry = False  # the last reload failed
 
     @property
     def subscriptions(self) -> int:
@@ -120,7 +121,7 @@ class RedisControlStore:
             await self._reload(reload)
 
         async def quiet(now: float) -> None:
-            if now - self._last_sync >= _RESYNC_S:
+            if self._retry or now - self._last_sync >= _RESYNC_S:
                 await self._reload(reload)
 
         self._subscriber = Subscriber(
@@ -154,7 +155,15 @@ class RedisControlStore:
             self._task = None
 
     async def _reload(self, reload: Callable[[], Awaitable[None]]) -> None:
-        await reload()
+        try:
+            await reload()
+        except ControlUnavailable as exc:
+            # Expected while Redis restarts or fails over: one line, no traceback, and
+            # the next quiet poll tries again.
+            self._retry = True
+            logger.warning("control state reload failed, will retry: %s", exc.message)
+            return
+        self._retry = False
         self._last_sync = self._clock.monotonic()
 
     async def _call(self, what: str, operation: Awaitable[T]) -> T:

@@ -40,6 +40,7 @@ from proxy.headers import (
     upstream_request_headers,
     valid_request_id,
 )
+from proxy.lost_pin import LostPinPolicy
 from proxy.models import (
     STAMP_HEADERS,
     Dimension,
@@ -108,6 +109,7 @@ class DataPlane:
         self._sources = settings.sessions.sources
         self._read_body_for_session = needs_body(self._sources)
         self._pin_wait_s = settings.routing.pin_wait_ms / 1000.0
+        self._lost_pin = LostPinPolicy(settings.sessions, metrics, settings.routing.retry_after_s)
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
 
@@ -181,13 +183,19 @@ class DataPlane:
         outcome.request_body = body.data
         pinning = self._settings.routing.pinning and session_id is not None
         pin = None
+        lost_pin = False
         if pinning and session_id:
             with self._metrics.time_store("get"):
-                pin = await self._stored(self._store.get(session_id))
+                found = await self._stored(self._store.lookup(session_id))
+            pin = found.pin
+            if pin is None:
+                lost_pin = self._lost_pin.check(found, body.data)  # or raises PinLost
+            elif found.changed_from is not None:
+                outcome.version_changed = f"{found.changed_from} -> {pin.version_key}"
 
         served = await self._route_and_send(
             request, request_id, traceparent, body, session_id if pinning else None, pin,
-            arrived, outcome,
+            arrived, outcome, lost_pin=lost_pin,
         )
         return await relay(
             request, request_id, served, outcome, loads=self._loads, tap_limits=self._tap_limits
@@ -203,6 +211,8 @@ class DataPlane:
         pin: Pin | None,
         arrived: float,
         outcome: Outcome,
+        *,
+        lost_pin: bool = False,
     ) -> Served:
         deadline = arrived + self._pin_wait_s
         exclude: set[str] = set()
@@ -233,6 +243,8 @@ class DataPlane:
                 )
                 with self._metrics.time_store("pin_if_absent"):
                     pin = await self._stored(self._store.pin_if_absent(session_id, ours))
+                if lost_pin:
+                    outcome.version_changed = self._lost_pin.marked(pin.version_key, pin == ours)
                 if pin == ours:
                     outcome.new_pin = True
                     self._metrics.pins_created.labels(ours.version_key).inc()
@@ -354,6 +366,7 @@ class DataPlane:
         try:
             return await operation
         except StoreUnavailable as exc:
+            exc.headers["Retry-After"] = str(self._settings.routing.retry_after_s)
             lag = self._loop_lag
             if exc.timed_out and (exc.store_answering or (
                 lag is not None and lag.worst_since(started) >= self._store_timeout_s / 2

@@ -89,6 +89,13 @@ class ProxyMetrics:
             ["from_version", "to_version"],
             registry=registry,
         )
+        self.lost_pins = Counter(
+            "pinproxy_lost_pins",
+            "Continuing conversations that found no pin, by what was done (mark: pinned "
+            "afresh and marked; refuse: 503 pin_lost).",
+            ["action"],
+            registry=registry,
+        )
         self.mismatch_guard = Counter(
             "pinproxy_mismatch_guard_triggers",
             "Responses withheld because their version stamp disagreed with the session's pin.",
