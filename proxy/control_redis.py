@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from proxy.control import ControlState, ControlUnavailable, PushedReport
 from proxy.models import Backend, InvalidVersion, VersionBundle
+from proxy.outage import OutageLog
 from proxy.pubsub import Subscriber
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class RedisControlStore:
         self._notices = 0
         self._last_sync = 0.0
         self._retry = False  # the last reload failed
+        self._outage = OutageLog(logger, "control subscription")
 
     @property
     def subscriptions(self) -> int:
@@ -112,6 +114,7 @@ class RedisControlStore:
             return
 
         async def subscribed() -> None:
+            self._outage.succeeded()
             await self._reload(reload)
             self._loaded.set()
 
@@ -133,7 +136,7 @@ class RedisControlStore:
             poll_s=_POLL_S,
             on_subscribed=subscribed,
             on_messages=notices,
-            on_lost=lambda why: logger.warning("control subscription lost; resubscribing: %s", why),
+            on_lost=lambda why: self._outage.failed(why),
             on_quiet=quiet,
         )
         self._task = asyncio.create_task(self._subscriber.run(), name="control-sub")

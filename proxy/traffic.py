@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from redis.exceptions import RedisError
 
 from proxy.errors import ProxyError
+from proxy.outage import OutageLog
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterable, Mapping
@@ -154,6 +155,7 @@ class TrafficCounter:
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._closed = False
+        self._outage = OutageLog(logger, "traffic count flushes")
 
     @property
     def shared(self) -> bool:
@@ -262,8 +264,9 @@ class TrafficCounter:
             await asyncio.sleep(self._flush_interval_s)
             try:
                 await self.flush()
+                self._outage.succeeded()
             except TrafficUnavailable as exc:
-                logger.warning("traffic counts not flushed (kept for later): %s", exc.message)
+                self._outage.failed(f"{exc.message} (counts kept for later)")
             except Exception:
                 logger.exception("traffic flush failed unexpectedly")
 

@@ -162,7 +162,6 @@ class PinSync:
         self._call = call
         self._on_conflict = on_conflict
         self._ttl_ms = max(1, round(config.pin_ttl_s * 1000))
-        self._token = secrets.token_hex(8).encode()
         self._epoch: bytes | None = None
         self._run_id: str | None = None
         self._position: LogPosition | None = None
@@ -196,7 +195,9 @@ class PinSync:
                 b"(" + self._position.last_id
             )
             pipe.xrange(self._keys.log, start, b"+")
-            pipe.set(self._keys.epoch, self._token, nx=True, get=True)
+            # A fresh token each time: one that reappears would hide the loss it marks.
+            token = secrets.token_hex(8).encode()
+            pipe.set(self._keys.epoch, token, nx=True, get=True)
             if check_server:
                 pipe.info("server")
             replies = await self._call("sync", pipe.execute(raise_on_error=False))
@@ -208,7 +209,7 @@ class PinSync:
         position, length = log_position(replies[0])
         step = next_step(self._position, position, length, replies[1] or [])
         self.stale = False
-        epoch = self._token if replies[2] is None else bytes(replies[2])
+        epoch = token if replies[2] is None else bytes(replies[2])
         reasons = []
         if self._epoch is not None and epoch != self._epoch:
             reasons.append("the epoch key was gone" if replies[2] is None else "a new epoch")

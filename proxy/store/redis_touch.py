@@ -25,6 +25,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from proxy.errors import StoreUnavailable
+from proxy.outage import OutageLog
 from proxy.store.redis_wire import member
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class Touches:
         self._epoch_ok = epoch_ok  # False: the store lost data (and recovery has begun)
         self._ttl_ms = max(1, round(config.pin_ttl_s * 1000))
         self._pending: dict[str, str] = {}  # session -> its pinned version key
+        self._outage = OutageLog(_log, "TTL touches")
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -108,10 +110,11 @@ class Touches:
                     await self.flush()
                 else:
                     self._epoch_ok(await self._call("epoch", self._client.get(self._keys.epoch)))
+                self._outage.succeeded()
             except StoreUnavailable as exc:
                 # Losing one batch only shortens TTLs that are normally hours long; the
                 # next hit of each session schedules its touch again.
-                _log.warning("TTL touch batch dropped: %s", exc.message)
+                self._outage.failed(f"batches dropped: {exc.message}")
             except Exception:
                 _log.exception("TTL touch batch failed unexpectedly")
 
