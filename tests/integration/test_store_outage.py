@@ -15,6 +15,7 @@ from proxy.models import Pin
 from proxy.store.base import Lookup
 from proxy.store.redis import RedisPinStore
 from proxy.store.redis_wire import redis_client_from_config
+from tests.fixtures.redis_server import RedisServer
 from tests.integration.test_redis_store import eventually, pin, store_config
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from proxy.clock import Clock
-    from tests.fixtures.redis_server import RedisServer, TcpRelay
+    from tests.fixtures.redis_server import TcpRelay
 
     OpenStore = Callable[..., Awaitable[RedisPinStore]]
     Conflicts = list[tuple[str, Pin, Pin]]
@@ -185,3 +186,21 @@ async def test_a_miss_after_data_loss_says_how_recent_the_loss_was(
     found = await store.lookup("new")
     assert found.pin is None
     assert found.lost_data_s_ago < 1.0
+
+
+async def test_a_restart_that_kept_the_data_is_seen_by_its_run_id_and_conflicts_with_nothing(
+    open_store: OpenStore, conflicts: Conflicts
+) -> None:
+    # An AOF restart keeps the epoch, but may have lost its last second of pins.
+    with RedisServer(extra_args=("--appendonly", "yes", "--appendfsync", "always")) as server:
+        store = await open_store(server.url, touch_interval_s=60.0)
+        await store.pin_if_absent("s", pin(1))
+        server.restart()
+
+        async def written_back() -> bool:
+            return store.sync.reasserted + store.sync.losses >= 1 and not store.sync.recovering
+
+        await eventually(written_back, within_s=5.0)
+        assert store.sync.losses == 1
+        assert conflicts == []
+        assert await answers(lambda: store.get("s"), pin(1))
