@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from redis.asyncio import Redis
 
-    from proxy.config import StoreConfig
+    from proxy.config_store import StoreConfig
     from proxy.config_telemetry import AuditConfig
 
     DropHook = Callable[[str, int], None]  # (reason, how many records)

@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from proxy.config_store import StoreConfig
 from proxy.config_telemetry import AuditConfig, LogConfig, MetricsConfig, Section, TracingConfig
 from proxy.errors import ConfigError
 from proxy.models import Dimension, VersionSource
@@ -78,50 +79,6 @@ class RuntimeConfig(Section):
     gc_thresholds: tuple[
         Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]
     ] = (2000, 10, 1000)
-
-
-class StoreConfig(Section):
-    kind: Literal["memory", "redis"] = "memory"
-    url: str = "redis://127.0.0.1:6379/0"
-    password: SecretStr | None = None
-    key_prefix: Annotated[str, Field(min_length=1, max_length=64)] = "pinproxy:"
-    pin_ttl_s: Annotated[float, Field(gt=0)] = 86400.0
-    # Pins are immutable except by explicit repin (which is broadcast), so a local copy
-    # can be trusted; it is re-read from the store after this long anyway, to notice a
-    # pin that expired in the store while this process kept using its copy.
-    local_cache_size: Annotated[int, Field(ge=0)] = 100_000
-    local_cache_ttl_s: Annotated[float, Field(gt=0)] = 60.0
-    # How often batched TTL refreshes for cache-hit sessions are flushed to the store.
-    touch_interval_s: Annotated[float, Field(gt=0)] = 5.0
-    op_timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = 500
-    # Repins and unpins are also appended to a capped stream that a replica replays when
-    # it reconnects (the broadcast reaches only those listening). A replica that missed
-    # more entries than the stream keeps drops its whole cache instead.
-    repin_log_size: Annotated[int, Field(ge=100, le=10_000_000)] = 10_000
-    # After the store lost data, each replica writes back the pins it holds (those used
-    # within pin_ttl_s) with pin-if-absent, at most this many per second.
-    reassert_per_s: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000
-    max_sessions: Annotated[int, Field(gt=0)] = 1_000_000  # in-memory store bound
-
-    @field_validator("url")
-    @classmethod
-    def _redis_url(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        return value
-
-    def masked_url(self) -> str:
-        """The URL with any password (userinfo or ``?password=``) replaced by ``***``."""
-        parts = urlsplit(self.url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            # Keep the host part exactly as written (IPv6 brackets, case).
-            netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
-        query = urlencode(
-            [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, True)]
-        )
-        return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class SessionSource(Section):
@@ -363,8 +320,9 @@ class Settings(BaseSettings):
         """The resolved settings as plain data, with secrets masked (for check-config)."""
         data = self.model_dump(mode="json")
         data["store"]["url"] = self.store.masked_url()
-        if self.store.password is not None:
-            data["store"]["password"] = "***"
+        for secret in ("password", "sentinel_password"):
+            if getattr(self.store, secret) is not None:
+                data["store"][secret] = "***"
         if self.admin.token is not None:
             data["admin"]["token"] = "***"
         if self.log.session_hash_key is not None:

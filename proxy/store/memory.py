@@ -16,7 +16,7 @@ from proxy.store.base import Lookup
 
 if TYPE_CHECKING:
     from proxy.clock import Clock
-    from proxy.config import StoreConfig
+    from proxy.config_store import StoreConfig
     from proxy.models import Pin
 
 

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from redis.asyncio.client import Pipeline
 
     from proxy.clock import Clock
-    from proxy.config import StoreConfig
+    from proxy.config_store import StoreConfig
     from proxy.models import Pin
     from proxy.store.redis_sync import ConflictHook
 
@@ -403,7 +403,7 @@ class RedisPinStore:
                 raise asyncio.CancelledError from exc
             detail = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
             error = StoreUnavailable(
-                f"pin store {what} failed at {self._config.masked_url()}: {detail}",
+                f"pin store {what} failed at {self._config.describe()}: {detail}",
                 code="pin_store_unavailable",
             )
             error.timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)

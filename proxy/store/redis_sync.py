@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from proxy.clock import Clock
-    from proxy.config import StoreConfig
+    from proxy.config_store import StoreConfig
     from proxy.models import Pin
     from proxy.store.cache import PinCache
     from proxy.store.redis_wire import StoreKeys

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from proxy.clock import Clock
-    from proxy.config import StoreConfig
+    from proxy.config_store import StoreConfig
     from proxy.store.cache import PinCache
     from proxy.store.redis_sync import Caller
     from proxy.store.redis_wire import StoreKeys

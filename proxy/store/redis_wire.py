@@ -1,4 +1,4 @@
-"""What pinproxy keeps in Redis, and how it connects: client settings, pin documents.
+"""What pinproxy keeps in Redis: key names and pin documents (clients: redis_client.py).
 
 A pin is a small JSON document (``encode_pin``/``decode_pin``); the pinned-count sorted
 sets hold each session id as a member, encoded like its key. Session ids become bytes
@@ -9,50 +9,20 @@ its key.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.models import Pin
+from proxy.store.redis_client import redis_client_from_config
+
+__all__ = ["redis_client_from_config"]
 
 if TYPE_CHECKING:
-    from proxy.config import StoreConfig
+    from proxy.config_store import StoreConfig
 
 _TEXT_FIELDS = ("version_key", "backend_id", "region")  # Pin's fields before pinned_at
-_HEALTH_CHECK_INTERVAL_S = 15
-_MAX_CONNECTIONS = 64  # per process; one is the invalidation subscription
-
-
-def redis_client_from_config(config: StoreConfig) -> Redis:
-    """A client for ``config.url``: op-timeout sockets, no hidden retries, a bounded pool."""
-    timeout_s = config.op_timeout_ms / 1000
-    extra: dict[str, Any] = {}
-    if config.password is not None:
-        extra["password"] = config.password.get_secret_value()
-    # redis-py retries 3 times with backoff by default, which would multiply the op
-    # timeout; a failed pin lookup should surface at once as a 503 instead. One retry
-    # on a broken connection only: after a Redis restart every pooled connection is
-    # dead, and the first command on each would otherwise fail although Redis is
-    # back (a timeout is never retried, so the op timeout still bounds a call). The pool is
-    # bounded so that a burst (cold start, every connection dropped by a Redis restart)
-    # queues on a few connections instead of opening one per request.
-    pool = BlockingConnectionPool.from_url(
-        config.url,
-        max_connections=_MAX_CONNECTIONS,
-        timeout=timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=_HEALTH_CHECK_INTERVAL_S,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        decode_responses=False,
-        **extra,
-    )
-    return Redis.from_pool(pool)
 
 
 class StoreKeys:
@@ -114,8 +84,9 @@ def member(session_id: str) -> bytes:
 def secrets_of(config: StoreConfig) -> tuple[str, ...]:
     """The password(s) in the store's settings, to scrub from error messages."""
     secrets = []
-    if config.password is not None and config.password.get_secret_value():
-        secrets.append(config.password.get_secret_value())
+    for secret in (config.password, config.sentinel_password):
+        if secret is not None and secret.get_secret_value():
+            secrets.append(secret.get_secret_value())
     url_password = urlsplit(config.url).password
     if url_password:
         secrets.append(url_password)

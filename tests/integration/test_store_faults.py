@@ -40,7 +40,13 @@ PIN_WAIT_MS = 500
 BUDGET_S = (OP_TIMEOUT_MS + PIN_WAIT_MS) / 1000 + 1.0
 
 
-def _toml(pops: list[SimPop], redis_url: str, admin_port: int, admitted: str) -> str:
+def store_toml(url: str, **extra: str) -> str:
+    """The ``[store]`` settings every replica of these tests uses, plus ``extra``."""
+    lines = [f'url = "{url}"', *(f"{key} = {value}" for key, value in extra.items())]
+    return "\n".join(lines)
+
+
+def _toml(pops: list[SimPop], store: str, admin_port: int, admitted: str) -> str:
     backends = "\n".join(
         f'[[backends]]\nid = "{p.state.backend_id}"\nregion = "{p.state.region}"\nurl = "{p.url}"\n'
         for p in pops
@@ -50,7 +56,7 @@ def _toml(pops: list[SimPop], redis_url: str, admin_port: int, admitted: str) ->
 host = "127.0.0.1"
 [store]
 kind = "redis"
-url = "{redis_url}"
+{store}
 op_timeout_ms = {OP_TIMEOUT_MS}
 touch_interval_s = 0.2
 local_cache_ttl_s = 0.3
@@ -122,7 +128,7 @@ async def ask(
 
 
 async def start_fleet(
-    start_pop: StartPop, proxy_processes: Callable[..., ProxyProcess], redis: RedisServer,
+    start_pop: StartPop, proxy_processes: Callable[..., ProxyProcess], store: str,
     http: aiohttp.ClientSession,
 ) -> tuple[list[Replica], list[str], Answers]:
     # Each replica pins new sessions to its own version, so a session pinned afresh by
@@ -131,7 +137,7 @@ async def start_fleet(
     replicas = []
     for admitted in ("v1", "v2"):
         admin_port = free_port()
-        process = proxy_processes(_toml(pops, redis.url, admin_port, admitted))
+        process = proxy_processes(_toml(pops, store, admin_port, admitted))
         replicas.append(Replica(process, admin_port))
     for replica in replicas:
         await replica.process.wait_listening()
@@ -201,9 +207,9 @@ async def run_fault(
     stop = asyncio.Event()
     load = asyncio.create_task(traffic(http, replicas, sessions, answers, stop))
     await asyncio.sleep(0.3)  # traffic running before the fault (not synchronisation)
-    fault()
+    await asyncio.to_thread(fault)  # traffic goes on meanwhile (a failover takes seconds)
     await asyncio.sleep(outage_s)  # the outage's length is what is under test
-    recover()
+    await asyncio.to_thread(recover)
     back = time.monotonic()
     stop.set()
     await load
@@ -214,7 +220,9 @@ async def test_a_redis_restarted_empty_under_traffic_changes_no_session_version(
     start_pop: StartPop, proxy_processes: Callable[..., ProxyProcess],
     private_redis: RedisServer, http: aiohttp.ClientSession,
 ) -> None:
-    replicas, sessions, answers = await start_fleet(start_pop, proxy_processes, private_redis, http)
+    replicas, sessions, answers = await start_fleet(
+        start_pop, proxy_processes, store_toml(private_redis.url), http
+    )
     recovery_s = await run_fault(
         http, replicas, sessions, answers, private_redis.stop, private_redis.start, 1.0
     )
@@ -237,7 +245,9 @@ async def test_a_redis_paused_longer_than_the_subscription_timeout_changes_no_se
     start_pop: StartPop, proxy_processes: Callable[..., ProxyProcess],
     private_redis: RedisServer, http: aiohttp.ClientSession,
 ) -> None:
-    replicas, sessions, answers = await start_fleet(start_pop, proxy_processes, private_redis, http)
+    replicas, sessions, answers = await start_fleet(
+        start_pop, proxy_processes, store_toml(private_redis.url), http
+    )
     # An idle subscription is pinged after 5 s and given up 1 s later.
     recovery_s = await run_fault(
         http, replicas, sessions, answers, private_redis.pause, private_redis.resume, 6.5
@@ -257,7 +267,9 @@ async def test_a_flushall_under_traffic_changes_no_session_version(
     start_pop: StartPop, proxy_processes: Callable[..., ProxyProcess],
     private_redis: RedisServer, http: aiohttp.ClientSession,
 ) -> None:
-    replicas, sessions, answers = await start_fleet(start_pop, proxy_processes, private_redis, http)
+    replicas, sessions, answers = await start_fleet(
+        start_pop, proxy_processes, store_toml(private_redis.url), http
+    )
     recovery_s = await run_fault(
         http, replicas, sessions, answers, private_redis.flushall, lambda: None, 1.0
     )  # longer than the cache TTL: every copy is re-read from the emptied store
