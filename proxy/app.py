@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -40,6 +41,7 @@ from proxy.relay import error_response
 from proxy.store import PinStore
 from proxy.store.memory import MemoryPinStore
 from proxy.store.redis import RedisPinStore
+from proxy.store.redis_client import sharded_pubsub_opener
 from proxy.store.redis_wire import redis_client_from_config
 from proxy.telemetry import Telemetry
 from proxy.tls import client_tls_context
@@ -282,7 +284,9 @@ def build_app(
             LocalControlStore()
             if redis is None
             else RedisControlStore(
-                redis, settings.store.key_prefix, clock, settings.store.op_timeout_ms / 1000
+                redis, settings.store.key_prefix, clock, settings.store.op_timeout_ms / 1000,
+                sharded=partial(sharded_pubsub_opener, settings.store, redis)
+                if settings.store.topology == "cluster" else None,
             )
         )
         control = ControlPlane(

@@ -33,10 +33,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from redis.exceptions import RedisError
-
 from proxy.errors import ProxyError
 from proxy.outage import OutageLog
+from proxy.store.redis_client import REDIS_FAILURES
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterable, Mapping
@@ -274,7 +273,7 @@ class TrafficCounter:
         try:
             async with asyncio.timeout(self._op_timeout_s):
                 return await operation
-        except (RedisError, OSError) as exc:  # OSError covers asyncio's TimeoutError
+        except REDIS_FAILURES as exc:  # OSError covers asyncio's TimeoutError
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # redis-py can turn a cancellation into its own error; honour the cancel.

@@ -45,12 +45,13 @@ from proxy.errors import StoreUnavailable
 from proxy.pubsub import Subscriber
 from proxy.store.base import Lookup
 from proxy.store.cache import PinCache
-from proxy.store.redis_sync import PinSync, log_entry
+from proxy.store.redis_client import REDIS_FAILURES, sharded_pubsub_opener
+from proxy.store.redis_sync import PinSync, announce
 from proxy.store.redis_touch import Touches
 from proxy.store.redis_wire import StoreKeys, decode_pin, encode_pin, member, scrub, secrets_of
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Callable
 
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
@@ -88,7 +89,7 @@ class RedisPinStore:
         self._owns_client = owns_client  # False: the composition root shares and closes it
         self._clock = clock
         self._prefix = config.key_prefix
-        self._keys = StoreKeys(config.key_prefix)
+        self._keys = StoreKeys(config.key_prefix, cluster=config.topology == "cluster")
         self._ttl_ms = max(1, round(config.pin_ttl_s * 1000))
         self._op_timeout_s = config.op_timeout_ms / 1000
         self._cache = PinCache(
@@ -106,6 +107,7 @@ class RedisPinStore:
         self._touches = Touches(
             client, self._keys, self._cache, config, clock, self._call,
             epoch_ok=self._sync.epoch_seen,
+            periodic=self._sync.watch_servers if self._keys.cluster else None,
         )  # fmt: skip
         self._subscriber = Subscriber(
             client,
@@ -118,6 +120,8 @@ class RedisPinStore:
             on_messages=self._on_invalidations,
             on_lost=self._on_subscription_lost,
             on_quiet=self._on_quiet,
+            open_pubsub=sharded_pubsub_opener(config, client, self._keys.channel)
+            if self._keys.cluster else None,
         )
 
     @property
@@ -224,13 +228,13 @@ class RedisPinStore:
 
     async def repin(self, session_id: str, pin: Pin) -> Pin | None:
         self._check_open()
+
+        def write(pipe: Pipeline) -> None:
+            pipe.set(self._keys.pin(session_id), encode_pin(pin), px=self._ttl_ms, get=True)
+            pipe.zadd(self._keys.pinned(pin.version_key), {member(session_id): self._clock.time()})
+
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(self._keys.pin(session_id), encode_pin(pin), px=self._ttl_ms, get=True)
-                pipe.zadd(self._keys.pinned(pin.version_key),
-                          {member(session_id): self._clock.time()})
-                self._announce(pipe, session_id)
-                results = await self._call("repin", pipe.execute())
+            results = await self._call("repin", self._change(session_id, write))
         finally:
             # Even a failed write may have been applied (a timeout after sending).
             self._forget(session_id)
@@ -241,11 +245,9 @@ class RedisPinStore:
 
     async def unpin(self, session_id: str) -> Pin | None:
         self._check_open()
+        key = self._keys.pin(session_id)
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.getdel(self._keys.pin(session_id))
-                self._announce(pipe, session_id)
-                results = await self._call("unpin", pipe.execute())
+            results = await self._call("unpin", self._change(session_id, lambda p: p.getdel(key)))
         finally:
             self._forget(session_id)
         previous = self._previous(session_id, results[0])
@@ -253,11 +255,23 @@ class RedisPinStore:
             await self._uncount(session_id, previous)
         return previous
 
-    def _announce(self, pipe: Pipeline, session_id: str) -> None:
-        """Log and broadcast a change of the session's pin (in the caller's MULTI)."""
-        pipe.xadd(self._keys.log, log_entry(session_id),  # type: ignore[arg-type]
-                  maxlen=self._config.repin_log_size, approximate=True)
-        pipe.publish(self._keys.channel, member(session_id))
+    async def _change(self, session_id: str, write: Callable[[Pipeline], object]) -> list[Any]:
+        """Apply ``write`` and log and broadcast the change: one MULTI, or on a cluster
+        (where a MULTI stays in one slot) the write first, then the log and broadcast,
+        so a replica that replays the entry reads the new pin."""
+        log_size = self._config.repin_log_size
+        if not self._keys.cluster:
+            async with self._client.pipeline(transaction=True) as pipe:
+                write(pipe)
+                announce(pipe, self._keys, session_id, log_size)
+                return await pipe.execute()
+        async with self._client.pipeline(transaction=False) as pipe:
+            write(pipe)
+            results = await pipe.execute()
+        async with self._client.pipeline(transaction=True) as pipe:
+            announce(pipe, self._keys, session_id, log_size)
+            await pipe.execute()
+        return results
 
     def _forget(self, session_id: str) -> None:
         self._cache.evict(session_id)
@@ -395,7 +409,7 @@ class RedisPinStore:
         try:
             async with asyncio.timeout(self._op_timeout_s):
                 result = await operation
-        except (RedisError, OSError) as exc:  # OSError covers TimeoutError from asyncio
+        except REDIS_FAILURES as exc:  # OSError covers TimeoutError from asyncio
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # redis-py can turn a cancellation that lands in its own timeout or

@@ -27,9 +27,24 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from redis.asyncio.client import PubSub
+
     from proxy.config_store import StoreConfig
+
+    PubSubOpener = Callable[[], Awaitable[PubSub]]
+
+# What a Redis call can raise when the store fails: redis-py's errors (a cluster's slot
+# map errors are not RedisErrors), OSError, which covers asyncio's TimeoutError, and
+# what redis-py 8's cluster client lets through when a master is killed under it:
+# AttributeError (the connection's writer already gone) and RuntimeError (uvloop:
+# "unable to perform operation on <TCPTransport closed=True>"), both seen in the
+# cluster fault test. Caught only around calls into redis-py.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, AttributeError, RuntimeError)
 
 _HEALTH_CHECK_INTERVAL_S = 15
 _MAX_CONNECTIONS = 64  # per process (per node on a cluster); one is the subscription
@@ -136,3 +151,46 @@ def _sentinel_master(config: StoreConfig, common: dict[str, Any]) -> Redis:
         **_credentials(config),
     )
     return master
+
+
+def node_client(config: StoreConfig, host: str, port: int) -> Redis:
+    """A plain client for one cluster node (its sharded pub/sub), with the same
+    timeouts, credentials and TLS as the cluster client."""
+    timeout_s = config.op_timeout_ms / 1000
+    return Redis(
+        host=host,
+        port=port,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=_retry(),
+        ssl=config.tls,
+        **_tls(config),
+        **_credentials(config),
+    )
+
+
+def sharded_pubsub_opener(config: StoreConfig, client: Redis, channel: bytes) -> PubSubOpener:
+    """Opens a pub/sub connection to the primary serving ``channel``'s slot.
+
+    Sharded pub/sub (SSUBSCRIBE, Redis >= 7) keeps a cluster's invalidations on one
+    shard instead of broadcasting every message over the cluster bus to every node.
+    Each (re)connection asks the slot map again, refreshed after a failure, so a
+    failover or a slot migration moves the subscription to the new owner.
+    """
+    cluster = cast("RedisCluster", client)
+    opened = False
+
+    async def open_pubsub() -> PubSub:
+        nonlocal opened
+        if opened:
+            # A reconnection follows a failure: the slot's owner may have changed.
+            await cluster.nodes_manager.initialize()
+        else:
+            await cluster.initialize()
+        opened = True
+        node = cluster.get_node_from_key(channel.decode("utf-8", "surrogateescape"))
+        if node is None:
+            raise RedisConnectionError(f"no node serves the slot of {channel!r}")
+        return node_client(config, node.host, int(node.port)).pubsub()
+
+    return open_pubsub

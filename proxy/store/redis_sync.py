@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
     from proxy.clock import Clock
     from proxy.config_store import StoreConfig
@@ -140,6 +141,20 @@ def log_entry(session_id: str) -> dict[bytes, bytes]:
     return {_FIELD: member(session_id)}
 
 
+def announce(pipe: Pipeline, keys: StoreKeys, session_id: str, log_size: int) -> None:
+    """Log and broadcast a change of the session's pin (in the caller's MULTI).
+
+    On a cluster the log and the channel share the ``{sync}`` slot and the channel is
+    sharded (SPUBLISH), so this MULTI stays in one slot.
+    """
+    pipe.xadd(keys.log, log_entry(session_id),  # type: ignore[arg-type]
+              maxlen=log_size, approximate=True)
+    if keys.cluster:
+        pipe.spublish(keys.channel, member(session_id))
+    else:
+        pipe.publish(keys.channel, member(session_id))
+
+
 class PinSync:
     """Replays the repin log into the cache and re-asserts pins when the store lost data."""
 
@@ -163,7 +178,7 @@ class PinSync:
         self._on_conflict = on_conflict
         self._ttl_ms = max(1, round(config.pin_ttl_s * 1000))
         self._epoch: bytes | None = None
-        self._run_id: str | None = None
+        self._servers: frozenset[str] | None = None  # run ids of the primaries
         self._position: LogPosition | None = None
         self._lost_at = -math.inf
         self._recovery: asyncio.Task[None] | None = None
@@ -198,8 +213,6 @@ class PinSync:
             # A fresh token each time: one that reappears would hide the loss it marks.
             token = secrets.token_hex(8).encode()
             pipe.set(self._keys.epoch, token, nx=True, get=True)
-            if check_server:
-                pipe.info("server")
             replies = await self._call("sync", pipe.execute(raise_on_error=False))
         for reply in replies[1:]:
             if isinstance(reply, Exception):
@@ -215,11 +228,8 @@ class PinSync:
             reasons.append("the epoch key was gone" if replies[2] is None else "a new epoch")
         if step.regressed:
             reasons.append("the repin log went backwards")
-        if check_server:
-            run_id = _run_id(replies[3])
-            if self._run_id is not None and run_id is not None and run_id != self._run_id:
-                reasons.append("a different server run id")
-            self._run_id = run_id or self._run_id
+        if check_server and await self._new_server():
+            reasons.append("a different server run id")
         self._epoch = epoch
         self._position = step.position
         for session_id in step.evict:
@@ -229,6 +239,27 @@ class PinSync:
             self._cache.clear()
         if reasons and detect:
             self.data_lost(", ".join(reasons))
+
+    async def watch_servers(self) -> None:
+        """Check the primaries' run ids (a cluster, where one shard can fail over
+        without breaking this replica's subscription on another)."""
+        if await self._new_server():
+            self.data_lost("a different server run id")
+
+    async def _new_server(self) -> bool:
+        """Whether a primary answers that was not there before (a failover or restart)."""
+        if self._keys.cluster:
+            replies = await self._call(
+                "sync", self._client.info("server", target_nodes="primaries")
+            )
+            infos = list(replies.values()) if isinstance(replies, dict) else []
+            if infos and not isinstance(infos[0], dict):
+                infos = [replies]  # one primary: redis-py answers with its info alone
+        else:
+            infos = [await self._call("sync", self._client.info("server"))]
+        seen = frozenset(run_id for info in infos if (run_id := _run_id(info)) is not None)
+        known, self._servers = self._servers, seen
+        return known is not None and bool(seen - known)
 
     def epoch_seen(self, value: object) -> bool:
         """The epoch as read by another call (a touch batch, a cache miss); False (and
@@ -306,6 +337,9 @@ class PinSync:
         self.reasserted += len(written)
         if written or conflicts:
             await self._call("reassert", self._record(written, conflicts))
+        if conflicts:
+            # Only once every mark is written: a replica evicting on this broadcast reads it.
+            await self._call("reassert", self._announce(conflicts))
         for session_id, ours, stored in conflicts:
             # Not cached: the next lookup reads the pin with its conflict mark.
             self._cache.evict(session_id)
@@ -315,15 +349,18 @@ class PinSync:
     async def _record(
         self, written: Sequence[tuple[str, Pin, float]], conflicts: Sequence[tuple[str, Pin, Pin]]
     ) -> list[Any]:
-        async with self._client.pipeline(transaction=True) as pipe:
+        async with self._client.pipeline(transaction=False) as pipe:
             for session_id, pin, used_at in written:
                 pipe.zadd(self._keys.pinned(pin.version_key), {member(session_id): used_at})
             for session_id, ours, _stored in conflicts:
                 pipe.set(self._keys.changed(session_id), ours.version_key.encode(),
                          px=self._ttl_ms)
-                pipe.xadd(self._keys.log, log_entry(session_id),  # type: ignore[arg-type]
-                          maxlen=self._config.repin_log_size, approximate=True)
-                pipe.publish(self._keys.channel, member(session_id))
+            return await pipe.execute()
+
+    async def _announce(self, conflicts: Sequence[tuple[str, Pin, Pin]]) -> list[Any]:
+        async with self._client.pipeline(transaction=True) as pipe:
+            for session_id, _ours, _stored in conflicts:
+                announce(pipe, self._keys, session_id, self._config.repin_log_size)
             return await pipe.execute()
 
     def __repr__(self) -> str:

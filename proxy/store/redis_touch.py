@@ -29,7 +29,7 @@ from proxy.outage import OutageLog
 from proxy.store.redis_wire import member
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Sequence
 
     from redis.asyncio import Redis
 
@@ -57,6 +57,7 @@ class Touches:
         call: Caller,
         *,
         epoch_ok: Callable[[object], bool],
+        periodic: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._client = client
         self._keys = keys
@@ -65,6 +66,7 @@ class Touches:
         self._clock = clock
         self._call = call
         self._epoch_ok = epoch_ok  # False: the store lost data (and recovery has begun)
+        self._periodic = periodic  # more checks every interval (a cluster's run ids)
         self._ttl_ms = max(1, round(config.pin_ttl_s * 1000))
         self._pending: dict[str, str] = {}  # session -> its pinned version key
         self._outage = OutageLog(_log, "TTL touches")
@@ -110,6 +112,8 @@ class Touches:
                     await self.flush()
                 else:
                     self._epoch_ok(await self._call("epoch", self._client.get(self._keys.epoch)))
+                if self._periodic is not None:
+                    await self._periodic()
                 self._outage.succeeded()
             except StoreUnavailable as exc:
                 # Losing one batch only shortens TTLs that are normally hours long; the

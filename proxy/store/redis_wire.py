@@ -34,24 +34,38 @@ class StoreKeys:
     ``<prefix>repins`` the capped stream of repins and unpins (replayed by a replica
     that reconnects), ``<prefix>epoch`` the token whose disappearance means the store
     lost its data, and ``<prefix>invalidate`` the pub/sub channel.
+
+    On a cluster (``cluster=True``) the session part is a hash tag, ``{<session>}``, so
+    a session's pin, mark and audit trail share a slot, and the log, the epoch and the
+    channel share the ``{sync}`` slot, so the replay reads them in one transaction and
+    a change is logged and published together. Standalone and Sentinel keep the
+    untagged names, so upgrading does not orphan any stored pin.
     """
 
-    __slots__ = ("_changed", "_pin", "_pinned", "channel", "epoch", "log")
+    __slots__ = ("_changed", "_close", "_open", "_pin", "_pinned", "channel", "cluster",
+                 "epoch", "log")
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, *, cluster: bool = False) -> None:
         raw = prefix.encode()
+        self.cluster = cluster
+        self._open, self._close = (b"{", b"}") if cluster else (b"", b"")
         self._pin = raw + b"pin:"
         self._changed = raw + b"changed:"
         self._pinned = raw + b"pinned:"
-        self.log = raw + b"repins"
-        self.epoch = raw + b"epoch"
-        self.channel = raw + b"invalidate"
+        sync = raw + (b"{sync}" if cluster else b"")
+        self.log = sync + b"repins"
+        self.epoch = sync + b"epoch"
+        self.channel = sync + b"invalidate"
+
+    def session(self, session_id: str) -> bytes:
+        """The session's part of its keys (a hash tag on a cluster)."""
+        return self._open + member(session_id) + self._close
 
     def pin(self, session_id: str) -> bytes:
-        return self._pin + member(session_id)
+        return self._pin + self.session(session_id)
 
     def changed(self, session_id: str) -> bytes:
-        return self._changed + member(session_id)
+        return self._changed + self.session(session_id)
 
     def pinned(self, version_key: str) -> bytes:
         return self._pinned + version_key.encode()

@@ -14,10 +14,10 @@ from proxy.clock import SystemClock
 from proxy.config_store import StoreConfig
 from proxy.errors import StoreUnavailable
 from proxy.store.redis import RedisPinStore
-from proxy.store.redis_wire import redis_client_from_config
+from proxy.store.redis_wire import StoreKeys, redis_client_from_config
 from tests.fixtures.proxy import free_port
 from tests.fixtures.redis_server import RedisServer
-from tests.integration.test_redis_store import pin
+from tests.integration.test_redis_store import eventually, pin
 from tests.integration.test_store_faults import (
     BUDGET_S,
     check_replicas,
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from tests.fixtures.proxy import ProxyProcess
-    from tests.fixtures.redis_topologies import SentinelSet
+    from tests.fixtures.redis_topologies import RedisCluster3, SentinelSet
     from tests.fixtures.sim import StartPop
 
 
@@ -128,3 +128,54 @@ def test_topology_settings_are_validated() -> None:
     config = StoreConfig(kind="redis", topology="sentinel", sentinel_master="m",
                          sentinels=("127.0.0.1:26379", "[::1]:26380"))
     assert config.describe() == "sentinel master 'm' via 127.0.0.1:26379,[::1]:26380"
+
+
+async def test_on_a_cluster_a_sessions_keys_share_a_slot_and_repins_reach_every_replica(
+    redis_cluster: RedisCluster3,
+) -> None:
+    config = StoreConfig(kind="redis", topology="cluster", url=redis_cluster.url,
+                         key_prefix="t:", touch_interval_s=0.1, op_timeout_ms=1000)
+    one, two = await _working(config), await _working(config)
+    try:
+        assert one.subscribed
+        assert two.subscribed
+        for n in range(20):
+            assert await one.pin_if_absent(f"s{n}", pin(1)) == pin(1)
+        assert await two.get("s7") == pin(1)
+        assert await one.repin("s7", pin(2)) == pin(1)
+
+        async def invalidated() -> bool:
+            return await two.get("s7") == pin(2)
+
+        await eventually(invalidated, within_s=2.0)
+        keys = StoreKeys("t:", cluster=True)
+        assert keys.pin("s7") == b"t:pin:{s7}"
+        slots = {redis_cluster.slot(key) for key in
+                 (keys.pin("s7"), keys.changed("s7"), b"t:audit:{s7}")}
+        assert len(slots) == 1
+        # The 20 sessions spread over the three masters.
+        assert len({redis_cluster.master_of(keys.pin(f"s{n}")).port for n in range(20)}) == 3
+        await one.flush_touches()  # pipelined over the three masters
+        assert await two.count_pinned(pin(1).version_key) == 19
+        assert await two.count_pinned(pin(2).version_key) == 1
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_a_cluster_master_killed_under_traffic_changes_no_session_version(
+    start_pop: StartPop, proxy_processes: Callable[..., ProxyProcess],
+    redis_cluster: RedisCluster3, http: aiohttp.ClientSession,
+) -> None:
+    store = store_toml(redis_cluster.url, topology='"cluster"')
+    replicas, sessions, answers = await start_fleet(start_pop, proxy_processes, store, http)
+    # The shard holding the repin log and the invalidation channel: the hardest one.
+    recovery_s = await run_fault(
+        http, replicas, sessions, answers,
+        lambda: redis_cluster.fail_master_of(b"pinproxy:{sync}invalidate"), lambda: None, 0.0,
+    )
+    assert answers.mixed() == {}
+    assert answers.slowest_s < BUDGET_S, answers
+    assert recovery_s < 5.0
+    assert set(answers.statuses) <= {"200", "503 pin_store_unavailable", "503 pin_lost"}, answers
+    await check_replicas(http, replicas)
