@@ -102,6 +102,32 @@ def _default_sources() -> tuple[SessionSource, ...]:
     )
 
 
+class PinTokenConfig(Section):
+    """Signed pin tokens (opt-in): the pin travels with the client, see proxy/pin_token.py."""
+
+    # Signing keys by key id; a token signed with any of them is honoured, new tokens
+    # are signed with ``sign_with``. To rotate: add the new key, move sign_with to it,
+    # drop the old key once max_age_s has passed.
+    keys: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,16}$")], SecretStr]
+    sign_with: str
+    # Where the token goes on answers and is read from on requests (either or both).
+    header: Annotated[str, Field(pattern=_HEADER_NAME.pattern)] | None = "X-Pin-Token"
+    cookie: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")] | None = None
+    # A token older than this is ignored (and counted); answers refresh it after half.
+    max_age_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 86_400.0
+
+    @model_validator(mode="after")
+    def _usable(self) -> Self:
+        if self.sign_with not in self.keys:
+            raise ValueError(f"sign_with {self.sign_with!r} is not one of the keys")
+        short = sorted(k for k, v in self.keys.items() if len(v.get_secret_value()) < 32)
+        if short:
+            raise ValueError(f"keys shorter than 32 characters: {', '.join(short)}")
+        if self.header is None and self.cookie is None:
+            raise ValueError("set header, cookie or both")
+        return self
+
+
 class SessionsConfig(Section):
     sources: tuple[SessionSource, ...] = Field(default_factory=_default_sources)
     # Without a session id a request is routed by latency and not pinned, unless this
@@ -114,6 +140,7 @@ class SessionsConfig(Section):
     # afresh and marks the answer "unknown -> <key>". See proxy/lost_pin.py.
     on_lost_pin: Literal["mark", "refuse"] = "refuse"
     lost_pin_refuse_s: Annotated[float, Field(gt=0, le=86_400)] | None = 30.0
+    pin_token: PinTokenConfig | None = None
 
 
 class VersionsConfig(Section):
@@ -327,6 +354,8 @@ class Settings(BaseSettings):
             data["admin"]["token"] = "***"
         if self.log.session_hash_key is not None:
             data["log"]["session_hash_key"] = "***"
+        if (tokens := self.sessions.pin_token) is not None:
+            data["sessions"]["pin_token"]["keys"] = dict.fromkeys(tokens.keys, "***")
         return data
 
 

@@ -51,6 +51,7 @@ from proxy.models import (
     Unavailable,
     check_value,
 )
+from proxy.pin_token_http import PinTokenHeaders, changed_against_token
 from proxy.relay import Served, error_response, relay
 from proxy.request_body import RequestBody, read_body
 from proxy.routing import RoutingPolicy, choose
@@ -110,6 +111,8 @@ class DataPlane:
         self._read_body_for_session = needs_body(self._sources)
         self._pin_wait_s = settings.routing.pin_wait_ms / 1000.0
         self._lost_pin = LostPinPolicy(settings.sessions, metrics, settings.routing.retry_after_s)
+        tokens = settings.sessions.pin_token
+        self._tokens = None if tokens is None else PinTokenHeaders(tokens, metrics)
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
 
@@ -184,19 +187,36 @@ class DataPlane:
         pinning = self._settings.routing.pinning and session_id is not None
         pin = None
         lost_pin = False
+        token = None
         if pinning and session_id:
+            if self._tokens is not None:
+                token = self._tokens.read(
+                    request.headers, request.cookies, session_id, self._clock.time()
+                )
             with self._metrics.time_store("get"):
-                found = await self._stored(self._store.lookup(session_id))
+                found = await self._stored(
+                    self._store.lookup(session_id, token.pin if token else None)
+                )
             pin = found.pin
             if pin is None:
-                lost_pin = self._lost_pin.check(found, body.data)  # or raises PinLost
+                # An expired token is genuine proof the conversation began before.
+                expired = token is not None and token.result == "expired"
+                lost_pin = self._lost_pin.check(found, body.data, expired)
             elif found.changed_from is not None:
                 outcome.version_changed = f"{found.changed_from} -> {pin.version_key}"
+            else:
+                outcome.version_changed = changed_against_token(token, pin)
 
         served = await self._route_and_send(
             request, request_id, traceparent, body, session_id if pinning else None, pin,
             arrived, outcome, lost_pin=lost_pin,
         )
+        if self._tokens is not None and session_id and pinning and outcome.version_key:
+            served_pin = Pin(outcome.version_key, outcome.backend_id or "", outcome.region or "",
+                             pin.pinned_at if pin is not None else self._clock.time())
+            outcome.extra_headers = self._tokens.answer_headers(
+                session_id, served_pin, token, self._clock.time()
+            )
         return await relay(
             request, request_id, served, outcome, loads=self._loads, tap_limits=self._tap_limits
         )

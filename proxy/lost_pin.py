@@ -49,12 +49,14 @@ class LostPinPolicy:
         self._metrics = metrics
         self._retry_after_s = retry_after_s
 
-    def check(self, found: Lookup, body: bytes | None) -> bool:
+    def check(self, found: Lookup, body: bytes | None, has_token: bool = False) -> bool:
         """True: pin afresh and mark the answer; False: an ordinary new session.
 
-        Raises ``PinLost`` to refuse. Only called for a lookup without a pin.
+        ``has_token``: the request presented a genuine (expired) pin token: it was
+        answered before. Raises ``PinLost`` to refuse. Only called without a pin.
         """
-        action = lost_pin_action(self._config, found, continues_conversation(body))
+        continuing = has_token or continues_conversation(body)
+        action = lost_pin_action(self._config, found, continuing)
         if action == "new":
             return False
         self._metrics.lost_pins.labels(action).inc()

@@ -96,6 +96,13 @@ class ProxyMetrics:
             ["action"],
             registry=registry,
         )
+        self.pin_tokens = Counter(
+            "pinproxy_pin_tokens",
+            "Pin tokens presented, by verdict (valid, malformed, unknown_key, forged, "
+            "other_session, expired; only valid ones are honoured), and issued.",
+            ["result"],
+            registry=registry,
+        )
         self.mismatch_guard = Counter(
             "pinproxy_mismatch_guard_triggers",
             "Responses withheld because their version stamp disagreed with the session's pin.",

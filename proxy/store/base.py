@@ -41,8 +41,13 @@ class PinStore(Protocol):
         """The session's pin, or None. A hit slides the pin's TTL (possibly batched later)."""
         ...
 
-    async def lookup(self, session_id: str) -> Lookup:
-        """``get`` for the data plane: the pin and what the answer must say about it."""
+    async def lookup(self, session_id: str, hint: Pin | None = None) -> Lookup:
+        """``get`` for the data plane: the pin and what the answer must say about it.
+
+        ``hint``: the pin of a valid pin token. A store that holds no copy may answer
+        with it at once and write it back with pin-if-absent later; a copy it holds
+        (which reflects any repin) wins over the hint.
+        """
         ...
 
     async def pin_if_absent(self, session_id: str, pin: Pin) -> Pin:

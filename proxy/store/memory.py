@@ -45,9 +45,12 @@ class MemoryPinStore:
         self._store(session_id, entry[0], now)
         return entry[0]
 
-    async def lookup(self, session_id: str) -> Lookup:
+    async def lookup(self, session_id: str, hint: Pin | None = None) -> Lookup:
         # One process, one dict: nothing else can lose, replace or re-assert a pin.
-        return Lookup(await self.get(session_id))
+        pin = await self.get(session_id)
+        if pin is None and hint is not None:
+            pin = await self.pin_if_absent(session_id, hint)
+        return Lookup(pin)
 
     async def pin_if_absent(self, session_id: str, pin: Pin) -> Pin:
         now = self._sweep(self._clock.monotonic())

@@ -66,6 +66,7 @@ T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 _POLL_S = 0.5
+_MAX_WRITE_BACKS = 1000  # pin-token write-backs in flight
 
 
 def _no_conflict_hook(session_id: str, ours: Pin, stored: Pin) -> None:
@@ -97,6 +98,7 @@ class RedisPinStore:
         )
         self._subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._writing_back: set[asyncio.Task[None]] = set()
         self._closed = False
         self._failing = False  # the last call failed: serve copies without asking first
         self._answered_at = float("-inf")  # when a call last succeeded (monotonic)
@@ -158,10 +160,12 @@ class RedisPinStore:
     async def get(self, session_id: str) -> Pin | None:
         return (await self._find(session_id, consume_mark=False)).pin
 
-    async def lookup(self, session_id: str) -> Lookup:
-        return await self._find(session_id, consume_mark=True)
+    async def lookup(self, session_id: str, hint: Pin | None = None) -> Lookup:
+        return await self._find(session_id, consume_mark=True, hint=hint)
 
-    async def _find(self, session_id: str, *, consume_mark: bool) -> Lookup:
+    async def _find(
+        self, session_id: str, *, consume_mark: bool, hint: Pin | None = None
+    ) -> Lookup:
         self._check_open()
         cache = self._cache
         pin = cache.get(session_id)
@@ -170,6 +174,12 @@ class RedisPinStore:
         if pin is not None:
             self._touches.add(session_id, pin.version_key)
             return Lookup(pin)
+        if hint is not None:
+            # A valid pin token: the pin without a round trip, written back meanwhile.
+            cache.put(session_id, hint)
+            self._touches.add(session_id, hint.version_key)
+            self._write_back(session_id, hint)
+            return Lookup(hint)
         generation = cache.generation
         try:
             raw, epoch, mark = await self._call("get", self._read(session_id, consume_mark))
@@ -209,6 +219,22 @@ class RedisPinStore:
         if pin.version_key == held.version_key:
             return Lookup(pin)
         return Lookup(pin, changed_from=held.version_key)
+
+    def _write_back(self, session_id: str, pin: Pin) -> None:
+        """Pin-if-absent in the background (bounded: past the bound the next request
+        with the token tries again, once the touch batch has found no key)."""
+        if len(self._writing_back) >= _MAX_WRITE_BACKS:
+            return
+
+        async def write() -> None:
+            try:
+                await self.pin_if_absent(session_id, pin)
+            except StoreUnavailable as exc:
+                _log.debug("pin token write-back failed: %s", exc.message)
+
+        task = asyncio.create_task(write(), name="pinstore-write-back")
+        self._writing_back.add(task)
+        task.add_done_callback(self._writing_back.discard)
 
     async def pin_if_absent(self, session_id: str, pin: Pin) -> Pin:
         self._check_open()
@@ -327,6 +353,8 @@ class RedisPinStore:
         self._closed = True
         self._subscriber.close()
         await self._sync.close()
+        if self._writing_back:
+            await asyncio.wait(list(self._writing_back), timeout=2 * self._op_timeout_s)
         try:
             await self.flush_touches()
         except StoreUnavailable as exc:
