@@ -36,6 +36,7 @@ from proxy.http1_pool import Http1Pool
 from proxy.loop_lag import LoopLagMonitor
 from proxy.metrics import ProxyMetrics
 from proxy.models import Backend, Pin
+from proxy.outlier import OutlierPolicy
 from proxy.registry import Registry
 from proxy.relay import error_response
 from proxy.store import PinStore
@@ -164,6 +165,10 @@ def build_app(
         healthy_after=settings.discovery.healthy_after,
         clock=clock,
         on_health_change=metrics.health_changed,
+        outlier=OutlierPolicy(**settings.routing.outlier.model_dump()),
+        on_ejection=lambda backend, region, why: metrics.outlier_ejections.labels(
+            backend, region
+        ).inc(),
     )
     app[FLEET_METRICS] = FleetCollector(app[REGISTRY])
     metrics.add_scrape_time(app[FLEET_METRICS])
@@ -267,6 +272,7 @@ def build_app(
             clock=clock,
             rng=rng,
             loop_lag=app[LOOP_LAG],
+            probe=found.probe,
             observers=(*observers, app[TRAFFIC], AuditObserver(app[AUDIT]))
             if settings.audit.enabled
             else (*observers, app[TRAFFIC]),

@@ -171,11 +171,42 @@ class DiscoveryConfig(Section):
     healthy_after: Annotated[int, Field(ge=1, le=100)] = 2
 
 
+class OutlierConfig(Section):
+    """Outlier detection (proxy/outlier.py): eject backends whose requests keep failing."""
+
+    enabled: bool = True
+    # 5xx heads, timeouts, broken heads and failed connections in a row that eject.
+    consecutive_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    # The n-th ejection in a row lasts n x this, at most max_ejection_s.
+    base_ejection_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    max_ejection_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+    # Share of one version's backends that may be out at once (rounded down).
+    max_ejected_percent: Annotated[int, Field(ge=0, le=100)] = 50
+
+
 class RoutingConfig(Section):
     # Off turns pinproxy into a plain latency router (the control in bench/incident).
     pinning: bool = True
     pin_wait_ms: Annotated[int, Field(ge=0, le=120_000)] = 2000
     retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 2
+    # The status a cooperating backend answers to a request whose X-Pinned-Version it
+    # does not serve: never relayed, the next backend of the pinned version is asked.
+    # 0 turns refusals off (the status is then relayed like any other).
+    refusal_status: Annotated[int, Field(ge=0, le=599)] = 409
+    # Sends per request in all (refused connections, mismatches, refusals, replays).
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    # Replays of requests already written (idempotent ones only) are allowed while
+    # fewer than this share of active requests, or min_retry_concurrency, are retrying.
+    retry_budget_percent: Annotated[float, Field(ge=0, le=100)] = 20.0
+    min_retry_concurrency: Annotated[int, Field(ge=0)] = 3
+    outlier: OutlierConfig = OutlierConfig()
+
+    @field_validator("refusal_status")
+    @classmethod
+    def _error_status(cls, value: int) -> int:
+        if value and not 400 <= value <= 599:
+            raise ValueError("must be 0 (off) or an error status, 400-599")
+        return value
     # Time constant of the peak-EWMA latency estimate: how fast an old slowdown is forgotten.
     ewma_decay_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     # Assumed time-to-first-byte of a backend that has not been measured yet.
@@ -189,6 +220,10 @@ class UpstreamConfig(Section):
     read_idle_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
     pool_size: Annotated[int, Field(ge=1)] = 1000
     pool_size_per_host: Annotated[int, Field(ge=0)] = 0  # 0: no per-host limit
+    # A pooled connection is lent again only after this long without a byte since its
+    # last response ended: a stray response written after a complete one then closes
+    # the connection instead of reaching the next request (0: lend at once).
+    reuse_quiet_ms: Annotated[int, Field(ge=0, le=10_000)] = 100
     # Request bodies up to this size are held in memory so the request can be retried
     # (mismatch guard, refused connection) and a session id read from them. Larger
     # bodies stream straight through and cannot be retried. 0 streams everything.

@@ -54,12 +54,14 @@ V = TypeVar("V")
 
 class UnknownBackend(NotFound):
     def __init__(self, backend_id: str) -> None:
-        super().__init__(f"no backend with id {backend_id!r}", param="backend_id")
+        super().__init__(f"no backend with id {backend_id!r}", code="unknown_backend",
+                         param="backend_id")
 
 
 class BackendExists(Conflict):
     def __init__(self, backend_id: str) -> None:
-        super().__init__(f"a backend with id {backend_id!r} already exists", param="id")
+        super().__init__(f"a backend with id {backend_id!r} already exists",
+                         code="backend_exists", param="id")
 
 
 class ControlUnavailable(ProxyError):

@@ -3,18 +3,17 @@
 Theory of operation, in request order:
 1. Read the body into memory when it is small enough (so it can be replayed and a
    session id read from it); otherwise stream it through untouched.
-2. Extract the session id (pure) and look its pin up (local cache, else store).
-3. Ask ``routing.choose`` (pure) with the registry's current snapshot. When nothing
-   may take the request, wait for the registry to change until ``pin_wait_ms`` has
-   passed since the request arrived, then answer 503.
-4. A new session is pinned *before* anything is sent: pin-if-absent is atomic across
-   replicas, and when another replica's pin won, the choice is made again among the
-   winner's backends. So every answer a client ever receives matches the one pin.
-5. Send upstream with ``X-Pinned-Version``. On the response head, read the version
-   stamp; it is a fresh runtime report. If it disagrees with the pin, the response
-   is dropped unseen and the request goes to the next backend of the pinned version,
-   each at most once (nothing has reached the client yet: invariant 5).
-6. Stream the body back chunk by chunk (relay.py); record the time to first byte.
+2. Extract the session id (pure).
+3. Run the request's lifecycle: every decision from the pin lookup to the response
+   head to relay (pin-if-absent before anything is sent, pin races, retirement
+   repins, the mismatch guard, refusals, failed connections, replays, pin-wait) is
+   made by the pure state machine in lifecycle.py; ``_route_and_send`` only executes
+   its actions (store calls, sends, waits) and effects (counters, passive health),
+   and translates each send's result into an event, in one place (``_attempt``).
+4. Send upstream with ``X-Pinned-Version``. On the response head, read the version
+   stamp: it is a fresh runtime report, applied to the registry before the machine
+   sees the head (nothing has reached the client yet: invariant 5).
+5. Stream the body back chunk by chunk (relay.py); record the time to first byte.
 
 A pin-store call that times out while the event loop itself ran late is this
 process's overload, not the store's failure: it is answered ``proxy_overloaded``.
@@ -27,10 +26,13 @@ from typing import TYPE_CHECKING, TypeVar
 
 from proxy.errors import (
     BadRequest,
-    NoBackends,
     Overloaded,
     ProxyError,
     StoreUnavailable,
+    UpstreamConnectError,
+    UpstreamDropped,
+    UpstreamError,
+    UpstreamTimeout,
     VersionUnavailable,
 )
 from proxy.events import Outcome
@@ -40,30 +42,50 @@ from proxy.headers import (
     upstream_request_headers,
     valid_request_id,
 )
-from proxy.lost_pin import LostPinPolicy
-from proxy.models import (
-    STAMP_HEADERS,
-    Dimension,
-    Forward,
-    InvalidVersion,
-    Pin,
-    RequestFacts,
-    Unavailable,
-    check_value,
+from proxy.lifecycle import (
+    CountMismatch,
+    CountNewPin,
+    CountRaceLost,
+    CountRefusal,
+    CountRetry,
+    Discard,
+    Effect,
+    Event,
+    Fail,
+    HeadReceived,
+    Lifecycle,
+    LifecyclePolicy,
+    LookUpPin,
+    MarkSuspect,
+    PinIfAbsent,
+    PinLooked,
+    PinStored,
+    Relay,
+    Repin,
+    Repinned,
+    ReportResult,
+    Reprobe,
+    RetryBudget,
+    Send,
+    SendFailed,
+    Waited,
+    WaitForRegistry,
+    World,
 )
+from proxy.lost_pin import LostPinPolicy
+from proxy.models import STAMP_HEADERS, Dimension, InvalidVersion, Pin, check_value
 from proxy.pin_token_http import PinTokenHeaders, changed_against_token
 from proxy.relay import Served, error_response, relay
 from proxy.request_body import RequestBody, read_body
-from proxy.routing import RoutingPolicy, choose
+from proxy.routing import RoutingPolicy
 from proxy.sessions import extract_session_id, needs_body
-from proxy.upstream import Upstream, UpstreamConnectError
 from proxy.usage import TapLimits
 
 T = TypeVar("T")
 
 if TYPE_CHECKING:
     import random
-    from collections.abc import Awaitable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
     from aiohttp import web
 
@@ -73,10 +95,16 @@ if TYPE_CHECKING:
     from proxy.ewma import LoadTracker
     from proxy.loop_lag import LoopLagMonitor
     from proxy.metrics import ProxyMetrics
+    from proxy.pin_token import TokenCheck
     from proxy.registry import Registry
-    from proxy.store import PinStore
+    from proxy.store import Lookup, PinStore
+    from proxy.upstream import Upstream
 
 logger = logging.getLogger(__name__)
+
+# RFC 9110 §9.2.2: a request written once may be written again (after a dropped
+# connection) only with one of these methods, or with an Idempotency-Key.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 class DataPlane:
     """Handles proxied requests; every I/O dependency is passed in."""
@@ -94,7 +122,9 @@ class DataPlane:
         rng: random.Random,
         observers: Sequence[RequestObserver] = (),
         loop_lag: LoopLagMonitor | None = None,
+        probe: Callable[[str], None] = lambda backend_id: None,
     ) -> None:
+        """``probe`` polls one backend's ``/version`` out of turn (Discovery.probe)."""
         self._settings = settings
         self._observers = tuple(observers)
         self._registry = registry
@@ -109,10 +139,19 @@ class DataPlane:
         self._policy = RoutingPolicy.from_config(settings.routing, settings.versions)
         self._sources = settings.sessions.sources
         self._read_body_for_session = needs_body(self._sources)
-        self._pin_wait_s = settings.routing.pin_wait_ms / 1000.0
+        routing = settings.routing
+        self._lifecycle = LifecyclePolicy(
+            routing=self._policy,
+            pin_wait_s=routing.pin_wait_ms / 1000.0,
+            retry_after_s=routing.retry_after_s,
+            refusal_status=routing.refusal_status or None,
+            max_attempts=routing.max_attempts,
+        )
+        self._budget = RetryBudget(routing.retry_budget_percent, routing.min_retry_concurrency)
         self._lost_pin = LostPinPolicy(settings.sessions, metrics, settings.routing.retry_after_s)
         tokens = settings.sessions.pin_token
         self._tokens = None if tokens is None else PinTokenHeaders(tokens, metrics)
+        self._probe = probe
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
 
@@ -124,6 +163,7 @@ class DataPlane:
         assert request_id is not None
         traceparent = ensure_traceparent(request.headers.get("traceparent"), self._rng)
         outcome = Outcome()
+        self._budget.active += 1
         try:
             return await self._proxy(request, request_id, traceparent, arrived, outcome)
         except ProxyError as exc:
@@ -133,6 +173,7 @@ class DataPlane:
             outcome.status, outcome.error_type = exc.status, exc.error_type
             return error_response(exc, request_id)
         finally:
+            self._budget.active -= 1
             if self._observers:
                 self._emit(request, request_id, traceparent, arrived_at, arrived, outcome)
 
@@ -185,35 +226,18 @@ class DataPlane:
         outcome.session_id = session_id
         outcome.request_body = body.data
         pinning = self._settings.routing.pinning and session_id is not None
-        pin = None
-        lost_pin = False
         token = None
-        if pinning and session_id:
-            if self._tokens is not None:
-                token = self._tokens.read(
-                    request.headers, request.cookies, session_id, self._clock.time()
-                )
-            with self._metrics.time_store("get"):
-                found = await self._stored(
-                    self._store.lookup(session_id, token.pin if token else None)
-                )
-            pin = found.pin
-            if pin is None:
-                # An expired token is genuine proof the conversation began before.
-                expired = token is not None and token.result == "expired"
-                lost_pin = self._lost_pin.check(found, body.data, expired)
-            elif found.changed_from is not None:
-                outcome.version_changed = f"{found.changed_from} -> {pin.version_key}"
-            else:
-                outcome.version_changed = changed_against_token(token, pin)
-
+        if pinning and session_id and self._tokens is not None:
+            token = self._tokens.read(
+                request.headers, request.cookies, session_id, self._clock.time()
+            )
         served = await self._route_and_send(
-            request, request_id, traceparent, body, session_id if pinning else None, pin,
-            arrived, outcome, lost_pin=lost_pin,
+            request, request_id, traceparent, body, session_id if pinning else None,
+            arrived, outcome, token=token,
         )
-        if self._tokens is not None and session_id and pinning and outcome.version_key:
+        if self._tokens is not None and pinning and session_id and outcome.version_key:
             served_pin = Pin(outcome.version_key, outcome.backend_id or "", outcome.region or "",
-                             pin.pinned_at if pin is not None else self._clock.time())
+                             self._clock.time())
             outcome.extra_headers = self._tokens.answer_headers(
                 session_id, served_pin, token, self._clock.time()
             )
@@ -228,103 +252,169 @@ class DataPlane:
         traceparent: str,
         body: RequestBody,
         session_id: str | None,
-        pin: Pin | None,
         arrived: float,
         outcome: Outcome,
         *,
-        lost_pin: bool = False,
+        token: TokenCheck | None = None,
     ) -> Served:
-        deadline = arrived + self._pin_wait_s
-        exclude: set[str] = set()
-        connect_retries = 1 if body.replayable else 0
-        while True:
-            decision = choose(
-                RequestFacts(session_id=session_id, exclude=frozenset(exclude)),
-                pin,
-                self._registry.snapshot,
-                self._policy,
-                self._loads,
-                self._rng,
-                self._clock.time(),
-            )
-            if isinstance(decision, Unavailable):
-                remaining = deadline - self._clock.monotonic()
-                if remaining > 0:
-                    await self._registry.wait_for_change(remaining)
-                    continue
-                raise self._unavailable(decision)
+        """Run the request's lifecycle (proxy/lifecycle.py): execute its actions, feed
+        their results back, apply its effects; return the response to relay.
 
-            if session_id is not None and decision.new_pin:
-                ours = Pin(
-                    decision.version_key,
-                    decision.backend.id,
-                    decision.backend.region,
-                    self._clock.time(),
-                )
-                with self._metrics.time_store("pin_if_absent"):
-                    pin = await self._stored(self._store.pin_if_absent(session_id, ours))
-                if lost_pin:
-                    outcome.version_changed = self._lost_pin.marked(pin.version_key, pin == ours)
-                if pin == ours:
-                    outcome.new_pin = True
-                    self._metrics.pins_created.labels(ours.version_key).inc()
-                elif pin.version_key != ours.version_key:
-                    # Another replica pinned this session first: its version holds.
-                    self._metrics.pin_races_lost.inc()
-                    continue
-            elif session_id is not None and decision.repin_from is not None:
-                pin = Pin(
-                    decision.version_key,
-                    decision.backend.id,
-                    decision.backend.region,
-                    self._clock.time(),
-                )
-                with self._metrics.time_store("repin"):
-                    await self._stored(self._store.repin(session_id, pin))
-                outcome.version_changed = f"{decision.repin_from} -> {decision.version_key}"
-                self._metrics.version_switches.labels(
-                    "retired", decision.repin_from, decision.version_key
-                ).inc()
-                logger.warning("session repinned: version %s retired", decision.repin_from)
+        ``token``: the request's checked pin token, if it had one."""
+        machine = Lifecycle(
+            policy=self._lifecycle,
+            session_id=session_id,
+            held=body.replayable,
+            idempotent=request.method in _IDEMPOTENT or "Idempotency-Key" in request.headers,
+            arrived=arrived,
+            loads=self._loads,
+            rng=self._rng,
+        )
+        budget = self._budget
+        retrying = False
+        served: Served | None = None
+        mark: str | None = None  # what the pin lookup says the answer must carry
+        lost_pin = False
+        step = machine.start(self._world())
+        try:
+            while True:
+                for effect in step.effects:
+                    if isinstance(effect, CountRetry) and effect.budgeted and not retrying:
+                        retrying = True
+                        budget.retrying += 1
+                    self._apply(effect, served, outcome)
+                action = step.action
+                event: Event
+                if isinstance(action, Relay):
+                    assert served is not None
+                    served.failed = action.failed
+                    backend = action.forward.backend
+                    outcome.backend_id, outcome.region = backend.id, backend.region
+                    outcome.version_key, outcome.ttfb_s = served.served_key, served.ttfb_s
+                    if lost_pin:
+                        mark = self._lost_pin.marked(served.served_key, outcome.new_pin)
+                    outcome.version_changed = machine.version_changed or mark
+                    return served
+                if isinstance(action, Fail):
+                    outcome.version_changed = machine.version_changed
+                    if machine.pinned_version is not None:
+                        outcome.version_key = machine.pinned_version
+                    raise action.error
+                if isinstance(action, LookUpPin):
+                    hint = token.pin if token is not None else None
+                    with self._metrics.time_store("get"):
+                        found = await self._stored(self._store.lookup(action.session_id, hint))
+                    mark, lost_pin = self._pin_found(found, body, token)  # or raises PinLost
+                    event = PinLooked(found.pin)
+                elif isinstance(action, PinIfAbsent):
+                    with self._metrics.time_store("pin_if_absent"):
+                        stored = await self._stored(
+                            self._store.pin_if_absent(action.session_id, action.pin)
+                        )
+                    event = PinStored(stored)
+                elif isinstance(action, Repin):
+                    with self._metrics.time_store("repin"):
+                        await self._stored(self._store.repin(action.session_id, action.pin))
+                    event = Repinned()
+                elif isinstance(action, WaitForRegistry):
+                    remaining = action.until - self._clock.monotonic()
+                    if remaining > 0:
+                        await self._registry.wait_for_change(remaining)
+                    event = Waited()
+                else:
+                    served = None
+                    event, served = await self._attempt(
+                        request, request_id, traceparent, body, action
+                    )
+                step = machine.step(event, self._world())
+        finally:
+            if retrying:
+                budget.retrying -= 1
 
-            try:
-                served = await self._send(
-                    request, request_id, traceparent, body, decision, pinned=session_id is not None
-                )
-            except UpstreamConnectError:
-                if connect_retries == 0:
-                    raise
-                connect_retries -= 1
-                exclude.add(decision.backend.id)
-                self._metrics.upstream_retries.labels("connect").inc()
-                continue
+    def _pin_found(
+        self, found: Lookup, body: RequestBody, token: TokenCheck | None
+    ) -> tuple[str | None, bool]:
+        """(the answer's X-Prompt-Version-Changed, whether the pin was lost) for a lookup.
 
-            if session_id is None or served.served_key == decision.version_key:
-                outcome.backend_id = decision.backend.id
-                outcome.region = decision.backend.region
-                outcome.version_key = served.served_key
-                outcome.ttfb_s = served.ttfb_s
-                return served
-            # Mismatch guard: the backend flipped since we last heard from it.
+        No pin for a continuing conversation is a lost pin (proxy/lost_pin.py: refused
+        with ``PinLost``, or pinned afresh and marked); a pin a re-assertion conflict
+        changed, or one other than a valid token's, is marked ``old -> new``.
+        """
+        pin = found.pin
+        if pin is None:
+            # An expired token is genuine proof the conversation began before.
+            expired = token is not None and token.result == "expired"
+            return None, self._lost_pin.check(found, body.data, expired)
+        if found.changed_from is not None:
+            return f"{found.changed_from} -> {pin.version_key}", False
+        return changed_against_token(token, pin), False
+
+    async def _attempt(
+        self,
+        request: web.BaseRequest,
+        request_id: str,
+        traceparent: str,
+        body: RequestBody,
+        action: Send,
+    ) -> tuple[Event, Served | None]:
+        """One send, its outcome as a lifecycle event (the one error translation)."""
+        try:
+            served = await self._send(request, request_id, traceparent, body, action)
+        except UpstreamConnectError as exc:
+            return SendFailed("connect", exc.message), None
+        except UpstreamDropped as exc:
+            return SendFailed("dropped", exc.message, reused=exc.reused), None
+        except UpstreamTimeout as exc:
+            return SendFailed("timeout", exc.message), None
+        except UpstreamError as exc:
+            return SendFailed("invalid", exc.message), None
+        return HeadReceived(served.response.status, served.served_key), served
+
+    def _apply(self, effect: Effect, served: Served | None, outcome: Outcome) -> None:
+        """Carry out one of the lifecycle's synchronous effects."""
+        metrics = self._metrics
+        if isinstance(effect, ReportResult):
+            self._registry.report_result(effect.backend_id, effect.ok)
+        elif isinstance(effect, Discard):
+            assert served is not None
             served.response.close()
-            self._loads.finish(decision.backend.id, served.ttfb_s)
-            self._metrics.mismatch_guard.labels(
-                decision.backend.id, decision.version_key, served.served_key
-            ).inc()
+            self._loads.finish(effect.backend_id, served.ttfb_s)
+        elif isinstance(effect, MarkSuspect):
+            logger.warning("backend %s is suspect: %s", effect.backend_id, effect.why)
+            self._registry.mark_suspect(effect.backend_id, effect.why)
+            self._probe(effect.backend_id)
+        elif isinstance(effect, Reprobe):
+            self._probe(effect.backend_id)
+        elif isinstance(effect, CountRetry):
+            metrics.upstream_retries.labels(effect.reason).inc()
+        elif isinstance(effect, CountMismatch):
+            metrics.mismatch_guard.labels(effect.backend_id, effect.pinned, effect.served).inc()
             logger.warning(
                 "backend %s answered with version %s for a session pinned to %s; withheld",
-                decision.backend.id,
-                served.served_key,
-                decision.version_key,
+                effect.backend_id, effect.served, effect.pinned,
             )
-            exclude.add(decision.backend.id)
-            if not body.replayable:
-                raise VersionUnavailable(decision.version_key, self._settings.routing.retry_after_s)
-            # Each mismatch removes a backend that really runs another version and nothing
-            # has reached the client, so the next backend of the pinned version is always
-            # worth asking: a region that cuts over as a whole flips all its replicas at
-            # once. The exclusion set tries each backend once, which bounds the loop.
-            self._metrics.upstream_retries.labels("version_mismatch").inc()
+        elif isinstance(effect, CountRefusal):
+            metrics.refusals.labels(effect.backend_id, effect.pinned).inc()
+            logger.warning(
+                "backend %s refused a request pinned to %s; withheld, its version re-polled",
+                effect.backend_id, effect.pinned,
+            )
+        elif isinstance(effect, CountRaceLost):
+            metrics.pin_races_lost.inc()
+        elif isinstance(effect, CountNewPin):
+            outcome.new_pin = True
+            metrics.pins_created.labels(effect.version_key).inc()
+        else:
+            metrics.version_switches.labels("retired", effect.from_key, effect.to_key).inc()
+            logger.warning("session repinned: version %s retired", effect.from_key)
+
+    def _world(self) -> World:
+        return World(
+            self._registry.snapshot,
+            self._clock.time(),
+            self._clock.monotonic(),
+            self._budget.has_room(),
+        )
 
     async def _send(
         self,
@@ -332,10 +422,9 @@ class DataPlane:
         request_id: str,
         traceparent: str,
         body: RequestBody,
-        forward: Forward,
-        *,
-        pinned: bool,
+        action: Send,
     ) -> Served:
+        forward = action.forward
         backend = forward.backend
         headers = upstream_request_headers(
             request.headers,
@@ -343,7 +432,7 @@ class DataPlane:
             proto=self._client_proto(request),
             request_id=request_id,
             traceparent=traceparent,
-            pinned_version=forward.version_key if pinned else None,
+            pinned_version=action.pinned_version,
         )
         if body.data is None and body.content_length is not None:
             # A streamed body keeps its declared length rather than turning chunked.
@@ -353,12 +442,9 @@ class DataPlane:
         started = self._clock.monotonic()
         try:
             response = await self._upstream.send(
-                request.method, backend.backend.url, request.rel_url.raw_path_qs, headers, payload
+                request.method, backend.backend.url, request.rel_url.raw_path_qs, headers,
+                payload, replayable=action.replayable,
             )
-        except UpstreamConnectError as exc:
-            self._loads.finish(backend.id, None)
-            self._registry.report_failure(backend.id, exc.message)
-            raise
         except ProxyError:
             self._loads.finish(backend.id, None)
             raise
@@ -367,7 +453,6 @@ class DataPlane:
             self._loads.abandon(backend.id)
             raise
         ttfb = self._clock.monotonic() - started
-        self._registry.report_success(backend.id)
         served_key = self._apply_stamp(backend.id, response.headers) or forward.version_key
         return Served(response, forward, served_key, ttfb)
 
@@ -415,12 +500,6 @@ class DataPlane:
             if forwarded in ("http", "https"):
                 return forwarded
         return request.scheme
-
-    def _unavailable(self, decision: Unavailable) -> ProxyError:
-        retry_after = self._settings.routing.retry_after_s
-        if decision.version_key is not None:
-            return VersionUnavailable(decision.version_key, retry_after)
-        return NoBackends(retry_after)
 
     def __repr__(self) -> str:
         return f"DataPlane(pinning={self._settings.routing.pinning}, registry={self._registry!r})"

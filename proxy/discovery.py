@@ -44,6 +44,7 @@ class Discovery:
         self._rng = rng
         self._sleep = sleep
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._probes: dict[str, asyncio.Task[None]] = {}
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
 
     async def start(self) -> None:
@@ -69,9 +70,25 @@ class Discovery:
                     self._loop(backend), name=f"discovery:{backend_id}"
                 )
 
+    def probe(self, backend_id: str) -> None:
+        """Poll one backend now, out of turn (a failed connection, a refusal).
+
+        At most one such poll per backend is in flight; push-mode and unknown
+        backends are not polled.
+        """
+        if backend_id in self._probes:
+            return
+        state = self._registry.snapshot.by_id.get(backend_id)
+        if state is None or state.backend.version_source != "poll":
+            return
+        task = asyncio.create_task(self.poll(state.backend), name=f"probe:{backend_id}")
+        self._probes[backend_id] = task
+        task.add_done_callback(lambda _: self._probes.pop(backend_id, None))
+
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._probes.values()]
         self._tasks.clear()
+        self._probes.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

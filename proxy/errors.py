@@ -168,11 +168,35 @@ class UpstreamTimeout(UpstreamError):
 
 
 class UpstreamConnectError(UpstreamError):
-    """No response head came back because the connection failed or was dropped.
+    """No connection to the backend: nothing of the request was written.
 
-    Nothing reached the client, so the request may go to another backend of the
-    same version (invariant 5).
+    The backend cannot have acted on the request, so it may go to another backend of
+    the same version whatever its method (invariant 5); the backend is suspect.
     """
+
+
+class UpstreamDropped(UpstreamError):
+    """The request was written, then the connection ended before a response head.
+
+    The backend may have acted on it (a completion is billed), so it is replayed only
+    when its method is idempotent or it carries an ``Idempotency-Key`` (nginx's and
+    Go's rule); ``reused`` says it went out on a pooled keep-alive connection. Told to
+    the client as Envoy does a reset before headers: 503 with ``Retry-After`` and
+    ``code: upstream_dropped``, since it is the client that knows whether trying
+    again is safe.
+    """
+
+    status = 503
+
+    def __init__(
+        self, message: str, *, reused: bool = False, retry_after_s: int | None = None
+    ) -> None:
+        super().__init__(
+            message,
+            code="upstream_dropped",
+            headers=None if retry_after_s is None else {"Retry-After": str(retry_after_s)},
+        )
+        self.reused = reused
 
 
 class UpstreamBodyError(UpstreamError):

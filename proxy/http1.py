@@ -13,7 +13,17 @@ they arrive.
   anything else closes it, so a connection never carries a half-read answer.
 - A reused idle connection may have been closed by the backend meanwhile. When it
   fails before any byte of the response came back, the request is written once more
-  on a fresh connection to the same backend; any other failure is the caller's.
+  on a fresh connection to the same backend, but only when the caller says it is
+  replayable (idempotent method or an Idempotency-Key): the backend may have read it
+  before closing, and a replayed completion is billed twice (Go's transport rule). Any
+  other failure is the caller's, as ``UpstreamConnectError`` (nothing was written) or
+  ``UpstreamDropped`` (written, no head came back).
+- A connection goes back to the pool only once its response was read to the end and
+  nothing followed it, and it is lent again only after it has stayed quiet for
+  ``reuse_quiet_s`` (oldest idle first): a backend that writes a second, unsolicited
+  response shortly after a complete one has its connection closed while idle (any
+  byte on an idle connection closes it) instead of having that response read as the
+  answer to the next, unrelated request.
 - Backpressure: past ``_HIGH_WATER`` unread bytes the socket stops being read until
   the relay takes what is buffered (it always takes all of it at once).
 - A response ends the connection's business until it is finished: bytes past its end
@@ -36,7 +46,7 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.errors import UpstreamBodyError, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from proxy.errors import UpstreamBodyError, UpstreamDropped, UpstreamError, UpstreamTimeout
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -148,6 +158,7 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.reused = False
+        self.pooled = False  # waiting in the pool's idle list
         self.idle_since = 0.0
         self._begin()
 
@@ -312,9 +323,11 @@ class Connection(asyncio.Protocol):
                 self._keep_alive = False
                 self._wake()
             elif self._head is None:
-                self._fail(UpstreamConnectError(
+                # The request was written: the backend may have acted on it.
+                self._fail(UpstreamDropped(
                     "the backend closed the connection before answering"
-                    if exc is None else f"connection to the backend failed: {exc}"
+                    if exc is None else f"connection to the backend failed: {exc}",
+                    reused=self.reused,
                 ))
             else:
                 self._fail(UpstreamBodyError("the backend closed the connection mid-response"))

@@ -1,8 +1,10 @@
 """The keep-alive connection pool of the lean HTTP/1.1 client (see http1.py).
 
-Per backend origin, idle connections wait most-recently-used first; a request takes
-one or opens a new one within ``pool_size`` (and ``pool_size_per_host``), evicting an
-idle connection of another origin at the total limit, else it waits for a slot.
+Per backend origin, idle connections wait oldest first; a request takes the oldest one
+that has been quiet for ``reuse_quiet_s`` (see http1.py on stray responses) or opens a
+new one within ``pool_size`` (and ``pool_size_per_host``), evicting an idle connection
+of another origin at the total limit; with no room left it takes a younger idle
+connection of its origin rather than wait, else it waits for a slot.
 Host names are resolved at most every ``_DNS_TTL_S`` and each address is tried in turn.
 """
 
@@ -15,7 +17,7 @@ import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
-from proxy.errors import UpstreamConnectError
+from proxy.errors import UpstreamConnectError, UpstreamDropped
 from proxy.http1 import Connection, Http1Response, Origin, Target, request_bytes
 
 if TYPE_CHECKING:
@@ -42,7 +44,8 @@ class Http1Pool:
         self._limit = config.pool_size
         self._limit_per_origin = config.pool_size_per_host
         self._keepalive_s = keepalive_s
-        self._idle: dict[Origin, list[Connection]] = {}
+        self._quiet_s = config.reuse_quiet_ms / 1000
+        self._idle: dict[Origin, deque[Connection]] = {}
         self._open: dict[Origin, int] = {}
         self._total = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -52,22 +55,35 @@ class Http1Pool:
         self._closed = False
 
     async def request(
-        self, target: Target, method: str, path_qs: str, headers: Mapping[str, str], body: bytes
+        self,
+        target: Target,
+        method: str,
+        path_qs: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        replayable: bool = False,
     ) -> Http1Response:
-        """Send one request; return once the response head is in. The caller finishes it."""
+        """Send one request; return once the response head is in. The caller finishes it.
+
+        ``replayable``: the request may be written again (idempotent method or an
+        Idempotency-Key), so a pooled connection that turns out closed is retried once
+        on a fresh one; otherwise that is the caller's ``UpstreamDropped``.
+        """
         payload = request_bytes(method, target.prefix + path_qs, target.host_header, headers, body)
         conn = await self._acquire(target.origin)
         try:
             conn.send(payload)
             return await conn.read_head()
-        except UpstreamConnectError:
+        except UpstreamDropped:
             conn.abort()
-            if not conn.reused or conn.got_bytes:
+            if not (replayable and conn.reused and not conn.got_bytes):
                 raise
         except BaseException:
             conn.abort()
             raise
-        # The backend had closed this idle connection before our request reached it.
+        # The backend had most likely closed this idle connection before our request
+        # reached it; it is a replay all the same, hence only for replayable requests.
         conn = await self._acquire(target.origin, fresh=True)
         try:
             conn.send(payload)
@@ -87,9 +103,13 @@ class Http1Pool:
 
     async def _acquire(self, origin: Origin, *, fresh: bool = False) -> Connection:
         while True:
-            if not fresh and (conn := self._take_idle(origin)) is not None:
+            if not fresh and (conn := self._take_idle(origin, self._quiet_s)) is not None:
                 return conn
-            if self._has_room(origin) or self._evict_idle():
+            if self._has_room(origin):
+                break
+            if not fresh and (conn := self._take_idle(origin, 0.0)) is not None:
+                return conn  # no room for a new one: a younger idle one beats waiting
+            if self._evict_idle():
                 break
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -102,16 +122,24 @@ class Http1Pool:
                     self._waiters.remove(waiter)
         return await self._connect(origin)
 
-    def _take_idle(self, origin: Origin) -> Connection | None:
+    def _take_idle(self, origin: Origin, quiet_s: float) -> Connection | None:
+        """The oldest idle connection of ``origin`` quiet for ``quiet_s``; closes expired ones."""
         idle = self._idle.get(origin)
         if not idle:
             return None
         now = asyncio.get_running_loop().time()
         while idle:
-            conn = idle.pop()  # the most recently used: least likely closed by the backend
-            if conn.usable() and now - conn.idle_since < self._keepalive_s:
-                return conn
-            conn.abort()
+            conn = idle[0]
+            age = now - conn.idle_since
+            if not conn.usable() or age >= self._keepalive_s:
+                idle.popleft()
+                conn.pooled = False
+                conn.abort()
+                continue
+            if age < quiet_s:
+                return None  # the oldest is too young, so are all the others
+            conn.pooled = False
+            return idle.popleft()
         return None
 
     def _has_room(self, origin: Origin) -> bool:
@@ -125,7 +153,9 @@ class Http1Pool:
             return False
         for idle in self._idle.values():
             if idle:
-                idle.pop(0).abort()
+                conn = idle.popleft()
+                conn.pooled = False
+                conn.abort()
                 return True
         return False
 
@@ -193,16 +223,20 @@ class Http1Pool:
         if self._closed:
             conn.abort()
             return
-        self._idle.setdefault(conn.origin, []).append(conn)
+        idle = self._idle.get(conn.origin)
+        if idle is None:
+            idle = self._idle[conn.origin] = deque()
+        conn.pooled = True
+        idle.append(conn)
         self._wake_waiters()
 
     def forget(self, conn: Connection) -> None:
         if conn in self._connections:
             self._connections.discard(conn)
             self._release_slot(conn.origin)
-        idle = self._idle.get(conn.origin)
-        if idle and conn in idle:
-            idle.remove(conn)
+        if conn.pooled:
+            conn.pooled = False
+            self._idle[conn.origin].remove(conn)
 
     def _release_slot(self, origin: Origin) -> None:
         self._total -= 1

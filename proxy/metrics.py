@@ -117,8 +117,22 @@ class ProxyMetrics:
         )
         self.upstream_retries = Counter(
             "pinproxy_upstream_retries",
-            "Requests sent again to another backend of the same version, by reason.",
+            "Requests sent again to a backend of the same version, by reason: connect "
+            "(nothing was written), dropped (an idempotent request replayed), "
+            "version_mismatch, refused.",
             ["reason"],
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "pinproxy_upstream_refusals",
+            "Answers with routing.refusal_status to a pinned request: withheld, never relayed.",
+            ["backend", "pinned_version"],
+            registry=registry,
+        )
+        self.outlier_ejections = Counter(
+            "pinproxy_outlier_ejections",
+            "Backends taken out of routing by outlier detection or passive health.",
+            ["backend", "region"],
             registry=registry,
         )
         self.audit_dropped = Counter(

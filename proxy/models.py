@@ -25,6 +25,7 @@ VersionSource = Literal["poll", "push"]
 # itself, so they are kept to a conservative alphabet; "," and "=" are the key's
 # own separators and therefore excluded.
 _VALUE_RE: Final = re.compile(r"^[A-Za-z0-9._:/@+~-]{1,128}$")
+VALUE_PATTERN: Final = _VALUE_RE.pattern  # for schemas (a JSON Schema / ECMA-262 regex too)
 
 STAMP_HEADERS: Final[Mapping[Dimension, str]] = {
     "prompt": "X-Prompt-Version",
@@ -143,6 +144,8 @@ class BackendState:
     # What the rollout controller says it deployed; shown beside the runtime report
     # (disagreement is drift) but never used for routing: the runtime wins (invariant 2).
     intended: VersionBundle | None = None
+    # Outlier detection: not routed before this wall-clock time (0: not ejected).
+    ejected_until: float = 0.0
 
     @property
     def id(self) -> str:

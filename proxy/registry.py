@@ -11,9 +11,19 @@ source, because each report is a fresh observation of the same runtime. A respon
 stamp only speaks for the dimensions it carries (see ``VersionBundle.overlay``).
 
 Health has hysteresis so a flapping check does not flap routing: a healthy backend
-turns unhealthy after ``unhealthy_after`` consecutive failures, an unhealthy one
+turns unhealthy after ``unhealthy_after`` consecutive failed polls, an unhealthy one
 healthy after ``healthy_after`` consecutive successes. A backend never seen healthy
 is admitted on its first success: at start there is no history to protect.
+
+Passive health: a request whose connection was refused or reset marks its backend
+*suspect* (``mark_suspect``): unhealthy at once, without waiting for polls to fail,
+and readmitted by the first successful ``/version`` poll after it (the data plane
+asks for one at once), so a backend that restarted, perhaps with another version at
+the same URL, is re-checked before it gets pinned traffic again. A push-mode backend
+cannot be polled; it is ejected for ``base_ejection_s`` instead.
+
+Outlier detection (``report_result``, proxy/outlier.py) ejects a backend whose
+requests keep failing, for a growing interval, within a per-version share.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from proxy.models import Backend, BackendState, Dimension, ReportSource, Snapshot, VersionBundle
+from proxy.outlier import OutlierPolicy, OutlierState
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +54,8 @@ class _Health:
     ever_healthy: bool = False
     successes: int = 0
     failures: int = 0
+    suspect: bool = False  # marked by a failed connection; a fresh poll readmits it
+    outlier: OutlierState = field(default_factory=OutlierState)
     transitions: list[tuple[float, bool, str]] = field(default_factory=list)
 
 
@@ -58,11 +71,16 @@ class Registry:
         healthy_after: int,
         clock: Clock,
         on_health_change: Callable[[str, str, bool], None] | None = None,
+        outlier: OutlierPolicy | None = None,
+        on_ejection: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self._dimensions = dimensions
         # Told (backend id, region, now healthy?) after every health transition, e.g.
         # to count it; it must be cheap and must not raise.
         self._on_health_change = on_health_change
+        self._outlier = outlier or OutlierPolicy()
+        # Told (backend id, region, why) after every ejection; cheap, must not raise.
+        self._on_ejection = on_ejection
         self._unhealthy_after = unhealthy_after
         self._healthy_after = healthy_after
         self._clock = clock
@@ -154,6 +172,7 @@ class Registry:
         return self.report_version(backend_id, bundle, "stamp")
 
     def report_success(self, backend_id: str) -> None:
+        """A health check (``/version`` poll or push) succeeded."""
         health = self._health.get(backend_id)
         if health is None:
             return
@@ -161,8 +180,34 @@ class Registry:
         health.successes += 1
         if not health.healthy and (
             not health.ever_healthy or health.successes >= self._healthy_after
+            or health.suspect
         ):
-            self._set_health(backend_id, health, True, "check succeeded")
+            why = "re-polled after a failed connection" if health.suspect else "check succeeded"
+            health.suspect = False
+            self._set_health(backend_id, health, True, why)
+
+    def mark_suspect(self, backend_id: str, why: str) -> None:
+        """Passive health: a connection to the backend was refused or reset."""
+        health = self._health.get(backend_id)
+        state = self._states.get(backend_id)
+        if health is None or state is None:
+            return
+        if state.backend.version_source != "poll":
+            # Nothing can re-poll it: keep it out for a while instead.
+            self._eject(backend_id, health, f"passive: {why}", capped=False)
+            return
+        health.successes = 0
+        health.suspect = True
+        if health.healthy:
+            self._set_health(backend_id, health, False, f"passive: {why}")
+
+    def report_result(self, backend_id: str, ok: bool) -> None:
+        """A proxied request's result, for outlier detection (5xx and failures: not ok)."""
+        health = self._health.get(backend_id)
+        if health is None:
+            return
+        if health.outlier.record(ok, self._clock.time(), self._outlier):
+            self._eject(backend_id, health, "consecutive failures", capped=True)
 
     def report_failure(self, backend_id: str, why: str) -> None:
         health = self._health.get(backend_id)
@@ -219,6 +264,21 @@ class Registry:
         return True
 
     # -- internals ----------------------------------------------------------------
+
+    def _eject(self, backend_id: str, health: _Health, why: str, *, capped: bool) -> None:
+        state = self._states[backend_id]
+        now = self._clock.time()
+        if capped:
+            peers = self._snapshot.by_key.get(state.version_key or "", ())
+            out = sum(1 for p in peers if p.ejected_until > now)
+            if out + 1 > self._outlier.allowed(len(peers)):
+                return  # the version's last backends stay: their errors are their answer
+        until = health.outlier.eject(now, self._outlier)
+        logger.warning("backend %s ejected for %.1fs (%s)", backend_id, until - now, why)
+        self._states[backend_id] = replace(state, ejected_until=until)
+        self._publish()
+        if self._on_ejection is not None:
+            self._on_ejection(backend_id, state.region, why)
 
     def _set_health(self, backend_id: str, health: _Health, healthy: bool, why: str) -> None:
         health.healthy = healthy

@@ -32,6 +32,7 @@ class Served:
     forward: Forward
     served_key: str
     ttfb_s: float
+    failed: bool = False  # a 5xx: the load estimate takes it as a failure, not as fast
 
 
 async def relay(
@@ -112,7 +113,7 @@ async def relay(
             upstream.release()
         else:
             upstream.close()
-        loads.finish(backend.id, served.ttfb_s)
+        loads.finish(backend.id, None if served.failed else served.ttfb_s)
     return out
 
 

@@ -99,14 +99,15 @@ def choose(
     """Decide where this request goes.
 
     A pinned session only ever gets a backend of its pinned version (draining ones
-    included, neither admission nor ``snapshot.blocked_versions`` applied), or, once
+    included, neither admission nor ``snapshot.blocked_versions`` applied; backends
+    ejected by outlier detection until after ``now`` never), or, once
     that version has gone unreported for ``policy.retire_after_s`` seconds (``now``
     is wall-clock, like the snapshot's ``last_seen``), an explicit repin
     (``Forward.repin_from``). Everything else is picked by P2C among the eligible
     backends.
     """
     if pin is None or not policy.pinning or facts.session_id is None:
-        eligible = _eligible(snapshot, policy, facts.exclude)
+        eligible = _eligible(snapshot, policy, facts.exclude, now)
         if not eligible:
             return Unavailable(None, "no_backends")
         chosen = _pick(eligible, loads, rng)
@@ -119,13 +120,14 @@ def choose(
     candidates = [
         s
         for s in snapshot.by_key.get(pinned, ())
-        if s.healthy and s.id not in exclude  # version_key == pinned by construction
+        # version_key == pinned by construction
+        if s.healthy and s.id not in exclude and s.ejected_until <= now
     ]
     if candidates:
         return Forward(_pick(candidates, loads, rng), pinned)
 
     if now - snapshot.last_seen(pinned) >= policy.retire_after_s:
-        eligible = _eligible(snapshot, policy, exclude)
+        eligible = _eligible(snapshot, policy, exclude, now)
         if eligible:
             chosen = _pick(eligible, loads, rng)
             assert chosen.version_key is not None
@@ -134,7 +136,7 @@ def choose(
 
 
 def _eligible(
-    snapshot: Snapshot, policy: RoutingPolicy, exclude: frozenset[str]
+    snapshot: Snapshot, policy: RoutingPolicy, exclude: frozenset[str], now: float
 ) -> list[BackendState]:
     admits = policy.admits
     blocks = snapshot.blocks
@@ -145,6 +147,7 @@ def _eligible(
         and not s.draining
         and s.version_key is not None
         and s.id not in exclude
+        and s.ejected_until <= now
         and admits(s.version_key)
         and not blocks(s.version_key)
     ]

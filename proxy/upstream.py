@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Protocol
 import aiohttp
 from yarl import URL
 
-from proxy.errors import UpstreamBodyError, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from proxy.errors import (
+    UpstreamBodyError,
+    UpstreamConnectError,
+    UpstreamDropped,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from proxy.http1 import Target
 
 if TYPE_CHECKING:
@@ -142,8 +148,15 @@ class Upstream:
         path_qs: str,
         headers: Mapping[str, str] | CIMultiDict[str],
         body: Body,
+        *,
+        replayable: bool = False,
     ) -> UpstreamResponse:
         """Send the request; return once the response head is in. The caller finishes it.
+
+        Failures are told apart by what the backend may have seen: nothing
+        (``UpstreamConnectError``), the request but no head (``UpstreamDropped``), a
+        broken or late head (``UpstreamError``, ``UpstreamTimeout``). ``replayable``
+        lets a pooled connection found closed be retried once on a fresh one.
 
         ``path_qs`` is the request's own path and query, kept exactly as received. An
         empty body is sent as no body: no ``Content-Length: 0`` is added to a GET, HEAD
@@ -157,7 +170,9 @@ class Upstream:
             target = self._targets.get(base_url)
             if target is None:
                 target = self._targets[base_url] = Target(base_url)
-            return await self._pool.request(target, method, path_qs, headers, body)
+            return await self._pool.request(
+                target, method, path_qs, headers, body, replayable=replayable
+            )
         return await self._send_aiohttp(method, upstream_url(base_url, path_qs), headers, body)
 
     async def _send_aiohttp(
@@ -168,12 +183,14 @@ class Upstream:
                 method, url, headers=headers, data=body if body != b"" else None,
                 allow_redirects=False,
             )
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise UpstreamConnectError(
                 f"could not reach the backend: {type(exc).__name__}"
             ) from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise UpstreamDropped("the backend closed the connection before answering") from exc
         except aiohttp.ClientOSError as exc:
-            raise UpstreamConnectError(f"connection to the backend failed: {exc.strerror}") from exc
+            raise UpstreamDropped(f"connection to the backend failed: {exc.strerror}") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout("the backend did not answer in time") from exc
         except aiohttp.ClientError as exc:

@@ -1,26 +1,38 @@
 """Declarative admin routes: one table gives the handlers, validation and OpenAPI.
 
-Every admin route is a ``Route``: method, path, handler, and the pydantic models of
-its JSON body and answer. ``install`` adds them to the admin app; ``openapi``
-builds the OpenAPI 3.1 document from the same table, so the document cannot drift
-from what is served. Request bodies are parsed here, once: malformed JSON, unknown
-fields and wrong types become a 400 that names the field, and nothing is changed.
+Every admin route is a ``Route``: method, path, handler, the pydantic models of its
+JSON body and answer, and a ``Param`` for each path and query parameter. ``install``
+adds them to the admin app; ``proxy/admin/openapi.py`` builds the OpenAPI 3.1 document
+from the same table, so the document cannot drift from what is served. Request bodies
+are parsed here, once: malformed JSON, unknown fields and wrong types become a 400 that
+names the field, and nothing is changed. Each ``Param`` states in JSON Schema the rule
+its handler enforces (the handler refuses anything else with a 400 naming it), so a
+request the document calls valid is never refused as malformed.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, ProxyError
+
+if TYPE_CHECKING:
+    from proxy.config import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
+Schema = dict[str, Any]
+
+# Query integers as a client serialises them: ASCII digits, an optional minus. int()
+# alone would also take " 7", "+7", "1_000" and non-ASCII digits such as "٣".
+_INTEGER: Final = re.compile(r"-?[0-9]+")
 
 
 class Body(BaseModel):
@@ -30,17 +42,40 @@ class Body(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class Param:
+    """A path or query parameter: what it means and its JSON Schema.
+
+    ``schema`` takes the settings because some rules are configurable (e.g. the
+    longest session id); it must describe exactly what the handler accepts.
+    """
+
+    name: str
+    description: str
+    schema: Callable[[Settings], Schema]
+
+
+def integer_param(name: str, description: str, *, lo: int, hi: int) -> Param:
+    """An optional integer query parameter in ``lo..hi``, read with ``int_query``."""
+    return Param(name, description,
+                 lambda _settings: {"type": "integer", "minimum": lo, "maximum": hi})
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     method: str
     path: str  # aiohttp syntax, e.g. "/admin/backends/{backend_id}"
     handler: Handler
     summary: str
-    response: type[BaseModel] | None = None  # None: 204 No Content
+    response: type[BaseModel] | None = None
     request: type[BaseModel] | None = None
     status: int = 200
     tags: tuple[str, ...] = ()
-    query: Sequence[tuple[str, str]] = field(default=())  # optional (name, description)
-    media_type: str | None = None  # a non-JSON answer (e.g. "text/plain"), when response is None
+    path_params: tuple[Param, ...] = ()  # one for each {name} in ``path``
+    query: tuple[Param, ...] = ()  # optional query parameters
+    # Without a response model: the media types of the answer ("application/json": an
+    # object of no fixed schema); neither: 204 No Content.
+    media_types: tuple[str, ...] = ()
+    errors: tuple[tuple[int, str], ...] = ()  # statuses beyond the common ones, and why
 
 
 def install(app: web.Application, routes: Sequence[Route]) -> None:
@@ -74,114 +109,44 @@ def reply(model: BaseModel, status: int = 200) -> web.Response:
 
 
 def int_query(request: web.Request, name: str, default: int, *, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
+    """An optional integer query parameter (see ``integer_param``); a 400 naming it."""
+    values = request.query.getall(name, [])
+    if not values:
         return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise BadRequest(f"query parameter {name} must be an integer", param=name) from exc
+    if len(values) > 1:
+        raise BadRequest(f"query parameter {name} is given {len(values)} times",
+                         code="invalid_query", param=name)
+    if not _INTEGER.fullmatch(values[0]):
+        raise BadRequest(f"query parameter {name} must be an integer", code="invalid_query",
+                         param=name)
+    value = int(values[0])
     if not lo <= value <= hi:
-        raise BadRequest(f"query parameter {name} must be between {lo} and {hi}", param=name)
+        raise BadRequest(f"query parameter {name} must be between {lo} and {hi}",
+                         code="invalid_query", param=name)
     return value
 
 
-_ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "null"]},
-            },
-        }
-    },
+# Every admin error names a stable code; these stand in where the raiser gave none.
+_CODES: Final = {
+    400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 409: "conflict", 413: "request_too_large",
+    500: "internal_error", 503: "unavailable",
 }
 
 
-def openapi(routes: Sequence[Route], *, title: str, version: str, secured: bool) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of ``routes``."""
-    schemas: dict[str, Any] = {"Error": _ERROR_SCHEMA}
-    paths: dict[str, dict[str, Any]] = {}
-
-    def ref(model: type[BaseModel]) -> dict[str, str]:
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        for name, sub in schema.pop("$defs", {}).items():
-            schemas[name] = sub
-        schemas[model.__name__] = schema
-        return {"$ref": f"#/components/schemas/{model.__name__}"}
-
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    for route in routes:
-        params = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in _path_params(route.path)
-        ] + [
-            {"name": name, "in": "query", "required": False, "description": desc,
-             "schema": {"type": "string"}}
-            for name, desc in route.query
-        ]
-        responses: dict[str, Any] = {}
-        if route.response is None and route.media_type is not None:
-            responses[str(route.status)] = {
-                "description": "OK",
-                "content": {route.media_type: {"schema": {"type": "string"}}},
-            }
-        elif route.response is None:
-            responses[str(route.status)] = {"description": "done"}
-        else:
-            responses[str(route.status)] = {
-                "description": "OK",
-                "content": {"application/json": {"schema": ref(route.response)}},
-            }
-        for status, why in (
-            ("400", "bad input"),
-            ("404", "unknown id"),
-            ("409", "conflict"),
-            ("503", "the shared store (Redis) cannot be reached; nothing changed"),
-        ):
-            responses[status] = {"description": why, "content": error}
-        if secured:
-            responses["401"] = {"description": "missing or wrong token", "content": error}
-        operation: dict[str, Any] = {
-            "summary": route.summary,
-            "operationId": f"{route.method.lower()}_{_slug(route.path)}",
-            "tags": list(route.tags),
-            "parameters": params,
-            "responses": responses,
-        }
-        if route.request is not None:
-            operation["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": ref(route.request)}},
-            }
-        paths.setdefault(_oas_path(route.path), {})[route.method.lower()] = operation
-    document: dict[str, Any] = {
-        "openapi": "3.1.0",
-        "info": {"title": title, "version": version},
-        "paths": paths,
-        "components": {"schemas": schemas},
-    }
-    if secured:
-        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        document["security"] = [{"bearer": []}]
-    return document
+def with_code(exc: ProxyError) -> ProxyError:
+    """``exc`` with a stable ``code`` (its own, else one for its status)."""
+    if exc.code is None:
+        exc.code = _CODES.get(exc.status, str(exc.status))
+    return exc
 
 
-def _path_params(path: str) -> list[str]:
-    return [part[1:-1].split(":")[0] for part in path.split("/") if part.startswith("{")]
-
-
-def _oas_path(path: str) -> str:
-    parts = [("{" + p[1:-1].split(":")[0] + "}") if p.startswith("{") else p
-             for p in path.split("/")]
-    return "/".join(parts)
-
-
-def _slug(path: str) -> str:
-    return "_".join(p.strip("{}").split(":")[0] for p in path.split("/") if p) or "root"
+def http_error(exc: web.HTTPException) -> ProxyError:
+    """aiohttp's own refusals (no route 404, 405, 413) as an admin error; a 405 keeps
+    its ``Allow`` header, which lists the methods the path does serve (RFC 9110)."""
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    message = exc.reason
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"{exc.method} is not served here; allowed: {allowed}"
+    return BadRequest(message, code=_CODES.get(exc.status), status=exc.status, headers=headers)

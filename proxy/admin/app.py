@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from proxy.admin.api import http_error, with_code
 from proxy.app import SETTINGS
-from proxy.errors import BadRequest, ProxyError, Unauthorized
+from proxy.errors import ProxyError, Unauthorized
 from proxy.relay import error_response
 
 logger = logging.getLogger(__name__)
@@ -42,14 +43,14 @@ def build_admin_app(
                 _check_token(request, token)
             return await handler(request)
         except ProxyError as exc:
-            return error_response(exc)
+            return error_response(with_code(exc))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(BadRequest(exc.reason, code=str(exc.status), status=exc.status))
+            return error_response(http_error(exc))
         except Exception:
             logger.exception("admin: unexpected error on %s %s", request.method, request.path)
-            return error_response(ProxyError("internal error in the admin API"))
+            return error_response(with_code(ProxyError("internal error in the admin API")))
 
     app = web.Application(middlewares=[guard], client_max_size=1024**2)
     app[DATA_APP] = data_app

@@ -12,15 +12,20 @@ IPv4-mapped IPv6 addresses are checked as the IPv4 address they carry.
 Limitation: the check runs when the backend is added. A host name that later resolves
 elsewhere (DNS rebinding) is not re-checked on each connection; operators who need
 that should add backends by IP address or restrict ``backend_networks``.
+
+Two refusals, both ``code: backend_url_refused`` naming ``url``: ``400`` when the URL
+does not match ``URL_PATTERN`` (the admin OpenAPI document states the same pattern),
+``403`` when it does but the policy refuses where it points (a denied host, an address
+in a denied network or outside the allowed ones, a host that resolves to no address).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, Protocol
 from urllib.parse import urlsplit
 
 from proxy.errors import BadRequest
@@ -30,14 +35,35 @@ if TYPE_CHECKING:
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+class Resolver(Protocol):
+    """Every address a host name resolves to (an OSError when it resolves to none)."""
+
+    async def __call__(self, host: str, port: int, /) -> list[str]: ...
+
+
+# A base URL: http or https (any case), a host name, IPv4 or bracketed IPv6 address
+# (zone id percent-encoded), an optional port 0-65535 and an optional path of RFC 3986
+# path characters; no userinfo, query, fragment, whitespace or non-ASCII. The same
+# text is a Python, a Rust (pydantic) and an ECMA-262 (JSON Schema) regular expression.
+_PORT: Final = (
+    r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+)
+_HOST: Final = r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9._~-]+)?\])"
+URL_PATTERN: Final = (
+    rf"^[Hh][Tt][Tt][Pp][Ss]?://{_HOST}(?::{_PORT})?(?:/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?$"
+)
+_URL: Final = re.compile(URL_PATTERN)
 
 
 class BackendUrlRefused(BadRequest):
-    """An added backend's URL is malformed or points somewhere the policy forbids."""
+    """An added backend's URL is malformed (400) or points somewhere the policy forbids
+    (``forbidden``: 403)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(f"url: {message}", code="backend_url_refused", param="url")
+    def __init__(self, message: str, *, forbidden: bool = False) -> None:
+        super().__init__(f"url: {message}", code="backend_url_refused", param="url",
+                         status=403 if forbidden else 400)
 
 
 async def system_resolve(host: str, port: int) -> list[str]:
@@ -68,7 +94,9 @@ class BackendUrlPolicy:
         """The URL as stored (no trailing slash); raises ``BackendUrlRefused`` naming why."""
         host, port = _parse(url)
         if host in self._denied_hosts:
-            raise BackendUrlRefused(f"host {host!r} is a denied host (admin.denied_backend_hosts)")
+            raise BackendUrlRefused(
+                f"host {host!r} is a denied host (admin.denied_backend_hosts)", forbidden=True
+            )
         literal = _ip(host)
         if literal is not None:
             addresses = [literal]
@@ -83,10 +111,10 @@ class BackendUrlPolicy:
             async with asyncio.timeout(self._timeout_s):
                 found = await self._resolve(host, port)
         except (OSError, UnicodeError) as exc:  # socket.gaierror and TimeoutError included
-            raise BackendUrlRefused(f"host {host!r} cannot be resolved") from exc
+            raise BackendUrlRefused(f"host {host!r} cannot be resolved", forbidden=True) from exc
         addresses = [a for a in (_ip(raw) for raw in found) if a is not None]
         if not addresses:
-            raise BackendUrlRefused(f"host {host!r} resolves to no IP address")
+            raise BackendUrlRefused(f"host {host!r} resolves to no IP address", forbidden=True)
         return addresses
 
     def _check_address(self, host: str, address: IPAddress) -> None:
@@ -95,13 +123,15 @@ class BackendUrlPolicy:
             if address.version == network.version and address in network:
                 raise BackendUrlRefused(
                     f"{shown} is in denied network {network} "
-                    "(link-local or cloud metadata; see admin.denied_backend_networks)"
+                    "(link-local or cloud metadata; see admin.denied_backend_networks)",
+                    forbidden=True,
                 )
         if self._allowed is not None and not any(
             address.version == n.version and address in n for n in self._allowed
         ):
             raise BackendUrlRefused(
-                f"{shown} is outside the allowed networks (admin.backend_networks)"
+                f"{shown} is outside the allowed networks (admin.backend_networks)",
+                forbidden=True,
             )
 
     def __repr__(self) -> str:
@@ -110,25 +140,41 @@ class BackendUrlPolicy:
 
 
 def _parse(url: str) -> tuple[str, int]:
-    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
-        # urlsplit silently drops tabs and newlines; the stored URL would still hold them.
-        raise BackendUrlRefused("must not contain whitespace or control characters")
+    """The host (lowercase, no trailing dot) and port of a URL matching URL_PATTERN."""
+    if not _URL.fullmatch(url):
+        raise BackendUrlRefused(f"{_malformed(url)} (expected http(s)://host[:port][/path])")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise BackendUrlRefused(f"not a valid URL: {exc}") from exc
-    if parts.scheme not in ("http", "https"):
-        shown = parts.scheme or "none"
-        raise BackendUrlRefused(f"scheme must be http or https, not {shown!r}")
-    if "@" in parts.netloc:
-        raise BackendUrlRefused("must not contain credentials (userinfo before '@')")
-    if not parts.hostname:
-        raise BackendUrlRefused("must name a host")
-    if parts.query or parts.fragment:
-        raise BackendUrlRefused("must not have a query or fragment")
+        # The pattern matched, so this is a bracketed host that is no IPv6 address.
+        raise BackendUrlRefused(f"not an IP address: {exc}", forbidden=True) from exc
+    assert parts.hostname is not None  # the pattern requires a host
     default = 443 if parts.scheme == "https" else 80
     return parts.hostname.lower().rstrip("."), port if port is not None else default
+
+
+def _malformed(url: str) -> str:
+    """Why ``url`` does not match URL_PATTERN, in words."""
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        # urlsplit silently drops tabs and newlines; the stored URL would still hold them.
+        return "must not contain whitespace or control characters"
+    if not url.isascii():
+        return "must be ASCII (percent-encode the path; a host name in punycode)"
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as exc:
+        return f"not a valid URL: {exc}"
+    if parts.scheme not in ("http", "https"):
+        return f"scheme must be http or https, not {parts.scheme or 'none'!r}"
+    if "@" in parts.netloc:
+        return "must not contain credentials (userinfo before '@')"
+    if not parts.hostname:
+        return "must name a host"
+    if "?" in url or "#" in url:
+        return "must not have a query or fragment"
+    return "not a valid base URL"
 
 
 def _ip(text: str) -> IPAddress | None:

@@ -9,23 +9,30 @@ before anything is changed, so a 4xx always means nothing happened.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+import re
+from typing import TYPE_CHECKING, Annotated, Final, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy.admin.api import Body, Route, read_body, reply
-from proxy.admin.backend_urls import BackendUrlPolicy
+from proxy.admin.api import Body, Param, Route, read_body, reply
+from proxy.admin.backend_urls import URL_PATTERN, BackendUrlPolicy, Resolver
 from proxy.admin.fleet_common import BundleView, Fleet, VersionBody
 from proxy.control import UnknownBackend
+from proxy.errors import BadRequest
 from proxy.models import Backend
 
 if TYPE_CHECKING:
     from proxy.models import BackendState
 
 # The same rule the config file applies to ids and regions (proxy/config.py).
-_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_ID: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_ID_RE: Final = re.compile(_ID)
 _TAGS = ("backends",)
+# How an added backend's host name is resolved (tests give a resolver without DNS).
+RESOLVER: Final = web.AppKey("backend_resolver", Resolver)
+BACKEND_ID: Final = Param("backend_id", "a backend id, as in the config (1-64 of [A-Za-z0-9._-])",
+                          lambda _settings: {"type": "string", "pattern": _ID})
 
 
 class HealthTransitionView(BaseModel):
@@ -69,7 +76,8 @@ class AddBackendBody(Body):
 
     id: Annotated[str, Field(pattern=_ID)]
     region: Annotated[str, Field(pattern=_ID)]
-    url: Annotated[str, Field(min_length=1, max_length=2048)]
+    # Checked by BackendUrlPolicy (a 400 naming what is wrong); the pattern documents it.
+    url: Annotated[str, Field(max_length=2048, json_schema_extra={"pattern": URL_PATTERN})]
     version_source: Literal["poll", "push"] = "poll"
 
 
@@ -100,6 +108,15 @@ def backend_view(fleet: Fleet, state: BackendState) -> BackendView:
     )
 
 
+def _backend_id(request: web.Request) -> str:
+    """The path's backend id; a 400 unless it follows the id rule (BACKEND_ID)."""
+    backend_id = request.match_info["backend_id"]
+    if not _ID_RE.fullmatch(backend_id):
+        raise BadRequest("backend_id must be 1-64 of A-Z a-z 0-9 . _ - (starting alphanumeric)",
+                         code="invalid_backend_id", param="backend_id")
+    return backend_id
+
+
 def _state(fleet: Fleet, backend_id: str) -> BackendState:
     state = fleet.registry.snapshot.by_id.get(backend_id)
     if state is None:
@@ -118,36 +135,36 @@ async def _list_backends(request: web.Request) -> web.StreamResponse:
 
 
 async def _get_backend(request: web.Request) -> web.StreamResponse:
-    return _view_of(Fleet.of(request), request.match_info["backend_id"])
+    return _view_of(Fleet.of(request), _backend_id(request))
 
 
 async def _add_backend(request: web.Request) -> web.StreamResponse:
     fleet = Fleet.of(request)
     body = await read_body(request, AddBackendBody)
-    url = await BackendUrlPolicy(fleet.settings.admin).check(body.url)
+    url = await BackendUrlPolicy(fleet.settings.admin, request.app[RESOLVER]).check(body.url)
     await fleet.control.add_backend(Backend(body.id, body.region, url, body.version_source))
     return reply(backend_view(fleet, _state(fleet, body.id)), status=201)
 
 
 async def _remove_backend(request: web.Request) -> web.StreamResponse:
-    await Fleet.of(request).control.remove_backend(request.match_info["backend_id"])
+    await Fleet.of(request).control.remove_backend(_backend_id(request))
     return web.Response(status=204)
 
 
 async def _drain(request: web.Request) -> web.StreamResponse:
-    fleet, backend_id = Fleet.of(request), request.match_info["backend_id"]
+    fleet, backend_id = Fleet.of(request), _backend_id(request)
     await fleet.control.set_draining(backend_id, True)
     return _view_of(fleet, backend_id)
 
 
 async def _undrain(request: web.Request) -> web.StreamResponse:
-    fleet, backend_id = Fleet.of(request), request.match_info["backend_id"]
+    fleet, backend_id = Fleet.of(request), _backend_id(request)
     await fleet.control.set_draining(backend_id, False)
     return _view_of(fleet, backend_id)
 
 
 async def _push_runtime_version(request: web.Request) -> web.StreamResponse:
-    fleet, backend_id = Fleet.of(request), request.match_info["backend_id"]
+    fleet, backend_id = Fleet.of(request), _backend_id(request)
     _state(fleet, backend_id)  # 404 before a body problem is reported for a missing id
     body = await read_body(request, VersionBody)
     await fleet.control.push_version(backend_id, body.bundle())
@@ -155,7 +172,7 @@ async def _push_runtime_version(request: web.Request) -> web.StreamResponse:
 
 
 async def _set_intended_version(request: web.Request) -> web.StreamResponse:
-    fleet, backend_id = Fleet.of(request), request.match_info["backend_id"]
+    fleet, backend_id = Fleet.of(request), _backend_id(request)
     _state(fleet, backend_id)
     body = await read_body(request, VersionBody)
     await fleet.control.set_intent(backend_id, body.bundle())
@@ -163,12 +180,13 @@ async def _set_intended_version(request: web.Request) -> web.StreamResponse:
 
 
 async def _clear_intended_version(request: web.Request) -> web.StreamResponse:
-    fleet, backend_id = Fleet.of(request), request.match_info["backend_id"]
+    fleet, backend_id = Fleet.of(request), _backend_id(request)
     await fleet.control.set_intent(backend_id, None)
     return _view_of(fleet, backend_id)
 
 
 _ONE = "/admin/backends/{backend_id}"
+_P = (BACKEND_ID,)
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/admin/backends", _list_backends,
           "Every backend with its runtime version, intent, health and load.",
@@ -176,25 +194,26 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/admin/backends", _add_backend,
           "Add a backend at run time (URL checked against admin.backend_networks); "
           "every replica starts polling it.",
-          BackendView, AddBackendBody, status=201, tags=_TAGS),
-    Route("GET", _ONE, _get_backend, "One backend.", BackendView, tags=_TAGS),
+          BackendView, AddBackendBody, status=201, tags=_TAGS,
+          errors=((403, "the URL's host is refused by the backend address policy"),)),
+    Route("GET", _ONE, _get_backend, "One backend.", BackendView, tags=_TAGS, path_params=_P),
     Route("DELETE", _ONE, _remove_backend,
           "Remove a backend at run time; its pinned sessions wait for another backend "
           "of their version.",
-          None, status=204, tags=_TAGS),
+          None, status=204, tags=_TAGS, path_params=_P),
     Route("POST", f"{_ONE}/drain", _drain,
           "Drain: no new sessions; sessions pinned to its version keep using it.",
-          BackendView, tags=_TAGS),
+          BackendView, tags=_TAGS, path_params=_P),
     Route("DELETE", f"{_ONE}/drain", _undrain, "Undrain: take new sessions again.",
-          BackendView, tags=_TAGS),
+          BackendView, tags=_TAGS, path_params=_P),
     Route("PUT", f"{_ONE}/runtime-version", _push_runtime_version,
           "Push the runtime's version (for backends that cannot serve /version); a "
           "runtime report like a poll: the latest report wins.",
-          BackendView, VersionBody, tags=_TAGS),
+          BackendView, VersionBody, tags=_TAGS, path_params=_P),
     Route("PUT", f"{_ONE}/intended-version", _set_intended_version,
           "Record the rollout controller's intended version; shown beside the runtime "
           "(drift), never used for routing.",
-          BackendView, VersionBody, tags=_TAGS),
+          BackendView, VersionBody, tags=_TAGS, path_params=_P),
     Route("DELETE", f"{_ONE}/intended-version", _clear_intended_version,
-          "Forget the intended version.", BackendView, tags=_TAGS),
+          "Forget the intended version.", BackendView, tags=_TAGS, path_params=_P),
 )  # fmt: skip

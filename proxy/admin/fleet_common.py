@@ -4,15 +4,22 @@ and the data-plane objects they read and steer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from proxy.admin.api import Body
+from proxy.admin.api import Body, Param
 from proxy.admin.app import DATA_APP
 from proxy.app import CLOCK, CONTROL, LOADS, REGISTRY, SETTINGS, STORE, TRAFFIC
 from proxy.errors import BadRequest
-from proxy.models import DIMENSIONS, InvalidVersion, VersionBundle, check_value, prompt_of
+from proxy.models import (
+    DIMENSIONS,
+    VALUE_PATTERN,
+    InvalidVersion,
+    VersionBundle,
+    check_value,
+    prompt_of,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -53,16 +60,20 @@ class Fleet:
         )
 
 
+# The version alphabet (proxy/models.py), checked by the validators below, documented.
+_VALUE: Final[dict[str, Any]] = {"pattern": VALUE_PATTERN}
+
+
 class VersionBody(Body):
     """A version bundle, as a runtime reports it on ``/version``: ``prompt`` is required."""
 
     # strict: a number where a version string belongs is a 400, not quietly coerced.
     model_config = ConfigDict(strict=True)
 
-    prompt: str = Field(min_length=1, max_length=128)
-    parser: str | None = Field(default=None, min_length=1, max_length=128)
-    tools: str | None = Field(default=None, min_length=1, max_length=128)
-    model: str | None = Field(default=None, min_length=1, max_length=128)
+    prompt: str = Field(json_schema_extra=_VALUE)
+    parser: str | None = Field(default=None, json_schema_extra=_VALUE)
+    tools: str | None = Field(default=None, json_schema_extra=_VALUE)
+    model: str | None = Field(default=None, json_schema_extra=_VALUE)
 
     @field_validator("prompt", "parser", "tools", "model")
     @classmethod
@@ -135,6 +146,36 @@ def version_ref(text: str, dimensions: tuple[Dimension, ...]) -> str:
             "version: a version key must include prompt=", code="invalid_version", param="version"
         )
     return ",".join(f"{dim}={values[dim]}" for dim in DIMENSIONS if dim in values)
+
+
+def version_ref_schema(dimensions: tuple[Dimension, ...]) -> dict[str, Any]:
+    """The JSON Schema of exactly what ``version_ref`` accepts under ``dimensions``.
+
+    A bare prompt, or ``dimension=value`` pairs joined by ``,``: each dimension of
+    ``dimensions`` at most once, in any order, ``prompt`` among them. The orders are
+    spelled out as a tree of alternatives (JSON Schema has no "each at most once").
+    """
+    value = VALUE_PATTERN.removeprefix("^").removesuffix("$")
+
+    def pairs(left: tuple[Dimension, ...], prompt_seen: bool) -> str:
+        """``dim=value`` for each dimension left, each followed by what may follow it."""
+        branches = []
+        for dim in left:
+            rest = tuple(d for d in left if d != dim)
+            seen = prompt_seen or dim == "prompt"
+            more = f"(?:,{pairs(rest, seen)})" + ("?" if seen else "") if rest else ""
+            branches.append(f"{dim}={value}{more}")
+        return f"(?:{'|'.join(branches)})"
+
+    return {"type": "string", "pattern": f"^(?:{value}|{pairs(dimensions, False)})$"}
+
+
+VERSION: Final = Param(
+    "version",
+    "a version key (prompt=v47,parser=p2: the configured dimensions, each at most once, in "
+    "any order, prompt required) or a bare prompt version (v47) naming every key with it",
+    lambda settings: version_ref_schema(settings.versions.dimensions),
+)
 
 
 def matches(ref: str, version_key: str) -> bool:

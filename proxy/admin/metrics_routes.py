@@ -63,6 +63,7 @@ ROUTES: tuple[Route, ...] = (
         "Prometheus metrics: requests, latency, tokens and structured-output errors by "
         "prompt version and region; versions serving; pins, switches, guard triggers.",
         tags=("observability",),
-        media_type="text/plain",
+        # The text format, or OpenMetrics when the scraper's Accept asks for it.
+        media_types=("text/plain", "application/openmetrics-text"),
     ),
 )

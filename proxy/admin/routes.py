@@ -12,8 +12,11 @@ import orjson
 from aiohttp import web
 
 from proxy.admin import fleet, metrics_routes, sessions
-from proxy.admin.api import Route, install, openapi
+from proxy.admin.api import Route, install
 from proxy.admin.app import DATA_APP
+from proxy.admin.backend_urls import Resolver, system_resolve
+from proxy.admin.backends import RESOLVER
+from proxy.admin.openapi import openapi
 from proxy.app import SETTINGS
 
 if TYPE_CHECKING:
@@ -28,21 +31,22 @@ def all_routes() -> tuple[Route, ...]:
     return (*(route for group in groups for route in group), OPENAPI_ROUTE)
 
 
-def installers() -> tuple[RouteInstaller, ...]:
-    return (_install_all,)
+def installers(resolve: Resolver = system_resolve) -> tuple[RouteInstaller, ...]:
+    """What the admin app serves; ``resolve`` looks up added backends' host names."""
 
+    def install_all(app: web.Application) -> None:
+        app[RESOLVER] = resolve
+        install(app, all_routes())
 
-def _install_all(app: web.Application) -> None:
-    install(app, all_routes())
+    return (install_all,)
 
 
 async def _openapi(request: web.Request) -> web.StreamResponse:
-    secured = request.app[DATA_APP][SETTINGS].admin.token is not None
     document = openapi(all_routes(), title="pinproxy admin API", version=API_VERSION,
-                       secured=secured)
+                       settings=request.app[DATA_APP][SETTINGS])
     return web.Response(body=orjson.dumps(document), content_type="application/json")
 
 
 OPENAPI_ROUTE = Route("GET", "/admin/openapi.json", _openapi,
                       "This document: the OpenAPI 3.1 description of the admin API.",
-                      tags=("meta",))
+                      tags=("meta",), media_types=("application/json",))

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 from urllib.parse import unquote_to_bytes
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from proxy.admin.api import Body, Route, int_query, read_body, reply
+from proxy.admin.api import Body, Param, Route, int_query, integer_param, read_body, reply
 from proxy.admin.app import DATA_APP
 from proxy.app import AUDIT, CLOCK, LOADS, METRICS, REGISTRY, RNG, SETTINGS, STORE
 from proxy.audit import AuditRecord
@@ -39,6 +39,16 @@ logger = logging.getLogger(__name__)
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _MAX_LIMIT: Final = 10_000
 _SESSION_SEGMENT: Final = 3  # raw_parts of "/admin/sessions/{id}...": "/", admin, sessions, id
+# JSON Schema counts characters, the rule counts UTF-8 bytes: the document can only
+# bound the length in characters, and says bytes in words.
+SESSION_ID: Final = Param(
+    "session_id",
+    "the session id, percent-encoded; valid UTF-8, at most sessions.max_id_bytes bytes "
+    "of it, no control character (U+0000-001F, U+007F-009F)",
+    lambda settings: {"type": "string", "minLength": 1,
+                      "maxLength": settings.sessions.max_id_bytes,
+                      "pattern": r"^[^\x00-\x1f\x7f-\x9f]+$"},
+)
 
 
 class PinView(BaseModel):
@@ -90,21 +100,32 @@ class SessionView(BaseModel):
     records_per_session: int = Field(description="how many records the trail keeps at most")
 
 
+def _repin_schema(schema: dict[str, Any]) -> None:
+    """The body as the validator below has it: exactly one of a string ``version`` and
+    ``fresh: true``; no nulls (pydantic would document ``str | None`` as nullable)."""
+    properties = schema["properties"]
+    properties["version"] = {"type": "string", "minLength": 1, "maxLength": 1024,
+                             "description": "a version key, or a bare prompt version naming "
+                                            "exactly one serving key"}
+    properties["fresh"] = {"const": True, "description": "what a new session would get now"}
+    schema["oneOf"] = [{"required": ["version"]}, {"required": ["fresh"]}]
+
+
 class RepinBody(Body):
     """Exactly one of: ``version`` (a version key, or a bare prompt version that names
     one serving key), or ``fresh: true`` (the choice a new session would get now)."""
 
     # strict: "fresh": "yes" or "version": 5 is a 400, not quietly coerced.
-    model_config = ConfigDict(
-        strict=True,
-        json_schema_extra={"oneOf": [{"required": ["version"]}, {"required": ["fresh"]}]},
-    )
+    model_config = ConfigDict(strict=True, json_schema_extra=_repin_schema)
 
     version: str | None = Field(default=None, min_length=1, max_length=1024)
     fresh: bool | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Self:
+        for name in ("version", "fresh"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"'{name}' must not be null (leave it out instead)")
         if (self.version is None) == (self.fresh is None):
             raise ValueError("give exactly one of 'version' or 'fresh'")
         if self.fresh is False:
@@ -133,7 +154,8 @@ async def _get_session(request: web.Request) -> web.StreamResponse:
     pin = await data[STORE].get(session_id)
     records = await audit.trail(session_id, max(limit, 1))
     if pin is None and not records:
-        raise NotFound("no pin and no audit trail for this session (unknown or expired)")
+        raise NotFound("no pin and no audit trail for this session (unknown or expired)",
+                       code="unknown_session", param="session_id")
     trail = records[len(records) - limit:] if limit else []
     return reply(SessionView(
         session_id=session_id,
@@ -151,7 +173,8 @@ async def _repin(request: web.Request) -> web.StreamResponse:
     store = data[STORE]
     current = await store.get(session_id)
     if current is None:
-        raise NotFound("this session has no pin to change (never pinned, expired or unpinned)")
+        raise NotFound("this session has no pin to change (never pinned, expired or unpinned)",
+                       code="session_not_pinned", param="session_id")
     chosen = _choose(request, session_id, body)
     pin = Pin(chosen.version_key, chosen.backend.id, chosen.backend.region, data[CLOCK].time())
     # A pin that expired since the read above is simply written anew.
@@ -178,7 +201,8 @@ async def _unpin(request: web.Request) -> web.StreamResponse:
     session_id = _session_id(request, data[SETTINGS].sessions.max_id_bytes)
     previous = await data[STORE].unpin(session_id)
     if previous is None:
-        raise NotFound("this session has no pin (never pinned, expired or already unpinned)")
+        raise NotFound("this session has no pin (never pinned, expired or already unpinned)",
+                       code="session_not_pinned", param="session_id")
     logger.info("admin: session unpinned from %s", previous.version_key)
     _audit(request, session_id, None, f"{previous.version_key} -> (unpinned)", started)
     return reply(UnpinResult(session_id=session_id, previous=PinView.of(previous)))
@@ -263,18 +287,19 @@ def _session_id(request: web.Request, max_bytes: int) -> str:
 
 
 _TAGS = ("sessions",)
+_P = (SESSION_ID,)
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/admin/sessions/{session_id}", _get_session,
           "A session's pin (version, when, where) and its audit trail, oldest first.",
-          response=SessionView, tags=_TAGS,
-          query=(("limit", f"trail records to return, 0-{_MAX_LIMIT} "
-                           "(default and most: audit.records_per_session)"),)),
+          response=SessionView, tags=_TAGS, path_params=_P,
+          query=(integer_param("limit", "trail records to return (default and most: "
+                                        "audit.records_per_session)", lo=0, hi=_MAX_LIMIT),)),
     Route("PUT", "/admin/sessions/{session_id}/pin", _repin,
           "Repin the session to a named version (which must have a routable backend) or "
           "to a fresh new-session choice; reaches every replica sharing the store.",
-          response=RepinResult, request=RepinBody, tags=_TAGS),
+          response=RepinResult, request=RepinBody, tags=_TAGS, path_params=_P),
     Route("DELETE", "/admin/sessions/{session_id}/pin", _unpin,
           "Unpin the session: its next request is routed like a new session's.",
-          response=UnpinResult, tags=_TAGS),
+          response=UnpinResult, tags=_TAGS, path_params=_P),
 )

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from proxy.admin.api import Route, int_query, reply
-from proxy.admin.fleet_common import Fleet, matches, version_ref
+from proxy.admin.api import Route, int_query, integer_param, reply
+from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref
 from proxy.models import prompt_of
 from proxy.routing import RoutingPolicy
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 _TAGS = ("versions",)
 SHORT_WINDOW_S = 300
 LONG_WINDOW_S = 3600
+MIN_WINDOW_S, MAX_WINDOW_S = 60, 86_400
 
 
 class Share(BaseModel):
@@ -233,7 +234,7 @@ async def _rollback(request: web.Request) -> web.StreamResponse:
 
 async def _traffic(request: web.Request) -> web.StreamResponse:
     fleet = Fleet.of(request)
-    window_s = int_query(request, "window_s", LONG_WINDOW_S, lo=60, hi=86_400)
+    window_s = int_query(request, "window_s", LONG_WINDOW_S, lo=MIN_WINDOW_S, hi=MAX_WINDOW_S)
     window = await fleet.traffic.window(window_s)
     regions = {
         region: RegionTraffic(requests=sum(counts.values()), versions=_shares(counts))
@@ -251,6 +252,7 @@ async def _traffic(request: web.Request) -> web.StreamResponse:
 
 
 _ONE = "/admin/versions/{version}"
+_P = (VERSION,)
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/admin/versions", _list_versions,
           "The fleet by version: backends, regions, health, pinned sessions, request "
@@ -259,16 +261,18 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", f"{_ONE}/block", _block_version,
           "Kill switch: no new sessions get this version (key or bare prompt); sessions "
           "already pinned to it are untouched.",
-          AdmissionView, tags=_TAGS),
+          AdmissionView, tags=_TAGS, path_params=_P),
     Route("DELETE", f"{_ONE}/block", _admit_version,
-          "Admit the version for new sessions again.", AdmissionView, tags=_TAGS),
+          "Admit the version for new sessions again.", AdmissionView, tags=_TAGS,
+          path_params=_P),
     Route("GET", f"{_ONE}/rollback", _rollback,
           "Where the version really runs (by runtime report, not intent), and how many "
           "sessions are pinned to it.",
-          RollbackView, tags=_TAGS),
+          RollbackView, tags=_TAGS, path_params=_P),
     Route("GET", "/admin/traffic", _traffic,
           "Production version distribution: requests and share per region and version "
           "over the window (default 3600 s; whole minutes).",
           TrafficView, tags=("traffic",),
-          query=(("window_s", "window length in seconds, 60..86400"),)),
+          query=(integer_param("window_s", "window length in seconds (default 3600)",
+                               lo=MIN_WINDOW_S, hi=MAX_WINDOW_S),)),
 )  # fmt: skip

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.admin import fleet
 from proxy.sim import SimPop
-from tests.fixtures.proxy import RunningProxy, StartProxy
+from tests.fixtures.proxy import RunningProxy, StartProxy, loopback_resolve
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.sim import StartPop
 from tests.integration.fleet_helpers import Admin, Served, ask, eventually
@@ -524,7 +524,8 @@ async def test_bad_input_is_a_4xx_naming_the_problem_and_changes_nothing(
 ) -> None:
     a = await start_pop("a", "r1", "v1")
     other = await start_pop("other", "r2", "v2")
-    proxy = await start_proxy([a], redis_url, versions={"dimensions": ["prompt", "model"]})
+    proxy = await start_proxy([a], redis_url, versions={"dimensions": ["prompt", "model"]},
+                              admin_resolve=loopback_resolve)  # x.invalid: no DNS query
     admin = admin_of(http, proxy)
     await healthy(admin, "a")
     before = await _state(admin)
@@ -545,17 +546,17 @@ async def test_bad_input_is_a_4xx_naming_the_problem_and_changes_nothing(
          "credentials"),
         ("POST", "/admin/backends", {**good, "url": "http://admin@127.0.0.1:1"}, 400,
          "credentials"),
-        ("POST", "/admin/backends", {**good, "url": "http://169.254.169.254/latest"}, 400,
+        ("POST", "/admin/backends", {**good, "url": "http://169.254.169.254/latest"}, 403,
          "denied network"),
-        ("POST", "/admin/backends", {**good, "url": "http://[fe80::1]:8000"}, 400,
+        ("POST", "/admin/backends", {**good, "url": "http://[fe80::1]:8000"}, 403,
          "denied network"),
-        ("POST", "/admin/backends", {**good, "url": "http://[::ffff:169.254.169.254]/"}, 400,
+        ("POST", "/admin/backends", {**good, "url": "http://[::ffff:169.254.169.254]/"}, 403,
          "denied network"),
-        ("POST", "/admin/backends", {**good, "url": "http://[fd00:ec2::254]/"}, 400,
+        ("POST", "/admin/backends", {**good, "url": "http://[fd00:ec2::254]/"}, 403,
          "denied network"),
-        ("POST", "/admin/backends", {**good, "url": "http://metadata.google.internal/"}, 400,
+        ("POST", "/admin/backends", {**good, "url": "http://metadata.google.internal/"}, 403,
          "denied host"),
-        ("POST", "/admin/backends", {**good, "url": "http://x.invalid/"}, 400,
+        ("POST", "/admin/backends", {**good, "url": "http://x.invalid/"}, 403,
          "cannot be resolved"),
         ("POST", "/admin/backends", {**good, "id": "a"}, 409, "already exists"),
         ("PUT", "/admin/backends/a/runtime-version", {"prompt": 5}, 400, "prompt"),
@@ -597,7 +598,7 @@ async def test_backend_networks_allowlist_is_configurable(
     b = await start_pop("b", "r2", "v1")
     strict = await start_proxy([a], admin={"backend_networks": ["10.0.0.0/8"]})
     status, error = await admin_of(http, strict).call("POST", "/admin/backends", backend_entry(b))
-    assert status == 400
+    assert status == 403  # well-formed, refused by the policy
     assert "outside the allowed networks" in error["error"]["message"]
     assert await admin_of(http, strict).backend_ids() == ["a"]
     loopback = await start_proxy([a], admin={"backend_networks": ["127.0.0.0/8", "::1/128"]})

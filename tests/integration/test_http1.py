@@ -21,7 +21,13 @@ import pytest
 import pytest_asyncio
 
 from proxy.config import UpstreamConfig
-from proxy.errors import UpstreamBodyError, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from proxy.errors import (
+    UpstreamBodyError,
+    UpstreamConnectError,
+    UpstreamDropped,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from proxy.http1 import Http1Response, Target
 from proxy.http1_pool import Http1Pool
 
@@ -180,10 +186,10 @@ async def read_all(resp: Http1Response) -> bytes:
 
 async def fetch(
     pool: Http1Pool, target: Target, method: str = "GET", path: str = "/",
-    headers: Mapping[str, str] | None = None, body: bytes = b"",
+    headers: Mapping[str, str] | None = None, body: bytes = b"", *, replayable: bool = False,
 ) -> tuple[Http1Response, bytes]:
     """One whole exchange: the response (released) and its body."""
-    resp = await pool.request(target, method, path, headers or {}, body)
+    resp = await pool.request(target, method, path, headers or {}, body, replayable=replayable)
     data = await read_all(resp)
     resp.release()
     return resp, data
@@ -221,11 +227,12 @@ async def make_pool() -> AsyncIterator[MakePool]:
 
     def make(
         *, idle_timeout_s: float = SLOW_S, pool_size: int = 100, per_host: int = 0,
-        keepalive_s: float = 15.0,
+        keepalive_s: float = 15.0, quiet_ms: int = 0,
     ) -> Http1Pool:
+        # quiet_ms 0 by default: most tests are about reuse itself, not the quiet period.
         config = UpstreamConfig(
             connect_timeout_s=SLOW_S, read_idle_timeout_s=idle_timeout_s,
-            pool_size=pool_size, pool_size_per_host=per_host,
+            pool_size=pool_size, pool_size_per_host=per_host, reuse_quiet_ms=quiet_ms,
         )
         pool = Http1Pool(config, keepalive_s=keepalive_s)
         pools.append(pool)
@@ -407,23 +414,45 @@ async def test_stale_idle_connection_is_retried_on_a_fresh_one(
     pool, target = make_pool(), backend.target()
     assert (await fetch(pool, target))[1] == b"first"
     await asyncio.sleep(0.05)
-    assert (await fetch(pool, target))[1] == b"ok"
+    assert (await fetch(pool, target, replayable=True))[1] == b"ok"
     assert backend.accepted == 2
     if when == "on-the-next-request":
         # The second request went out twice: on the stale connection, then on a fresh one.
         assert len(backend.requests) == 3
 
 
-async def test_fresh_connection_closed_unanswered_is_a_connect_error(
+async def test_a_post_read_on_a_stale_connection_is_never_written_twice(
+    start_backend: StartBackend, make_pool: MakePool
+) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        if peer.index == 1:
+            peer.send(response(b"first"))
+            await peer.request()  # read, never answered: closed as the backend shuts it
+        else:
+            await keep_alive(peer)
+
+    backend = await start_backend(script)
+    pool, target = make_pool(), backend.target()
+    await fetch(pool, target, "POST", body=b"{}")
+    with pytest.raises(UpstreamDropped) as caught:
+        await pool.request(target, "POST", "/", {}, b"{}")  # not replayable
+    assert caught.value.reused
+    assert len(backend.requests) == 2  # the backend saw it once, and it was not resent
+    assert backend.accepted == 1
+
+
+async def test_fresh_connection_closed_unanswered_is_dropped_not_a_connect_error(
     start_backend: StartBackend, make_pool: MakePool
 ) -> None:
     async def script(peer: Peer) -> None:
         await peer.request()  # read, then closed without a word
 
     backend = await start_backend(script)
-    with pytest.raises(UpstreamConnectError):
-        await make_pool().request(backend.target(), "GET", "/", {}, b"")
-    assert backend.accepted == 1  # not retried
+    with pytest.raises(UpstreamDropped) as caught:
+        await make_pool().request(backend.target(), "GET", "/", {}, b"", replayable=True)
+    assert not caught.value.reused
+    assert backend.accepted == 1  # not retried: the backend read it
 
 
 async def test_stale_connection_is_retried_only_once(
@@ -438,8 +467,8 @@ async def test_stale_connection_is_retried_only_once(
     backend = await start_backend(script)
     pool, target = make_pool(), backend.target()
     await fetch(pool, target)
-    with pytest.raises(UpstreamConnectError):
-        await pool.request(target, "GET", "/", {}, b"")
+    with pytest.raises(UpstreamDropped):
+        await pool.request(target, "GET", "/", {}, b"", replayable=True)
     assert backend.accepted == 2
 
 
@@ -826,3 +855,47 @@ async def test_cancelled_wait_for_a_slot_leaks_nothing(
     held.release()
     assert (await asyncio.wait_for(fetch(pool, target), SLOW_S))[1] == b"ok"
     assert (backend.accepted, len(backend.requests)) == (1, 2)
+
+
+# --- stray responses and the quiet period ---------------------------------------------------
+
+
+async def stray_after_each_answer(peer: Peer) -> None:
+    """Answers each request after 100 ms (a generation), then 50 ms later an unsolicited
+    second response: the bytes that once reached the next, unrelated request."""
+    while await peer.request() is not None:
+        await asyncio.sleep(0.1)
+        peer.send(response(b"ok"))
+        await asyncio.sleep(0.05)
+        peer.send(response(b"stray"))
+
+
+async def test_a_stray_response_after_a_complete_one_never_reaches_the_next_request(
+    start_backend: StartBackend, make_pool: MakePool
+) -> None:
+    backend = await start_backend(stray_after_each_answer)
+    pool, target = make_pool(quiet_ms=UpstreamConfig().reuse_quiet_ms), backend.target()
+    bodies = [(await fetch(pool, target, "POST", body=b"{}"))[1] for _ in range(6)]
+    assert bodies == [b"ok"] * 6
+    # Each connection that received a stray while idle was closed, never lent again.
+    await until(lambda: backend.eofs >= 5)
+
+
+async def test_without_the_quiet_period_the_stray_would_be_read_as_the_next_answer(
+    start_backend: StartBackend, make_pool: MakePool
+) -> None:
+    # The control for the test above: the same backend, connections lent at once.
+    backend = await start_backend(stray_after_each_answer)
+    pool, target = make_pool(quiet_ms=0), backend.target()
+    bodies = [(await fetch(pool, target, "POST", body=b"{}"))[1] for _ in range(2)]
+    assert bodies == [b"ok", b"stray"]
+
+
+async def test_a_pool_at_its_limit_lends_a_young_idle_connection_rather_than_wait(
+    start_backend: StartBackend, make_pool: MakePool
+) -> None:
+    backend = await start_backend(keep_alive)
+    pool, target = make_pool(pool_size=1, quiet_ms=10_000), backend.target()
+    await fetch(pool, target)
+    assert (await asyncio.wait_for(fetch(pool, target), SLOW_S))[1] == b"ok"
+    assert backend.accepted == 1

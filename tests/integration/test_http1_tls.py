@@ -86,7 +86,7 @@ async def test_a_verified_https_backend_answers_and_keeps_its_connection(
     ca: trustme.CA, start_tls: StartTls
 ) -> None:
     port = await start_tls(ca.issue_cert("localhost", "127.0.0.1"))
-    pool = Http1Pool(UpstreamConfig(connect_timeout_s=5), tls=trusting(ca))
+    pool = Http1Pool(UpstreamConfig(connect_timeout_s=5, reuse_quiet_ms=0), tls=trusting(ca))
     try:
         # By name: the certificate is checked against "localhost", whichever of its
         # addresses answers (the backend listens on 127.0.0.1 only).
@@ -116,7 +116,7 @@ async def test_a_certificate_for_another_name_is_refused(
     ca: trustme.CA, start_tls: StartTls
 ) -> None:
     port = await start_tls(ca.issue_cert("pop.other.example"))
-    pool = Http1Pool(UpstreamConfig(connect_timeout_s=5), tls=trusting(ca))
+    pool = Http1Pool(UpstreamConfig(connect_timeout_s=5, reuse_quiet_ms=0), tls=trusting(ca))
     try:
         with pytest.raises(UpstreamConnectError):
             await pool.request(Target(f"https://127.0.0.1:{port}"), "GET", "/", {}, b"")

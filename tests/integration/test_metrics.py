@@ -242,9 +242,13 @@ async def test_metrics_route_public_path_openapi_and_switch_off(
     async with http.get(f"{proxy.admin_url}/admin/openapi.json",
                         headers={"Authorization": "Bearer t0ken"}) as resp:
         document = await resp.json()
-    assert document["paths"]["/metrics"]["get"]["responses"]["200"]["content"] == {
-        "text/plain": {"schema": {"type": "string"}}
+    metrics = document["paths"]["/metrics"]["get"]
+    # Both formats it serves (below), and no token: it is a public path.
+    assert metrics["responses"]["200"]["content"] == {
+        "text/plain": {"schema": {"type": "string"}},
+        "application/openmetrics-text": {"schema": {"type": "string"}},
     }
+    assert (metrics["security"], "401" in metrics["responses"]) == ([], False)
     # OpenMetrics for scrapers that ask for it.
     async with http.get(f"{proxy.admin_url}/metrics",
                         headers={"Accept": "application/openmetrics-text"}) as resp:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from proxy.admin.backend_urls import BackendUrlPolicy, BackendUrlRefused
+from proxy.admin.backend_urls import URL_PATTERN, BackendUrlPolicy, BackendUrlRefused
 from proxy.config import AdminConfig
 
 HOSTS = {
@@ -56,7 +58,23 @@ async def test_allowed_by_default(url: str, stored: str) -> None:
         ("http://127.0.0.1:99999", "not a valid URL"),
         ("http://127.0.0.1/?q=1", "query or fragment"),
         ("http://127.0.0.1/#x", "query or fragment"),
+        ("http://127.0.0.1/?", "query or fragment"),
         ("http://127.0.0.1/\n", "whitespace"),
+        ("http://127.0.0.1/caf\u00e9", "ASCII"),
+    ],
+)
+async def test_a_malformed_url_is_a_400_with_the_reason(url: str, why: str) -> None:
+    with pytest.raises(BackendUrlRefused) as info:
+        await policy().check(url)
+    assert why in info.value.message
+    assert not re.fullmatch(URL_PATTERN, url)  # the documented pattern refuses it too
+    assert (info.value.status, info.value.param) == (400, "url")
+    assert info.value.code == "backend_url_refused"
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
         ("http://169.254.169.254/latest/meta-data", "denied network 169.254.0.0/16"),
         ("http://169.254.1.1", "denied network 169.254.0.0/16"),
         ("http://[fe80::1]", "denied network fe80::/10"),
@@ -70,15 +88,38 @@ async def test_allowed_by_default(url: str, stored: str) -> None:
         ("http://mapped.example", "denied network 169.254.0.0/16"),
         ("http://nowhere.example", "cannot be resolved"),
         ("http://empty.example", "resolves to no IP address"),
+        ("http://[::::]", "not an IP address"),
+        ("http://[1.2.3.4]", "not an IP address"),
     ],
 )
-async def test_refused_with_the_reason(url: str, why: str) -> None:
+async def test_a_well_formed_url_the_policy_refuses_is_a_403_with_the_reason(
+    url: str, why: str
+) -> None:
     with pytest.raises(BackendUrlRefused) as info:
         await policy().check(url)
     assert why in info.value.message
-    assert info.value.status == 400
-    assert info.value.param == "url"
+    assert re.fullmatch(URL_PATTERN, url)  # well-formed by the documented pattern
+    assert (info.value.status, info.value.param) == (403, "url")
     assert info.value.code == "backend_url_refused"
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(url=st.one_of(
+    st.from_regex(URL_PATTERN, fullmatch=True),
+    st.text(alphabet="hHtTpPsS:/[]%@?#.0123456789abcdef-_ \n\u00e9", max_size=40),
+))
+@example(url="http://a.")
+@example(url="http://[::1%25]")
+async def test_the_policy_refuses_as_malformed_exactly_what_the_pattern_refuses(url: str) -> None:
+    """The pattern in the OpenAPI document and the policy's 400 are the same rule."""
+    well_formed = re.fullmatch(URL_PATTERN, url) is not None
+    refused: BackendUrlRefused | None = None
+    try:
+        await policy(denied_backend_networks=[], denied_backend_hosts=[]).check(url)
+    except BackendUrlRefused as exc:
+        refused = exc
+    malformed = refused is not None and refused.status == 400
+    assert malformed == (not well_formed), (url, refused)
 
 
 async def test_allowlist_restricts_to_its_networks() -> None:
