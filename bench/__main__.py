@@ -1,6 +1,6 @@
 """``python -m bench <scenario> [options]``: run one benchmark, write its report.
 
-Scenarios: overhead, throughput, streaming, incident (see bench/README.md). Run from
+Scenarios: overhead, throughput, streaming, incident, store-faults (see bench/README.md). Run from
 the repository root; results go to bench/results/<scenario>-<timestamp>/.
 """
 
@@ -94,6 +94,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, default=0.5, help="proxy /version poll interval")
     p.add_argument("--seed", type=int, default=47)
 
+    p = subs.add_parser(
+        "store-faults", parents=[common], help="pause, kill, restart empty, failover of Redis"
+    )
+    p.add_argument("--sessions", type=int, default=40)
+    p.add_argument("--interval", type=float, default=0.05, help="seconds between a session's turns")
+    p.add_argument("--phase", type=float, default=3.0, help="seconds of traffic after each fault")
+    p.add_argument("--pause", type=float, default=7.0, help="SIGSTOP length (s)")
+    p.add_argument("--outage", type=float, default=1.0, help="down time before the restart (s)")
+    p.add_argument("--new-sessions", type=int, default=200)
+    p.add_argument("--no-sentinel", action="store_true", help="skip the Sentinel failover run")
+
     p = subs.add_parser("profile", parents=[common], help="py-spy profile of pinproxy under load")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -151,6 +162,23 @@ def main(argv: list[str] | None = None) -> int:
                 ramp_s=args.ramp,
                 ttfb_ms=args.ttfb_ms,
                 store=args.store,
+                pin=pin,
+                out_root=args.out,
+                proxy_set=tuple(args.proxy_set),
+            )
+        )
+    elif args.scenario == "store-faults":
+        from bench import store_faults
+
+        report = store_faults.run(
+            store_faults.StoreFaultsConfig(
+                sessions=args.sessions,
+                interval_s=args.interval,
+                phase_s=args.phase,
+                pause_s=args.pause,
+                outage_s=args.outage,
+                new_sessions=args.new_sessions,
+                sentinel=not args.no_sentinel,
                 pin=pin,
                 out_root=args.out,
                 proxy_set=tuple(args.proxy_set),

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -19,7 +20,7 @@ from aiohttp import HttpVersion11, web
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from proxy.audit import AuditLog, AuditObserver, DisabledAudit, MemoryAudit
+from proxy.audit import AuditLog, AuditObserver, AuditRecord, DisabledAudit, MemoryAudit
 from proxy.audit_redis import RedisAudit
 from proxy.clock import Clock, SystemClock
 from proxy.config import Settings
@@ -34,7 +35,7 @@ from proxy.health import Drain, HealthEndpoints
 from proxy.http1_pool import Http1Pool
 from proxy.loop_lag import LoopLagMonitor
 from proxy.metrics import ProxyMetrics
-from proxy.models import Backend
+from proxy.models import Backend, Pin
 from proxy.outlier import OutlierPolicy
 from proxy.registry import Registry
 from proxy.relay import error_response
@@ -48,6 +49,7 @@ from proxy.rollout_control import (
 from proxy.store import PinStore
 from proxy.store.memory import MemoryPinStore
 from proxy.store.redis import RedisPinStore
+from proxy.store.redis_client import sharded_pubsub_opener
 from proxy.store.redis_wire import redis_client_from_config
 from proxy.telemetry import Telemetry
 from proxy.tls import client_tls_context
@@ -56,6 +58,7 @@ from proxy.upstream import Upstream, make_client_session
 
 if TYPE_CHECKING:
     from proxy.events import RequestObserver
+    from proxy.store.redis_sync import ConflictHook
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +87,40 @@ REDIS = web.AppKey("redis", Redis)  # only when store.kind == "redis"
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 SERVE: web.AppKey[Handler] = web.AppKey("serve")  # the one handler of the data port
 
-StoreFactory = Callable[[Settings, Clock, "Redis | None"], PinStore]
+StoreFactory = Callable[[Settings, Clock, "Redis | None", "ConflictHook"], PinStore]
 
 
-def default_store(settings: Settings, clock: Clock, redis: Redis | None) -> PinStore:
+def default_store(
+    settings: Settings, clock: Clock, redis: Redis | None, on_conflict: ConflictHook
+) -> PinStore:
     if redis is not None:
-        return RedisPinStore(settings.store, redis, clock, owns_client=False)
+        return RedisPinStore(
+            settings.store, redis, clock, owns_client=False, on_conflict=on_conflict
+        )
     return MemoryPinStore(settings.store, clock)
+
+
+def conflict_reporter(app: web.Application, clock: Clock) -> ConflictHook:
+    """Counts, logs and audits a re-assertion conflict (the stored pin won)."""
+
+    def report(session_id: str, ours: Pin, stored: Pin) -> None:
+        change = f"{ours.version_key} -> {stored.version_key}"
+        metrics = app[METRICS]
+        metrics.pin_conflicts.labels(ours.version_key, stored.version_key).inc()
+        metrics.version_switches.labels(
+            "pin_conflict", ours.version_key, stored.version_key
+        ).inc()
+        logger.warning("re-asserted pin lost to the stored one: version %s", change)
+        audit = app.get(AUDIT)
+        if audit is not None:
+            audit.offer(session_id, AuditRecord(
+                at=clock.time(), request_id="-", trace_id="-", method="-", path="-",
+                status=409, backend_id=stored.backend_id, region=stored.region,
+                version_key=stored.version_key, latency_ms=0.0, version_changed=change,
+                error_type="pin_conflict",
+            ))  # fmt: skip
+
+    return report
 
 
 def default_audit(
@@ -204,7 +234,7 @@ def build_app(
             await client.aclose()
 
     async def pin_store(app: web.Application) -> AsyncIterator[None]:
-        store = store_factory(settings, clock, app.get(REDIS))
+        store = store_factory(settings, clock, app.get(REDIS), conflict_reporter(app, clock))
         await store.start()
         app[STORE] = store
         try:
@@ -292,7 +322,9 @@ def build_app(
             LocalControlStore()
             if redis is None
             else RedisControlStore(
-                redis, settings.store.key_prefix, clock, settings.store.op_timeout_ms / 1000
+                redis, settings.store.key_prefix, clock, settings.store.op_timeout_ms / 1000,
+                sharded=partial(sharded_pubsub_opener, settings.store, redis)
+                if settings.store.topology == "cluster" else None,
             )
         )
         control = ControlPlane(

@@ -26,17 +26,16 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
-
 from proxy.audit import AuditRecord, by_arrival
 from proxy.errors import StoreUnavailable
+from proxy.store.redis_client import REDIS_FAILURES
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from redis.asyncio import Redis
 
-    from proxy.config import StoreConfig
+    from proxy.config_store import StoreConfig
     from proxy.config_telemetry import AuditConfig
 
     DropHook = Callable[[str, int], None]  # (reason, how many records)
@@ -83,6 +82,9 @@ class RedisAudit:
         self._client = client
         self._on_drop = on_drop
         self._key_prefix = f"{store.key_prefix}audit:".encode()
+        # On a cluster the trail shares its session's slot ({session}, like its pin),
+        # and a script may only touch one slot: records go as plain XADD + PEXPIRE.
+        self._cluster = store.topology == "cluster"
         self._ttl_ms = max(1, round(store.pin_ttl_s * 1000))
         self._op_timeout_s = store.op_timeout_ms / 1000
         self._queue_size, self._batch_size = config.queue_size, config.batch_size
@@ -107,7 +109,8 @@ class RedisAudit:
 
     def key(self, session_id: str) -> bytes:
         """The Redis stream holding the session's trail (binary-safe, like pin keys)."""
-        return self._key_prefix + session_id.encode("utf-8", "surrogatepass")
+        raw = session_id.encode("utf-8", "surrogatepass")
+        return self._key_prefix + (b"{" + raw + b"}" if self._cluster else raw)
 
     def offer(self, session_id: str, record: AuditRecord) -> None:
         queue = self._queue
@@ -153,7 +156,7 @@ class RedisAudit:
         try:
             async with asyncio.timeout(self._op_timeout_s):
                 entries = await self._client.xrevrange(self.key(session_id), count=count)
-        except (RedisError, OSError) as exc:  # OSError covers asyncio's TimeoutError
+        except REDIS_FAILURES as exc:  # OSError covers asyncio's TimeoutError
             # The exception text is left out: it could carry connection details.
             raise StoreUnavailable(
                 f"audit trail read failed at {self._store.masked_url()}: {type(exc).__name__}",
@@ -190,7 +193,7 @@ class RedisAudit:
         try:
             async with asyncio.timeout(self._op_timeout_s):
                 await self._send(batch)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             self._lost("write_failed", size)
             if not self._failing:
                 logger.warning(
@@ -205,12 +208,24 @@ class RedisAudit:
         self.written += size
 
     async def _send(self, batch: list[tuple[str, AuditRecord]]) -> None:
+        if self._cluster:
+            await self._send_plain(batch)
+            return
         async with self._client.pipeline(transaction=False) as pipe:
             for start in range(0, len(batch), _RECORDS_PER_CALL):
                 chunk = batch[start:start + _RECORDS_PER_CALL]
                 keys = [self.key(session_id) for session_id, _ in chunk]
                 records = [record.to_json() for _, record in chunk]
                 pipe.eval(_APPEND, len(keys), *keys, *self._script_args, *records)
+            await pipe.execute()
+
+    async def _send_plain(self, batch: list[tuple[str, AuditRecord]]) -> None:
+        maxlen = self._config.records_per_session
+        async with self._client.pipeline(transaction=False) as pipe:
+            for session_id, record in batch:
+                key = self.key(session_id)
+                pipe.xadd(key, {_FIELD: record.to_json()}, maxlen=maxlen, approximate=True)
+                pipe.pexpire(key, self._ttl_ms)
             await pipe.execute()
 
     def _lost(self, reason: str, count: int) -> None:

@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from proxy.config_rollout import RolloutConfig
+from proxy.config_store import StoreConfig
 from proxy.config_telemetry import AuditConfig, LogConfig, MetricsConfig, Section, TracingConfig
 from proxy.errors import ConfigError
 from proxy.models import Dimension, VersionSource
@@ -81,43 +82,6 @@ class RuntimeConfig(Section):
     ] = (2000, 10, 1000)
 
 
-class StoreConfig(Section):
-    kind: Literal["memory", "redis"] = "memory"
-    url: str = "redis://127.0.0.1:6379/0"
-    password: SecretStr | None = None
-    key_prefix: Annotated[str, Field(min_length=1, max_length=64)] = "pinproxy:"
-    pin_ttl_s: Annotated[float, Field(gt=0)] = 86400.0
-    # Pins are immutable except by explicit repin (which is broadcast), so a local copy
-    # can be trusted; it is re-read from the store after this long anyway, to notice a
-    # pin that expired in the store while this process kept using its copy.
-    local_cache_size: Annotated[int, Field(ge=0)] = 100_000
-    local_cache_ttl_s: Annotated[float, Field(gt=0)] = 60.0
-    # How often batched TTL refreshes for cache-hit sessions are flushed to the store.
-    touch_interval_s: Annotated[float, Field(gt=0)] = 5.0
-    op_timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = 500
-    max_sessions: Annotated[int, Field(gt=0)] = 1_000_000  # in-memory store bound
-
-    @field_validator("url")
-    @classmethod
-    def _redis_url(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        return value
-
-    def masked_url(self) -> str:
-        """The URL with any password (userinfo or ``?password=``) replaced by ``***``."""
-        parts = urlsplit(self.url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            # Keep the host part exactly as written (IPv6 brackets, case).
-            netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
-        query = urlencode(
-            [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, True)]
-        )
-        return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
 class SessionSource(Section):
     kind: Literal["header", "cookie", "body"]
     # Header or cookie name, or a dotted path into the JSON body ("metadata.session_id").
@@ -139,6 +103,32 @@ def _default_sources() -> tuple[SessionSource, ...]:
     )
 
 
+class PinTokenConfig(Section):
+    """Signed pin tokens (opt-in): the pin travels with the client, see proxy/pin_token.py."""
+
+    # Signing keys by key id; a token signed with any of them is honoured, new tokens
+    # are signed with ``sign_with``. To rotate: add the new key, move sign_with to it,
+    # drop the old key once max_age_s has passed.
+    keys: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,16}$")], SecretStr]
+    sign_with: str
+    # Where the token goes on answers and is read from on requests (either or both).
+    header: Annotated[str, Field(pattern=_HEADER_NAME.pattern)] | None = "X-Pin-Token"
+    cookie: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")] | None = None
+    # A token older than this is ignored (and counted); answers refresh it after half.
+    max_age_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 86_400.0
+
+    @model_validator(mode="after")
+    def _usable(self) -> Self:
+        if self.sign_with not in self.keys:
+            raise ValueError(f"sign_with {self.sign_with!r} is not one of the keys")
+        short = sorted(k for k, v in self.keys.items() if len(v.get_secret_value()) < 32)
+        if short:
+            raise ValueError(f"keys shorter than 32 characters: {', '.join(short)}")
+        if self.header is None and self.cookie is None:
+            raise ValueError("set header, cookie or both")
+        return self
+
+
 class SessionsConfig(Section):
     sources: tuple[SessionSource, ...] = Field(default_factory=_default_sources)
     # Without a session id a request is routed by latency and not pinned, unless this
@@ -148,6 +138,13 @@ class SessionsConfig(Section):
     # A body a body source must read is held until its id is settled; one still
     # unsettled past this many bytes is refused (413), never forwarded unpinned.
     max_scan_bytes: Annotated[int, Field(ge=0, le=1 << 30)] = 32 * 1024 * 1024
+    # A continuing conversation (an earlier answer in the request) that finds no pin:
+    # "refuse" answers 503 pin_lost while the store lost data within lost_pin_refuse_s
+    # (None: always), since a replica holding the pin is writing it back; "mark" pins it
+    # afresh and marks the answer "unknown -> <key>". See proxy/lost_pin.py.
+    on_lost_pin: Literal["mark", "refuse"] = "refuse"
+    lost_pin_refuse_s: Annotated[float, Field(gt=0, le=86_400)] | None = 30.0
+    pin_token: PinTokenConfig | None = None
 
 
 class VersionsConfig(Section):
@@ -398,12 +395,15 @@ class Settings(BaseSettings):
         """The resolved settings as plain data, with secrets masked (for check-config)."""
         data = self.model_dump(mode="json")
         data["store"]["url"] = self.store.masked_url()
-        if self.store.password is not None:
-            data["store"]["password"] = "***"
+        for secret in ("password", "sentinel_password"):
+            if getattr(self.store, secret) is not None:
+                data["store"][secret] = "***"
         if self.admin.token is not None:
             data["admin"]["token"] = "***"
         if self.log.session_hash_key is not None:
             data["log"]["session_hash_key"] = "***"
+        if (tokens := self.sessions.pin_token) is not None:
+            data["sessions"]["pin_token"]["keys"] = dict.fromkeys(tokens.keys, "***")
         return data
 
 

@@ -1,6 +1,7 @@
 """The control state in Redis, shared by every replica, with change notices over pub/sub.
 
-Layout: one hash per kind, ``<prefix>control:<kind>`` (see ``control.KINDS``), one field
+Layout: one hash per kind, ``<prefix>control:<kind>`` (``<prefix>{control}:<kind>`` on a
+cluster, so all share a slot; see ``control.KINDS``), one field
 per backend id or version, JSON values. A change HSETs/HDELs only the fields that
 differ and PUBLISHes on ``<prefix>control`` inside one MULTI/EXEC, so the notice goes
 out exactly when the change is applied, and concurrent changes to different fields on
@@ -24,16 +25,18 @@ import random
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-from redis.exceptions import RedisError
 
 from proxy.control import ControlState, ControlUnavailable, PushedReport
 from proxy.models import Backend, InvalidVersion, VersionBundle
+from proxy.outage import OutageLog
 from proxy.pubsub import Subscriber
+from proxy.store.redis_client import REDIS_FAILURES
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
     from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
 
     from proxy.clock import Clock
 
@@ -52,17 +55,32 @@ Entries = dict[str, dict[str, bytes]]
 class RedisControlStore:
     """``ControlStore`` in Redis hashes; ``start`` subscribes and reloads on every notice."""
 
-    def __init__(self, redis: Redis, key_prefix: str, clock: Clock, op_timeout_s: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        key_prefix: str,
+        clock: Clock,
+        op_timeout_s: float,
+        *,
+        sharded: Callable[[bytes], Callable[[], Awaitable[PubSub]]] | None = None,
+    ) -> None:
         self._redis = redis
         self._clock = clock
         self._op_timeout_s = op_timeout_s
-        self._keys = {kind: f"{key_prefix}control:{kind}".encode() for kind in KINDS}
-        self._channel = f"{key_prefix}control".encode()
+        # On a cluster (``sharded``: opens a channel's sharded subscription) every hash
+        # and the channel share the {control} slot, so a load or a save is one MULTI.
+        self._cluster = sharded is not None
+        base = f"{key_prefix}{{control}}" if self._cluster else f"{key_prefix}control"
+        self._keys = {kind: f"{base}:{kind}".encode() for kind in KINDS}
+        self._channel = base.encode()
+        self._open_pubsub = None if sharded is None else sharded(self._channel)
         self._task: asyncio.Task[None] | None = None
         self._subscriber: Subscriber | None = None
         self._loaded = asyncio.Event()
         self._notices = 0
         self._last_sync = 0.0
+        self._retry = False  # the last reload failed
+        self._outage = OutageLog(logger, "control subscription")
 
     @property
     def subscriptions(self) -> int:
@@ -101,7 +119,10 @@ class RedisControlStore:
                         pipe.hset(self._keys[kind], mapping=changed)  # type: ignore[arg-type]
                     if gone:
                         pipe.hdel(self._keys[kind], *gone)
-                pipe.publish(self._channel, b"changed")
+                if self._cluster:
+                    pipe.spublish(self._channel, b"changed")
+                else:
+                    pipe.publish(self._channel, b"changed")
                 await pipe.execute()
 
         await self._call("save", write())
@@ -111,6 +132,7 @@ class RedisControlStore:
             return
 
         async def subscribed() -> None:
+            self._outage.succeeded()
             await self._reload(reload)
             self._loaded.set()
 
@@ -120,7 +142,7 @@ class RedisControlStore:
             await self._reload(reload)
 
         async def quiet(now: float) -> None:
-            if now - self._last_sync >= _RESYNC_S:
+            if self._retry or now - self._last_sync >= _RESYNC_S:
                 await self._reload(reload)
 
         self._subscriber = Subscriber(
@@ -132,8 +154,9 @@ class RedisControlStore:
             poll_s=_POLL_S,
             on_subscribed=subscribed,
             on_messages=notices,
-            on_lost=lambda why: logger.warning("control subscription lost; resubscribing: %s", why),
+            on_lost=lambda why: self._outage.failed(why),
             on_quiet=quiet,
+            open_pubsub=self._open_pubsub,
         )
         self._task = asyncio.create_task(self._subscriber.run(), name="control-sub")
         # Serving with only the configured backends beats not serving while Redis is
@@ -154,14 +177,22 @@ class RedisControlStore:
             self._task = None
 
     async def _reload(self, reload: Callable[[], Awaitable[None]]) -> None:
-        await reload()
+        try:
+            await reload()
+        except ControlUnavailable as exc:
+            # Expected while Redis restarts or fails over: one line, no traceback, and
+            # the next quiet poll tries again.
+            self._retry = True
+            logger.warning("control state reload failed, will retry: %s", exc.message)
+            return
+        self._retry = False
         self._last_sync = self._clock.monotonic()
 
     async def _call(self, what: str, operation: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self._op_timeout_s):
                 return await operation
-        except (RedisError, OSError) as exc:  # OSError covers asyncio's TimeoutError
+        except REDIS_FAILURES as exc:  # OSError covers asyncio's TimeoutError
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError from exc

@@ -71,7 +71,9 @@ from proxy.lifecycle import (
     WaitForRegistry,
     World,
 )
-from proxy.models import STAMP_HEADERS, Dimension, InvalidVersion, check_value
+from proxy.lost_pin import LostPinPolicy
+from proxy.models import STAMP_HEADERS, Dimension, InvalidVersion, Pin, check_value
+from proxy.pin_token_http import PinTokenHeaders, changed_against_token
 from proxy.relay import Served, error_response, relay
 from proxy.request_body import RequestBody, SessionBodyReader
 from proxy.routing import RoutingPolicy
@@ -91,8 +93,9 @@ if TYPE_CHECKING:
     from proxy.ewma import LoadTracker
     from proxy.loop_lag import LoopLagMonitor
     from proxy.metrics import ProxyMetrics
+    from proxy.pin_token import TokenCheck
     from proxy.registry import Registry
-    from proxy.store import PinStore
+    from proxy.store import Lookup, PinStore
     from proxy.upstream import Upstream
 
 logger = logging.getLogger(__name__)
@@ -144,6 +147,9 @@ class DataPlane:
             max_attempts=routing.max_attempts,
         )
         self._budget = RetryBudget(routing.retry_budget_percent, routing.min_retry_concurrency)
+        self._lost_pin = LostPinPolicy(settings.sessions, metrics, settings.routing.retry_after_s)
+        tokens = settings.sessions.pin_token
+        self._tokens = None if tokens is None else PinTokenHeaders(tokens, metrics)
         self._probe = probe
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
@@ -207,10 +213,21 @@ class DataPlane:
         outcome.session_id = session_id
         outcome.request_body = body.data
         pinning = self._settings.routing.pinning and session_id is not None
+        token = None
+        if pinning and session_id and self._tokens is not None:
+            token = self._tokens.read(
+                request.headers, request.cookies, session_id, self._clock.time()
+            )
         served = await self._route_and_send(
             request, request_id, traceparent, body, session_id if pinning else None,
-            arrived, outcome,
+            arrived, outcome, token=token,
         )
+        if self._tokens is not None and pinning and session_id and outcome.version_key:
+            served_pin = Pin(outcome.version_key, outcome.backend_id or "", outcome.region or "",
+                             self._clock.time())
+            outcome.extra_headers = self._tokens.answer_headers(
+                session_id, served_pin, token, self._clock.time()
+            )
         return await relay(
             request, request_id, served, outcome, loads=self._loads, tap_limits=self._tap_limits
         )
@@ -224,9 +241,13 @@ class DataPlane:
         session_id: str | None,
         arrived: float,
         outcome: Outcome,
+        *,
+        token: TokenCheck | None = None,
     ) -> Served:
         """Run the request's lifecycle (proxy/lifecycle.py): execute its actions, feed
-        their results back, apply its effects; return the response to relay."""
+        their results back, apply its effects; return the response to relay.
+
+        ``token``: the request's checked pin token, if it had one."""
         machine = Lifecycle(
             policy=self._lifecycle,
             session_id=session_id,
@@ -239,6 +260,8 @@ class DataPlane:
         budget = self._budget
         retrying = False
         served: Served | None = None
+        mark: str | None = None  # what the pin lookup says the answer must carry
+        lost_pin = False
         step = machine.start(self._world())
         try:
             while True:
@@ -255,7 +278,9 @@ class DataPlane:
                     backend = action.forward.backend
                     outcome.backend_id, outcome.region = backend.id, backend.region
                     outcome.version_key, outcome.ttfb_s = served.served_key, served.ttfb_s
-                    outcome.version_changed = machine.version_changed
+                    if lost_pin:
+                        mark = self._lost_pin.marked(served.served_key, outcome.new_pin)
+                    outcome.version_changed = machine.version_changed or mark
                     return served
                 if isinstance(action, Fail):
                     outcome.version_changed = machine.version_changed
@@ -263,8 +288,11 @@ class DataPlane:
                         outcome.version_key = machine.pinned_version
                     raise action.error
                 if isinstance(action, LookUpPin):
+                    hint = token.pin if token is not None else None
                     with self._metrics.time_store("get"):
-                        event = PinLooked(await self._stored(self._store.get(action.session_id)))
+                        found = await self._stored(self._store.lookup(action.session_id, hint))
+                    mark, lost_pin = self._pin_found(found, body, token)  # or raises PinLost
+                    event = PinLooked(found.pin)
                 elif isinstance(action, PinIfAbsent):
                     with self._metrics.time_store("pin_if_absent"):
                         stored = await self._stored(
@@ -289,6 +317,24 @@ class DataPlane:
         finally:
             if retrying:
                 budget.retrying -= 1
+
+    def _pin_found(
+        self, found: Lookup, body: RequestBody, token: TokenCheck | None
+    ) -> tuple[str | None, bool]:
+        """(the answer's X-Prompt-Version-Changed, whether the pin was lost) for a lookup.
+
+        No pin for a continuing conversation is a lost pin (proxy/lost_pin.py: refused
+        with ``PinLost``, or pinned afresh and marked); a pin a re-assertion conflict
+        changed, or one other than a valid token's, is marked ``old -> new``.
+        """
+        pin = found.pin
+        if pin is None:
+            # An expired token is genuine proof the conversation began before.
+            expired = token is not None and token.result == "expired"
+            return None, self._lost_pin.check(found, body.data, expired)
+        if found.changed_from is not None:
+            return f"{found.changed_from} -> {pin.version_key}", False
+        return changed_against_token(token, pin), False
 
     async def _attempt(
         self,
@@ -413,6 +459,7 @@ class DataPlane:
         try:
             return await operation
         except StoreUnavailable as exc:
+            exc.headers["Retry-After"] = str(self._settings.routing.retry_after_s)
             lag = self._loop_lag
             if exc.timed_out and (exc.store_answering or (
                 lag is not None and lag.worst_since(started) >= self._store_timeout_s / 2

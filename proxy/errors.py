@@ -108,6 +108,8 @@ class NoBackends(RetryLater):
 class StoreUnavailable(ProxyError):
     """The pin store could not be reached; the proxy refuses rather than guess a pin.
 
+    Answered as a 503 with ``Retry-After`` (the data plane sets the configured value)
+    and a ``code`` (``pin_store_unavailable`` unless the raiser names another).
     ``timed_out``: no answer within the operation timeout (rather than a refusal or a
     broken connection), which a saturated proxy can also cause (see Overloaded);
     ``store_answering``: other calls succeeded meanwhile, so the store itself works.
@@ -117,6 +119,28 @@ class StoreUnavailable(ProxyError):
     error_type = "pin_store_unavailable"
     timed_out = False
     store_answering = False
+
+    def __init__(self, message: str, *, code: str = "pin_store_unavailable") -> None:
+        super().__init__(message, code=code, headers={"Retry-After": "1"})
+
+
+class PinLost(RetryLater):
+    """A continuing conversation found no pin, and ``sessions.on_lost_pin`` is refuse.
+
+    Its pin may still come back: after the store lost data, the replicas that hold it
+    write it back within about a second.
+    """
+
+    error_type = "pin_lost"
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(
+            "this conversation's version pin was lost by the pin store and is being "
+            "restored; retry later (answering it on another version could change its "
+            "behaviour mid-conversation)",
+            retry_after_s,
+        )
+        self.code = "pin_lost"
 
 
 class Overloaded(RetryLater):

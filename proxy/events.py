@@ -75,6 +75,7 @@ class Outcome:
     error_type: str | None = None
     streamed: bool = False
     request_body: bytes | None = None  # held body, for the response tap to read
+    extra_headers: list[tuple[str, str]] | None = None  # added to the answer (pin token)
     usage: Usage | None = None
     structured_output_valid: bool | None = None
 

@@ -77,8 +77,30 @@ class ProxyMetrics:
         )
         self.version_switches = Counter(
             "pinproxy_session_version_switches",
-            "Sessions moved to another version, by reason (retired, admin_repin).",
+            "Sessions moved to another version, by reason (retired, admin_repin, pin_lost, "
+            "pin_conflict).",
             ["reason", "from_version", "to_version"],
+            registry=registry,
+        )
+        self.pin_conflicts = Counter(
+            "pinproxy_pin_conflicts",
+            "Pins re-asserted after the store lost data that found another pin in place "
+            "(the stored pin won; the session's next answer is marked), per replica.",
+            ["from_version", "to_version"],
+            registry=registry,
+        )
+        self.lost_pins = Counter(
+            "pinproxy_lost_pins",
+            "Continuing conversations that found no pin, by what was done (mark: pinned "
+            "afresh and marked; refuse: 503 pin_lost).",
+            ["action"],
+            registry=registry,
+        )
+        self.pin_tokens = Counter(
+            "pinproxy_pin_tokens",
+            "Pin tokens presented, by verdict (valid, malformed, unknown_key, forged, "
+            "other_session, expired; only valid ones are honoured), and issued.",
+            ["result"],
             registry=registry,
         )
         self.mismatch_guard = Counter(

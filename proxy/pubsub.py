@@ -6,7 +6,9 @@ have: a subscription that silently died would leave a stale cache or a replica
 that never sees a drain. So the loop resubscribes with jittered backoff, pings a
 quiet connection and treats an unanswered ping as a dead one, and tells its owner
 when it (re)subscribed (everything published meanwhile is lost: reload) and when
-it lost the subscription.
+it lost the subscription. On a cluster (``open_pubsub`` given) the subscription is
+sharded: SSUBSCRIBE on a connection to the shard that serves the channel's slot,
+reopened through the refreshed slot map whenever it breaks or the slot moves.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+
+from proxy.store.redis_client import REDIS_FAILURES
 
 if TYPE_CHECKING:
     import random
@@ -54,6 +58,7 @@ class Subscriber:
         on_messages: Callable[[list[object]], Awaitable[None]],
         on_lost: Callable[[str], None],
         on_quiet: Callable[[float], Awaitable[None]] | None = None,
+        open_pubsub: Callable[[], Awaitable[PubSub]] | None = None,
     ) -> None:
         self._client = client
         self._channel = channel
@@ -65,6 +70,12 @@ class Subscriber:
         self._on_messages = on_messages
         self._on_lost = on_lost
         self._on_quiet = on_quiet
+        # Sharded pub/sub (a cluster): a connection to the channel's shard, SSUBSCRIBE.
+        self._open_pubsub = open_pubsub
+        self._kinds = (
+            ("ssubscribe", "smessage", "sunsubscribe") if open_pubsub is not None
+            else ("subscribe", "message", "unsubscribe")
+        )
         self._closed = False
         self.subscriptions = 0  # how many times the subscription was (re)confirmed
 
@@ -75,21 +86,27 @@ class Subscriber:
     async def run(self) -> None:
         backoff = _BACKOFF_MIN_S
         while not self._closed:
-            pubsub = self._client.pubsub()
+            pubsub: PubSub | None = None
             heard = self.subscriptions
             try:
                 async with asyncio.timeout(self._op_timeout_s):
-                    await pubsub.subscribe(self._channel)
+                    if self._open_pubsub is None:
+                        pubsub = self._client.pubsub()
+                        await pubsub.subscribe(self._channel)
+                    else:
+                        pubsub = await self._open_pubsub()
+                        await pubsub.ssubscribe(self._channel)
                 await self._listen(pubsub)
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 self._on_lost(f"{type(exc).__name__}: {exc}")
             except Exception:
                 # Keep the subscriber alive whatever happens: without it notices are missed.
                 logging.getLogger(__name__).exception("subscriber of %r failed", self._channel)
                 self._on_lost("unexpected error")
             finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                if pubsub is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
             if self.subscriptions != heard:
                 backoff = _BACKOFF_MIN_S
             await asyncio.sleep(backoff * self._rng.uniform(0.5, 1.0))
@@ -113,15 +130,19 @@ class Subscriber:
                 continue
             last_heard, ping_sent = now, None
             kind = message.get("type")
-            if kind == "subscribe":
+            subscribed, data, unsubscribed = self._kinds
+            if kind == subscribed:
                 self.subscriptions += 1
                 await self._on_subscribed()
-            elif kind == "message":
+            elif kind == data:
                 batch = [message.get("data")]
                 while (extra := await pubsub.get_message(timeout=0)) is not None:
-                    if extra.get("type") == "message":
+                    if extra.get("type") == data:
                         batch.append(extra.get("data"))
                 await self._on_messages(batch)
+            elif kind == unsubscribed:
+                # A cluster moved the channel's slot to another shard: follow it.
+                raise RedisConnectionError("unsubscribed by the server (slot moved?)")
 
     def __repr__(self) -> str:
         return f"Subscriber(channel={self._channel!r}, subscriptions={self.subscriptions})"

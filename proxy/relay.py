@@ -60,6 +60,9 @@ async def relay(
     headers["X-Request-ID"] = request_id
     if outcome.version_changed is not None:
         headers["X-Prompt-Version-Changed"] = outcome.version_changed
+    if outcome.extra_headers:
+        for name, value in outcome.extra_headers:
+            headers.add(name, value)
     outcome.streamed = upstream.content_type == "text/event-stream"
     # An answer that is already all here (most non-streamed ones) goes out as one
     # web.Response, whose head and body leave in one write instead of two.

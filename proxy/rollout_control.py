@@ -41,6 +41,7 @@ from redis.exceptions import RedisError
 
 from proxy.errors import ProxyError
 from proxy.models import prompt_of
+from proxy.outage import OutageLog
 from proxy.pubsub import Subscriber
 from proxy.rollout import (
     Counts,
@@ -194,6 +195,7 @@ class RedisRolloutStore:
         self._swap = redis.register_script(_SWAP)
         self._subscriber: Subscriber | None = None
         self._task: asyncio.Task[None] | None = None
+        self._outage = OutageLog(logger, "rollout subscription")
 
     async def load(self) -> RolloutState:
         raw = await self._call(self._redis.get(self._key))
@@ -211,13 +213,14 @@ class RedisRolloutStore:
             await changed()
 
         async def on_subscribed() -> None:
+            self._outage.succeeded()
             await changed()
 
         self._subscriber = Subscriber(
             self._redis, self._channel, clock=self._clock, rng=random.Random(),
             op_timeout_s=self._timeout, poll_s=0.5, on_subscribed=on_subscribed,
             on_messages=on_messages,
-            on_lost=lambda why: logger.warning("rollout subscription lost: %s", why),
+            on_lost=self._outage.failed,
         )
         self._task = asyncio.create_task(self._subscriber.run(), name="rollout-sub")
 
@@ -297,6 +300,7 @@ class RolloutController:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._checks = OutageLog(logger, "rollout checks")
         self._event_count = Counter(
             "pinproxy_rollout_events", "Rollout decisions, by kind (flipped, held_back, "
             "regression, rolled_back, soak_passed, forced, initialised).",
@@ -352,8 +356,9 @@ class RolloutController:
             self._wake.clear()
             try:
                 await self.tick()
+                self._checks.succeeded()
             except ProxyError as exc:
-                logger.warning("rollout check skipped: %s", exc.message)
+                self._checks.failed(exc.message)
             except Exception:  # the loop must outlive a bug in one check
                 logger.exception("rollout check failed")
 

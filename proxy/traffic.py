@@ -33,9 +33,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from redis.exceptions import RedisError
-
 from proxy.errors import ProxyError
+from proxy.outage import OutageLog
+from proxy.store.redis_client import REDIS_FAILURES
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterable, Mapping
@@ -154,6 +154,7 @@ class TrafficCounter:
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._closed = False
+        self._outage = OutageLog(logger, "traffic count flushes")
 
     @property
     def shared(self) -> bool:
@@ -262,8 +263,9 @@ class TrafficCounter:
             await asyncio.sleep(self._flush_interval_s)
             try:
                 await self.flush()
+                self._outage.succeeded()
             except TrafficUnavailable as exc:
-                logger.warning("traffic counts not flushed (kept for later): %s", exc.message)
+                self._outage.failed(f"{exc.message} (counts kept for later)")
             except Exception:
                 logger.exception("traffic flush failed unexpectedly")
 
@@ -271,7 +273,7 @@ class TrafficCounter:
         try:
             async with asyncio.timeout(self._op_timeout_s):
                 return await operation
-        except (RedisError, OSError) as exc:  # OSError covers asyncio's TimeoutError
+        except REDIS_FAILURES as exc:  # OSError covers asyncio's TimeoutError
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # redis-py can turn a cancellation into its own error; honour the cancel.

@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.redis_server",
+    "tests.fixtures.redis_topologies",
     "tests.fixtures.sim",
     "tests.fixtures.proxy",
 ]

@@ -1,5 +1,5 @@
 """Pin stores: where a session's pin lives. ``base`` defines the interface."""
 
-from proxy.store.base import PinStore
+from proxy.store.base import Lookup, PinStore
 
-__all__ = ["PinStore"]
+__all__ = ["Lookup", "PinStore"]

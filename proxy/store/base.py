@@ -7,10 +7,31 @@ lets an implementation cache pins locally and answer ``get`` without a round tri
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from proxy.models import Pin
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What the store knows about a session's pin, for the request about to be routed.
+
+    ``pin``: the pin, or None when the store holds none for the session.
+    ``changed_from``: the version key the session was pinned to before a conflict
+    replaced it (a replica re-asserting its pin after the store lost data found
+    another pin in place, which wins); the answer must carry
+    ``X-Prompt-Version-Changed: <changed_from> -> <pin's key>``. Reported once.
+    ``lost_data_s_ago``: seconds since this process last saw the store lose data
+    (infinite if never): a missing pin may still be re-asserted by a replica that
+    holds it, so a continuing conversation should be refused rather than pinned anew.
+    """
+
+    pin: Pin | None
+    changed_from: str | None = None
+    lost_data_s_ago: float = math.inf
 
 
 class PinStore(Protocol):
@@ -18,6 +39,15 @@ class PinStore(Protocol):
 
     async def get(self, session_id: str) -> Pin | None:
         """The session's pin, or None. A hit slides the pin's TTL (possibly batched later)."""
+        ...
+
+    async def lookup(self, session_id: str, hint: Pin | None = None) -> Lookup:
+        """``get`` for the data plane: the pin and what the answer must say about it.
+
+        ``hint``: the pin of a valid pin token. A store that holds no copy may answer
+        with it at once and write it back with pin-if-absent later; a copy it holds
+        (which reflects any repin) wins over the hint.
+        """
         ...
 
     async def pin_if_absent(self, session_id: str, pin: Pin) -> Pin:

@@ -3,6 +3,14 @@
 Pure bookkeeping with no I/O; time comes from the injected clock's monotonic reading.
 An entry's expiry is fixed when it is put and is not extended by reads: the point of
 the expiry is to re-read the store every so often, not to keep hot entries forever.
+
+With ``idle_s`` set, an entry whose expiry has passed is not forgotten: it is kept,
+as a copy that is no longer verified, for as long as its session keeps being used
+within ``idle_s`` (the pin's TTL in the store). ``stale`` returns such a copy; the
+store serves it while it cannot reach Redis, because a pin only changes by an
+explicit repin, which a reconnecting replica replays. ``held`` lists the pins used
+within ``idle_s``: what a replica re-asserts when the store lost its data. A session
+idle for longer than ``idle_s`` has expired in the store too, and is dropped here.
 """
 
 from __future__ import annotations
@@ -15,6 +23,15 @@ if TYPE_CHECKING:
     from proxy.models import Pin
 
 
+class _Entry:
+    __slots__ = ("last_used", "pin", "verified_until")
+
+    def __init__(self, pin: Pin, verified_until: float, last_used: float) -> None:
+        self.pin = pin
+        self.verified_until = verified_until
+        self.last_used = last_used
+
+
 class PinCache:
     """At most ``size`` pins, each trusted for ``ttl_s`` seconds; least recently used goes first.
 
@@ -22,17 +39,24 @@ class PinCache:
     every eviction by ``evict`` and every ``clear``; a caller that read a pin from the
     store passes the generation it saw before the read to ``put``, which then drops the
     pin if an invalidation happened meanwhile (the read may predate the invalidation).
+    ``idle_s``: keep expired entries as stale copies while used within this long
+    (None: an expired entry is dropped when read).
     """
 
-    def __init__(self, size: int, ttl_s: float, clock: Clock) -> None:
+    def __init__(
+        self, size: int, ttl_s: float, clock: Clock, *, idle_s: float | None = None
+    ) -> None:
         if size < 0:
             raise ValueError("size must be >= 0")
         if ttl_s <= 0:
             raise ValueError("ttl_s must be > 0")
+        if idle_s is not None and idle_s <= 0:
+            raise ValueError("idle_s must be > 0")
         self._size = size
         self._ttl_s = ttl_s
+        self._idle_s = idle_s
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[Pin, float]] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._generation = 0
 
     @property
@@ -50,28 +74,48 @@ class PinCache:
         return session_id in self._entries
 
     def get(self, session_id: str) -> Pin | None:
-        """The cached pin if present and not expired (an expired one is dropped)."""
-        entry = self._entries.get(session_id)
-        if entry is None:
-            return None
-        pin, expires_at = entry
-        if self._clock.monotonic() >= expires_at:
-            del self._entries[session_id]
-            return None
-        self._entries.move_to_end(session_id)
-        return pin
+        """The cached pin if present and not expired (an expired one is dropped,
+        or kept as a stale copy when ``idle_s`` is set)."""
+        entry = self._used(session_id, verified=True)
+        return None if entry is None else entry.pin
 
-    def put(self, session_id: str, pin: Pin, generation: int | None = None) -> bool:
-        """Cache ``pin``; return False (and cache nothing) if invalidated since ``generation``."""
+    def stale(self, session_id: str) -> Pin | None:
+        """The cached pin even if expired, while its session was used within ``idle_s``."""
+        entry = self._used(session_id, verified=False)
+        return None if entry is None else entry.pin
+
+    def put(
+        self,
+        session_id: str,
+        pin: Pin,
+        generation: int | None = None,
+        *,
+        idle_for_s: float = 0.0,
+    ) -> bool:
+        """Cache ``pin``; return False (and cache nothing) if invalidated since ``generation``.
+
+        ``idle_for_s``: how long ago the session was last used (0: now).
+        """
         if self._size == 0:
             return False
         if generation is not None and generation != self._generation:
             return False
-        self._entries[session_id] = (pin, self._clock.monotonic() + self._ttl_s)
+        now = self._clock.monotonic()
+        self._entries[session_id] = _Entry(pin, now + self._ttl_s, now - idle_for_s)
         self._entries.move_to_end(session_id)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
         return True
+
+    def held(self) -> list[tuple[str, Pin, float]]:
+        """(session, pin, seconds since last use) of every session used within ``idle_s``,
+        most recently used first; with ``idle_s`` None, only unexpired entries."""
+        now = self._clock.monotonic()
+        out = []
+        for session_id, entry in reversed(self._entries.items()):
+            if self._alive(entry, now, verified=self._idle_s is None):
+                out.append((session_id, entry.pin, now - entry.last_used))
+        return out
 
     def evict(self, session_id: str) -> None:
         """Forget the session and fence off reads that started before this call."""
@@ -81,6 +125,26 @@ class PinCache:
     def clear(self) -> None:
         self._generation += 1
         self._entries.clear()
+
+    def _used(self, session_id: str, *, verified: bool) -> _Entry | None:
+        entry = self._entries.get(session_id)
+        if entry is None:
+            return None
+        now = self._clock.monotonic()
+        if not self._alive(entry, now, verified=False):
+            del self._entries[session_id]
+            return None
+        if verified and now >= entry.verified_until:
+            return None
+        entry.last_used = now
+        self._entries.move_to_end(session_id)
+        return entry
+
+    def _alive(self, entry: _Entry, now: float, *, verified: bool) -> bool:
+        """Still worth keeping: unexpired, or (with ``idle_s``) used recently enough."""
+        if verified or self._idle_s is None:
+            return now < entry.verified_until
+        return now - entry.last_used < self._idle_s
 
     def __repr__(self) -> str:
         return f"PinCache(entries={len(self._entries)}, size={self._size}, ttl_s={self._ttl_s})"

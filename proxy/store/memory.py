@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from proxy.store.base import Lookup
+
 if TYPE_CHECKING:
     from proxy.clock import Clock
-    from proxy.config import StoreConfig
+    from proxy.config_store import StoreConfig
     from proxy.models import Pin
 
 
@@ -42,6 +44,13 @@ class MemoryPinStore:
             return None
         self._store(session_id, entry[0], now)
         return entry[0]
+
+    async def lookup(self, session_id: str, hint: Pin | None = None) -> Lookup:
+        # One process, one dict: nothing else can lose, replace or re-assert a pin.
+        pin = await self.get(session_id)
+        if pin is None and hint is not None:
+            pin = await self.pin_if_absent(session_id, hint)
+        return Lookup(pin)
 
     async def pin_if_absent(self, session_id: str, pin: Pin) -> Pin:
         now = self._sweep(self._clock.monotonic())

@@ -3,30 +3,27 @@
 Theory of operation
 -------------------
 Why the local cache is safe: a pin is written once (``SET NX``, atomic across every
-replica) and afterwards changes only through ``repin``/``unpin``. Those write and
-PUBLISH the session id on ``<prefix>invalidate`` inside one MULTI/EXEC, so whenever the
-change is applied the broadcast goes out too; every process subscribes to that channel
-and evicts the session. A copy can therefore only be stale while an invalidation is in
-flight (milliseconds), or while the subscription is down. The cache is used only while
-the subscription is confirmed, and it is cleared whenever the subscription breaks and
-again when it is (re)confirmed, since messages sent in between are lost. Reads that
-raced an invalidation are fenced by the cache generation (see ``PinCache.put``), and
-every entry is re-read after ``local_cache_ttl_s`` regardless.
+replica) and afterwards changes only through ``repin``/``unpin``. Those write the pin,
+append the session to the repin log and PUBLISH it on ``<prefix>invalidate`` inside
+one MULTI/EXEC, so whenever the change is applied the broadcast goes out and the log
+holds it; every process subscribes to that channel and evicts the session. While the
+subscription is down (a Redis restart, a network cut) the cached copies stay in use:
+they are still the pins, unless a repin happened meanwhile, and a replica that
+reconnects replays the log past its last position before anything else (see
+redis_sync.py), so no change made while it was cut off survives its return. Reads
+that raced an invalidation are fenced by the cache generation (see ``PinCache.put``).
 
-Why touches are batched: invariant "a cached pin costs no network round trip". A cache
-hit still has to slide the pin's TTL in Redis, so it only records the session in a
-pending set; a background task sends the refreshes every ``touch_interval_s`` as
-pipelined PEXPIREs. A PEXPIRE that finds no key means the pin expired or was deleted
-behind our back, so the local copy goes too. Misses use GETEX, which reads and slides
-in one round trip.
+Every entry is re-read after ``local_cache_ttl_s``, unless the store cannot be reached:
+then the copy is served as it is, as long as its session was used within
+``pin_ttl_s`` (the same TTL the store applies; an idle session expires here too).
+A session this process holds no copy of cannot be served during an outage: its
+lookup fails with ``StoreUnavailable`` (503 ``pin_store_unavailable``).
 
-Why pinned sessions are counted in sorted sets: operators ask "how many sessions are
-pinned to v47" (rollback, the fleet view) and the answer must not scan every pin.
-Each version key has a sorted set ``<prefix>pinned:<version key>`` of session id ->
-wall-clock time of last use. The batched touches above already carry every use, so
-the same pipeline ZADDs the session (and trims entries older than the pin TTL); a
-count is a ZCOUNT over the TTL window. It lags by up to ``touch_interval_s`` for
-sessions used on other replicas, and a repin or unpin moves or removes the entry.
+A cache miss reads the pin, the epoch key and the session's conflict mark in one
+round trip (GETEX slides the TTL). The epoch tells a pin that expired from a store
+that lost every pin; the mark reports, once, that a re-assertion conflict changed the
+session's version. Cache hits cost no round trip; their TTL refreshes are batched
+(redis_touch.py).
 
 TTLs go in milliseconds (PX / PEXPIRE) so fractional ``pin_ttl_s`` works. Keys are bytes
 (see redis_wire.py: no session id can collide with another or break its key). Each
@@ -46,53 +43,77 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import StoreUnavailable
 from proxy.pubsub import Subscriber
+from proxy.store.base import Lookup
 from proxy.store.cache import PinCache
-from proxy.store.redis_wire import decode_pin, encode_pin, member, scrub, secrets_of
+from proxy.store.redis_client import REDIS_FAILURES, sharded_pubsub_opener
+from proxy.store.redis_sync import PinSync, announce
+from proxy.store.redis_touch import Touches
+from proxy.store.redis_wire import StoreKeys, decode_pin, encode_pin, member, scrub, secrets_of
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Iterable, Sequence
+    from collections.abc import Awaitable, Callable
 
     from redis.asyncio import Redis
+    from redis.asyncio.client import Pipeline
 
     from proxy.clock import Clock
-    from proxy.config import StoreConfig
+    from proxy.config_store import StoreConfig
     from proxy.models import Pin
+    from proxy.store.redis_sync import ConflictHook
 
 T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
-_TOUCH_CHUNK = 500
 _POLL_S = 0.5
+_MAX_WRITE_BACKS = 1000  # pin-token write-backs in flight
+
+
+def _no_conflict_hook(session_id: str, ours: Pin, stored: Pin) -> None:
+    return None
 
 
 class RedisPinStore:
     """``PinStore`` on Redis with a local cache, batched TTL touches and pub/sub invalidation."""
 
     def __init__(
-        self, config: StoreConfig, client: Redis, clock: Clock, *, owns_client: bool = True
+        self,
+        config: StoreConfig,
+        client: Redis,
+        clock: Clock,
+        *,
+        owns_client: bool = True,
+        on_conflict: ConflictHook = _no_conflict_hook,
     ) -> None:
         self._config = config
         self._client = client
         self._owns_client = owns_client  # False: the composition root shares and closes it
         self._clock = clock
         self._prefix = config.key_prefix
-        self._key_prefix = f"{config.key_prefix}pin:".encode()
-        self._pinned_prefix = f"{config.key_prefix}pinned:".encode()
-        self._channel = f"{config.key_prefix}invalidate".encode()
+        self._keys = StoreKeys(config.key_prefix, cluster=config.topology == "cluster")
         self._ttl_ms = max(1, round(config.pin_ttl_s * 1000))
         self._op_timeout_s = config.op_timeout_ms / 1000
-        self._cache = PinCache(config.local_cache_size, config.local_cache_ttl_s, clock)
-        # Sessions used since the last batch -> their pinned version key.
-        self._touches: dict[str, str] = {}
+        self._cache = PinCache(
+            config.local_cache_size, config.local_cache_ttl_s, clock, idle_s=config.pin_ttl_s
+        )
         self._subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._writing_back: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._failing = False  # the last call failed: serve copies without asking first
         self._answered_at = float("-inf")  # when a call last succeeded (monotonic)
         self._secrets = secrets_of(config)
+        self._sync = PinSync(
+            client, self._keys, self._cache, config, clock, self._call, on_conflict=on_conflict
+        )
+        self._touches = Touches(
+            client, self._keys, self._cache, config, clock, self._call,
+            epoch_ok=self._sync.epoch_seen,
+            periodic=self._sync.watch_servers if self._keys.cluster else None,
+        )  # fmt: skip
         self._subscriber = Subscriber(
             client,
-            self._channel,
+            self._keys.channel,
             clock=clock,
             rng=random.Random(),
             op_timeout_s=self._op_timeout_s,
@@ -100,11 +121,14 @@ class RedisPinStore:
             on_subscribed=self._on_subscribed,
             on_messages=self._on_invalidations,
             on_lost=self._on_subscription_lost,
+            on_quiet=self._on_quiet,
+            open_pubsub=sharded_pubsub_opener(config, client, self._keys.channel)
+            if self._keys.cluster else None,
         )
 
     @property
     def subscribed(self) -> bool:
-        """True while the invalidation subscription is confirmed (the cache is in use)."""
+        """True while the invalidation subscription is confirmed."""
         return self._subscribed.is_set()
 
     @property
@@ -120,58 +144,126 @@ class RedisPinStore:
     def pending_touches(self) -> int:
         return len(self._touches)
 
+    @property
+    def sync(self) -> PinSync:
+        """The repin-log replay and data-loss recovery (counters for tests and metrics)."""
+        return self._sync
+
     def key(self, session_id: str) -> bytes:
         """The Redis key holding the session's pin."""
-        return self._key_prefix + session_id.encode("utf-8", "surrogatepass")
+        return self._keys.pin(session_id)
 
     def pinned_key(self, version_key: str) -> bytes:
         """The sorted set of sessions pinned to ``version_key`` (see count_pinned)."""
-        return self._pinned_prefix + version_key.encode()
+        return self._keys.pinned(version_key)
 
     async def get(self, session_id: str) -> Pin | None:
+        return (await self._find(session_id, consume_mark=False)).pin
+
+    async def lookup(self, session_id: str, hint: Pin | None = None) -> Lookup:
+        return await self._find(session_id, consume_mark=True, hint=hint)
+
+    async def _find(
+        self, session_id: str, *, consume_mark: bool, hint: Pin | None = None
+    ) -> Lookup:
         self._check_open()
-        if self._subscribed.is_set():
-            pin = self._cache.get(session_id)
-            if pin is not None:
-                self._touches[session_id] = pin.version_key
-                return pin
-        generation = self._cache.generation
-        raw = await self._call("get", self._client.getex(self.key(session_id), px=self._ttl_ms))
+        cache = self._cache
+        pin = cache.get(session_id)
+        if pin is None and self._unreachable():
+            pin = cache.stale(session_id)
+        if pin is not None:
+            self._touches.add(session_id, pin.version_key)
+            return Lookup(pin)
+        if hint is not None:
+            # A valid pin token: the pin without a round trip, written back meanwhile.
+            cache.put(session_id, hint)
+            self._touches.add(session_id, hint.version_key)
+            self._write_back(session_id, hint)
+            return Lookup(hint)
+        generation = cache.generation
+        try:
+            raw, epoch, mark = await self._call("get", self._read(session_id, consume_mark))
+        except StoreUnavailable:
+            # Pins are immutable until an explicit repin: a copy beats a refusal.
+            pin = cache.stale(session_id)
+            if pin is None:
+                raise
+            self._touches.add(session_id, pin.version_key)
+            return Lookup(pin)
+        held = cache.stale(session_id)
+        if not self._sync.epoch_seen(epoch) and held is not None:
+            # The store lost data and this process holds the pin: write it back first.
+            return await self._reasserted(session_id, held)
         if raw is None:
-            return None
+            cache.evict(session_id)
+            return Lookup(None, lost_data_s_ago=self._sync.lost_data_s_ago())
         pin = self._decode(session_id, raw)
         self._remember(session_id, pin, generation)
-        return pin
+        if isinstance(mark, bytes) and mark.decode() != pin.version_key:
+            return Lookup(pin, changed_from=mark.decode())
+        return Lookup(pin)
+
+    async def _read(self, session_id: str, consume_mark: bool) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.getex(self._keys.pin(session_id), px=self._ttl_ms)
+            pipe.get(self._keys.epoch)
+            mark = self._keys.changed(session_id)
+            if consume_mark:
+                pipe.getdel(mark)
+            else:
+                pipe.get(mark)
+            return await pipe.execute()
+
+    async def _reasserted(self, session_id: str, held: Pin) -> Lookup:
+        pin = await self.pin_if_absent(session_id, held)
+        if pin.version_key == held.version_key:
+            return Lookup(pin)
+        return Lookup(pin, changed_from=held.version_key)
+
+    def _write_back(self, session_id: str, pin: Pin) -> None:
+        """Pin-if-absent in the background (bounded: past the bound the next request
+        with the token tries again, once the touch batch has found no key)."""
+        if len(self._writing_back) >= _MAX_WRITE_BACKS:
+            return
+
+        async def write() -> None:
+            try:
+                await self.pin_if_absent(session_id, pin)
+            except StoreUnavailable as exc:
+                _log.debug("pin token write-back failed: %s", exc.message)
+
+        task = asyncio.create_task(write(), name="pinstore-write-back")
+        self._writing_back.add(task)
+        task.add_done_callback(self._writing_back.discard)
 
     async def pin_if_absent(self, session_id: str, pin: Pin) -> Pin:
         self._check_open()
         generation = self._cache.generation
-        key = self.key(session_id)
         raw = await self._call(
-            "pin", self._client.set(key, encode_pin(pin), px=self._ttl_ms, nx=True, get=True)
+            "pin",
+            self._client.set(
+                self._keys.pin(session_id), encode_pin(pin), px=self._ttl_ms, nx=True, get=True
+            ),
         )
         winner = pin if raw is None else self._decode(session_id, raw)
         # A pin that was read rather than written gets its TTL slid like any hit; either
         # way the next batch records the session under its version (count_pinned).
-        self._touches[session_id] = winner.version_key
+        self._touches.add(session_id, winner.version_key)
         self._remember(session_id, winner, generation)
         return winner
 
     async def repin(self, session_id: str, pin: Pin) -> Pin | None:
         self._check_open()
-        key = self.key(session_id)
+
+        def write(pipe: Pipeline) -> None:
+            pipe.set(self._keys.pin(session_id), encode_pin(pin), px=self._ttl_ms, get=True)
+            pipe.zadd(self._keys.pinned(pin.version_key), {member(session_id): self._clock.time()})
+
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(key, encode_pin(pin), px=self._ttl_ms, get=True)
-                pipe.zadd(
-                    self.pinned_key(pin.version_key), {member(session_id): self._clock.time()}
-                )
-                pipe.publish(self._channel, session_id.encode("utf-8", "surrogatepass"))
-                results = await self._call("repin", pipe.execute())
+            results = await self._call("repin", self._change(session_id, write))
         finally:
             # Even a failed write may have been applied (a timeout after sending).
-            self._cache.evict(session_id)
-            self._touches.pop(session_id, None)
+            self._forget(session_id)
         previous = self._previous(session_id, results[0])
         if previous is not None and previous.version_key != pin.version_key:
             await self._uncount(session_id, previous)
@@ -179,19 +271,37 @@ class RedisPinStore:
 
     async def unpin(self, session_id: str) -> Pin | None:
         self._check_open()
-        key = self.key(session_id)
+        key = self._keys.pin(session_id)
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.getdel(key)
-                pipe.publish(self._channel, session_id.encode("utf-8", "surrogatepass"))
-                results = await self._call("unpin", pipe.execute())
+            results = await self._call("unpin", self._change(session_id, lambda p: p.getdel(key)))
         finally:
-            self._cache.evict(session_id)
-            self._touches.pop(session_id, None)
+            self._forget(session_id)
         previous = self._previous(session_id, results[0])
         if previous is not None:
             await self._uncount(session_id, previous)
         return previous
+
+    async def _change(self, session_id: str, write: Callable[[Pipeline], object]) -> list[Any]:
+        """Apply ``write`` and log and broadcast the change: one MULTI, or on a cluster
+        (where a MULTI stays in one slot) the write first, then the log and broadcast,
+        so a replica that replays the entry reads the new pin."""
+        log_size = self._config.repin_log_size
+        if not self._keys.cluster:
+            async with self._client.pipeline(transaction=True) as pipe:
+                write(pipe)
+                announce(pipe, self._keys, session_id, log_size)
+                return await pipe.execute()
+        async with self._client.pipeline(transaction=False) as pipe:
+            write(pipe)
+            results = await pipe.execute()
+        async with self._client.pipeline(transaction=True) as pipe:
+            announce(pipe, self._keys, session_id, log_size)
+            await pipe.execute()
+        return results
+
+    def _forget(self, session_id: str) -> None:
+        self._cache.evict(session_id)
+        self._touches.drop(session_id)
 
     async def count_pinned(self, version_key: str) -> int:
         self._check_open()
@@ -199,7 +309,7 @@ class RedisPinStore:
         await self.flush_touches()
         since = self._clock.time() - self._config.pin_ttl_s
         count = await self._call(
-            "count", self._client.zcount(self.pinned_key(version_key), since, "+inf")
+            "count", self._client.zcount(self._keys.pinned(version_key), since, "+inf")
         )
         return int(count)
 
@@ -208,7 +318,7 @@ class RedisPinStore:
         # failure only leaves a count high until the entry ages out of the TTL window.
         try:
             await self._call(
-                "uncount", self._client.zrem(self.pinned_key(pin.version_key), member(session_id))
+                "uncount", self._client.zrem(self._keys.pinned(pin.version_key), member(session_id))
             )
         except StoreUnavailable as exc:
             _log.warning("pinned-session count not updated: %s", exc.message)
@@ -225,7 +335,9 @@ class RedisPinStore:
             asyncio.create_task(
                 self._subscriber.run(), name=f"pinstore-invalidate:{self._prefix}"
             ),
-            asyncio.create_task(self._touch_forever(), name=f"pinstore-touch:{self._prefix}"),
+            asyncio.create_task(
+                self._touches.run(lambda: self._closed), name=f"pinstore-touch:{self._prefix}"
+            ),
         ]
         # Starting without the subscription is allowed (Redis may come up later): the
         # store then works uncached until the background task gets through.
@@ -240,6 +352,9 @@ class RedisPinStore:
             return
         self._closed = True
         self._subscriber.close()
+        await self._sync.close()
+        if self._writing_back:
+            await asyncio.wait(list(self._writing_back), timeout=2 * self._op_timeout_s)
         try:
             await self.flush_touches()
         except StoreUnavailable as exc:
@@ -258,74 +373,41 @@ class RedisPinStore:
 
     async def flush_touches(self) -> None:
         """Send the pending TTL refreshes now; evict local copies whose key is gone."""
-        if not self._touches:
-            return
-        touched = list(self._touches.items())
-        self._touches = {}
-        for start in range(0, len(touched), _TOUCH_CHUNK):
-            chunk = touched[start : start + _TOUCH_CHUNK]
-            alive = await self._call("touch", self._pexpire_all(chunk))
-            gone = [
-                (sid, version)
-                for (sid, version), exists in zip(chunk, alive, strict=True)
-                if not exists
-            ]
-            for session_id, _version in gone:
-                self._cache.evict(session_id)
-            if gone:
-                # The pin expired or was deleted behind our back: not pinned any more.
-                await self._call("touch", self._zrem_all(gone))
-
-    async def _pexpire_all(self, touched: Sequence[tuple[str, str]]) -> list[Any]:
-        now = self._clock.time()
-        by_version: dict[str, dict[bytes, float]] = {}
-        async with self._client.pipeline(transaction=False) as pipe:
-            for session_id, version_key in touched:
-                pipe.pexpire(self.key(session_id), self._ttl_ms)
-                by_version.setdefault(version_key, {})[member(session_id)] = now
-            for version_key, members in by_version.items():
-                pinned = self.pinned_key(version_key)
-                pipe.zadd(pinned, members)
-                # Entries unused for a whole TTL belong to pins that have expired.
-                pipe.zremrangebyscore(pinned, "-inf", now - self._config.pin_ttl_s)
-                pipe.pexpire(pinned, self._ttl_ms)
-            results = await pipe.execute()
-        return results[: len(touched)]
-
-    async def _zrem_all(self, gone: Iterable[tuple[str, str]]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for session_id, version_key in gone:
-                pipe.zrem(self.pinned_key(version_key), member(session_id))
-            return await pipe.execute()
-
-    async def _touch_forever(self) -> None:
-        while not self._closed:
-            await asyncio.sleep(self._config.touch_interval_s)
-            try:
-                await self.flush_touches()
-            except StoreUnavailable as exc:
-                # Losing one batch only shortens TTLs that are normally hours long; the
-                # next hit of each session schedules its touch again.
-                _log.warning("TTL touch batch dropped: %s", exc.message)
-            except Exception:
-                _log.exception("TTL touch batch failed unexpectedly")
+        await self._touches.flush()
 
     async def _on_subscribed(self) -> None:
-        # Anything published while we were not subscribed is lost.
-        self._cache.clear()
+        # Changes published while we were not subscribed are in the repin log: apply
+        # them before trusting the subscription (a failure retries on the next poll).
+        self._sync.stale = True
+        try:
+            await self._sync.catch_up(check_server=True)
+        except StoreUnavailable as exc:
+            _log.warning("repin log replay failed, will retry: %s", exc.message)
         self._subscribed.set()
 
     async def _on_invalidations(self, batch: list[object]) -> None:
         for data in batch:
             self._invalidate(data)
+        # Advance this replica's log position, so a later reconnection replays little.
+        self._sync.stale = True
+
+    async def _on_quiet(self, now: float) -> None:
+        if not self._sync.stale:
+            return
+        try:
+            await self._sync.catch_up()
+        except StoreUnavailable as exc:
+            _log.warning("repin log replay failed, will retry: %s", exc.message)
 
     def _on_subscription_lost(self, reason: str) -> None:
+        if self._subscribed.is_set():
+            # One line per outage: the cached pins stay in use, nothing else to report.
+            _log.warning(
+                "pin invalidation subscription lost; serving cached pins until it is back "
+                "and the repin log is replayed: %s",
+                scrub(reason, self._secrets),
+            )
         self._subscribed.clear()
-        self._cache.clear()
-        _log.warning(
-            "pin invalidation subscription lost, local cache dropped: %s",
-            scrub(reason, self._secrets),
-        )
 
     def _invalidate(self, data: object) -> None:
         try:
@@ -334,16 +416,17 @@ class RedisPinStore:
         except UnicodeDecodeError:
             data = None
         if isinstance(data, str):
-            self._cache.evict(data)
-            # A pending use would re-add the session under the version it just left.
-            self._touches.pop(data, None)
+            self._forget(data)
         else:
             # Not a session id we could have published: evict everything to be safe.
             self._cache.clear()
 
     def _remember(self, session_id: str, pin: Pin, generation: int) -> None:
-        if self._subscribed.is_set():
-            self._cache.put(session_id, pin, generation)
+        self._cache.put(session_id, pin, generation)
+
+    def _unreachable(self) -> bool:
+        """Asking the store first would only delay the answer by a timeout."""
+        return self._failing or not self._subscribed.is_set()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -354,7 +437,7 @@ class RedisPinStore:
         try:
             async with asyncio.timeout(self._op_timeout_s):
                 result = await operation
-        except (RedisError, OSError) as exc:  # OSError covers TimeoutError from asyncio
+        except REDIS_FAILURES as exc:  # OSError covers TimeoutError from asyncio
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # redis-py can turn a cancellation that lands in its own timeout or
@@ -362,15 +445,18 @@ class RedisPinStore:
                 raise asyncio.CancelledError from exc
             detail = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
             error = StoreUnavailable(
-                f"pin store {what} failed at {self._config.masked_url()}: {detail}",
+                f"pin store {what} failed at {self._config.describe()}: {detail}",
                 code="pin_store_unavailable",
             )
             error.timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
             # Other calls answered while this one waited (for a pooled connection, or
             # for the event loop): Redis works, this process is what is slow.
             error.store_answering = self._answered_at > started
+            if not error.store_answering:
+                self._failing = True
             raise error from exc
         self._answered_at = self._clock.monotonic()
+        self._failing = False
         return result
 
     def _decode(self, session_id: str, raw: object) -> Pin:

@@ -1,4 +1,4 @@
-"""What pinproxy keeps in Redis, and how it connects: client settings, pin documents.
+"""What pinproxy keeps in Redis: key names and pin documents (clients: redis_client.py).
 
 A pin is a small JSON document (``encode_pin``/``decode_pin``); the pinned-count sorted
 sets hold each session id as a member, encoded like its key. Session ids become bytes
@@ -9,46 +9,66 @@ its key.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from proxy.models import Pin
+from proxy.store.redis_client import redis_client_from_config
+
+__all__ = ["redis_client_from_config"]
 
 if TYPE_CHECKING:
-    from proxy.config import StoreConfig
+    from proxy.config_store import StoreConfig
 
 _TEXT_FIELDS = ("version_key", "backend_id", "region")  # Pin's fields before pinned_at
-_HEALTH_CHECK_INTERVAL_S = 15
-_MAX_CONNECTIONS = 64  # per process; one is the invalidation subscription
 
 
-def redis_client_from_config(config: StoreConfig) -> Redis:
-    """A client for ``config.url``: op-timeout sockets, no hidden retries, a bounded pool."""
-    timeout_s = config.op_timeout_ms / 1000
-    extra: dict[str, Any] = {}
-    if config.password is not None:
-        extra["password"] = config.password.get_secret_value()
-    # redis-py retries 3 times with backoff by default, which would multiply the op
-    # timeout; a failed pin lookup should surface at once as a 503 instead. The pool is
-    # bounded so that a burst (cold start, every connection dropped by a Redis restart)
-    # queues on a few connections instead of opening one per request.
-    pool = BlockingConnectionPool.from_url(
-        config.url,
-        max_connections=_MAX_CONNECTIONS,
-        timeout=timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=_HEALTH_CHECK_INTERVAL_S,
-        retry=Retry(NoBackoff(), 0),
-        decode_responses=False,
-        **extra,
-    )
-    return Redis.from_pool(pool)
+class StoreKeys:
+    """Every Redis key and channel name the pin store uses, under one prefix.
+
+    ``<prefix>pin:<session>`` holds a pin, ``<prefix>changed:<session>`` the version a
+    session lost in a re-assertion conflict (read once, by its next answer),
+    ``<prefix>pinned:<version key>`` the sorted set of sessions per version,
+    ``<prefix>repins`` the capped stream of repins and unpins (replayed by a replica
+    that reconnects), ``<prefix>epoch`` the token whose disappearance means the store
+    lost its data, and ``<prefix>invalidate`` the pub/sub channel.
+
+    On a cluster (``cluster=True``) the session part is a hash tag, ``{<session>}``, so
+    a session's pin, mark and audit trail share a slot, and the log, the epoch and the
+    channel share the ``{sync}`` slot, so the replay reads them in one transaction and
+    a change is logged and published together. Standalone and Sentinel keep the
+    untagged names, so upgrading does not orphan any stored pin.
+    """
+
+    __slots__ = ("_changed", "_close", "_open", "_pin", "_pinned", "channel", "cluster",
+                 "epoch", "log")
+
+    def __init__(self, prefix: str, *, cluster: bool = False) -> None:
+        raw = prefix.encode()
+        self.cluster = cluster
+        self._open, self._close = (b"{", b"}") if cluster else (b"", b"")
+        self._pin = raw + b"pin:"
+        self._changed = raw + b"changed:"
+        self._pinned = raw + b"pinned:"
+        sync = raw + (b"{sync}" if cluster else b"")
+        self.log = sync + b"repins"
+        self.epoch = sync + b"epoch"
+        self.channel = sync + b"invalidate"
+
+    def session(self, session_id: str) -> bytes:
+        """The session's part of its keys (a hash tag on a cluster)."""
+        return self._open + member(session_id) + self._close
+
+    def pin(self, session_id: str) -> bytes:
+        return self._pin + self.session(session_id)
+
+    def changed(self, session_id: str) -> bytes:
+        return self._changed + self.session(session_id)
+
+    def pinned(self, version_key: str) -> bytes:
+        return self._pinned + version_key.encode()
 
 
 def encode_pin(pin: Pin) -> bytes:
@@ -78,8 +98,9 @@ def member(session_id: str) -> bytes:
 def secrets_of(config: StoreConfig) -> tuple[str, ...]:
     """The password(s) in the store's settings, to scrub from error messages."""
     secrets = []
-    if config.password is not None and config.password.get_secret_value():
-        secrets.append(config.password.get_secret_value())
+    for secret in (config.password, config.sentinel_password):
+        if secret is not None and secret.get_secret_value():
+            secrets.append(secret.get_secret_value())
     url_password = urlsplit(config.url).password
     if url_password:
         secrets.append(url_password)

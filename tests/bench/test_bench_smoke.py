@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bench import incident, overhead, streaming, throughput
+from bench import incident, overhead, store_faults, streaming, throughput
 from bench.procs import find_nginx
 
 pytestmark = pytest.mark.skipif(
@@ -132,3 +132,26 @@ def test_incident_replay_pinproxy_keeps_sessions_on_one_version_control_does_not
     assert control["sessions_mixed_versions"] > 0
     assert on_disk["targets"]["pinproxy_mixed_sessions"]["ok"] is True
     assert on_disk["targets"]["control_shows_damage"]["ok"] is True
+
+
+def test_store_faults_replay_reports_every_phase_and_changes_no_session(
+    tmp_path: Path,
+) -> None:
+    report = store_faults.run(
+        store_faults.StoreFaultsConfig(
+            sessions=6, phase_s=0.5, pause_s=0.3, outage_s=0.2, new_sessions=10,
+            sentinel=False, out_root=tmp_path,
+        )
+    )
+    on_disk = _written(report)
+    run = on_disk["runs"]["standalone"]
+    assert [p["name"] for p in run["phases"]] == [
+        "steady", "new-sessions", "pause", "kill-restart-empty", "flushall"]
+    assert run["mixed_sessions"] == 0
+    assert run["silent_repins"] == 0
+    steady = run["phases"][0]
+    assert steady["commands_per_request"] is not None
+    assert steady["requests"] > 0
+    for phase in run["phases"][2:]:
+        assert phase["recovery_s"] is not None, phase
+    assert on_disk["targets"]["mixed_sessions"]["ok"] is True

@@ -120,3 +120,32 @@ def test_behaves_like_a_reference_lru(
             clock.advance(arg)
         assert len(cache) <= size
         assert len(cache) == len(model)
+
+
+def test_an_expired_copy_stays_as_a_stale_one_while_the_session_is_used() -> None:
+    clock = ManualClock()
+    cache = PinCache(10, 60.0, clock, idle_s=100.0)
+    cache.put("s", pin(1))
+    clock.advance(61)
+    assert cache.get("s") is None  # no longer verified: the store is asked first
+    assert "s" in cache
+    assert cache.stale("s") == pin(1)  # ... but it is the pin if the store cannot answer
+    clock.advance(99)
+    assert cache.stale("s") == pin(1)  # each use restarts the idle time
+    clock.advance(100)
+    assert cache.stale("s") is None  # idle as long as the store's TTL: expired everywhere
+    assert "s" not in cache
+
+
+def test_held_lists_sessions_used_within_the_idle_time_most_recent_first() -> None:
+    clock = ManualClock()
+    cache = PinCache(10, 60.0, clock, idle_s=30.0)
+    cache.put("old", pin(1))
+    clock.advance(20)
+    cache.put("new", pin(2))
+    clock.advance(5)
+    assert cache.held() == [("new", pin(2), 5.0), ("old", pin(1), 25.0)]
+    clock.advance(6)
+    assert cache.held() == [("new", pin(2), 11.0)]
+    cache.put("back", pin(3), idle_for_s=7.0)
+    assert [s for s, _, _ in cache.held()] == ["back", "new"]
