@@ -27,7 +27,8 @@ session's version. Cache hits cost no round trip; their TTL refreshes are batche
 
 TTLs go in milliseconds (PX / PEXPIRE) so fractional ``pin_ttl_s`` works. Keys are bytes
 (see redis_wire.py: no session id can collide with another or break its key). Each
-call is bounded by ``op_timeout_ms`` whatever the injected client's settings.
+call is bounded by ``op_timeout_ms`` whatever the injected client's settings
+(redis_call.py).
 """
 
 from __future__ import annotations
@@ -36,22 +37,22 @@ import asyncio
 import contextlib
 import logging
 import random
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import StoreUnavailable
 from proxy.pubsub import Subscriber
 from proxy.store.base import Lookup
 from proxy.store.cache import PinCache
-from proxy.store.redis_client import REDIS_FAILURES, sharded_pubsub_opener
+from proxy.store.redis_call import BoundedCall, decoded, replaced_pin
+from proxy.store.redis_client import sharded_pubsub_opener
 from proxy.store.redis_sync import PinSync, announce
 from proxy.store.redis_touch import Touches
-from proxy.store.redis_wire import StoreKeys, decode_pin, encode_pin, member, scrub, secrets_of
+from proxy.store.redis_wire import StoreKeys, encode_pin, member
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Callable
 
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
@@ -60,8 +61,6 @@ if TYPE_CHECKING:
     from proxy.config_store import StoreConfig
     from proxy.models import Pin
     from proxy.store.redis_sync import ConflictHook
-
-T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
@@ -100,9 +99,7 @@ class RedisPinStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._writing_back: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._failing = False  # the last call failed: serve copies without asking first
-        self._answered_at = float("-inf")  # when a call last succeeded (monotonic)
-        self._secrets = secrets_of(config)
+        self._call = BoundedCall(config, clock)
         self._sync = PinSync(
             client, self._keys, self._cache, config, clock, self._call, on_conflict=on_conflict
         )
@@ -197,7 +194,7 @@ class RedisPinStore:
         if raw is None:
             cache.evict(session_id)
             return Lookup(None, lost_data_s_ago=self._sync.lost_data_s_ago())
-        pin = self._decode(session_id, raw)
+        pin = decoded(session_id, raw)
         self._remember(session_id, pin, generation)
         if isinstance(mark, bytes) and mark.decode() != pin.version_key:
             return Lookup(pin, changed_from=mark.decode())
@@ -245,7 +242,7 @@ class RedisPinStore:
                 self._keys.pin(session_id), encode_pin(pin), px=self._ttl_ms, nx=True, get=True
             ),
         )
-        winner = pin if raw is None else self._decode(session_id, raw)
+        winner = pin if raw is None else decoded(session_id, raw)
         # A pin that was read rather than written gets its TTL slid like any hit; either
         # way the next batch records the session under its version (count_pinned).
         self._touches.add(session_id, winner.version_key)
@@ -264,7 +261,7 @@ class RedisPinStore:
         finally:
             # Even a failed write may have been applied (a timeout after sending).
             self._forget(session_id)
-        previous = self._previous(session_id, results[0])
+        previous = replaced_pin(session_id, results[0])
         if previous is not None and previous.version_key != pin.version_key:
             await self._uncount(session_id, previous)
         return previous
@@ -276,7 +273,7 @@ class RedisPinStore:
             results = await self._call("unpin", self._change(session_id, lambda p: p.getdel(key)))
         finally:
             self._forget(session_id)
-        previous = self._previous(session_id, results[0])
+        previous = replaced_pin(session_id, results[0])
         if previous is not None:
             await self._uncount(session_id, previous)
         return previous
@@ -405,7 +402,7 @@ class RedisPinStore:
             _log.warning(
                 "pin invalidation subscription lost; serving cached pins until it is back "
                 "and the repin log is replayed: %s",
-                scrub(reason, self._secrets),
+                self._call.scrub(reason),
             )
         self._subscribed.clear()
 
@@ -426,57 +423,11 @@ class RedisPinStore:
 
     def _unreachable(self) -> bool:
         """Asking the store first would only delay the answer by a timeout."""
-        return self._failing or not self._subscribed.is_set()
+        return self._call.failing or not self._subscribed.is_set()
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreUnavailable("the pin store is closed")
-
-    async def _call(self, what: str, operation: Awaitable[T]) -> T:
-        started = self._clock.monotonic()
-        try:
-            async with asyncio.timeout(self._op_timeout_s):
-                result = await operation
-        except REDIS_FAILURES as exc:  # OSError covers TimeoutError from asyncio
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py can turn a cancellation that lands in its own timeout or
-                # reconnect handling into an error; the caller asked to stop, so stop.
-                raise asyncio.CancelledError from exc
-            detail = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
-            error = StoreUnavailable(
-                f"pin store {what} failed at {self._config.describe()}: {detail}",
-                code="pin_store_unavailable",
-            )
-            error.timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
-            # Other calls answered while this one waited (for a pooled connection, or
-            # for the event loop): Redis works, this process is what is slow.
-            error.store_answering = self._answered_at > started
-            if not error.store_answering:
-                self._failing = True
-            raise error from exc
-        self._answered_at = self._clock.monotonic()
-        self._failing = False
-        return result
-
-    def _decode(self, session_id: str, raw: object) -> Pin:
-        try:
-            return decode_pin(raw)
-        except ValueError as exc:
-            # Refuse rather than guess: a garbled pin is not the same as no pin.
-            raise StoreUnavailable(
-                f"the stored pin for session {session_id[:64]!r} is unreadable"
-            ) from exc
-
-    def _previous(self, session_id: str, raw: object) -> Pin | None:
-        if raw is None:
-            return None
-        try:
-            return self._decode(session_id, raw)
-        except StoreUnavailable as exc:
-            # The write already succeeded; a garbled old value must not turn it into a 503.
-            _log.warning("%s (replaced)", exc.message)
-            return None
 
     def __repr__(self) -> str:
         return (
