@@ -37,7 +37,7 @@ from tests.fixtures.proxy import RunningProxy, StartProxy
 from tests.fixtures.sim import StartPop
 from tests.integration.sessions_helpers import chat, trail_of, wait_routable
 
-TOKEN = "schema-t0ken"
+TOKEN = "schema-t0ken-0123456789abcdef0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 METHODS = ("GET", "PUT", "POST", "DELETE", "PATCH")
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
