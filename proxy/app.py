@@ -32,6 +32,7 @@ from proxy.ewma import LoadTracker
 from proxy.fleet_metrics import FleetCollector
 from proxy.health import Drain, HealthEndpoints
 from proxy.http1_pool import Http1Pool
+from proxy.listener import EdgeOptions, EdgeServer
 from proxy.loop_lag import LoopLagMonitor
 from proxy.metrics import ProxyMetrics
 from proxy.models import Backend
@@ -334,7 +335,12 @@ class DataPlaneRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         await super()._make_server()  # starts the application and freezes it
         # BaseRunner keeps the keyword arguments given to it for the server it makes.
-        return web.Server(self.app[SERVE], **self._kwargs)
+        return EdgeServer(
+            self.app[SERVE],
+            options=EdgeOptions.data_port(self.app[SETTINGS]),
+            metrics=self.app[METRICS],
+            **self._kwargs,
+        )
 
 
 async def _expect(request: web.BaseRequest) -> None:

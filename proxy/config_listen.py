@@ -47,6 +47,20 @@ class ListenConfig(Section):
     # served, so load balancers stop sending before the listener closes (a few
     # seconds in production; longer than the balancer's readiness probe interval).
     drain_grace_s: Annotated[float, Field(ge=0, le=300)] = 0.0
+    # Slow clients (slowloris). A connection's first request head must arrive whole
+    # within request_head_timeout_s of the connection opening, and every later head
+    # within that long of its first byte (else 408, and the connection is closed); a
+    # keep-alive connection idle between requests is closed after keepalive_timeout_s.
+    # The default idle timeout outlasts the balancers commonly in front (AWS ALB 60 s,
+    # Google Cloud 600 s), so they, not pinproxy, close idle connections: a request
+    # they send as pinproxy closes would otherwise fail.
+    request_head_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    keepalive_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 620.0
+    # Connections open at once, in all and per client IP (the socket's peer address;
+    # 0: no per-IP cap, since behind an ingress every connection comes from it). A
+    # connection over either cap is answered 503 proxy_overloaded and closed.
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    max_connections_per_ip: Annotated[int, Field(ge=0, le=1_000_000)] = 0
 
     @model_validator(mode="after")
     def _distinct_health_paths(self) -> Self:
@@ -65,6 +79,9 @@ class AdminConfig(Section):
     token: SecretStr | None = None
     # Admin paths served without the token (e.g. "/metrics" for a scraper).
     public_paths: tuple[str, ...] = ()
+    # Connections open at once on the admin listener (its head and idle timeouts are
+    # listen's); over it a connection is answered 503 and closed.
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 256
     # Where a backend added through the admin API may point (an admin token must not
     # become a way to make the proxy fetch cloud credentials). Every address its host
     # resolves to must lie in one of ``backend_networks`` (CIDRs; None: anywhere) and

@@ -27,10 +27,11 @@ from pydantic import SecretStr
 
 from proxy.admin.app import build_admin_app
 from proxy.admin.routes import installers
-from proxy.app import DRAIN, METRICS, DataPlaneRunner, build_app
+from proxy.app import DRAIN, METRICS, SETTINGS, DataPlaneRunner, build_app
 from proxy.config_listen import is_loopback_address
 from proxy.errors import ConfigError
 from proxy.gc_tuning import GcPauses, tune_gc
+from proxy.listener import EdgeAppRunner, EdgeOptions
 from proxy.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ async def _start_admin(
 ) -> web.AppRunner | None:
     if not settings.admin.enabled:
         return None
-    runner = web.AppRunner(build_admin_app(data_app, installers()), access_log=None)
+    runner = admin_runner(data_app)
     await runner.setup()
     site = web.TCPSite(runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port)
     await site.start()
@@ -183,6 +184,16 @@ async def _start_admin(
     for address in runner.addresses:
         logger.info("admin API listening on http://%s:%s", *address[:2])
     return runner
+
+
+def admin_runner(data_app: web.Application) -> web.AppRunner:
+    """The admin listener's runner: the admin app over ``data_app``, behind the edge."""
+    return EdgeAppRunner(
+        build_admin_app(data_app, installers()),
+        options=EdgeOptions.admin_port(data_app[SETTINGS]),
+        metrics=data_app[METRICS],
+        access_log=None,
+    )
 
 
 def unguarded_addresses(has_token: bool, addresses: Iterable[Any]) -> list[str]:
