@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final
 from proxy.errors import BadRequest, ProxyError, TooManyConnections
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 # TRACE echoes the request back, Authorization and Cookie included (cross-site tracing);
 # TRACK is IIS's alias. Neither is proxied.
@@ -119,3 +119,59 @@ class WarningLimiter:
 
     def __repr__(self) -> str:
         return f"WarningLimiter(every {self._interval_s:g}s, held back {self._suppressed})"
+
+
+# --- malformed requests ----------------------------------------------------------------
+
+# What each reason tells the client: fixed text, never the bytes that were sent.
+MALFORMED_DESCRIPTIONS: Final = {
+    "method": "the request method is not a valid token (or the bytes are not HTTP at all)",
+    "request_line": "the request line or its HTTP version is invalid",
+    "target": "the request target contains characters a URL may not",
+    "header": "a header line is invalid",
+    "head_too_large": "a request line or header is too long, or there are too many headers",
+    "content_length": "the Content-Length header is invalid",
+    "body_framing": "the body's framing (Transfer-Encoding, chunk sizes) is invalid",
+    "other": "the request is not valid HTTP/1.1",
+}
+
+
+def malformed_reason(kinds: Sequence[str], message: str, *, in_body: bool) -> str:
+    """The reason (a bounded metrics label) for a parse error of aiohttp's parser.
+
+    ``kinds``: the names of the exception's classes (its MRO); ``message``: its text,
+    which for llhttp's generic ``BadHttpMessage`` is the only thing that tells them
+    apart. ``in_body``: the error came while a request's body was being read.
+    """
+    if in_body:
+        return "body_framing"
+    text = message.lower()
+    for kind, reason in (
+        ("BadHttpMethod", "method"),
+        ("InvalidURLError", "target"),
+        ("BadStatusLine", "request_line"),
+        ("LineTooLong", "head_too_large"),
+        ("ContentLengthError", "content_length"),
+        ("TransferEncodingError", "body_framing"),
+        ("InvalidHeader", "header"),
+    ):
+        if kind in kinds:
+            return reason
+    if "too many headers" in text:
+        return "head_too_large"
+    if "transfer-encoding" in text or "chunk" in text:
+        return "body_framing"  # incl. Transfer-Encoding beside Content-Length (smuggling)
+    if "content-length" in text:
+        return "content_length"
+    if "header" in text:
+        return "header"
+    return "other"
+
+
+def malformed_error(reason: str) -> ProxyError:
+    """The JSON answer to a malformed request: 431 for an oversized head, else 400."""
+    description = MALFORMED_DESCRIPTIONS.get(reason, MALFORMED_DESCRIPTIONS["other"])
+    if reason == "head_too_large":
+        return BadRequest(f"malformed request: {description}", code="request_head_too_large",
+                          status=431)
+    return BadRequest(f"malformed request: {description}", code="bad_http_request")

@@ -15,6 +15,14 @@ Theory of operation. aiohttp's low-level server (``web.Server``) makes one
   (aiohttp's own, ``keepalive_timeout_s``) applies. The parser says when a head is
   whole: aiohttp counts each message it parses (``_request_count``), and a head is
   awaited whenever the last parsed request's body is complete.
+- Malformed requests. aiohttp answers what its parser refuses through
+  ``handle_error``, which here gives the OpenAI-shaped JSON 400 (431 for an oversized
+  head) instead of a text echoing the bytes, counts it, and warns at most once per
+  ``_WARN_EVERY_S``. A parse error inside the body of a request being handled (broken
+  chunk framing) would leave that request's reads waiting forever; its body's reads
+  fail instead, so the request answers 400 and a streamed upstream request is
+  aborted. Once a body is refused, nothing more is read from the connection, and it
+  closes with the answer.
 
 aiohttp offers no public hook between the bytes and the parser, so ``data_received``
 reads three of ``RequestHandler``'s attributes (``_request_count``, ``_messages`` and
@@ -26,23 +34,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.http import RawRequestMessage
+from aiohttp.http import HttpProcessingError, RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.edge_limits import ConnectionAdmission, connection_refusal, head_timeout_error
+from proxy.edge_limits import (
+    ConnectionAdmission,
+    WarningLimiter,
+    connection_refusal,
+    head_timeout_error,
+    malformed_error,
+    malformed_reason,
+)
+from proxy.errors import ProxyError
+from proxy.relay import error_response
 
 if TYPE_CHECKING:
     from aiohttp.streams import StreamReader
 
     from proxy.config import Settings
-    from proxy.errors import ProxyError
     from proxy.metrics import ProxyMetrics
 
 logger = logging.getLogger(__name__)
+
+# Anyone can send malformed requests: one warning per this long, however many come.
+_WARN_EVERY_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +120,8 @@ class EdgeServer(web.Server):
         )
         self._metrics = metrics
         self._loop_ = asyncio.get_running_loop()
+        self._malformed_warnings = WarningLimiter(_WARN_EVERY_S, time.monotonic)
+        self._error_logs = WarningLimiter(_WARN_EVERY_S, time.monotonic)
         # What aiohttp's Server would hand each RequestHandler (it keeps them private).
         self._protocol_kwargs = {
             k: v for k, v in kwargs.items() if k not in ("request_factory", "handler_cancellation")
@@ -113,6 +135,24 @@ class EdgeServer(web.Server):
 
     def timed_out(self, phase: str) -> None:
         self._metrics.client_timeouts.labels(self.options.name, phase).inc()
+
+    def malformed(self, reason: str, peer: str | None) -> None:
+        """Count a malformed request; warn, at most once per ``_WARN_EVERY_S``."""
+        self._metrics.bad_http_requests.labels(self.options.name, reason).inc()
+        held = self._malformed_warnings.allow()
+        if held is not None:
+            logger.warning(
+                "malformed HTTP request on the %s port from %s (%s); answered 4xx and closed%s",
+                self.options.name, peer or "?", reason,
+                f"; {held} more since the last such warning" if held else "",
+            )
+
+    def unexpected(self, exc: BaseException | None) -> None:
+        """A handler failed in a way nothing caught: log it, at most once per interval."""
+        held = self._error_logs.allow()
+        if held is not None:
+            logger.error("unexpected error answering on the %s port (%d more since)",
+                         self.options.name, held, exc_info=exc)
 
     def __repr__(self) -> str:
         return f"EdgeServer({self.options.name}, {self.admission!r})"
@@ -162,7 +202,7 @@ def _reason(status: int) -> str:
 class EdgeProtocol(RequestHandler):
     """One client connection: aiohttp's protocol, with caps and the head deadline."""
 
-    __slots__ = ("_admitted", "_body", "_edge", "_head_timer", "_ip")
+    __slots__ = ("_admitted", "_answered", "_body", "_body_refused", "_edge", "_head_timer", "_ip")
 
     def __init__(self, manager: EdgeServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -172,6 +212,8 @@ class EdgeProtocol(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         # The body of the last request head parsed; None before the first one.
         self._body: StreamReader | None = None
+        self._answered: StreamReader | None = None  # the body of the last request answered
+        self._body_refused = False  # a body's reads fail: the connection ends with the answer
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -197,8 +239,8 @@ class EdgeProtocol(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self._admitted:
-            return  # refused: its bytes are never parsed
+        if not self._admitted or self._body_refused:
+            return  # refused: its bytes are never parsed (nor what follows a refused body)
         # Bytes that arrive once the last body is complete, and complete no head, are
         # all head bytes: only those start the deadline. (A chunk that ends a body and
         # begins a head starts it with the next chunk, one read later.)
@@ -211,9 +253,71 @@ class EdgeProtocol(RequestHandler):
         if new:
             self._cancel_head_timer()
             for message, payload in list(self._messages)[-new:]:
-                self._body = payload if isinstance(message, RawRequestMessage) else None
+                if isinstance(message, RawRequestMessage):
+                    self._body = payload
+                    continue
+                body = self._body
+                if body is not None and not body.is_eof():
+                    # The parse error is in the body of the request being handled:
+                    # aiohttp would leave its reads waiting for bytes that never come.
+                    exc = getattr(message, "exc", None)
+                    self._refuse_body(body, self._malformed(exc, in_body=True))
+                self._body = None
         elif in_head and self._head_timer is None:
             self._arm_head_timer()
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._answered = request.content
+            if self._body_refused:
+                # Whatever is left of the refused body is never read: no lingering read
+                # of it (aiohttp's), no next request parsed from it.
+                self.force_close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse or handle, as JSON.
+
+        Never the raw bytes (aiohttp's own text echoes them), never a traceback; a
+        malformed request is counted and warned about at most once per interval.
+        """
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already sent; the connection is broken")
+        if isinstance(exc, HttpProcessingError):
+            error = self._malformed(exc, in_body=False)
+        elif status == 504:
+            error = ProxyError("pinproxy did not finish the request in time", status=504)
+        else:
+            self._edge.unexpected(exc)
+            error = ProxyError("internal error in pinproxy")
+        response = error_response(error)
+        response.force_close()
+        return response
+
+    def _malformed(self, exc: BaseException | None, *, in_body: bool) -> ProxyError:
+        kinds = [kind.__name__ for kind in type(exc).__mro__] if exc is not None else []
+        text = exc.message if isinstance(exc, HttpProcessingError) else ""
+        reason = malformed_reason(kinds, str(text), in_body=in_body)
+        self._edge.malformed(reason, self._ip)
+        return malformed_error(reason)
+
+    def _refuse_body(self, body: StreamReader, error: ProxyError) -> None:
+        """Fail the reads of ``body`` with ``error``: its request is answered with it."""
+        self._body_refused = True
+        if body is self._answered:
+            # Already answered (aiohttp is reading the rest away): nothing to tell.
+            self.force_close()
+            return
+        body.set_exception(error)
 
     # --- heads ------------------------------------------------------------------------
 

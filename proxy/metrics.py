@@ -196,6 +196,14 @@ class ProxyMetrics:
             ["listener", "phase"],
             registry=registry,
         )
+        self.bad_http_requests = Counter(
+            "pinproxy_bad_http_requests",
+            "Requests that were not valid HTTP/1.1 (answered 400 or 431 and closed), by "
+            "listener and reason (method, request_line, target, header, head_too_large, "
+            "content_length, body_framing, other).",
+            ["listener", "reason"],
+            registry=registry,
+        )
         self.store_duration = Histogram(
             "pinproxy_pin_store_duration_seconds",
             "Pin-store operations on the request path, cache hits included.",

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.edge_limits import ConnectionAdmission, WarningLimiter
+from proxy.edge_limits import (
+    MALFORMED_DESCRIPTIONS,
+    ConnectionAdmission,
+    WarningLimiter,
+    malformed_error,
+    malformed_reason,
+)
 
 
 def test_connections_are_capped_in_all_and_per_ip() -> None:
@@ -60,3 +67,34 @@ def test_one_warning_per_interval_and_the_count_of_those_held_back() -> None:
     now[0] = 110.0
     assert limiter.allow() == 2
     assert limiter.allow() is None
+
+
+@pytest.mark.parametrize(("kinds", "message", "reason"), [
+    (["BadHttpMethod", "BadStatusLine"], "Invalid method encountered", "method"),
+    (["BadStatusLine", "BadHttpMessage"], "Bad status line: Invalid HTTP version", "request_line"),
+    (["InvalidURLError", "BadHttpMessage"], "Invalid char in url path", "target"),
+    (["LineTooLong", "BadHttpMessage"], "Got more than 8190 bytes", "head_too_large"),
+    (["BadHttpMessage"], "Too many headers received", "head_too_large"),
+    (["BadHttpMessage"], "Invalid header token", "header"),
+    (["BadHttpMessage"], "Invalid header value char", "header"),
+    (["BadHttpMessage"], "Invalid character in Content-Length", "content_length"),
+    (["BadHttpMessage"], "Transfer-Encoding can't be present with Content-Length",
+     "body_framing"),
+    (["BadHttpMessage"], "Invalid character in chunk size", "body_framing"),
+    (["BadHttpMessage"], "Something llhttp says one day", "other"),
+    ([], "", "other"),
+])
+def test_parse_errors_get_a_bounded_reason(kinds: list[str], message: str, reason: str) -> None:
+    assert malformed_reason(kinds, message, in_body=False) == reason
+    # Whatever it says, an error while a body is being read is the body's framing.
+    assert malformed_reason(kinds, message, in_body=True) == "body_framing"
+
+
+@given(st.lists(st.text(max_size=20), max_size=4), st.text())
+def test_a_malformed_answer_never_echoes_what_was_sent(kinds: list[str], message: str) -> None:
+    reason = malformed_reason(kinds, message, in_body=False)
+    error = malformed_error(reason)
+    assert error.status in (400, 431)
+    assert error.code in ("bad_http_request", "request_head_too_large")
+    fixed = {f"malformed request: {text}" for text in MALFORMED_DESCRIPTIONS.values()}
+    assert error.message in fixed  # one of the fixed texts, whatever was sent
