@@ -33,6 +33,7 @@ from proxy.ewma import LoadTracker
 from proxy.fleet_metrics import FleetCollector
 from proxy.health import Drain, HealthEndpoints
 from proxy.http1_pool import Http1Pool
+from proxy.listener import EdgeOptions, EdgeServer
 from proxy.loop_lag import LoopLagMonitor
 from proxy.metrics import ProxyMetrics
 from proxy.models import Backend, Pin
@@ -401,7 +402,12 @@ class DataPlaneRunner(web.AppRunner):
         # auto_decompress=False: a request body passes byte for byte, its
         # Content-Encoding with it (aiohttp would inflate a gzip body and forward the
         # plain bytes still labelled gzip, which the backend then fails to inflate).
-        return web.Server(self.app[SERVE], **{"auto_decompress": False, **self._kwargs})
+        return EdgeServer(
+            self.app[SERVE],
+            options=EdgeOptions.data_port(self.app[SETTINGS]),
+            metrics=self.app[METRICS],
+            **{"auto_decompress": False, **self._kwargs},
+        )
 
 
 async def _expect(request: web.BaseRequest) -> None:

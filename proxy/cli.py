@@ -57,7 +57,11 @@ def serve(config_path: Path, workers: int | None, host: str | None, port: int | 
     }
     settings = _load(config_path, {"listen": listen} if listen else {})
     configure_logging(settings.log)
-    sys.exit(run(settings))
+    try:
+        code = run(settings)
+    except ConfigError as exc:  # found only once binding: e.g. what admin.host resolved to
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(code)
 
 
 @main.command("check-config")

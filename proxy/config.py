@@ -5,12 +5,11 @@ override single fields (e.g. ``PINPROXY_STORE__URL``), which is how a sidecar ge
 its Redis address and password without rewriting the file. Invalid settings raise
 ``ConfigError`` with one line per offending field, named by its dotted path. The
 sections of what pinproxy reports (audit, log, metrics, tracing) live in
-config_telemetry.py.
+config_telemetry.py, those of the two listeners (listen, admin) in config_listen.py.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -27,6 +26,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from proxy.config_listen import AdminConfig as AdminConfig
+from proxy.config_listen import ListenConfig as ListenConfig
 from proxy.config_rollout import RolloutConfig
 from proxy.config_store import StoreConfig
 from proxy.config_telemetry import AuditConfig, LogConfig, MetricsConfig, Section, TracingConfig
@@ -39,31 +40,6 @@ if TYPE_CHECKING:
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-
-
-class ListenConfig(Section):
-    host: str = "0.0.0.0"
-    port: Annotated[int, Field(ge=0, le=65535)] = 8080
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
-    # Time an in-flight request gets to finish after SIGTERM before it is cut off.
-    shutdown_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
-    # Headers whose values are trusted to carry the client's protocol (e.g. set by an
-    # ingress in front of the sidecar); otherwise X-Forwarded-Proto is derived locally.
-    trust_forwarded_headers: bool = False
-    # Liveness and readiness on the data port. The defaults live under a prefix no
-    # OpenAI-style API uses, so they cannot shadow a proxied path; change them if yours does.
-    health_path: Annotated[str, Field(pattern=r"^/[^?#]*$")] = "/_pinproxy/healthz"
-    ready_path: Annotated[str, Field(pattern=r"^/[^?#]*$")] = "/_pinproxy/readyz"
-    # After SIGTERM, readiness answers 503 for this long while requests are still
-    # served, so load balancers stop sending before the listener closes (a few
-    # seconds in production; longer than the balancer's readiness probe interval).
-    drain_grace_s: Annotated[float, Field(ge=0, le=300)] = 0.0
-
-    @model_validator(mode="after")
-    def _distinct_health_paths(self) -> Self:
-        if self.health_path == self.ready_path:
-            raise ValueError("health_path and ready_path must differ")
-        return self
 
 
 class RuntimeConfig(Section):
@@ -277,63 +253,6 @@ class BackendConfig(Section):
         if port == 0:
             raise ValueError("port must be 1-65535")
         return value.rstrip("/")
-
-
-class AdminConfig(Section):
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535)] = 9901
-    # Bearer token for every admin route; also read from PINPROXY_ADMIN__TOKEN. Without
-    # one the admin listener only binds loopback.
-    token: SecretStr | None = None
-    # Admin paths served without the token (e.g. "/metrics" for a scraper).
-    public_paths: tuple[str, ...] = ()
-    # Where a backend added through the admin API may point (an admin token must not
-    # become a way to make the proxy fetch cloud credentials). Every address its host
-    # resolves to must lie in one of ``backend_networks`` (CIDRs; None: anywhere) and
-    # in none of ``denied_backend_networks``; ``denied_backend_hosts`` are refused by
-    # name before resolving. The defaults refuse link-local and metadata endpoints.
-    backend_networks: tuple[str, ...] | None = None
-    denied_backend_networks: tuple[str, ...] = (
-        "169.254.0.0/16",  # IPv4 link-local, incl. 169.254.169.254 (AWS, GCP, Azure, ...)
-        "fe80::/10",  # IPv6 link-local
-        "fd00:ec2::254/128",  # AWS metadata over IPv6
-        "100.100.100.200/32",  # Alibaba Cloud metadata
-        "168.63.129.16/32",  # Azure WireServer
-    )
-    denied_backend_hosts: tuple[str, ...] = ("metadata.google.internal", "metadata.goog")
-    # How long resolving an added backend's host may take before the add is refused.
-    resolve_timeout_s: Annotated[float, Field(gt=0, le=30)] = 2.0
-
-    @field_validator("backend_networks", "denied_backend_networks")
-    @classmethod
-    def _cidrs(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is None:
-            return None
-        for cidr in value:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{cidr!r} is not an IP network in CIDR form") from exc
-        return value
-
-    @field_validator("denied_backend_hosts")
-    @classmethod
-    def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(host.lower().rstrip(".") for host in value)
-
-    @model_validator(mode="after")
-    def _loopback_without_token(self) -> Self:
-        if self.enabled and self.token is None and not _is_loopback(self.host):
-            raise ValueError(
-                f"admin.host {self.host!r} is not loopback: set admin.token "
-                "(or PINPROXY_ADMIN__TOKEN) before exposing the admin API"
-            )
-        return self
-
-
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class Settings(BaseSettings):

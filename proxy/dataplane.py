@@ -433,11 +433,12 @@ class DataPlane:
                 request.method, backend.backend.url, request.rel_url.raw_path_qs, headers,
                 payload, replayable=action.replayable,
             )
-        except ProxyError:
+        except UpstreamError:
             self._loads.finish(backend.id, None)
             raise
         except BaseException:
-            # Cancelled (the client hung up): not the backend's fault, so no penalty.
+            # The client hung up, or its body was refused mid-stream (the edge's
+            # ProxyError): not the backend's fault, so no penalty.
             self._loads.abandon(backend.id)
             raise
         ttfb = self._clock.monotonic() - started

@@ -155,6 +155,17 @@ class Overloaded(RetryLater):
         )
 
 
+class TooManyConnections(RetryLater):
+    """A connection over ``listen.max_connections`` (or the per-IP cap): answered, closed."""
+
+    error_type = "proxy_overloaded"
+
+    def __init__(self, retry_after_s: int, *, per_ip: bool) -> None:
+        whose = " from your address" if per_ip else ""
+        super().__init__(f"too many connections to pinproxy{whose}; retry later", retry_after_s)
+        self.code = "too_many_connections"
+
+
 class UpstreamError(ProxyError):
     """The chosen backend failed before sending a response head."""
 

@@ -204,6 +204,28 @@ class ProxyMetrics:
             ["backend", "region", "to"],
             registry=registry,
         )
+        self.client_connections_refused = Counter(
+            "pinproxy_client_connections_refused",
+            "Client connections answered 503 and closed at once, over a connection cap "
+            "(reason: max_connections, max_connections_per_ip), by listener (data, admin).",
+            ["listener", "reason"],
+            registry=registry,
+        )
+        self.client_timeouts = Counter(
+            "pinproxy_client_timeouts",
+            "Client connections closed because a request head did not arrive in time "
+            "(phase: request_head), by listener.",
+            ["listener", "phase"],
+            registry=registry,
+        )
+        self.bad_http_requests = Counter(
+            "pinproxy_bad_http_requests",
+            "Requests that were not valid HTTP/1.1 (answered 400 or 431 and closed), by "
+            "listener and reason (method, request_line, target, header, head_too_large, "
+            "content_length, body_framing, other).",
+            ["listener", "reason"],
+            registry=registry,
+        )
         self.store_duration = Histogram(
             "pinproxy_pin_store_duration_seconds",
             "Pin-store operations on the request path, cache hits included.",

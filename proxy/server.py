@@ -20,19 +20,23 @@ import shutil
 import signal
 import tempfile
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from pydantic import SecretStr
 
 from proxy.admin.app import build_admin_app
+from proxy.admin.backend_urls import Resolver, system_resolve
 from proxy.admin.routes import installers
-from proxy.app import DRAIN, METRICS, DataPlaneRunner, build_app
+from proxy.app import DRAIN, METRICS, SETTINGS, DataPlaneRunner, build_app
+from proxy.config_listen import is_loopback_address
+from proxy.errors import ConfigError
 from proxy.gc_tuning import GcPauses, tune_gc
+from proxy.listener import EdgeAppRunner, EdgeOptions
 from proxy.logs import configure_logging
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
     from multiprocessing.process import BaseProcess
 
     from proxy.config import Settings
@@ -166,13 +170,41 @@ async def _start_admin(
 ) -> web.AppRunner | None:
     if not settings.admin.enabled:
         return None
-    runner = web.AppRunner(build_admin_app(data_app, installers()), access_log=None)
+    runner = admin_runner(data_app)
     await runner.setup()
     site = web.TCPSite(runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port)
     await site.start()
+    exposed = unguarded_addresses(settings.admin.token is not None, runner.addresses)
+    if exposed:
+        # admin.host passed the config check by name ("localhost") but resolved elsewhere.
+        await runner.cleanup()
+        raise ConfigError(
+            f"admin.host {settings.admin.host!r} bound {', '.join(exposed)}, not loopback "
+            "only: set admin.token (or PINPROXY_ADMIN__TOKEN) before exposing the admin API"
+        )
     for address in runner.addresses:
         logger.info("admin API listening on http://%s:%s", *address[:2])
     return runner
+
+
+def admin_runner(
+    data_app: web.Application, resolve: Resolver = system_resolve
+) -> web.AppRunner:
+    """The admin listener's runner: the admin app over ``data_app``, behind the edge;
+    ``resolve`` looks up admin-added backends' host names."""
+    return EdgeAppRunner(
+        build_admin_app(data_app, installers(resolve)),
+        options=EdgeOptions.admin_port(data_app[SETTINGS]),
+        metrics=data_app[METRICS],
+        access_log=None,
+    )
+
+
+def unguarded_addresses(has_token: bool, addresses: Iterable[Any]) -> list[str]:
+    """The bound addresses an admin listener without a token must not have (non-loopback)."""
+    if has_token:
+        return []
+    return [str(a[0]) for a in addresses if not is_loopback_address(str(a[0]))]
 
 
 def _worker_main(settings: Settings, index: int) -> None:

@@ -19,6 +19,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.errors import (
+    ProxyError,
     UpstreamBodyError,
     UpstreamConnectError,
     UpstreamDropped,
@@ -194,6 +195,10 @@ class Upstream:
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout("the backend did not answer in time") from exc
         except aiohttp.ClientError as exc:
+            if isinstance(exc.__cause__, ProxyError):
+                # The client's body failed while it streamed up (refused by the edge:
+                # too large, broken framing); aiohttp aborted the upstream request.
+                raise exc.__cause__ from None
             raise UpstreamError(
                 f"the backend sent an invalid response: {type(exc).__name__}"
             ) from exc

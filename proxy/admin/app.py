@@ -62,10 +62,18 @@ def build_admin_app(
 
 
 def _check_token(request: web.Request, token: bytes) -> None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
+    """Accept exactly one ``Authorization: Bearer <token>`` naming ``token``; else 401.
+
+    Every malformed credential is the same 401: no header, several, another scheme, an
+    empty token, bytes that are not UTF-8 (aiohttp hands them over surrogate-escaped,
+    so they are compared as the bytes that arrived, never decoded into a 500).
+    """
+    values = request.headers.getall("Authorization", ())
+    scheme, _, presented = values[0].partition(" ") if len(values) == 1 else ("", "", "")
+    credential = presented.strip().encode("utf-8", "surrogateescape")
     # compare_digest on the whole value: timing says nothing about how much matched.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token):
+    matches = hmac.compare_digest(credential, token)
+    if scheme.lower() != "bearer" or not credential or not matches:
         raise Unauthorized(
             "missing or wrong admin token (send 'Authorization: Bearer <token>')",
             headers={"WWW-Authenticate": 'Bearer realm="pinproxy-admin"'},

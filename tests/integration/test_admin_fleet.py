@@ -18,7 +18,7 @@ from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.sim import StartPop
 from tests.integration.fleet_helpers import Admin, Served, ask, eventually
 
-TOKEN = "fleet-admin-token"
+TOKEN = "fleet-admin-token-0123456789abcdef0123"
 FAST_POLL = {"interval_s": 0.1, "timeout_s": 0.5, "jitter": 0.1}
 
 

@@ -25,7 +25,7 @@ from tests.integration.sessions_helpers import (
     wait_routable,
 )
 
-TOKEN = "admin-t0ken"
+TOKEN = "admin-t0ken-0123456789abcdef0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

@@ -15,7 +15,7 @@ from tests.fixtures.sim import StartPop
 from tests.integration.sessions_helpers import chat, trail_of, wait_routable
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "cli-s3cret"
+TOKEN = "cli-s3cret-0123456789abcdef0123456789"
 
 
 async def _pinproxy(*args: str, token: str | None = None) -> tuple[int, str, str]:

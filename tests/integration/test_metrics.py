@@ -229,18 +229,21 @@ async def test_guard_triggers_and_health_transitions_are_counted(
     assert series(samples, "pinproxy_versions_serving") == {(): 0}
 
 
+TOKEN = "metrics-t0ken-0123456789abcdef012345"
+
+
 async def test_metrics_route_public_path_openapi_and_switch_off(
     start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
     pop = await start_pop()
-    proxy = await start_proxy([pop], admin={"token": "t0ken", "public_paths": ["/metrics"]})
+    proxy = await start_proxy([pop], admin={"token": TOKEN, "public_paths": ["/metrics"]})
     # Public: a scraper needs no token, while the rest of the admin API still does.
     samples = await scrape(http, proxy.admin_url)
     assert "pinproxy_versions_serving" in samples
     async with http.get(f"{proxy.admin_url}/admin/openapi.json") as resp:
         assert resp.status == 401
     async with http.get(f"{proxy.admin_url}/admin/openapi.json",
-                        headers={"Authorization": "Bearer t0ken"}) as resp:
+                        headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
         document = await resp.json()
     metrics = document["paths"]["/metrics"]["get"]
     # Both formats it serves (below), and no token: it is a public path.
@@ -255,11 +258,11 @@ async def test_metrics_route_public_path_openapi_and_switch_off(
         assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
         assert (await resp.text()).endswith("# EOF\n")
 
-    private = await start_proxy([pop], admin={"token": "t0ken"}, metrics={"enabled": False})
+    private = await start_proxy([pop], admin={"token": TOKEN}, metrics={"enabled": False})
     async with http.get(f"{private.admin_url}/metrics") as resp:
         assert resp.status == 401
     async with http.get(f"{private.admin_url}/metrics",
-                        headers={"Authorization": "Bearer t0ken"}) as resp:
+                        headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
         assert resp.status == 404
 
 
