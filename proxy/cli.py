@@ -124,3 +124,20 @@ def session(
         click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
     else:
         click.echo(render_session(document), nl=False)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace files that exist already.")
+def init(directory: Path, force: bool) -> None:
+    """Write the example config, alert rules and Grafana dashboard into DIRECTORY."""
+    from proxy.operator_files import write_operator_files
+
+    try:
+        written = write_operator_files(directory, force=force)
+    except (FileExistsError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"{directory}: {exc.strerror or exc}") from exc
+    for path in written:
+        click.echo(str(path))
