@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,15 @@ import orjson
 from proxy.config import Settings, load_settings, settings_from_mapping
 from proxy.errors import ConfigError
 from proxy.logs import configure_logging
+from proxy.preflight import require_extras, startup_warnings
+
+logger = logging.getLogger("pinproxy")
+
+
+class StartupFailed(click.ClickException):
+    """``serve`` could not start: one line on stderr, exit code 2 (no traceback)."""
+
+    exit_code = 2
 
 
 def _load(path: Path, overrides: dict[str, Any]) -> Settings:
@@ -55,12 +65,18 @@ def serve(config_path: Path, workers: int | None, host: str | None, port: int | 
     listen = {
         k: v for k, v in (("workers", workers), ("host", host), ("port", port)) if v is not None
     }
-    settings = _load(config_path, {"listen": listen} if listen else {})
-    configure_logging(settings.log)
     try:
+        settings = _load(config_path, {"listen": listen} if listen else {})
+    except click.ClickException as exc:
+        raise StartupFailed(exc.message) from exc
+    configure_logging(settings.log)
+    for warning in startup_warnings(settings):
+        logger.warning("%s", warning)
+    try:
+        require_extras(settings)
         code = run(settings)
-    except ConfigError as exc:  # found only once binding: e.g. what admin.host resolved to
-        raise click.ClickException(str(exc)) from exc
+    except ConfigError as exc:  # found only once binding: a busy port, what a host resolved to
+        raise StartupFailed(str(exc)) from exc
     sys.exit(code)
 
 
@@ -70,6 +86,8 @@ def check_config(config_path: Path) -> None:
     """Validate a settings file and print the resolved settings (secrets masked)."""
     settings = _load(config_path, {})
     click.echo(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2).decode())
+    for warning in startup_warnings(settings):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"{config_path}: OK ({len(settings.backends)} backends)", err=True)
 
 

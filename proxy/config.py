@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from proxy.config_env import check_environment
 from proxy.config_listen import AdminConfig as AdminConfig
 from proxy.config_listen import ListenConfig as ListenConfig
 from proxy.config_rollout import RolloutConfig
@@ -302,6 +303,11 @@ class Settings(BaseSettings):
             )
         if self.listen.workers > 1 and self.listen.port == 0:
             raise ValueError("listen.port must be fixed when listen.workers > 1 (they share it)")
+        if self.admin.enabled and self.admin.port != 0 and self.admin.port == self.listen.port:
+            raise ValueError(
+                f"admin.port {self.admin.port} is also listen.port: the admin API and the "
+                "data plane need ports of their own"
+            )
         if self.listen.workers > 1 and self.admin.enabled and self.admin.port == 0:
             raise ValueError("admin.port must be fixed when listen.workers > 1 (they share it)")
         ids = [b.id for b in self.backends]
@@ -329,12 +335,18 @@ class Settings(BaseSettings):
 def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        if not err["loc"]:
+            # A rule across sections (Settings._consistent): its message names the fields.
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+            continue
+        where = ".".join(str(p) for p in err["loc"])
         lines.append(f"  {where}: {err['msg']}")
     return "invalid configuration:\n" + "\n".join(lines)
 
 
 def settings_from_mapping(data: dict[str, Any]) -> Settings:
+    # pydantic-settings would ignore a misspelt override; it is an error like a bad field.
+    check_environment(Settings, os.environ)
     token = os.environ.get("PINPROXY_ADMIN_TOKEN")
     if token:
         # The documented short name for the one secret most deployments inject.

@@ -216,3 +216,10 @@ class UpstreamBodyError(UpstreamError):
 
 class ConfigError(Exception):
     """Invalid configuration; raised at start, never at request time."""
+
+
+class StartupError(ConfigError):
+    """Valid settings this process cannot start with: a port in use, a missing extra.
+
+    ``pinproxy serve`` reports it (like any ``ConfigError``) as one line and exit code 2.
+    """

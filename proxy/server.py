@@ -34,6 +34,7 @@ from proxy.errors import ConfigError
 from proxy.gc_tuning import GcPauses, tune_gc
 from proxy.listener import EdgeAppRunner, EdgeOptions
 from proxy.logs import configure_logging
+from proxy.preflight import bind_error, probe_bind
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -51,6 +52,9 @@ def run(settings: Settings) -> int:
     if settings.listen.workers == 1:
         _run_loop(settings, reuse_port=False)
         return 0
+    probe_bind("listen.port", settings.listen.host, settings.listen.port)
+    if settings.admin.enabled:
+        probe_bind("admin.port", settings.admin.host, settings.admin.port)
     with _multiprocess_metrics():
         return _supervise(_with_session_hash_key(settings))
 
@@ -121,11 +125,19 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         shutdown_timeout=settings.listen.shutdown_timeout_s,
         backlog=1024,
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise bind_error("listen.port", settings.listen.host, settings.listen.port, exc) from exc
     for address in runner.addresses:
         host, port = address[:2]
         logger.info("pinproxy listening on http://%s:%s", host, port)
-    admin_runner = await _start_admin(app, settings, reuse_port=reuse_port)
+    try:
+        admin_runner = await _start_admin(app, settings, reuse_port=reuse_port)
+    except BaseException:
+        await runner.cleanup()  # the data plane's background work stops cleanly too
+        raise
     gc_pauses = GcPauses(app[METRICS].gc_paused)
     gc_pauses.install()
     # Everything start-up allocated now lives as long as the process: freeze it.
@@ -173,7 +185,11 @@ async def _start_admin(
     runner = admin_runner(data_app)
     await runner.setup()
     site = web.TCPSite(runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise bind_error("admin.port", settings.admin.host, settings.admin.port, exc) from exc
     exposed = unguarded_addresses(settings.admin.token is not None, runner.addresses)
     if exposed:
         # admin.host passed the config check by name ("localhost") but resolved elsewhere.

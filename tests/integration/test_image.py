@@ -342,3 +342,26 @@ async def _wait_ready(
             pass
         await asyncio.sleep(0.1)
     raise AssertionError(f"not ready within 30 s:\n{_text(log)}")
+
+
+def test_tracing_without_the_otel_extra_is_one_line_and_exit_2(
+    image_dir: Path, redis_url: str
+) -> None:
+    """The image installs no extras: asking it for traces must say what to install."""
+    spec = read_dockerfile()
+    config = str(image_dir / spec.config_target.lstrip("/"))
+    env = {
+        "PINPROXY_ADMIN_TOKEN": TOKEN,
+        "PINPROXY_STORE__URL": redis_url,
+        "PINPROXY_LISTEN__PORT": str(free_port()),
+        "PINPROXY_ADMIN__PORT": str(free_port()),
+        "PINPROXY_TRACING__OTLP_ENDPOINT": "http://127.0.0.1:4318/v1/traces",
+    }
+    result = _run(image_dir, *spec.command[1:-1], config, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [
+        "Error: tracing.otlp_endpoint is set but OpenTelemetry is not installed: "
+        "pip install 'pinproxy[otel]' (or unset tracing.otlp_endpoint)"
+    ]
