@@ -73,6 +73,7 @@ class ControlUnavailable(ProxyError):
 
     status = 503
     error_type = "control_plane_unavailable"
+    default_code = "control_plane_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
