@@ -106,7 +106,13 @@ def demo(port: int, check: bool) -> None:
     """Four simulated regional POPs mid-rollout behind pinproxy; no external services."""
     from proxy.demo import run_demo
 
-    sys.exit(run_demo(port=port, check=check))
+    try:
+        code = run_demo(port=port, check=check)
+    except ConfigError as exc:
+        raise StartupFailed(str(exc)) from exc
+    except OSError as exc:  # a simulated POP's fixed port (18101-18104) is taken
+        raise StartupFailed(f"demo: cannot listen: {exc.strerror or exc}") from exc
+    sys.exit(code)
 
 
 @main.command()
