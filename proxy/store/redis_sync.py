@@ -293,7 +293,10 @@ class PinSync:
         while True:
             self._again = False
             try:
-                await self.catch_up(detect=False)
+                # check_server: adopt the primaries' run ids too, so the restart that
+                # caused this loss is not detected (and re-asserted) a second time when
+                # the subscription reconnects.
+                await self.catch_up(check_server=True, detect=False)
                 await self._reassert()
             except StoreUnavailable as exc:
                 _log.warning("re-asserting pins interrupted, will retry: %s", exc.message)
