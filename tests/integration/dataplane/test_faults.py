@@ -88,7 +88,10 @@ async def test_a_pop_going_down_under_pinned_traffic_never_gives_a_502(
     assert {s for s in statuses if s[0] != 200} <= {(503, "upstream_error")}
     assert {v for status, v in statuses if status == 200} == {"v1"}
     assert sum(1 for s in statuses if s[0] != 200) <= len(sessions)
-    assert proxy.metric("pinproxy_upstream_retries_total", reason="connect") >= 1
+    # Whether a refused connect was retried here, or the POP's in-flight drop marked it
+    # suspect before any request tried to connect, depends on timing under load; the
+    # retry itself is pinned deterministically by
+    # test_availability.py::test_refused_connection_is_retried_once_on_the_same_version.
     assert not proxy.registry.snapshot.by_id["a1"].healthy  # suspect at once
 
     # The version's last POP dies too: each session waits pin_wait_ms, then 503.
