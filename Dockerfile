@@ -5,7 +5,7 @@
 # Own settings: docker run -v "$PWD/config:/etc/pinproxy:ro" ... pinproxy \
 #          serve --config /etc/pinproxy/example.toml
 # The baked settings live outside /etc/pinproxy, so mounting a folder there hides nothing.
-# tests/integration/test_image.py repeats these steps without Docker; keep it in step.
+# tests/integration/deploy/test_image.py repeats these steps without Docker; keep it in step.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml setup.py README.md LICENSE constraints.txt ./

@@ -1,0 +1,265 @@
+"""The one error hierarchy: every failure a client can see is a ``ProxyError``.
+
+Library exceptions (aiohttp, redis, pydantic) are translated into these at the one
+boundary that talks to that library, with ``raise ... from exc``. The data plane turns
+any ``ProxyError`` into an OpenAI-shaped JSON body; anything else becomes a bare 500
+with no traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+# The code of an error raised with another status than its class's and no code of its
+# own (e.g. a BadRequest answered as 413): the status's meaning, not the class's.
+_STATUS_CODES: dict[int, str] = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    500: "internal_error",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+class ProxyError(Exception):
+    """Base of every error pinproxy reports; carries the HTTP status and OpenAI error type."""
+
+    status: int = 500
+    error_type: str = "internal_error"
+    # The body's ``code`` when the raiser names none: every error a client sees has a
+    # stable, non-null code to branch on (tests/unit/core/test_error_codes.py walks them all).
+    default_code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        if code is None:
+            code = self.default_code
+            if status is not None and status != self.status:
+                code = _STATUS_CODES.get(status, f"http_{status}")
+        if status is not None:
+            self.status = status
+        self.message = message
+        self.code: str = code
+        self.param = param
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def body(self) -> bytes:
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.error_type,
+            "param": self.param,
+            "code": self.code,
+        }
+        error.update(self.extra)
+        return orjson.dumps({"error": error})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, message={self.message!r})"
+
+
+class BadRequest(ProxyError):
+    status = 400
+    error_type = "invalid_request_error"
+    default_code = "invalid_request"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    error_type = "authentication_error"
+    default_code = "unauthorized"
+
+
+class NotFound(ProxyError):
+    status = 404
+    error_type = "not_found_error"
+    default_code = "not_found"
+
+
+class Conflict(ProxyError):
+    status = 409
+    error_type = "conflict_error"
+    default_code = "conflict"
+
+
+class RetryLater(ProxyError):
+    """A 503 that tells the client when to try again (``Retry-After``)."""
+
+    status = 503
+    default_code = "retry_later"
+
+    def __init__(
+        self, message: str, retry_after_s: int, *, extra: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)}, extra=extra)
+
+
+class VersionUnavailable(RetryLater):
+    """The session's pinned version has no healthy backend (after waiting ``pin_wait_ms``)."""
+
+    error_type = "version_unavailable"
+    default_code = "version_unavailable"
+
+    def __init__(self, version_key: str, retry_after_s: int, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or f"no healthy backend currently serves pinned version {version_key!r}; retry later",
+            retry_after_s,
+            extra={"pinned_version": version_key},
+        )
+        self.version_key = version_key
+
+
+class NoBackends(RetryLater):
+    error_type = "no_backends"
+    default_code = "no_backends"
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__("no healthy backend with a known version is available", retry_after_s)
+
+
+class StoreUnavailable(ProxyError):
+    """The pin store could not be reached; the proxy refuses rather than guess a pin.
+
+    Answered as a 503 with ``Retry-After`` (the data plane sets the configured value)
+    and a ``code`` (``pin_store_unavailable`` unless the raiser names another).
+    ``timed_out``: no answer within the operation timeout (rather than a refusal or a
+    broken connection), which a saturated proxy can also cause (see Overloaded);
+    ``store_answering``: other calls succeeded meanwhile, so the store itself works.
+    """
+
+    status = 503
+    error_type = "pin_store_unavailable"
+    timed_out = False
+    store_answering = False
+    default_code = "pin_store_unavailable"
+
+    def __init__(self, message: str, *, code: str = "pin_store_unavailable") -> None:
+        super().__init__(message, code=code, headers={"Retry-After": "1"})
+
+
+class PinLost(RetryLater):
+    """A continuing conversation found no pin, and ``sessions.on_lost_pin`` is refuse.
+
+    Its pin may still come back: after the store lost data, the replicas that hold it
+    write it back within about a second.
+    """
+
+    error_type = "pin_lost"
+    default_code = "pin_lost"
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(
+            "this conversation's version pin was lost by the pin store and is being "
+            "restored; retry later (answering it on another version could change its "
+            "behaviour mid-conversation)",
+            retry_after_s,
+        )
+        self.code = "pin_lost"
+
+
+class Overloaded(RetryLater):
+    """This proxy is too busy to serve the request in time; another replica may not be."""
+
+    error_type = "proxy_overloaded"
+    default_code = "proxy_overloaded"
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(
+            "pinproxy is overloaded and could not serve the request in time; retry",
+            retry_after_s,
+        )
+
+
+class TooManyConnections(RetryLater):
+    """A connection over ``listen.max_connections`` (or the per-IP cap): answered, closed."""
+
+    error_type = "proxy_overloaded"
+    default_code = "too_many_connections"
+
+    def __init__(self, retry_after_s: int, *, per_ip: bool) -> None:
+        whose = " from your address" if per_ip else ""
+        super().__init__(f"too many connections to pinproxy{whose}; retry later", retry_after_s)
+        self.code = "too_many_connections"
+
+
+class UpstreamError(ProxyError):
+    """The chosen backend failed before sending a response head."""
+
+    status = 502
+    error_type = "upstream_error"
+    default_code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    error_type = "upstream_timeout"
+    default_code = "upstream_timeout"
+
+
+class UpstreamConnectError(UpstreamError):
+    """No connection to the backend: nothing of the request was written.
+
+    The backend cannot have acted on the request, so it may go to another backend of
+    the same version whatever its method (invariant 5); the backend is suspect.
+    """
+
+    default_code = "upstream_connect_failed"
+
+
+class UpstreamDropped(UpstreamError):
+    """The request was written, then the connection ended before a response head.
+
+    The backend may have acted on it (a completion is billed), so it is replayed only
+    when its method is idempotent or it carries an ``Idempotency-Key`` (nginx's and
+    Go's rule); ``reused`` says it went out on a pooled keep-alive connection. Told to
+    the client as Envoy does a reset before headers: 503 with ``Retry-After`` and
+    ``code: upstream_dropped``, since it is the client that knows whether trying
+    again is safe.
+    """
+
+    status = 503
+    default_code = "upstream_dropped"
+
+    def __init__(
+        self, message: str, *, reused: bool = False, retry_after_s: int | None = None
+    ) -> None:
+        super().__init__(
+            message,
+            code="upstream_dropped",
+            headers=None if retry_after_s is None else {"Retry-After": str(retry_after_s)},
+        )
+        self.reused = reused
+
+
+class UpstreamBodyError(UpstreamError):
+    """The backend failed after its response head: the answer is incomplete."""
+
+    default_code = "upstream_body_broken"
+
+
+class ConfigError(Exception):
+    """Invalid configuration; raised at start, never at request time."""
+
+
+class StartupError(ConfigError):
+    """Valid settings this process cannot start with: a port in use, a missing extra.
+
+    ``pinproxy serve`` reports it (like any ``ConfigError``) as one line and exit code 2.
+    """
