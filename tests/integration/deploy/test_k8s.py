@@ -13,7 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import yaml
 
 from proxy.config.env import check_environment
 from proxy.config.settings import Settings, settings_from_mapping
+from proxy.core.errors import ConfigError
 from tests.integration.deploy.test_image import read_dockerfile
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -77,17 +78,26 @@ def _environment(docs: list[dict[str, Any]]) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def settings(manifests: list[dict[str, Any]]) -> Iterator[Settings]:
-    """The settings the pod runs with: the ConfigMap's file under the pod's environment."""
-    import tomllib
-
+def _load(manifests: list[dict[str, Any]], env: dict[str, str]) -> Settings:
+    """The ConfigMap's settings file, loaded under ``env``."""
     config = _named(manifests, "ConfigMap", "pinproxy-config")["data"]["config.toml"]
-    env = _environment(manifests)
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
-        yield settings_from_mapping(tomllib.loads(config))
+        return settings_from_mapping(tomllib.loads(config))
+
+
+@pytest.fixture(scope="module")
+def settings(manifests: list[dict[str, Any]]) -> Settings:
+    """The settings the pod runs with once the operator put a real token in the Secret."""
+    return _load(manifests, {**_environment(manifests), "PINPROXY_ADMIN_TOKEN": "k" * 64})
+
+
+def test_the_placeholder_admin_token_stops_the_start_until_replaced(
+    manifests: list[dict[str, Any]],
+) -> None:
+    with pytest.raises(ConfigError, match=r"admin\.token: .*visible ASCII"):
+        _load(manifests, _environment(manifests))
 
 
 def test_every_rendered_manifest_is_valid_for_kubernetes(manifests: list[dict[str, Any]]) -> None:

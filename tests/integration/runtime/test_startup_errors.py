@@ -125,3 +125,12 @@ def test_check_config_warns_about_zero_backends_and_a_shadowing_health_path(
     assert checked.returncode == 0, checked.stderr
     assert "warning: no backends are configured" in checked.stderr
     assert "warning: listen.health_path '/v1/models' is outside /_pinproxy/" in checked.stderr
+
+
+def test_serve_logs_the_start_up_warnings(tmp_path: Path, taken_port: int) -> None:
+    """The check-config warnings are WARNING lines of serve too (here before it fails)."""
+    config = _config(tmp_path, f'[listen]\nhost = "127.0.0.1"\nport = {taken_port}\n')
+    result = _pinproxy("serve", "--config", config)
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if "no backends are configured" in line]
+    assert "WARNING" in line
