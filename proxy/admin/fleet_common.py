@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any, Final
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxy.admin.api import Body, Param
-from proxy.admin.app import DATA_APP
-from proxy.app.build import CLOCK, CONTROL, LOADS, REGISTRY, SETTINGS, STORE, TRAFFIC
+from proxy.admin.app import SERVICES
 from proxy.core.errors import BadRequest
 from proxy.core.models import (
     DIMENSIONS,
@@ -36,7 +35,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Fleet:
-    """The data app's objects an admin handler works with."""
+    """The services an admin handler works with."""
 
     settings: Settings
     clock: Clock
@@ -48,15 +47,15 @@ class Fleet:
 
     @classmethod
     def of(cls, request: web.Request) -> Fleet:
-        data = request.app[DATA_APP]
+        services = request.app[SERVICES]
         return cls(
-            settings=data[SETTINGS],
-            clock=data[CLOCK],
-            registry=data[REGISTRY],
-            loads=data[LOADS],
-            store=data[STORE],
-            control=data[CONTROL],
-            traffic=data[TRAFFIC],
+            settings=services.settings,
+            clock=services.clock,
+            registry=services.registry,
+            loads=services.loads,
+            store=services.store,
+            control=services.control,
+            traffic=services.traffic,
         )
 
 
