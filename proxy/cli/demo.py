@@ -14,12 +14,9 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
-from aiohttp import web
 
-from proxy.app.build import DataPlaneRunner, build_app
 from proxy.config.settings import Settings, settings_from_mapping
-from proxy.core.errors import StartupError
-from proxy.runtime.server import admin_runner
+from proxy.runtime.instance import running_proxy
 from proxy.sim import PopState, SimPop
 from proxy.telemetry.logs import configure_logging
 
@@ -94,36 +91,22 @@ async def _demo(port: int, check: bool) -> int:
         )
     # Interactively, the human-readable request lines show which version served each request.
     configure_logging(settings.log)
-    app = build_app(settings)
-    runner = DataPlaneRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    admin = admin_runner(app)
     try:
-        await web.TCPSite(runner, settings.listen.host, settings.listen.port).start()
-        await admin.setup()
-        await web.TCPSite(admin, settings.admin.host, settings.admin.port).start()
-    except OSError as exc:
-        await admin.cleanup()
-        await runner.cleanup()
-        for pop in pops:
-            await pop.stop()
-        raise StartupError(f"demo: cannot listen: {exc.strerror or exc}") from exc
-    proxy_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    admin_url = f"http://127.0.0.1:{admin.addresses[0][1]}"
-    try:
-        if check:
-            print(f"pinproxy demo --check: {proxy_url}, admin API {admin_url}", flush=True)
-            return 0 if await _self_check(proxy_url, admin_url, pops) else 1
-        _banner(proxy_url, admin_url, pops)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        return 0
+        # The admin API too (on an ephemeral port with --check, which cannot collide):
+        # `pinproxy session alice` reads from it while the demo runs.
+        async with running_proxy(settings) as proxy:
+            proxy_url, admin_url = proxy.url, proxy.admin_url or ""
+            if check:
+                print(f"pinproxy demo --check: {proxy_url}, admin API {admin_url}", flush=True)
+                return 0 if await _self_check(proxy_url, admin_url, pops) else 1
+            _banner(proxy_url, admin_url, pops)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            await stop.wait()
+            return 0
     finally:
-        await admin.cleanup()
-        await runner.cleanup()
         for pop in pops:
             await pop.stop()
 
