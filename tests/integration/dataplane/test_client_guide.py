@@ -141,3 +141,54 @@ litellm.completion(
     code_, out, err = await _run("python", code, proxy.url)
     assert code_ == 0, out + err
     assert await _pinned_prompt(http, proxy, "ghost") == ""
+
+
+async def test_openai_metadata_in_extra_body_pins_through_the_body_source(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """The guide's `extra_body={"metadata": {"session_id": ...}}` alternative."""
+    proxy = await _guide_proxy(start_pop, start_proxy)
+    code = f"""
+from openai import OpenAI
+client = OpenAI(base_url="{proxy.url}/v1", api_key="sk-x")
+client.chat.completions.create(
+    model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hello"}}],
+    extra_body={{"metadata": {{"session_id": "helen"}}}},
+)
+"""
+    code_, out, err = await _run("python", code, proxy.url)
+    assert code_ == 0, out + err
+    assert await _pinned_prompt(http, proxy, "helen") == PROMPT
+
+
+async def test_openai_sdk_raises_and_retries_pinproxys_own_503(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    """The guide's promise about errors: an OpenAI-shaped 503 with a code, retried by the
+    SDK after Retry-After, then raised as APIStatusError carrying that code."""
+    pop = await start_pop("pop-a", "r1", PROMPT)
+    proxy = await start_proxy([pop])
+    await wait_routable(proxy, pop.state.backend_id)
+    async with http.post(
+        f"{proxy.url}/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"X-Session-ID": "ivan"},
+    ) as resp:
+        assert resp.status == 200
+    await pop.stop()  # ivan's version is gone: pinproxy answers 503 version_unavailable
+    code = f"""
+import openai
+client = openai.OpenAI(base_url="{proxy.url}/v1", api_key="sk-x", max_retries=1,
+                       default_headers={{"X-Session-ID": "ivan"}})
+try:
+    client.chat.completions.create(model="m", messages=[{{"role": "user", "content": "hi"}}])
+except openai.APIStatusError as exc:
+    print(exc.status_code, exc.body["code"], exc.response.headers["Retry-After"])
+"""
+    code_, out, err = await _run("python", code, proxy.url)
+    assert code_ == 0, out + err
+    assert out.split() == ["503", "version_unavailable", "1"]
+    answered = proxy.metric(
+        "pinproxy_version_unavailable_responses_total", version_key=f"prompt={PROMPT}"
+    )
+    assert answered == 2  # the first answer and the SDK's one retry
