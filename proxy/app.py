@@ -32,6 +32,7 @@ from proxy.errors import BadRequest, ProxyError
 from proxy.ewma import LoadTracker
 from proxy.fleet_metrics import FleetCollector
 from proxy.health import Drain, HealthEndpoints
+from proxy.http1 import HeadLimits
 from proxy.http1_pool import Http1Pool
 from proxy.listener import EdgeOptions, EdgeServer
 from proxy.loop_lag import LoopLagMonitor
@@ -278,7 +279,7 @@ def build_app(
             registry=app[REGISTRY],
             store=app[STORE],
             loads=app[LOADS],
-            upstream=Upstream(app[HTTP], app[HTTP1]),
+            upstream=Upstream(app[HTTP], app[HTTP1], HeadLimits.from_config(settings.upstream)),
             metrics=app[METRICS],
             clock=clock,
             rng=rng,

@@ -136,7 +136,9 @@ class DataPlane:
         self._store_timeout_s = settings.store.op_timeout_ms / 1000
         self._policy = RoutingPolicy.from_config(settings.routing, settings.versions)
         self._body_reader = SessionBodyReader(
-            settings.sessions, settings.upstream.max_buffered_body_bytes
+            settings.sessions,
+            settings.upstream.max_buffered_body_bytes,
+            settings.listen.max_request_body_bytes,
         )
         routing = settings.routing
         self._lifecycle = LifecyclePolicy(
@@ -354,7 +356,7 @@ class DataPlane:
         except UpstreamTimeout as exc:
             return SendFailed("timeout", exc.message), None
         except UpstreamError as exc:
-            return SendFailed("invalid", exc.message), None
+            return SendFailed("invalid", exc.message, code=exc.code), None
         return HeadReceived(served.response.status, served.served_key), served
 
     def _apply(self, effect: Effect, served: Served | None, outcome: Outcome) -> None:

@@ -90,6 +90,30 @@ def head_too_large_error(limit: int) -> ProxyError:
     )
 
 
+def request_head_size(method: str, target: str, raw_headers: Sequence[tuple[bytes, bytes]]) -> int:
+    """The bytes of a parsed request head: its request line, each ``name: value`` line
+    and the blank line that ends it (the parser drops whitespace around values, which
+    is not counted)."""
+    size = len(method) + len(target) + _REQUEST_LINE_OVERHEAD
+    for name, value in raw_headers:
+        size += len(name) + len(value) + 4  # ": " and CRLF
+    return size
+
+
+def body_too_large_error(limit: int) -> ProxyError:
+    return BadRequest(
+        f"the request body is larger than {limit} bytes (listen.max_request_body_bytes)",
+        code="request_body_too_large",
+        status=413,
+    )
+
+
+def declared_body_too_large(content_length: str | None, limit: int) -> bool:
+    """Whether a head's Content-Length (already validated digits) is over ``limit``
+    (0: no limit)."""
+    return bool(limit) and content_length is not None and int(content_length) > limit
+
+
 # --- warnings ------------------------------------------------------------------------
 
 

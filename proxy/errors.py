@@ -173,6 +173,15 @@ class UpstreamError(ProxyError):
     error_type = "upstream_error"
 
 
+class UpstreamHeadTooLarge(UpstreamError):
+    """The backend's response head was over ``upstream.max_response_head_bytes`` or had
+    more than ``upstream.max_response_headers`` headers: never relayed, the connection
+    closed. A 502 with ``code: upstream_head_too_large``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="upstream_head_too_large")
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     error_type = "upstream_timeout"
