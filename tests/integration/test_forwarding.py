@@ -188,7 +188,8 @@ async def test_upstream_host_is_the_backend_and_no_headers_are_invented(
     assert record.headers["Host"] == pop.url.removeprefix("http://")
     # Only what the proxy documents adding: no Accept, User-Agent, Accept-Encoding.
     assert {h.lower() for h in record.headers} == {
-        "host", "x-forwarded-for", "x-forwarded-proto", "x-request-id", "traceparent"}
+        "host", "x-forwarded-for", "x-forwarded-proto", "x-real-ip", "x-request-id",
+        "traceparent"}
 
 
 # --- 2. bodies --------------------------------------------------------------------------
@@ -286,8 +287,8 @@ async def test_forwarded_headers_request_id_and_traceparent(
         ("X-Forwarded-For", "203.0.113.7, 198.51.100.1"), ("X-Forwarded-For", "192.0.2.9"),
         ("X-Forwarded-Proto", "https"), ("X-Request-ID", "req-abc.123:x/y+z="),
         ("traceparent", TP), ("tracestate", "k=v")])
-    assert echo["headers"]["X-Forwarded-For"] == (
-        "203.0.113.7, 198.51.100.1, 192.0.2.9, 127.0.0.1")
+    # Nobody is trusted: the client's chain is replaced by the socket's peer.
+    assert echo["headers"]["X-Forwarded-For"] == "127.0.0.1"
     assert len([k for k, _ in echo["header_items"] if k.lower() == "x-forwarded-for"]) == 1
     assert echo["headers"]["X-Forwarded-Proto"] == "http"  # a client cannot claim https
     assert echo["headers"]["X-Request-ID"] == "req-abc.123:x/y+z="
@@ -344,6 +345,64 @@ async def test_client_x_pinned_version_never_reaches_the_backend(
     echo = await _echo(http, proxy, headers=forged | {"X-Session-ID": "s1"})
     pinned = [v for k, v in echo["header_items"] if k.lower() == "x-pinned-version"]
     assert pinned == ["prompt=v47"]
+
+
+FORGED = [
+    ("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "7.7.7.7"),
+    ("X-Forwarded-Host", "evil.example"), ("X-Forwarded-Proto", "https"),
+    ("X-Real-IP", "6.6.6.6"), ("Forwarded", "for=6.6.6.6;host=evil.example;proto=https"),
+]
+
+
+def _forwarding_items(echo: dict[str, Any]) -> list[tuple[str, str]]:
+    names = {"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+             "forwarded"}
+    return sorted((k.lower(), v) for k, v in echo["header_items"] if k.lower() in names)
+
+
+async def test_untrusted_forwarding_headers_are_replaced_by_the_socket_peer(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    pop = await start_pop()
+    proxy = await start_proxy([pop])
+    # Also named in Connection (hop-by-hop): still never read, never passed on.
+    for extra in ([], [("Connection", "X-Forwarded-For, X-Real-IP")]):
+        echo = await _echo(http, proxy, headers=FORGED + extra)
+        assert _forwarding_items(echo) == [
+            ("x-forwarded-for", "127.0.0.1"), ("x-forwarded-proto", "http"),
+            ("x-real-ip", "127.0.0.1")]
+
+
+async def test_trusted_proxies_are_believed_as_far_as_they_vouch(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    pop = await start_pop()
+    # The test client connects from 127.0.0.1: here it plays the ingress in front.
+    proxy = await start_proxy([pop], listen={"trusted_proxies": ["127.0.0.0/8", "10.0.0.0/8"]})
+    chain = [("X-Forwarded-For", "6.6.6.6, 198.51.100.1"), ("X-Forwarded-For", "10.1.2.3"),
+             ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "api.example"),
+             ("X-Real-IP", "6.6.6.6"), ("Forwarded", "for=6.6.6.6")]
+    echo = await _echo(http, proxy, headers=chain)
+    # 10.1.2.3 and the peer are trusted; 198.51.100.1 is the client; 6.6.6.6 is what
+    # the client claimed before itself, and is dropped.
+    assert _forwarding_items(echo) == [
+        ("x-forwarded-for", "198.51.100.1, 10.1.2.3, 127.0.0.1"),
+        ("x-forwarded-host", "api.example"), ("x-forwarded-proto", "https"),
+        ("x-real-ip", "198.51.100.1")]
+    # A chain named in Connection was for the hop that sent it: only the peer counts.
+    echo = await _echo(http, proxy, headers=[*chain, ("Connection", "x-forwarded-for")])
+    assert ("x-forwarded-for", "127.0.0.1") in _forwarding_items(echo)
+    assert ("x-real-ip", "127.0.0.1") in _forwarding_items(echo)
+
+
+async def test_trailer_announcements_are_not_forwarded(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    pop = await start_pop()
+    proxy = await start_proxy([pop])
+    echo = await _echo(http, proxy, headers={"Trailer": "X-Checksum", "X-Kept": "1"})
+    assert "trailer" not in _names(echo)
+    assert echo["headers"]["X-Kept"] == "1"
 
 
 # --- 5. the target decides nothing ------------------------------------------------------
