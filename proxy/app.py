@@ -28,6 +28,7 @@ from proxy.control import ControlPlane, ControlStore, LocalControlStore
 from proxy.control_redis import RedisControlStore
 from proxy.dataplane import DataPlane
 from proxy.discovery import Discovery
+from proxy.edge_limits import method_refusal, target_refusal
 from proxy.errors import BadRequest, ProxyError
 from proxy.ewma import LoadTracker
 from proxy.fleet_metrics import FleetCollector
@@ -352,10 +353,14 @@ def build_app(
     health = HealthEndpoints(registry=app[REGISTRY], store=lambda: app.get(STORE),
                              drain=app[DRAIN])
     health_path, ready_path = settings.listen.health_path, settings.listen.ready_path
+    listen_host = settings.listen.host
 
     async def serve(request: web.BaseRequest) -> web.StreamResponse:
         """Every data-port request: the health endpoints, else the data plane."""
         try:
+            refusal = method_refusal(request.method) or _target_refusal(request, listen_host)
+            if refusal is not None:
+                return error_response(refusal)
             if request.headers.get("Expect") is not None:
                 await _expect(request)
             path = request.path
@@ -409,6 +414,21 @@ class DataPlaneRunner(web.AppRunner):
             metrics=self.app[METRICS],
             **{"auto_decompress": False, **self._kwargs},
         )
+
+
+def _target_refusal(request: web.BaseRequest, listen_host: str) -> ProxyError | None:
+    """An absolute-form target not naming this proxy (edge_limits.target_refusal)."""
+    target = request.raw_path
+    if target.startswith("/"):
+        return None  # origin form: nearly every request, decided without a lookup
+    transport = request.transport
+    local = transport.get_extra_info("sockname") if transport is not None else None
+    # A wildcard listen host names no authority a client could have meant.
+    hosts, port = ([] if listen_host in ("0.0.0.0", "::", "") else [listen_host]), None
+    if isinstance(local, tuple | list) and len(local) >= 2:
+        hosts.append(str(local[0]))
+        port = int(local[1])
+    return target_refusal(target, "http", hosts, port)
 
 
 async def _expect(request: web.BaseRequest) -> None:

@@ -57,6 +57,20 @@ class BadRequest(ProxyError):
     error_type = "invalid_request_error"
 
 
+class MethodNotAllowed(ProxyError):
+    """A method pinproxy never proxies (TRACE, TRACK): 405 with ``Allow``."""
+
+    status = 405
+    error_type = "invalid_request_error"
+
+    def __init__(self, method: str, allowed: str) -> None:
+        super().__init__(
+            f"method {method} is not allowed through this proxy",
+            code="method_not_allowed",
+            headers={"Allow": allowed},
+        )
+
+
 class Unauthorized(ProxyError):
     status = 401
     error_type = "authentication_error"

@@ -55,6 +55,7 @@ from proxy.edge_limits import (
     malformed_error,
     malformed_reason,
     request_head_size,
+    unparsed_method_refusal,
 )
 from proxy.errors import ProxyError
 from proxy.relay import error_response
@@ -391,7 +392,10 @@ class EdgeProtocol(RequestHandler):
         if isinstance(exc, ProxyError):
             error = exc  # refused by the edge itself (_refuse_queued), already counted
         elif isinstance(exc, HttpProcessingError):
-            error = self._malformed(exc, in_body=False)
+            kinds = [kind.__name__ for kind in type(exc).__mro__]
+            error = unparsed_method_refusal(kinds, str(exc.message)) or self._malformed(
+                exc, in_body=False
+            )
         elif status == 504:
             error = ProxyError("pinproxy did not finish the request in time", status=504)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 import os
 import re
 from collections.abc import AsyncIterator
@@ -409,23 +410,48 @@ async def test_trailer_announcements_are_not_forwarded(
 
 
 @pytest.mark.parametrize("target", [
-    "http://{decoy}/x?y=1", "//{decoy}/x?y=1", "/x?y=1",
+    "//{decoy}/x?y=1", "/x?y=1", "http://{proxy}/x?y=1", "HTTP://{proxy}/x?y=1",
 ])
-async def test_absolute_form_and_forged_host_still_go_to_the_configured_backend(
+async def test_origin_form_and_the_proxys_own_absolute_form_go_to_the_configured_backend(
     target: str, start_pop: StartPop, start_proxy: StartProxy, decoy: Decoy
 ) -> None:
+    """A forged Host decides nothing; an absolute-form target naming the proxy itself
+    is served as its path."""
     pop = await start_pop()
     proxy = await start_proxy([pop])
     where = f"127.0.0.1:{decoy.port}"
-    line = target.format(decoy=where)
+    ours = proxy.url.removeprefix("http://")
+    line = target.format(decoy=where, proxy=ours)
     raw = await _raw(int(proxy.url.rsplit(":", 1)[1]),
                      f"GET {line} HTTP/1.1\r\nHost: {where}\r\nConnection: close\r\n\r\n".encode())
     assert raw.startswith(b"HTTP/1.1 200"), raw
-    echo_path = line.removeprefix(f"http://{where}")
+    echo_path = line.split(ours, 1)[-1]
     record = pop.requests[-1]
     assert (record.method, f"{record.path}?{record.query_string}") == ("GET", echo_path)
     assert record.headers["Host"] == pop.url.removeprefix("http://")
     assert b'"backend_id":"pop-1"' in raw
+    assert decoy.connections == 0
+
+
+@pytest.mark.parametrize("target", [
+    "http://{decoy}/x?y=1", "http://evil.example/v1/x", "https://{proxy}/x",
+    "http://{proxy_host}:1/x", "http://user:pw@{proxy}/x", "http://[::1]:{proxy_port}/x",
+    "ftp://{proxy}/x",
+])
+async def test_an_absolute_form_target_naming_another_authority_gets_400(
+    target: str, start_pop: StartPop, start_proxy: StartProxy, decoy: Decoy
+) -> None:
+    pop = await start_pop()
+    proxy = await start_proxy([pop])
+    ours = proxy.url.removeprefix("http://")
+    line = target.format(decoy=f"127.0.0.1:{decoy.port}", proxy=ours,
+                         proxy_host=ours.rsplit(":", 1)[0], proxy_port=ours.rsplit(":", 1)[1])
+    raw = await _raw(int(proxy.url.rsplit(":", 1)[1]),
+                     f"GET {line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), raw
+    assert json.loads(body)["error"]["code"] == "invalid_request_target"
+    assert pop.requests == []
     assert decoy.connections == 0
 
 
