@@ -3,28 +3,14 @@ and never forwarded; no answer on either listener names the software behind it."
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import aiohttp
 import pytest
 
 from tests.fixtures.proxy import RunningProxy, StartProxy
+from tests.fixtures.raw_http import port_of, send_raw
 from tests.fixtures.sim import StartPop
-
-
-async def _raw(port: int, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-
-
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
 
 
 @pytest.mark.parametrize("method", ["TRACE", "TRACK"])
@@ -33,7 +19,7 @@ async def test_trace_and_track_get_405_with_allow_and_are_never_forwarded(
 ) -> None:
     pop = await start_pop()
     proxy = await start_proxy([pop])
-    raw = await _raw(_port(proxy.url), (
+    raw = await send_raw(port_of(proxy.url), (
         f"{method} /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
         "Authorization: Bearer sk-secret-key\r\nCookie: session=secret-cookie\r\n"
         "X-Session-ID: s1\r\nConnection: close\r\n\r\n").encode())
@@ -68,8 +54,8 @@ async def _answers(proxy: RunningProxy, http: aiohttp.ClientSession) -> list[tup
             await resp.read()
             got.append((what, ",".join(resp.headers.getall("Server", []))))
     for what, url in (("malformed", proxy.url), ("admin malformed", proxy.admin_url)):
-        port = _port(url)
-        raw = await _raw(port, b"GET /x HTTP/1.1\r\nBad Header: 1\r\n\r\n")
+        port = port_of(url)
+        raw = await send_raw(port, b"GET /x HTTP/1.1\r\nBad Header: 1\r\n\r\n")
         head = raw.partition(b"\r\n\r\n")[0].decode("latin-1").lower().split("\r\n")
         got.append((what, ",".join(
             line.split(":", 1)[1].strip() for line in head if line.startswith("server:"))))

@@ -16,14 +16,11 @@ import pytest
 import pytest_asyncio
 
 from tests.fixtures.proxy import RunningProxy, StartProxy
+from tests.fixtures.raw_http import port_of
 from tests.fixtures.sim import StartPop
 from tests.integration.sessions_helpers import wait_routable
 
 KIB = 1024
-
-
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
 
 
 async def _poll(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -101,7 +98,7 @@ async def test_a_request_head_over_the_cap_gets_431_before_anything_is_forwarded
 ) -> None:
     pop = await start_pop()
     proxy = await start_proxy([pop], listen=config)
-    [answer] = await _exchange(_port(proxy.url), _big_head("/v1/x", headers, value_bytes))
+    [answer] = await _exchange(port_of(proxy.url), _big_head("/v1/x", headers, value_bytes))
     _error(answer, 431, "request_head_too_large")
     assert pop.requests == []
     assert pop.counters.requests == 0
@@ -119,7 +116,7 @@ async def test_a_request_head_under_the_cap_is_served_and_one_over_it_refused_in
     under = _big_head("/v1/under", 1, 1900)
     assert len(under) <= 2048
     over = _big_head("/v1/over", 1, 2048)
-    first, second = await _exchange(_port(proxy.url), under + over, answers=2)
+    first, second = await _exchange(port_of(proxy.url), under + over, answers=2)
     assert first[0] == 200
     _error(second, 431, "request_head_too_large")
     assert [r.path for r in pop.requests] == ["/v1/under"]
@@ -132,7 +129,7 @@ async def test_a_head_sent_slowly_is_refused_once_it_passes_the_cap(
     runaway head is never waited for (nor buffered)."""
     pop = await start_pop()
     proxy = await start_proxy([pop], listen={"max_request_head_bytes": 4096})
-    reader, writer = await asyncio.open_connection("127.0.0.1", _port(proxy.url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy.url))
 
     async def trickle() -> None:  # 1 KB lines, and never the end of the head
         with contextlib.suppress(ConnectionError):
@@ -161,7 +158,7 @@ async def test_a_declared_body_over_the_cap_gets_413_up_front(
 ) -> None:
     pop = await start_pop()
     proxy = await start_proxy([pop], listen={"max_request_body_bytes": 1000})
-    port = _port(proxy.url)
+    port = port_of(proxy.url)
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
             b"\r\nContent-Length: 1001\r\n")
     # Only the head is sent: the answer must not wait for the body.
@@ -318,7 +315,7 @@ async def test_a_chunked_body_growing_over_the_cap_gets_413_and_the_upstream_req
     head = (b"POST /v1/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
             b"Content-Type: application/octet-stream\r\n\r\n")
     chunk = b"190\r\n" + b"c" * 400 + b"\r\n"  # 400 bytes each: the third passes 1000
-    reader, writer = await asyncio.open_connection("127.0.0.1", _port(proxy.url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy.url))
     try:
         writer.write(head + chunk)
         if streamed:
@@ -348,7 +345,7 @@ async def test_a_chunked_body_under_the_cap_is_forwarded_whole(
     head = (b"POST /v1/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
             b"Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n")
     [(status, _, body)] = await _exchange(
-        _port(proxy.url), head + (b"190\r\n" + b"c" * 400 + b"\r\n") * 2 + b"0\r\n\r\n")
+        port_of(proxy.url), head + (b"190\r\n" + b"c" * 400 + b"\r\n") * 2 + b"0\r\n\r\n")
     assert status == 200, body
     [upload] = recording.uploads
     assert upload.complete
@@ -370,12 +367,12 @@ async def test_a_response_head_over_the_cap_is_never_relayed_the_client_gets_502
     request = (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: "
                b"application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                % len(body) + body)
-    [answer] = await _exchange(_port(proxy.url), request)
+    [answer] = await _exchange(port_of(proxy.url), request)
     _error(answer, 502, "upstream_head_too_large")
     assert not [name for name in answer[1] if name.startswith("x-evil")]
     connection = recording.api_connections[-1]
     await _poll(lambda: connection.closed)  # dropped, never pooled
     assert len(recording.api_connections) == 1  # and not retried
     ok = request.replace(path.encode(), b"/v1/fine", 1)
-    [(status, _, _)] = await _exchange(_port(proxy.url), ok)
+    [(status, _, _)] = await _exchange(port_of(proxy.url), ok)
     assert status == 200  # the next request is served as usual

@@ -23,6 +23,7 @@ from aiohttp import web
 from yarl import URL
 
 from tests.fixtures.proxy import RunningProxy, StartProxy
+from tests.fixtures.raw_http import send_raw
 from tests.fixtures.sim import StartPop
 
 TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -50,17 +51,6 @@ async def _echo(http: aiohttp.ClientSession, proxy: RunningProxy, method: str = 
 
 def _names(echo: dict[str, Any]) -> set[str]:
     return {name.lower() for name, _ in echo["header_items"]}
-
-
-async def _raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send raw bytes, read until the server closes (send ``Connection: close``)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
 
 
 class Tiny:
@@ -182,7 +172,7 @@ async def test_upstream_host_is_the_backend_and_no_headers_are_invented(
     pop = await start_pop()
     proxy = await start_proxy([pop])
     port = int(proxy.url.rsplit(":", 1)[1])
-    raw = await _raw(port, b"GET /anything/h HTTP/1.1\r\nHost: forged.example\r\n"
+    raw = await send_raw(port, b"GET /anything/h HTTP/1.1\r\nHost: forged.example\r\n"
                            b"Connection: close\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200"), raw
     record = pop.requests[-1]
@@ -422,7 +412,7 @@ async def test_origin_form_and_the_proxys_own_absolute_form_go_to_the_configured
     where = f"127.0.0.1:{decoy.port}"
     ours = proxy.url.removeprefix("http://")
     line = target.format(decoy=where, proxy=ours)
-    raw = await _raw(int(proxy.url.rsplit(":", 1)[1]),
+    raw = await send_raw(int(proxy.url.rsplit(":", 1)[1]),
                      f"GET {line} HTTP/1.1\r\nHost: {where}\r\nConnection: close\r\n\r\n".encode())
     assert raw.startswith(b"HTTP/1.1 200"), raw
     echo_path = line.split(ours, 1)[-1]
@@ -446,7 +436,7 @@ async def test_an_absolute_form_target_naming_another_authority_gets_400(
     ours = proxy.url.removeprefix("http://")
     line = target.format(decoy=f"127.0.0.1:{decoy.port}", proxy=ours,
                          proxy_host=ours.rsplit(":", 1)[0], proxy_port=ours.rsplit(":", 1)[1])
-    raw = await _raw(int(proxy.url.rsplit(":", 1)[1]),
+    raw = await send_raw(int(proxy.url.rsplit(":", 1)[1]),
                      f"GET {line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400"), raw
