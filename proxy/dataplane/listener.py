@@ -1,0 +1,458 @@
+"""Both listeners' HTTP server: aiohttp's, with an edge's limits on what clients send.
+
+Theory of operation. aiohttp's low-level server (``web.Server``) makes one
+``RequestHandler`` (an asyncio protocol) per connection; ``EdgeServer`` makes an
+``EdgeProtocol`` instead, which keeps aiohttp's parsing and dispatch and adds:
+
+- Connection caps. ``connection_made`` counts the connection in all and per peer IP
+  (``ConnectionAdmission``); one over a cap is answered 503 and closed at once,
+  before any byte of it is parsed. ``connection_lost`` releases what was counted.
+- A request-head deadline. A connection's first head must be whole within
+  ``request_head_timeout_s`` of the connection opening, and each later one within
+  that long of its first byte, else 408 and the connection is closed: a client
+  sending a byte a second holds a connection for seconds, not for the hour of
+  aiohttp's keep-alive timeout. Between requests the keep-alive idle timeout
+  (aiohttp's own, ``keepalive_timeout_s``) applies. The parser says when a head is
+  whole: aiohttp counts each message it parses (``_request_count``), and a head is
+  awaited whenever the last parsed request's body is complete.
+- Malformed requests. aiohttp answers what its parser refuses through
+  ``handle_error``, which here gives the OpenAI-shaped JSON 400 (431 for an oversized
+  head) instead of a text echoing the bytes, counts it, and warns at most once per
+  ``_WARN_EVERY_S``. A parse error inside the body of a request being handled (broken
+  chunk framing) would leave that request's reads waiting forever; its body's reads
+  fail instead, so the request answers 400 and a streamed upstream request is
+  aborted. Once a body is refused, nothing more is read from the connection, and it
+  closes with the answer.
+
+aiohttp offers no public hook between the bytes and the parser, so ``data_received``
+reads three of ``RequestHandler``'s attributes (``_request_count``, ``_messages`` and
+``_request_in_progress``);
+the integration tests (tests/integration/test_edge_*.py) pin what this relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import hdrs, web
+from aiohttp.http import HttpProcessingError, RawRequestMessage, StreamWriter
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+
+from proxy.core.edge_limits import (
+    ConnectionAdmission,
+    WarningLimiter,
+    body_too_large_error,
+    connection_refusal,
+    declared_body_too_large,
+    head_timeout_error,
+    head_too_large_error,
+    malformed_error,
+    malformed_reason,
+    request_head_size,
+    unparsed_method_refusal,
+)
+from proxy.core.errors import ProxyError
+from proxy.dataplane.relay import error_response
+
+if TYPE_CHECKING:
+    from aiohttp.streams import StreamReader
+    from multidict import CIMultiDict
+
+    from proxy.config.settings import Settings
+    from proxy.telemetry.metrics import ProxyMetrics
+
+logger = logging.getLogger(__name__)
+
+# Anyone can send malformed requests: one warning per this long, however many come.
+_WARN_EVERY_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeOptions:
+    """One listener's limits (see ListenConfig); ``name`` labels its metrics."""
+
+    name: str
+    head_timeout_s: float
+    keepalive_timeout_s: float
+    max_connections: int
+    max_connections_per_ip: int
+    retry_after_s: int
+    max_head_bytes: int
+    max_body_bytes: int  # 0: no limit
+    server_header: str  # "": none
+
+    @classmethod
+    def data_port(cls, settings: Settings) -> EdgeOptions:
+        listen = settings.listen
+        return cls(
+            name="data",
+            head_timeout_s=listen.request_head_timeout_s,
+            keepalive_timeout_s=listen.keepalive_timeout_s,
+            max_connections=listen.max_connections,
+            max_connections_per_ip=listen.max_connections_per_ip,
+            retry_after_s=settings.routing.retry_after_s,
+            max_head_bytes=listen.max_request_head_bytes,
+            max_body_bytes=listen.max_request_body_bytes,
+            server_header=listen.server_header,
+        )
+
+    @classmethod
+    def admin_port(cls, settings: Settings) -> EdgeOptions:
+        data = cls.data_port(settings)
+        return dataclasses.replace(
+            data,
+            name="admin",
+            max_connections=settings.admin.max_connections,
+            max_connections_per_ip=0,
+            # Admin bodies are small JSON documents, read whole under aiohttp's own
+            # client_max_size (1 MiB, answered 413).
+            max_body_bytes=0,
+        )
+
+
+class EdgeServer(web.Server):
+    """aiohttp's low-level server whose connections are ``EdgeProtocol``s."""
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        options: EdgeOptions,
+        metrics: ProxyMetrics,
+        **kwargs: Any,
+    ) -> None:
+        kwargs["keepalive_timeout"] = options.keepalive_timeout_s
+        super().__init__(handler, **kwargs)
+        self.options = options
+        self.admission = ConnectionAdmission(
+            options.max_connections, options.max_connections_per_ip
+        )
+        self._metrics = metrics
+        self._loop_ = asyncio.get_running_loop()
+        self._malformed_warnings = WarningLimiter(_WARN_EVERY_S, time.monotonic)
+        self._error_logs = WarningLimiter(_WARN_EVERY_S, time.monotonic)
+        # What aiohttp's Server would hand each RequestHandler (it keeps them private).
+        self._protocol_kwargs = {
+            k: v for k, v in kwargs.items() if k not in ("request_factory", "handler_cancellation")
+        }
+        self.request_factory = self._bannered(self.request_factory)
+
+    def _bannered(self, make: Any) -> Any:
+        """``make`` (a request factory) giving each response a writer that sets the
+        ``Server`` header to ``server_header``, or drops it (aiohttp adds its name and
+        version to every answer; a backend's own banner is replaced too)."""
+        banner = self.options.server_header
+        loop = self._loop_
+
+        async def on_headers(headers: CIMultiDict[str]) -> None:
+            if banner:
+                headers[hdrs.SERVER] = banner
+            else:
+                headers.popall(hdrs.SERVER, None)
+
+        def factory(message: Any, payload: Any, protocol: Any, _writer: Any, task: Any) -> Any:
+            writer = StreamWriter(protocol, loop, on_headers_sent=on_headers)
+            return make(message, payload, protocol, writer, task)
+
+        return factory
+
+    def __call__(self) -> RequestHandler:
+        return EdgeProtocol(self, loop=self._loop_, **self._protocol_kwargs)
+
+    def refused(self, reason: str) -> None:
+        self._metrics.client_connections_refused.labels(self.options.name, reason).inc()
+
+    def timed_out(self, phase: str) -> None:
+        self._metrics.client_timeouts.labels(self.options.name, phase).inc()
+
+    def malformed(self, reason: str, peer: str | None) -> None:
+        """Count a malformed request; warn, at most once per ``_WARN_EVERY_S``."""
+        self._metrics.bad_http_requests.labels(self.options.name, reason).inc()
+        held = self._malformed_warnings.allow()
+        if held is not None:
+            logger.warning(
+                "%s HTTP request on the %s port from %s (%s); answered 4xx and closed%s",
+                "oversized" if reason == "body_too_large" else "malformed",
+                self.options.name, peer or "?", reason,
+                f"; {held} more since the last such warning" if held else "",
+            )
+
+    def unexpected(self, exc: BaseException | None) -> None:
+        """A handler failed in a way nothing caught: log it, at most once per interval."""
+        held = self._error_logs.allow()
+        if held is not None:
+            logger.error("unexpected error answering on the %s port (%d more since)",
+                         self.options.name, held, exc_info=exc)
+
+    def __repr__(self) -> str:
+        return f"EdgeServer({self.options.name}, {self.admission!r})"
+
+
+class EdgeAppRunner(web.AppRunner):
+    """``web.AppRunner`` for an application (with its router) behind ``EdgeServer``."""
+
+    def __init__(
+        self, app: web.Application, *, options: EdgeOptions, metrics: ProxyMetrics, **kwargs: Any
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._options = options
+        self._metrics = metrics
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()  # starts the application, routes it
+        return EdgeServer(
+            made.request_handler,
+            request_factory=made.request_factory,
+            options=self._options,
+            metrics=self._metrics,
+            **self._kwargs,
+        )
+
+
+def raw_answer(error: ProxyError) -> bytes:
+    """An answer written straight to the socket, outside any request: JSON, then close."""
+    body = error.body()
+    head = [f"HTTP/1.1 {error.status} {_reason(error.status)}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: close"]
+    head += [f"{name}: {value}" for name, value in error.headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+class EdgeProtocol(RequestHandler):
+    """One client connection: aiohttp's protocol, with caps and the head deadline."""
+
+    __slots__ = ("_admitted", "_answered", "_body", "_body_refused", "_edge", "_head_bytes",
+                 "_head_refused", "_head_timer", "_ip")
+
+    def __init__(self, manager: EdgeServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._edge = manager
+        self._ip: str | None = None
+        self._admitted = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        # The body of the last request head parsed; None before the first one.
+        self._body: StreamReader | None = None
+        self._answered: StreamReader | None = None  # the body of the last request answered
+        self._body_refused = False  # a body's reads fail: the connection ends with the answer
+        self._head_bytes = 0  # bytes of the head being awaited, so far
+        self._head_refused = False  # a refusal is queued: nothing more is read
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple | list) and peer else None
+        edge = self._edge
+        reason = edge.admission.admit(ip)
+        if reason is not None:
+            edge.refused(reason)
+            self._answer_and_close(connection_refusal(reason, edge.options.retry_after_s))
+            return
+        self._ip, self._admitted = ip, True
+        # Like nginx's client_header_timeout: the first head is timed from the accept.
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        if self._admitted:
+            self._admitted = False
+            self._edge.admission.release(self._ip)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._admitted or self._body_refused or self._head_refused:
+            return  # refused: its bytes are never parsed (nor what follows a refusal)
+        # Bytes that arrive once the last body is complete, and complete no head, are
+        # all head bytes: only those start the deadline and count against the head cap.
+        # (A chunk that ends a body and begins a head starts them with the next chunk,
+        # one read later; the parsed head's own size is checked in any case.)
+        in_head = self._awaiting_head()
+        if in_head:
+            self._head_bytes += len(data)
+        parsed, current = self._request_count, self._body
+        super().data_received(data)
+        if self.transport is None:
+            return
+        if current is not None:
+            self._check_body_size(current)
+        new = self._request_count - parsed
+        options = self._edge.options
+        if new:
+            self._cancel_head_timer()
+            self._head_bytes = 0
+            for index, (message, payload) in enumerate(list(self._messages)[-new:]):
+                if isinstance(message, RawRequestMessage):
+                    refusal = self._head_refusal(message)
+                    if refusal is not None:
+                        self._refuse_queued(new - index, refusal)
+                        return
+                    self._body = payload
+                    self._check_body_size(payload)
+                    continue
+                body = self._body
+                if body is not None and not body.is_eof():
+                    # The parse error is in the body of the request being handled:
+                    # aiohttp would leave its reads waiting for bytes that never come.
+                    exc = getattr(message, "exc", None)
+                    self._refuse_body(body, self._malformed(exc, in_body=True))
+                self._body = None
+        elif in_head:
+            if self._head_bytes > options.max_head_bytes:
+                # No end of the head within the cap: refused without waiting for the rest.
+                self._edge.malformed("head_too_large", self._ip)
+                self._refuse_queued(0, head_too_large_error(options.max_head_bytes))
+                return
+            if self._head_timer is None:
+                self._arm_head_timer()
+
+    def _check_body_size(self, body: StreamReader) -> None:
+        """A body of undeclared length (chunked) that grew past the cap, whole or not,
+        fails its request's reads with 413; one already streaming upstream is aborted."""
+        limit = self._edge.options.max_body_bytes
+        if limit and body.total_bytes > limit and not self._body_refused:
+            self._edge.malformed("body_too_large", self._ip)
+            self._refuse_body(body, body_too_large_error(limit))
+
+    def _head_refusal(self, message: RawRequestMessage) -> ProxyError | None:
+        """Why a parsed request head is refused before it is handled, if it is."""
+        options = self._edge.options
+        size = request_head_size(message.method, message.path, message.raw_headers)
+        if size > options.max_head_bytes:
+            self._edge.malformed("head_too_large", self._ip)
+            return head_too_large_error(options.max_head_bytes)
+        limit = options.max_body_bytes
+        if declared_body_too_large(message.headers.get(hdrs.CONTENT_LENGTH), limit):
+            self._edge.malformed("body_too_large", self._ip)
+            return body_too_large_error(limit)
+        return None
+
+    def _refuse_queued(self, drop: int, error: ProxyError) -> None:
+        """Answer ``error`` in turn and close: the last ``drop`` queued requests (the
+        refused one and any pipelined after it) are never handled, nothing more is read.
+
+        The answer is queued like a parse error (aiohttp's ``_ErrInfo``), so a response
+        still being written for an earlier request is finished first.
+        """
+        self._cancel_head_timer()
+        self._head_refused = True
+        self._body = None
+        for _ in range(drop):
+            self._messages.pop()
+        self._messages.append(
+            (_ErrInfo(status=error.status, exc=error, message=error.message), EMPTY_PAYLOAD)
+        )
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._answered = request.content
+            if self._body_refused:
+                # Whatever is left of the refused body is never read: no lingering read
+                # of it (aiohttp's), no next request parsed from it.
+                self.force_close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse or handle, as JSON.
+
+        Never the raw bytes (aiohttp's own text echoes them), never a traceback; a
+        malformed request is counted and warned about at most once per interval.
+        """
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already sent; the connection is broken")
+        if isinstance(exc, ProxyError):
+            error = exc  # refused by the edge itself (_refuse_queued), already counted
+        elif isinstance(exc, HttpProcessingError):
+            kinds = [kind.__name__ for kind in type(exc).__mro__]
+            error = unparsed_method_refusal(kinds, str(exc.message)) or self._malformed(
+                exc, in_body=False
+            )
+        elif status == 504:
+            error = ProxyError("pinproxy did not finish the request in time", status=504)
+        else:
+            self._edge.unexpected(exc)
+            error = ProxyError("internal error in pinproxy")
+        response = error_response(error)
+        response.force_close()
+        return response
+
+    def _malformed(self, exc: BaseException | None, *, in_body: bool) -> ProxyError:
+        kinds = [kind.__name__ for kind in type(exc).__mro__] if exc is not None else []
+        text = exc.message if isinstance(exc, HttpProcessingError) else ""
+        reason = malformed_reason(kinds, str(text), in_body=in_body)
+        self._edge.malformed(reason, self._ip)
+        return malformed_error(reason)
+
+    def _refuse_body(self, body: StreamReader, error: ProxyError) -> None:
+        """Fail the reads of ``body`` with ``error``: its request is answered with it."""
+        self._body_refused = True
+        if body is self._answered:
+            # Already answered (aiohttp is reading the rest away): nothing to tell.
+            self.force_close()
+            return
+        body.set_exception(error)
+
+    # --- heads ------------------------------------------------------------------------
+
+    def _awaiting_head(self) -> bool:
+        """Whether bytes arriving now belong to a request head: the last body is done."""
+        body = self._body
+        return body is None or body.is_eof()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self._loop.call_later(
+            self._edge.options.head_timeout_s, self._head_deadline
+        )
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_deadline(self) -> None:
+        self._head_timer = None
+        if self.transport is None or not self._awaiting_head():
+            return
+        if self._request_in_progress:
+            # A response is still being written; the half-sent head after it gets
+            # another period rather than a 408 in the middle of that response.
+            self._arm_head_timer()
+            return
+        self._edge.timed_out("request_head")
+        self._answer_and_close(head_timeout_error(self._edge.options.head_timeout_s))
+
+    def _answer_and_close(self, error: ProxyError) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(raw_answer(error))
+        self.force_close()
