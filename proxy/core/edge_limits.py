@@ -2,7 +2,8 @@
 
 The listener (listener.py) asks these for every connection and every request head:
 connection caps (global and per client IP), the size of a request head, a declared
-body over the limit, and what to call a malformed request; the data port's handler
+body over the limit, what to call a malformed request and the bytes of an answer
+written outside any request; the data port's handler
 (app.py) asks about methods never proxied and absolute-form targets. Nothing here
 does I/O; the clock is passed in.
 """
@@ -10,6 +11,7 @@ does I/O; the clock is passed in.
 from __future__ import annotations
 
 import ipaddress
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
@@ -180,6 +182,24 @@ def _same_host(a: str, b: str) -> bool:
         return ipaddress.ip_address(a) == ipaddress.ip_address(b)
     except ValueError:
         return bool(a) and a == b
+
+
+def raw_answer(error: ProxyError) -> bytes:
+    """An answer written straight to the socket, outside any request: JSON, then close."""
+    body = error.body()
+    head = [f"HTTP/1.1 {error.status} {_reason(error.status)}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: close"]
+    head += [f"{name}: {value}" for name, value in error.headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 # --- warnings ------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from proxy.core.edge_limits import (
     head_too_large_error,
     malformed_error,
     malformed_reason,
+    raw_answer,
     request_head_size,
     unparsed_method_refusal,
 )
@@ -213,26 +214,6 @@ class EdgeAppRunner(web.AppRunner):
             metrics=self._metrics,
             **self._kwargs,
         )
-
-
-def raw_answer(error: ProxyError) -> bytes:
-    """An answer written straight to the socket, outside any request: JSON, then close."""
-    body = error.body()
-    head = [f"HTTP/1.1 {error.status} {_reason(error.status)}",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-            "Connection: close"]
-    head += [f"{name}: {value}" for name, value in error.headers.items()]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-
-
-def _reason(status: int) -> str:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
 
 
 class EdgeProtocol(RequestHandler):
