@@ -4,7 +4,7 @@ The listener (listener.py) asks these for every connection and every request hea
 connection caps (global and per client IP), the size of a request head, a declared
 body over the limit, what to call a malformed request and the bytes of an answer
 written outside any request; the data port's handler
-(app.py) asks about methods never proxied and absolute-form targets. Nothing here
+(app/dataport.py) asks about methods never proxied and absolute-form targets. Nothing here
 does I/O; the clock is passed in.
 """
 
