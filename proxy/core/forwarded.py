@@ -17,6 +17,7 @@ second, unchecked account of the same chain.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -33,17 +34,21 @@ _V4_PORT: Final = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}):\d{1,5}")
 _HOST: Final = re.compile(r"[A-Za-z0-9.-]{1,253}(?::\d{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::\d{1,5})?")
 
 
+@functools.lru_cache(maxsize=4096)  # the same peers and hops come again and again
 def parse_address(text: str) -> Address | None:
     """An IP address from a forwarding hop or socket peer (a port or brackets allowed);
     an IPv4-mapped IPv6 address is its IPv4 address. None: not an address."""
     text = text.strip()
-    match = _BRACKETED.fullmatch(text) or _V4_PORT.fullmatch(text)
-    if match is not None:
-        text = match.group(1)
     try:
         ip = ipaddress.ip_address(text.partition("%")[0])  # a zone id names no address
     except ValueError:
-        return None
+        match = _BRACKETED.fullmatch(text) or _V4_PORT.fullmatch(text)
+        if match is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(match.group(1).partition("%")[0])
+        except ValueError:
+            return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
@@ -52,15 +57,18 @@ def parse_address(text: str) -> Address | None:
 class TrustedProxies:
     """The networks whose forwarding headers are believed (``listen.trusted_proxies``)."""
 
-    __slots__ = ("_networks",)
+    __slots__ = ("_networks", "trusts")
 
     def __init__(self, cidrs: Iterable[str]) -> None:
         self._networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+        # Per instance (its networks decide), bounded: the same hops come again and again.
+        self.trusts = functools.lru_cache(maxsize=4096)(self._trusts)
 
     def __bool__(self) -> bool:
         return bool(self._networks)
 
-    def trusts(self, ip: Address) -> bool:
+    def _trusts(self, ip: Address) -> bool:
+        """Whether ``ip`` lies in one of the trusted networks."""
         return any(ip in network for network in self._networks)
 
     def __repr__(self) -> str:
@@ -111,10 +119,15 @@ def forwarding(
     any named in ``Connection`` (a hop-by-hop header is not the next hop's to read);
     ``scheme``: our listener's.
     """
-    ip = parse_address(peer) if peer else None
+    if not peer:
+        return Forwarding(None, None, scheme, None)  # not an IP socket (a Unix socket)
+    if not trusted:
+        # The common case, on every request: the socket's peer, as the socket says.
+        return Forwarding(peer, peer, scheme, None)
+    ip = parse_address(peer)
     if ip is None:
         return Forwarding(None, None, scheme, None)
-    if not trusted or not trusted.trusts(ip):
+    if not trusted.trusts(ip):
         client = str(ip)
         return Forwarding(client, client, scheme, None)
     chain = walk(ip, [v for name, v in headers if name == "x-forwarded-for"], trusted)
