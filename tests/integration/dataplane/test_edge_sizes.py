@@ -376,3 +376,14 @@ async def test_a_response_head_over_the_cap_is_never_relayed_the_client_gets_502
     ok = request.replace(path.encode(), b"/v1/fine", 1)
     [(status, _, _)] = await _exchange(port_of(proxy.url), ok)
     assert status == 200  # the next request is served as usual
+
+
+async def test_the_admin_listener_has_the_same_head_cap(
+    start_pop: StartPop, start_proxy: StartProxy,
+) -> None:
+    pop = await start_pop()
+    proxy = await start_proxy([pop], listen={"max_request_head_bytes": 2048})
+    [answer] = await _exchange(port_of(proxy.admin_url), _big_head("/admin/backends", 3, 1000))
+    _error(answer, 431, "request_head_too_large")
+    assert proxy.metric("pinproxy_bad_http_requests_total", listener="admin",
+                        reason="head_too_large") == 1
