@@ -23,11 +23,21 @@ Theory of operation. aiohttp's low-level server (``web.Server``) makes one
   fail instead, so the request answers 400 and a streamed upstream request is
   aborted. Once a body is refused, nothing more is read from the connection, and it
   closes with the answer.
+- Sizes. Each parsed head is measured (``request_head_size``) against
+  ``max_request_head_bytes``, and so are the bytes of a head still arriving, so a
+  runaway head is refused without waiting for (or buffering) the rest; a head whose
+  Content-Length is over ``max_request_body_bytes`` is refused before its handler
+  runs. Either refusal replaces the queued request (and any pipelined after it) with
+  an ``_ErrInfo``, aiohttp's own entry for a parse error, so it is answered in turn
+  after a response still being written. A chunked body is counted as it is fed
+  (``StreamReader.total_bytes``) and refused like broken framing once over the cap.
+- No banner. Every response's writer is made with an ``on_headers_sent`` hook that
+  sets ``Server`` to ``server_header`` or drops it (aiohttp adds its name and version).
 
 aiohttp offers no public hook between the bytes and the parser, so ``data_received``
-reads three of ``RequestHandler``'s attributes (``_request_count``, ``_messages`` and
-``_request_in_progress``);
-the integration tests (tests/integration/test_edge_*.py) pin what this relies on.
+reads four of ``RequestHandler``'s attributes (``_request_count``, ``_messages``,
+``_waiter`` and ``_request_in_progress``) and queues aiohttp's ``_ErrInfo``; the
+integration tests (tests/integration/dataplane/test_edge_*.py) pin what this relies on.
 """
 
 from __future__ import annotations
