@@ -20,8 +20,9 @@ from aiohttp import HttpVersion11, web
 
 from proxy.core.edge_limits import method_refusal, target_refusal
 from proxy.core.errors import BadRequest, ProxyError
+from proxy.dataplane.edge_options import EdgeOptions
 from proxy.dataplane.health import HealthEndpoints
-from proxy.dataplane.listener import EdgeOptions, EdgeServer
+from proxy.dataplane.listener import EdgeServer
 from proxy.dataplane.relay import error_response
 
 if TYPE_CHECKING:

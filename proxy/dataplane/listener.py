@@ -31,8 +31,8 @@ Theory of operation. aiohttp's low-level server (``web.Server``) makes one
   an ``_ErrInfo``, aiohttp's own entry for a parse error, so it is answered in turn
   after a response still being written. A chunked body is counted as it is fed
   (``StreamReader.total_bytes``) and refused like broken framing once over the cap.
-- No banner. Every response's writer is made with an ``on_headers_sent`` hook that
-  sets ``Server`` to ``server_header`` or drops it (aiohttp adds its name and version).
+- No banner. Every response's writer is made with an ``on_headers_sent`` hook
+  (edge_options.py) that sets ``Server`` to ``server_header`` or drops it.
 
 aiohttp offers no public hook between the bytes and the parser, so ``data_received``
 reads four of ``RequestHandler``'s attributes (``_request_count``, ``_messages``,
@@ -43,14 +43,12 @@ integration tests (tests/integration/dataplane/test_edge_*.py) pin what this rel
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
-from aiohttp.http import HttpProcessingError, RawRequestMessage, StreamWriter
+from aiohttp.http import HttpProcessingError, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
@@ -69,62 +67,18 @@ from proxy.core.edge_limits import (
     unparsed_method_refusal,
 )
 from proxy.core.errors import ProxyError
+from proxy.dataplane.edge_options import EdgeOptions, bannered
 from proxy.dataplane.relay import error_response
 
 if TYPE_CHECKING:
     from aiohttp.streams import StreamReader
-    from multidict import CIMultiDict
 
-    from proxy.config.settings import Settings
     from proxy.telemetry.metrics import ProxyMetrics
 
 logger = logging.getLogger(__name__)
 
 # Anyone can send malformed requests: one warning per this long, however many come.
 _WARN_EVERY_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class EdgeOptions:
-    """One listener's limits (see ListenConfig); ``name`` labels its metrics."""
-
-    name: str
-    head_timeout_s: float
-    keepalive_timeout_s: float
-    max_connections: int
-    max_connections_per_ip: int
-    retry_after_s: int
-    max_head_bytes: int
-    max_body_bytes: int  # 0: no limit
-    server_header: str  # "": none
-
-    @classmethod
-    def data_port(cls, settings: Settings) -> EdgeOptions:
-        listen = settings.listen
-        return cls(
-            name="data",
-            head_timeout_s=listen.request_head_timeout_s,
-            keepalive_timeout_s=listen.keepalive_timeout_s,
-            max_connections=listen.max_connections,
-            max_connections_per_ip=listen.max_connections_per_ip,
-            retry_after_s=settings.routing.retry_after_s,
-            max_head_bytes=listen.max_request_head_bytes,
-            max_body_bytes=listen.max_request_body_bytes,
-            server_header=listen.server_header,
-        )
-
-    @classmethod
-    def admin_port(cls, settings: Settings) -> EdgeOptions:
-        data = cls.data_port(settings)
-        return dataclasses.replace(
-            data,
-            name="admin",
-            max_connections=settings.admin.max_connections,
-            max_connections_per_ip=0,
-            # Admin bodies are small JSON documents, read whole under aiohttp's own
-            # client_max_size (1 MiB, answered 413).
-            max_body_bytes=0,
-        )
 
 
 class EdgeServer(web.Server):
@@ -152,26 +106,8 @@ class EdgeServer(web.Server):
         self._protocol_kwargs = {
             k: v for k, v in kwargs.items() if k not in ("request_factory", "handler_cancellation")
         }
-        self.request_factory = self._bannered(self.request_factory)
-
-    def _bannered(self, make: Any) -> Any:
-        """``make`` (a request factory) giving each response a writer that sets the
-        ``Server`` header to ``server_header``, or drops it (aiohttp adds its name and
-        version to every answer; a backend's own banner is replaced too)."""
-        banner = self.options.server_header
-        loop = self._loop_
-
-        async def on_headers(headers: CIMultiDict[str]) -> None:
-            if banner:
-                headers[hdrs.SERVER] = banner
-            else:
-                headers.popall(hdrs.SERVER, None)
-
-        def factory(message: Any, payload: Any, protocol: Any, _writer: Any, task: Any) -> Any:
-            writer = StreamWriter(protocol, loop, on_headers_sent=on_headers)
-            return make(message, payload, protocol, writer, task)
-
-        return factory
+        self.request_factory = bannered(self.request_factory, options.server_header,
+                                        self._loop_)
 
     def __call__(self) -> RequestHandler:
         return EdgeProtocol(self, loop=self._loop_, **self._protocol_kwargs)
