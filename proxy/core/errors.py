@@ -80,6 +80,20 @@ class BadRequest(ProxyError):
     default_code = "invalid_request"
 
 
+class MethodNotAllowed(ProxyError):
+    """A method pinproxy never proxies (TRACE, TRACK): 405 with ``Allow``."""
+
+    status = 405
+    error_type = "invalid_request_error"
+
+    def __init__(self, method: str, allowed: str) -> None:
+        super().__init__(
+            f"method {method} is not allowed through this proxy",
+            code="method_not_allowed",
+            headers={"Allow": allowed},
+        )
+
+
 class Unauthorized(ProxyError):
     status = 401
     error_type = "authentication_error"
@@ -205,6 +219,15 @@ class UpstreamError(ProxyError):
     status = 502
     error_type = "upstream_error"
     default_code = "upstream_error"
+
+
+class UpstreamHeadTooLarge(UpstreamError):
+    """The backend's response head was over ``upstream.max_response_head_bytes`` or had
+    more than ``upstream.max_response_headers`` headers: never relayed, the connection
+    closed. A 502 with ``code: upstream_head_too_large``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="upstream_head_too_large")
 
 
 class UpstreamTimeout(UpstreamError):
