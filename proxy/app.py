@@ -36,10 +36,10 @@ from proxy.http1_pool import Http1Pool
 from proxy.listener import EdgeOptions, EdgeServer
 from proxy.loop_lag import LoopLagMonitor
 from proxy.metrics import ProxyMetrics
-from proxy.models import Backend, Pin
 from proxy.outlier import OutlierPolicy
 from proxy.registry import Registry
 from proxy.relay import error_response
+from proxy.reload import Reloader
 from proxy.rollout_control import (
     LocalRolloutStore,
     RedisRolloutStore,
@@ -59,6 +59,7 @@ from proxy.upstream import Upstream, make_client_session
 
 if TYPE_CHECKING:
     from proxy.events import RequestObserver
+    from proxy.models import Pin
     from proxy.store.redis_sync import ConflictHook
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ TRAFFIC = web.AppKey("traffic", TrafficCounter)  # requests per region and versi
 LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)  # how late the event loop runs timers
 SOAK = web.AppKey("soak", SoakCounter)  # per region and version: what the soak judges
 ROLLOUT = web.AppKey("rollout", RolloutController)  # region cutover, soak, kill switch
+RELOADER = web.AppKey("reloader", Reloader)  # only when started from a config source
 
 REDIS = web.AppKey("redis", Redis)  # only when store.kind == "redis"
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -148,21 +150,23 @@ def build_app(
     metrics_multiprocess_dir: str | None = None,
     store_factory: StoreFactory = default_store,
     observers: Sequence[RequestObserver] = (),
+    reload_from: Callable[[], Settings] | None = None,
+    notify_peers: Callable[[], None] | None = None,
 ) -> web.Application:
     """Build the data-plane application; nothing opens until the app starts.
 
     ``metrics_multiprocess_dir``: prometheus-client's multiprocess directory when this
     is one of several workers (the supervisor sets it), so /metrics sums them all.
+    ``reload_from`` re-reads and validates the config for a live reload (SIGHUP,
+    ``POST /admin/reload``); without it the proxy cannot reload. ``notify_peers`` asks
+    the other workers to reload too.
     """
     clock = clock or SystemClock()
     rng = rng or random.Random()
     app = web.Application(client_max_size=1024**2)
     app[SETTINGS] = settings
     app[CLOCK] = clock
-    configured = tuple(
-        Backend(id=b.id, region=b.region, url=b.url, version_source=b.version_source)
-        for b in settings.backends
-    )
+    configured = settings.backend_models()
     app[METRICS] = metrics = ProxyMetrics(
         metrics_registry or CollectorRegistry(),
         settings.metrics,
@@ -343,9 +347,20 @@ def build_app(
         finally:
             await control.close()
 
+    async def reloader(app: web.Application) -> AsyncIterator[None]:
+        # Last: it steers the data plane and the control plane, both built by now.
+        if reload_from is not None:
+            app[RELOADER] = Reloader(
+                settings, reload_from,
+                reconfigure_dataplane=app[DATAPLANE].reconfigure,
+                reconfigure_backends=app[CONTROL].reconfigure,
+                notify_peers=notify_peers,
+            )
+        yield
+
     app.cleanup_ctx.extend(
         [loop_lag, http_client, redis_client, pin_store, audit, traffic, discovery,
-         control_plane, rollout]
+         control_plane, rollout, reloader]
     )
 
     health = HealthEndpoints(registry=app[REGISTRY], store=lambda: app.get(STORE),

@@ -4,29 +4,24 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
 
-from proxy.config import Settings, load_settings, settings_from_mapping
+from proxy.config_reload import ConfigSource
 from proxy.errors import ConfigError
 from proxy.logs import configure_logging
+
+if TYPE_CHECKING:
+    from proxy.config import Settings
 
 
 def _load(path: Path, overrides: dict[str, Any]) -> Settings:
     try:
-        settings = load_settings(path)
-        if overrides:
-            data = settings.model_dump(mode="python")
-            for section, fields in overrides.items():
-                data[section].update(fields)
-            if data["store"].get("password") is not None:
-                data["store"]["password"] = data["store"]["password"].get_secret_value()
-            settings = settings_from_mapping(data)
+        return ConfigSource(path, overrides)()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    return settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,10 +50,11 @@ def serve(config_path: Path, workers: int | None, host: str | None, port: int | 
     listen = {
         k: v for k, v in (("workers", workers), ("host", host), ("port", port)) if v is not None
     }
+    source = ConfigSource(config_path, {"listen": listen} if listen else {})
     settings = _load(config_path, {"listen": listen} if listen else {})
     configure_logging(settings.log)
     try:
-        code = run(settings)
+        code = run(settings, source)
     except ConfigError as exc:  # found only once binding: e.g. what admin.host resolved to
         raise click.ClickException(str(exc)) from exc
     sys.exit(code)

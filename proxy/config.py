@@ -32,7 +32,7 @@ from proxy.config_rollout import RolloutConfig
 from proxy.config_store import StoreConfig
 from proxy.config_telemetry import AuditConfig, LogConfig, MetricsConfig, Section, TracingConfig
 from proxy.errors import ConfigError
-from proxy.models import Dimension, VersionSource
+from proxy.models import Backend, Dimension, VersionSource
 from proxy.tls import client_tls_context
 
 if TYPE_CHECKING:
@@ -309,6 +309,13 @@ class Settings(BaseSettings):
         if duplicates:
             raise ValueError(f"backends: duplicate id(s) {', '.join(duplicates)}")
         return self
+
+    def backend_models(self) -> tuple[Backend, ...]:
+        """The configured backends as the registry's value type."""
+        return tuple(
+            Backend(id=b.id, region=b.region, url=b.url, version_source=b.version_source)
+            for b in self.backends
+        )
 
     def masked(self) -> dict[str, Any]:
         """The resolved settings as plain data, with secrets masked (for check-config)."""

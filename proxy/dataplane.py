@@ -53,7 +53,6 @@ from proxy.lifecycle import (
     Fail,
     HeadReceived,
     Lifecycle,
-    LifecyclePolicy,
     LookUpPin,
     MarkSuspect,
     PinIfAbsent,
@@ -71,12 +70,10 @@ from proxy.lifecycle import (
     WaitForRegistry,
     World,
 )
-from proxy.lost_pin import LostPinPolicy
+from proxy.live_policy import LivePolicies
 from proxy.models import STAMP_HEADERS, Dimension, InvalidVersion, Pin, check_value
 from proxy.pin_token_http import PinTokenHeaders, changed_against_token
 from proxy.relay import Served, error_response, relay
-from proxy.request_body import RequestBody, SessionBodyReader
-from proxy.routing import RoutingPolicy
 from proxy.usage import TapLimits
 
 T = TypeVar("T")
@@ -95,6 +92,8 @@ if TYPE_CHECKING:
     from proxy.metrics import ProxyMetrics
     from proxy.pin_token import TokenCheck
     from proxy.registry import Registry
+    from proxy.request_body import RequestBody
+    from proxy.routing import RoutingPolicy
     from proxy.store import Lookup, PinStore
     from proxy.upstream import Upstream
 
@@ -134,25 +133,28 @@ class DataPlane:
         self._rng = rng
         self._loop_lag = loop_lag
         self._store_timeout_s = settings.store.op_timeout_ms / 1000
-        self._policy = RoutingPolicy.from_config(settings.routing, settings.versions)
-        self._body_reader = SessionBodyReader(
-            settings.sessions, settings.upstream.max_buffered_body_bytes
-        )
-        routing = settings.routing
-        self._lifecycle = LifecyclePolicy(
-            routing=self._policy,
-            pin_wait_s=routing.pin_wait_ms / 1000.0,
-            retry_after_s=routing.retry_after_s,
-            refusal_status=routing.refusal_status or None,
-            max_attempts=routing.max_attempts,
-        )
-        self._budget = RetryBudget(routing.retry_budget_percent, routing.min_retry_concurrency)
-        self._lost_pin = LostPinPolicy(settings.sessions, metrics, settings.routing.retry_after_s)
+        self._live = live = LivePolicies.from_settings(settings, metrics)
+        self._budget = RetryBudget(live.retry_budget_percent, live.min_retry_concurrency)
         tokens = settings.sessions.pin_token
         self._tokens = None if tokens is None else PinTokenHeaders(tokens, metrics)
         self._probe = probe
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
+
+    @property
+    def routing_policy(self) -> RoutingPolicy:
+        """The routing policy new requests are decided by (the admin API's repins too)."""
+        return self._live.routing
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Swap in the policies of reloaded ``settings`` (see proxy/live_policy.py).
+
+        Built whole before the one assignment that publishes them, so a request reads
+        either the old policies or the new ones; requests in flight keep theirs.
+        """
+        live = LivePolicies.from_settings(settings, self._metrics)
+        self._budget.reconfigure(live.retry_budget_percent, live.min_retry_concurrency)
+        self._live = live
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         arrived_at = self._clock.time()
@@ -209,10 +211,11 @@ class DataPlane:
         arrived: float,
         outcome: Outcome,
     ) -> web.StreamResponse:
-        body, session_id = await self._body_reader.read(request)
+        live = self._live  # this request's policies, to its end (see reconfigure)
+        body, session_id = await live.body_reader.read(request)
         outcome.session_id = session_id
         outcome.request_body = body.data
-        pinning = self._settings.routing.pinning and session_id is not None
+        pinning = live.pinning and session_id is not None
         token = None
         if pinning and session_id and self._tokens is not None:
             token = self._tokens.read(
@@ -220,7 +223,7 @@ class DataPlane:
             )
         served = await self._route_and_send(
             request, request_id, traceparent, body, session_id if pinning else None,
-            arrived, outcome, token=token,
+            arrived, outcome, live, token=token,
         )
         if self._tokens is not None and pinning and session_id and outcome.version_key:
             served_pin = Pin(outcome.version_key, outcome.backend_id or "", outcome.region or "",
@@ -241,6 +244,7 @@ class DataPlane:
         session_id: str | None,
         arrived: float,
         outcome: Outcome,
+        live: LivePolicies,
         *,
         token: TokenCheck | None = None,
     ) -> Served:
@@ -249,7 +253,7 @@ class DataPlane:
 
         ``token``: the request's checked pin token, if it had one."""
         machine = Lifecycle(
-            policy=self._lifecycle,
+            policy=live.lifecycle,
             session_id=session_id,
             held=body.replayable,
             idempotent=request.method in _IDEMPOTENT or "Idempotency-Key" in request.headers,
@@ -279,7 +283,7 @@ class DataPlane:
                     outcome.backend_id, outcome.region = backend.id, backend.region
                     outcome.version_key, outcome.ttfb_s = served.served_key, served.ttfb_s
                     if lost_pin:
-                        mark = self._lost_pin.marked(served.served_key, outcome.new_pin)
+                        mark = live.lost_pin.marked(served.served_key, outcome.new_pin)
                     outcome.version_changed = machine.version_changed or mark
                     return served
                 if isinstance(action, Fail):
@@ -290,18 +294,22 @@ class DataPlane:
                 if isinstance(action, LookUpPin):
                     hint = token.pin if token is not None else None
                     with self._metrics.time_store("get"):
-                        found = await self._stored(self._store.lookup(action.session_id, hint))
-                    mark, lost_pin = self._pin_found(found, body, token)  # or raises PinLost
+                        found = await self._stored(
+                            self._store.lookup(action.session_id, hint), live
+                        )
+                    mark, lost_pin = self._pin_found(found, body, token, live)  # or PinLost
                     event = PinLooked(found.pin)
                 elif isinstance(action, PinIfAbsent):
                     with self._metrics.time_store("pin_if_absent"):
                         stored = await self._stored(
-                            self._store.pin_if_absent(action.session_id, action.pin)
+                            self._store.pin_if_absent(action.session_id, action.pin), live
                         )
                     event = PinStored(stored)
                 elif isinstance(action, Repin):
                     with self._metrics.time_store("repin"):
-                        await self._stored(self._store.repin(action.session_id, action.pin))
+                        await self._stored(
+                            self._store.repin(action.session_id, action.pin), live
+                        )
                     event = Repinned()
                 elif isinstance(action, WaitForRegistry):
                     remaining = action.until - self._clock.monotonic()
@@ -319,7 +327,7 @@ class DataPlane:
                 budget.retrying -= 1
 
     def _pin_found(
-        self, found: Lookup, body: RequestBody, token: TokenCheck | None
+        self, found: Lookup, body: RequestBody, token: TokenCheck | None, live: LivePolicies
     ) -> tuple[str | None, bool]:
         """(the answer's X-Prompt-Version-Changed, whether the pin was lost) for a lookup.
 
@@ -331,7 +339,7 @@ class DataPlane:
         if pin is None:
             # An expired token is genuine proof the conversation began before.
             expired = token is not None and token.result == "expired"
-            return None, self._lost_pin.check(found, body.data, expired)
+            return None, live.lost_pin.check(found, body.data, expired)
         if found.changed_from is not None:
             return f"{found.changed_from} -> {pin.version_key}", False
         return changed_against_token(token, pin), False
@@ -445,7 +453,7 @@ class DataPlane:
         served_key = self._apply_stamp(backend.id, response.headers) or forward.version_key
         return Served(response, forward, served_key, ttfb)
 
-    async def _stored(self, operation: Awaitable[T]) -> T:
+    async def _stored(self, operation: Awaitable[T], live: LivePolicies) -> T:
         """A pin-store call, its timeout told apart from a store failure.
 
         A call times out when its answer is not processed in time, and a saturated
@@ -460,13 +468,13 @@ class DataPlane:
         try:
             return await operation
         except StoreUnavailable as exc:
-            exc.headers["Retry-After"] = str(self._settings.routing.retry_after_s)
+            exc.headers["Retry-After"] = str(live.retry_after_s)
             lag = self._loop_lag
             if exc.timed_out and (exc.store_answering or (
                 lag is not None and lag.worst_since(started) >= self._store_timeout_s / 2
             )):
                 self._metrics.overloaded.inc()
-                raise Overloaded(self._settings.routing.retry_after_s) from exc
+                raise Overloaded(live.retry_after_s) from exc
             raise
 
     def _apply_stamp(self, backend_id: str, headers: Mapping[str, str]) -> str | None:
@@ -491,4 +499,4 @@ class DataPlane:
         return request.scheme
 
     def __repr__(self) -> str:
-        return f"DataPlane(pinning={self._settings.routing.pinning}, registry={self._registry!r})"
+        return f"DataPlane(pinning={self._live.pinning}, registry={self._registry!r})"

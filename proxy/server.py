@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from proxy.admin.app import build_admin_app
 from proxy.admin.backend_urls import Resolver, system_resolve
 from proxy.admin.routes import installers
-from proxy.app import DRAIN, METRICS, SETTINGS, DataPlaneRunner, build_app
+from proxy.app import DRAIN, METRICS, RELOADER, SETTINGS, DataPlaneRunner, build_app
 from proxy.config_listen import is_loopback_address
 from proxy.errors import ConfigError
 from proxy.gc_tuning import GcPauses, tune_gc
@@ -46,13 +46,16 @@ logger = logging.getLogger(__name__)
 _RESTARTS_PER_MINUTE = 5
 
 
-def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; return the process exit code."""
+def run(settings: Settings, source: Callable[[], Settings] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; return the process exit code.
+
+    ``source`` re-reads the settings for a live reload (SIGHUP, POST /admin/reload).
+    """
     if settings.listen.workers == 1:
-        _run_loop(settings, reuse_port=False)
+        _run_loop(settings, source, reuse_port=False)
         return 0
     with _multiprocess_metrics():
-        return _supervise(_with_session_hash_key(settings))
+        return _supervise(_with_session_hash_key(settings), source)
 
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -90,11 +93,25 @@ def _with_session_hash_key(settings: Settings) -> Settings:
     """
     if settings.log.session_hash_key is not None:
         return settings
-    log = settings.log.model_copy(update={"session_hash_key": SecretStr(secrets.token_hex(32))})
+    key = secrets.token_hex(32)
+    # In the environment too: a reload re-reads the file in each worker, and must find
+    # the same key there or every reload would be refused as changing log.session_hash_key.
+    os.environ[_HASH_KEY_ENV] = key
+    log = settings.log.model_copy(update={"session_hash_key": SecretStr(key)})
     return settings.model_copy(update={"log": log})
 
 
-def _run_loop(settings: Settings, *, reuse_port: bool) -> None:
+_HASH_KEY_ENV = "PINPROXY_LOG__SESSION_HASH_KEY"
+
+
+def _run_loop(
+    settings: Settings,
+    source: Callable[[], Settings] | None,
+    *,
+    reuse_port: bool,
+    supervised: bool = False,
+    reload_at_start: bool = False,
+) -> None:
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
@@ -103,12 +120,37 @@ def _run_loop(settings: Settings, *, reuse_port: bool) -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
         logger.info("uvloop not available; using the default event loop")
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(settings, reuse_port=reuse_port))
+        runner.run(serve(settings, source, reuse_port=reuse_port, supervised=supervised,
+                         reload_at_start=reload_at_start))
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Run one proxy in the current event loop until a stop signal arrives."""
-    app = build_app(settings, metrics_multiprocess_dir=os.environ.get(_MULTIPROC_ENV))
+def _ask_supervisor_to_reload() -> None:
+    # The supervisor answers SIGHUP by signalling every worker (this one included,
+    # whose second reload then finds nothing changed).
+    os.kill(os.getppid(), signal.SIGHUP)
+
+
+async def serve(
+    settings: Settings,
+    source: Callable[[], Settings] | None = None,
+    *,
+    reuse_port: bool = False,
+    supervised: bool = False,
+    reload_at_start: bool = False,
+) -> None:
+    """Run one proxy in the current event loop until a stop signal arrives.
+
+    ``source``: SIGHUP re-reads the settings from it and applies them (proxy/reload.py).
+    ``supervised``: a worker of several, whose admin reloads reach its siblings through
+    the supervisor. ``reload_at_start``: a restarted worker catches up with reloads
+    its siblings applied since the supervisor started.
+    """
+    app = build_app(
+        settings,
+        metrics_multiprocess_dir=os.environ.get(_MULTIPROC_ENV),
+        reload_from=source,
+        notify_peers=_ask_supervisor_to_reload if supervised else None,
+    )
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream request instead of generating tokens nobody will read.
     runner = DataPlaneRunner(app, handler_cancellation=True, access_log=None)
@@ -135,6 +177,18 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+    reloader = app.get(RELOADER)
+    if reloader is not None:
+
+        def on_sighup() -> None:
+            task = loop.create_task(reloader.reload_logged(), name="config-reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        if reload_at_start:
+            await reloader.reload_logged()
     try:
         await stop.wait()
         # Readiness turns 503 first while requests are still served, so load balancers
@@ -156,8 +210,10 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
             "stopping: draining in-flight requests (up to %.0fs)",
             settings.listen.shutdown_timeout_s,
         )
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        for task in reloads:
+            task.cancel()
         if admin_runner is not None:
             await admin_runner.cleanup()
         await runner.cleanup()
@@ -207,24 +263,35 @@ def unguarded_addresses(has_token: bool, addresses: Iterable[Any]) -> list[str]:
     return [str(a[0]) for a in addresses if not is_loopback_address(str(a[0]))]
 
 
-def _worker_main(settings: Settings, index: int) -> None:
+def _worker_main(
+    settings: Settings, source: Callable[[], Settings] | None, index: int, restarted: bool
+) -> None:
     configure_logging(settings.log, worker=index)
-    _run_loop(settings, reuse_port=True)
+    _run_loop(settings, source, reuse_port=True, supervised=True,
+              reload_at_start=restarted and source is not None)
 
 
-def _supervise(settings: Settings) -> int:
+def _supervise(settings: Settings, source: Callable[[], Settings] | None) -> int:
     ctx = multiprocessing.get_context("spawn")
     stopping = False
+    reload_asked = False
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
+    def on_sighup(signum: int, _frame: object) -> None:
+        nonlocal reload_asked
+        reload_asked = True
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_sighup)
+    reloaded = False  # a worker started after a reload must catch up with it
 
     def start(index: int) -> BaseProcess:
-        proc = ctx.Process(target=_worker_main, args=(settings, index), name=f"pinproxy-{index}")
+        proc = ctx.Process(target=_worker_main, args=(settings, source, index, reloaded),
+                           name=f"pinproxy-{index}")
         proc.start()
         return proc
 
@@ -233,6 +300,13 @@ def _supervise(settings: Settings) -> int:
     code = 0
     while not stopping:
         time.sleep(0.2)
+        if reload_asked:
+            # SIGHUP (an operator's, or a worker's after POST /admin/reload): each
+            # worker re-reads and applies the config itself, and logs the outcome.
+            reload_asked, reloaded = False, True
+            for proc in workers.values():
+                if proc.is_alive() and proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGHUP)
         for index, proc in list(workers.items()):
             if proc.is_alive() or stopping:
                 continue

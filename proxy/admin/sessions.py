@@ -23,12 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from proxy.admin.api import Body, Param, Route, int_query, integer_param, read_body, reply
 from proxy.admin.app import DATA_APP
-from proxy.app import AUDIT, CLOCK, LOADS, METRICS, REGISTRY, RNG, SETTINGS, STORE
+from proxy.app import AUDIT, CLOCK, DATAPLANE, LOADS, METRICS, REGISTRY, RNG, SETTINGS, STORE
 from proxy.audit import AuditRecord
 from proxy.errors import BadRequest, Conflict, NotFound
 from proxy.headers import ensure_traceparent, new_request_id, valid_request_id
 from proxy.models import Forward, Pin, RequestFacts, Snapshot, prompt_of
-from proxy.routing import RoutingPolicy, choose
+from proxy.routing import choose
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -211,9 +211,8 @@ async def _unpin(request: web.Request) -> web.StreamResponse:
 def _choose(request: web.Request, session_id: str, body: RepinBody) -> Forward:
     """Where the session goes: a backend of the named version, or a new-session choice."""
     data = request.app[DATA_APP]
-    settings = data[SETTINGS]
     snapshot = data[REGISTRY].snapshot
-    policy = RoutingPolicy.from_config(settings.routing, settings.versions)
+    policy = data[DATAPLANE].routing_policy  # the running policy: a reload may change it
     facts = RequestFacts(session_id=session_id)
     target: Pin | None = None
     if body.version is not None:

@@ -27,11 +27,7 @@ def _log_lines(proxy: ProxyProcess) -> list[dict[str, object]]:
 
 async def _until(check: Callable[[], bool], proxy: ProxyProcess, what: str,
                  timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen in {timeout}s:\n{proxy.log()}")
-        await asyncio.sleep(0.1)
+    await proxy.until(check, what, timeout)
 
 
 async def _scrape(admin_url: str) -> Samples:
