@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from proxy.events import RequestObserver
     from proxy.models import Pin
     from proxy.store.redis_sync import ConflictHook
+    from proxy.tracing import TracingObserver
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def build_app(
     observers: Sequence[RequestObserver] = (),
     reload_from: Callable[[], Settings] | None = None,
     notify_peers: Callable[[], None] | None = None,
+    tracing: TracingObserver | None = None,
 ) -> web.Application:
     """Build the data-plane application; nothing opens until the app starts.
 
@@ -159,7 +161,8 @@ def build_app(
     is one of several workers (the supervisor sets it), so /metrics sums them all.
     ``reload_from`` re-reads and validates the config for a live reload (SIGHUP,
     ``POST /admin/reload``); without it the proxy cannot reload. ``notify_peers`` asks
-    the other workers to reload too.
+    the other workers to reload too. ``tracing`` replaces the tracing the settings
+    ask for (tests pass one with an in-memory exporter).
     """
     clock = clock or SystemClock()
     rng = rng or random.Random()
@@ -186,7 +189,7 @@ def build_app(
     )
     app[FLEET_METRICS] = FleetCollector(app[REGISTRY])
     metrics.add_scrape_time(app[FLEET_METRICS])
-    app[TELEMETRY] = telemetry = Telemetry(settings, metrics)
+    app[TELEMETRY] = telemetry = Telemetry(settings, metrics, tracing)
     observers = (*telemetry.observers, *observers)
 
     async def start_telemetry(app: web.Application) -> None:
@@ -288,6 +291,7 @@ def build_app(
             rng=rng,
             loop_lag=app[LOOP_LAG],
             probe=found.probe,
+            trace=None if telemetry.tracing is None else telemetry.tracing.upstream_traceparent,
             observers=(*observers, app[TRAFFIC], app[SOAK], AuditObserver(app[AUDIT]))
             if settings.audit.enabled
             else (*observers, app[TRAFFIC], app[SOAK]),

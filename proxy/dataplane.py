@@ -38,6 +38,7 @@ from proxy.events import Outcome
 from proxy.headers import (
     ensure_traceparent,
     new_request_id,
+    parse_traceparent,
     upstream_request_headers,
     valid_request_id,
 )
@@ -120,8 +121,12 @@ class DataPlane:
         observers: Sequence[RequestObserver] = (),
         loop_lag: LoopLagMonitor | None = None,
         probe: Callable[[str], None] = lambda backend_id: None,
+        trace: Callable[[str | None, str], str] | None = None,
     ) -> None:
-        """``probe`` polls one backend's ``/version`` out of turn (Discovery.probe)."""
+        """``probe`` polls one backend's ``/version`` out of turn (Discovery.probe).
+        ``trace`` makes the ``traceparent`` sent upstream from the client's and the
+        method (TracingObserver.upstream_traceparent); without it a valid client
+        ``traceparent`` passes as it came, and a new trace is not sampled."""
         self._settings = settings
         self._observers = tuple(observers)
         self._registry = registry
@@ -138,6 +143,7 @@ class DataPlane:
         tokens = settings.sessions.pin_token
         self._tokens = None if tokens is None else PinTokenHeaders(tokens, metrics)
         self._probe = probe
+        self._trace = trace
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
 
@@ -162,7 +168,14 @@ class DataPlane:
         incoming = request.headers.get("X-Request-ID")
         request_id = incoming if valid_request_id(incoming) else new_request_id(self._rng)
         assert request_id is not None
-        traceparent = ensure_traceparent(request.headers.get("traceparent"), self._rng)
+        incoming_trace = request.headers.get("traceparent")
+        if parse_traceparent(incoming_trace) is None:
+            incoming_trace = None
+        traceparent = (
+            ensure_traceparent(incoming_trace, self._rng)
+            if self._trace is None
+            else self._trace(incoming_trace, request.method)
+        )
         outcome = Outcome()
         self._budget.active += 1
         try:
@@ -176,13 +189,14 @@ class DataPlane:
         finally:
             self._budget.active -= 1
             if self._observers:
-                self._emit(request, request_id, traceparent, arrived_at, arrived, outcome)
+                self._emit(request, request_id, (incoming_trace, traceparent), arrived_at,
+                           arrived, outcome)
 
     def _emit(
         self,
         request: web.BaseRequest,
         request_id: str,
-        traceparent: str,
+        traces: tuple[str | None, str],
         arrived_at: float,
         arrived: float,
         outcome: Outcome,
@@ -190,8 +204,8 @@ class DataPlane:
         event = outcome.event(
             at=arrived_at,
             request_id=request_id,
-            traceparent=traceparent,
-            incoming_traceparent=request.headers.get("traceparent"),
+            traceparent=traces[1],
+            incoming_traceparent=traces[0],
             method=request.method,
             path=request.rel_url.path,
             duration_s=self._clock.monotonic() - arrived,
