@@ -36,6 +36,7 @@ from proxy.http1_pool import Http1Pool
 from proxy.listener import EdgeOptions, EdgeServer
 from proxy.loop_lag import LoopLagMonitor
 from proxy.metrics import ProxyMetrics
+from proxy.metrics_known import export_backend_series, export_known_series
 from proxy.outlier import OutlierPolicy
 from proxy.registry import Registry
 from proxy.relay import error_response
@@ -59,7 +60,7 @@ from proxy.upstream import Upstream, make_client_session
 
 if TYPE_CHECKING:
     from proxy.events import RequestObserver
-    from proxy.models import Pin
+    from proxy.models import Backend, Pin
     from proxy.store.redis_sync import ConflictHook
     from proxy.tracing import TracingObserver
 
@@ -175,6 +176,7 @@ def build_app(
         settings.metrics,
         multiprocess_dir=metrics_multiprocess_dir,
     )
+    export_known_series(metrics, configured, metrics_listener=settings.metrics.port is not None)
     app[REGISTRY] = Registry(
         configured,
         dimensions=settings.versions.dimensions,
@@ -353,11 +355,15 @@ def build_app(
 
     async def reloader(app: web.Application) -> AsyncIterator[None]:
         # Last: it steers the data plane and the control plane, both built by now.
+        async def reconfigure_backends(backends: Sequence[Backend]) -> None:
+            export_backend_series(metrics, backends)
+            await app[CONTROL].reconfigure(backends)
+
         if reload_from is not None:
             app[RELOADER] = Reloader(
                 settings, reload_from,
                 reconfigure_dataplane=app[DATAPLANE].reconfigure,
-                reconfigure_backends=app[CONTROL].reconfigure,
+                reconfigure_backends=reconfigure_backends,
                 notify_peers=notify_peers,
             )
         yield

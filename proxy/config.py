@@ -304,6 +304,14 @@ class Settings(BaseSettings):
             raise ValueError("listen.port must be fixed when listen.workers > 1 (they share it)")
         if self.listen.workers > 1 and self.admin.enabled and self.admin.port == 0:
             raise ValueError("admin.port must be fixed when listen.workers > 1 (they share it)")
+        metrics_port = self.metrics.port
+        if metrics_port is not None:
+            if self.listen.workers > 1 and metrics_port == 0:
+                raise ValueError(
+                    "metrics.port must be fixed when listen.workers > 1 (they share it)")
+            taken = {self.listen.port, *((self.admin.port,) if self.admin.enabled else ())}
+            if metrics_port != 0 and metrics_port in taken:
+                raise ValueError("metrics.port must differ from listen.port and admin.port")
         ids = [b.id for b in self.backends]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:

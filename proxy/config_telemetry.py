@@ -63,6 +63,11 @@ class MetricsConfig(Section):
     # GET /metrics on the admin listener (add "/metrics" to admin.public_paths to let a
     # scraper in without the admin token).
     enabled: bool = True
+    # A listener of its own that serves GET /metrics only, without a token (for a
+    # cluster's Prometheus, while the admin API stays on loopback). Unset: off, and
+    # metrics are on the admin listener alone.
+    port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    host: Annotated[str, Field(min_length=1)] = "0.0.0.0"
     duration_buckets: tuple[float, ...] = (
         0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
     )

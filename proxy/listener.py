@@ -33,6 +33,7 @@ the integration tests (tests/integration/test_edge_*.py) pin what this relies on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -99,6 +100,12 @@ class EdgeOptions:
             max_connections_per_ip=0,
             retry_after_s=data.retry_after_s,
         )
+
+
+    @classmethod
+    def metrics_port(cls, settings: Settings) -> EdgeOptions:
+        """The separate metrics listener (``metrics.port``): the admin listener's limits."""
+        return dataclasses.replace(cls.admin_port(settings), name="metrics")
 
 
 class EdgeServer(web.Server):

@@ -27,6 +27,7 @@ from pydantic import SecretStr
 
 from proxy.admin.app import build_admin_app
 from proxy.admin.backend_urls import Resolver, system_resolve
+from proxy.admin.metrics_routes import install_metrics_only
 from proxy.admin.routes import installers
 from proxy.app import DRAIN, METRICS, RELOADER, SETTINGS, DataPlaneRunner, build_app
 from proxy.config_listen import is_loopback_address
@@ -168,6 +169,7 @@ async def serve(
         host, port = address[:2]
         logger.info("pinproxy listening on http://%s:%s", host, port)
     admin_runner = await _start_admin(app, settings, reuse_port=reuse_port)
+    metrics_runner_ = await _start_metrics(app, settings, reuse_port=reuse_port)
     gc_pauses = GcPauses(app[METRICS].gc_paused)
     gc_pauses.install()
     # Everything start-up allocated now lives as long as the process: freeze it.
@@ -214,8 +216,9 @@ async def serve(
             loop.remove_signal_handler(signum)
         for task in reloads:
             task.cancel()
-        if admin_runner is not None:
-            await admin_runner.cleanup()
+        for side in (admin_runner, metrics_runner_):
+            if side is not None:
+                await side.cleanup()
         await runner.cleanup()
         gc_pauses.uninstall()
         logger.info("stopped")
@@ -241,6 +244,30 @@ async def _start_admin(
     for address in runner.addresses:
         logger.info("admin API listening on http://%s:%s", *address[:2])
     return runner
+
+
+async def _start_metrics(
+    data_app: web.Application, settings: Settings, *, reuse_port: bool
+) -> web.AppRunner | None:
+    config = settings.metrics
+    if config.port is None or not config.enabled:
+        return None
+    runner = metrics_runner(data_app)
+    await runner.setup()
+    await web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port).start()
+    for address in runner.addresses:
+        logger.info("metrics listening on http://%s:%s/metrics", *address[:2])
+    return runner
+
+
+def metrics_runner(data_app: web.Application) -> web.AppRunner:
+    """The separate metrics listener's runner (``metrics.port``): GET /metrics, no token."""
+    return EdgeAppRunner(
+        build_admin_app(data_app, (install_metrics_only,), guarded=False),
+        options=EdgeOptions.metrics_port(data_app[SETTINGS]),
+        metrics=data_app[METRICS],
+        access_log=None,
+    )
 
 
 def admin_runner(

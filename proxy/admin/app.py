@@ -29,11 +29,21 @@ RouteInstaller = Callable[[web.Application], None]
 
 
 def build_admin_app(
-    data_app: web.Application, installers: tuple[RouteInstaller, ...] = ()
+    data_app: web.Application,
+    installers: tuple[RouteInstaller, ...] = (),
+    *,
+    guarded: bool = True,
 ) -> web.Application:
-    """The admin app over ``data_app``'s objects; each installer adds its routes."""
+    """The admin app over ``data_app``'s objects; each installer adds its routes.
+
+    ``guarded=False``: no token on any route (the separate metrics listener, which
+    serves nothing but ``/metrics``).
+    """
     config = data_app[SETTINGS].admin
-    token = config.token.get_secret_value().encode() if config.token is not None else None
+    token = (
+        config.token.get_secret_value().encode()
+        if config.token is not None and guarded else None
+    )
     public = frozenset(config.public_paths)
 
     @web.middleware
@@ -54,7 +64,7 @@ def build_admin_app(
 
     app = web.Application(middlewares=[guard], client_max_size=1024**2)
     app[DATA_APP] = data_app
-    if token is None:
+    if token is None and guarded:
         logger.warning("admin API has no token: it is bound to loopback only (%s)", config.host)
     for install in installers:
         install(app)
