@@ -15,8 +15,8 @@ from aiohttp import web
 
 from proxy.admin.api import Route, install
 from proxy.admin.app import DATA_APP
-from proxy.app import FLEET_METRICS, METRICS, SETTINGS, STORE
-from proxy.errors import NotFound, StoreUnavailable
+from proxy.app.build import FLEET_METRICS, METRICS, SETTINGS, STORE
+from proxy.core.errors import NotFound, StoreUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -1,4 +1,4 @@
-"""``POST /admin/reload``: re-read the config file and apply it live (proxy/reload.py).
+"""``POST /admin/reload``: re-read the config file and apply it live (proxy/app/reload.py).
 
 Answers 200 with what changed (``unchanged`` when the file says what is running);
 refuses an invalid file with ``422 invalid_config`` and a change that needs a restart
@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field
 
 from proxy.admin.api import Route, reply
 from proxy.admin.app import DATA_APP
-from proxy.app import RELOADER
-from proxy.errors import Conflict
+from proxy.app.build import RELOADER
+from proxy.core.errors import Conflict
 
 if TYPE_CHECKING:
     from aiohttp import web

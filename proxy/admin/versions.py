@@ -17,15 +17,15 @@ from pydantic import BaseModel, Field
 from proxy.admin.api import Route, int_query, integer_param, reply
 from proxy.admin.app import DATA_APP
 from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref
-from proxy.app import DATAPLANE
-from proxy.models import prompt_of
+from proxy.app.build import DATAPLANE
+from proxy.core.models import prompt_of
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from aiohttp import web
 
-    from proxy.traffic import Window
+    from proxy.telemetry.traffic import Window
 
 _TAGS = ("versions",)
 SHORT_WINDOW_S = 300
