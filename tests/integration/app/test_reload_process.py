@@ -7,8 +7,10 @@ took the admin call.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -42,6 +44,13 @@ def _messages(proxy: ProxyProcess, prefix: str) -> list[tuple[object, str]]:
             if message.startswith(prefix):
                 out.append((line.get("worker"), message))
     return out
+
+
+def _worker_pids(supervisor: int) -> list[int]:
+    """The supervisor's worker processes (spawned children, not its resource tracker)."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [int(pid) for pid in children
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
 async def _backend_ids(admin_url: str) -> set[str]:
@@ -109,6 +118,19 @@ async def test_with_two_workers_an_admin_reload_and_a_sighup_reach_each_worker(
         lambda: {w for w, _ in _messages(proxy, "config reloaded: changed backends")} == {0, 1},
         "both workers reloaded")
     # Every worker now routes with pop-b, whichever answers.
+    for _ in range(8):
+        assert await _backend_ids(admin_url) == {"pop-a", "pop-b"}
+
+    # A worker that dies is restarted with the start's settings and catches up at once.
+    assert proxy.proc is not None
+    (victim, *_) = _worker_pids(proxy.proc.pid)
+    os.kill(victim, signal.SIGKILL)
+    await proxy.until(lambda: bool(_messages(proxy, "worker ")), "the restart")
+    await proxy.until(
+        lambda: len(_messages(proxy, "config reloaded: changed backends")) == 3,
+        "the restarted worker caught up")
+    await proxy.until(lambda: len(_messages(proxy, "admin API listening")) == 3,
+                      "the restarted worker listening")
     for _ in range(8):
         assert await _backend_ids(admin_url) == {"pop-a", "pop-b"}
 
