@@ -116,7 +116,7 @@ class Reloader:
             text = str(exc)
             raise ReloadRefused(
                 f"the new config is invalid; the running one stays: {text}",
-                code="invalid_config", status=422, fields=_fields_of(text),
+                code="invalid_config", status=422, fields=exc.fields,
             ) from exc
         plan = plan_reload(self._current, new)
         if not plan.allowed:
@@ -136,12 +136,3 @@ class Reloader:
 
     def __repr__(self) -> str:
         return f"Reloader(backends={len(self._current.backends)})"
-
-
-def _fields_of(text: str) -> list[str]:
-    """The field names of a ``ConfigError``'s ``  field: reason`` lines."""
-    fields = []
-    for line in text.splitlines():
-        if line.startswith("  ") and ": " in line:
-            fields.append(line.strip().split(": ", 1)[0])
-    return fields

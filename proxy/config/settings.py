@@ -337,12 +337,15 @@ class Settings(BaseSettings):
         return data
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
+def _describe(exc: ValidationError) -> ConfigError:
+    lines, fields = [], []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(settings)"
         lines.append(f"  {where}: {err['msg']}")
-    return "invalid configuration:\n" + "\n".join(lines)
+        fields.append(where)
+    error = ConfigError("invalid configuration:\n" + "\n".join(lines))
+    error.fields = tuple(dict.fromkeys(fields))  # each once, in order
+    return error
 
 
 def settings_from_mapping(data: dict[str, Any]) -> Settings:
@@ -353,7 +356,7 @@ def settings_from_mapping(data: dict[str, Any]) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from exc
+        raise _describe(exc) from exc
 
 
 def load_settings(path: str | Path) -> Settings:

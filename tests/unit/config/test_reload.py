@@ -124,6 +124,7 @@ def test_the_config_source_reads_the_file_with_the_command_line_overrides(
     source = ConfigSource(path, {"listen": {"port": 9000}})
     loaded = source()
     assert (loaded.listen.port, loaded.routing.pin_wait_ms) == (9000, 300)
-    path.write_text('[routing]\npin_wait_ms = -1\n')
-    with pytest.raises(ConfigError, match=r"routing\.pin_wait_ms"):
+    path.write_text('[routing]\npin_wait_ms = -1\nmax_attempts = 0\n')
+    with pytest.raises(ConfigError, match=r"routing\.pin_wait_ms") as refused:
         source()
+    assert refused.value.fields == ("routing.pin_wait_ms", "routing.max_attempts")
