@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 from proxy.config.reload import ReloadPlan, plan_reload
 from proxy.core.errors import ConfigError, ProxyError
+from proxy.telemetry.logs import set_log_level
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -131,6 +132,9 @@ class Reloader:
         # new policies (e.g. a newly admitted version) from its first request.
         self._dataplane(new)
         await self._backends(new.backend_models())
+        if "log.level" in plan.changed:
+            # Before the outcome is logged: that line obeys the new level too.
+            set_log_level(new.log)
         self._current = new
         return ReloadResult("applied", plan)
 

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 # The settings a reload applies. A path is live when it is one of these or lies under
-# one. Each is read by the data plane's policies (proxy/dataplane/live_policy.py) or is the
-# backend list the control plane reconciles the registry with.
+# one. Each is read by the data plane's policies (proxy/dataplane/live_policy.py), is the
+# backend list the control plane reconciles the registry with, or is the root logger's
+# level.
 LIVE: Final = frozenset({
     "backends",
     "routing.pinning",
@@ -40,6 +41,7 @@ LIVE: Final = frozenset({
     "sessions.max_scan_bytes",
     "sessions.on_lost_pin",
     "sessions.lost_pin_refuse_s",
+    "log.level",
 })
 
 

@@ -7,8 +7,10 @@ took the admin call.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,11 +24,11 @@ CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hello"}]}
 
 
 def _config(admin_port: int, backends: list[tuple[str, str]], *, redis_url: str | None = None,
-            extra: str = "") -> str:
+            extra: str = "", level: str = "info") -> str:
     store = f'[store]\nkind = "redis"\nurl = "{redis_url}"\n' if redis_url else ""
     text = (
         f'[listen]\nhost = "127.0.0.1"\nshutdown_timeout_s = 5\n{store}'
-        f'[discovery]\ninterval_s = 0.2\n[log]\nlevel = "info"\nformat = "json"\n'
+        f'[discovery]\ninterval_s = 0.2\n[log]\nlevel = "{level}"\nformat = "json"\n'
         f'[admin]\nport = {admin_port}\n{extra}'
     )
     for backend_id, url in backends:
@@ -94,6 +96,22 @@ async def test_sighup_reloads_the_file_and_a_bad_file_is_one_log_line(
     ) as resp:
         assert resp.status == 200
     assert proxy.proc.poll() is None
+
+    # log.level changes live: at "warning" this reload's INFO outcome line is not
+    # written, while the next refusal (a WARNING, logged after it) is.
+    proxy.config_path.write_text(_config(admin_port, [("pop-a", a.url)], level="warning"))
+    proxy.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while await _backend_ids(admin_url) != {"pop-a"}:
+        assert time.monotonic() < deadline, proxy.log()
+        await asyncio.sleep(0.05)
+    proxy.config_path.write_text(
+        _config(admin_port, [("pop-a", a.url)], extra="[routing]\nmax_attempts = 0\n"))
+    proxy.proc.send_signal(signal.SIGHUP)
+    await proxy.until(lambda: len(_messages(proxy, "config reload refused")) == 2,
+                      "second refusal")
+    assert await _backend_ids(admin_url) == {"pop-a"}
+    assert len(_messages(proxy, "config reloaded")) == 1
 
 
 async def test_with_two_workers_an_admin_reload_and_a_sighup_reach_each_worker(

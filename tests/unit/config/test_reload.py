@@ -48,11 +48,12 @@ def test_routing_and_session_policies_change_live() -> None:
         routing={"pin_wait_ms": 100, "max_attempts": 2},
         versions={"admitted_for_new_sessions": ["v2"]},
         sessions={"required": True, "on_lost_pin": "mark"},
+        log={"level": "debug"},
     )
     plan = plan_reload(settings(), new)
     assert plan.allowed
     assert plan.changed == (
-        "routing.max_attempts", "routing.pin_wait_ms", "sessions.on_lost_pin",
+        "log.level", "routing.max_attempts", "routing.pin_wait_ms", "sessions.on_lost_pin",
         "sessions.required", "versions.admitted_for_new_sessions",
     )
 
