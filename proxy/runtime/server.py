@@ -313,7 +313,8 @@ def _supervise(settings: Settings, source: Callable[[], Settings] | None) -> int
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_sighup)
+    if source is not None:  # else SIGHUP keeps its default: nothing could re-read it
+        signal.signal(signal.SIGHUP, on_sighup)
     reloaded = False  # a worker started after a reload must catch up with it
 
     def start(index: int) -> BaseProcess:
