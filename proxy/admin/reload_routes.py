@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from proxy.admin.api import Route, reply
-from proxy.admin.app import DATA_APP
-from proxy.app.build import RELOADER
+from proxy.admin.app import SERVICES
 from proxy.core.errors import Conflict
 
 if TYPE_CHECKING:
@@ -32,7 +31,7 @@ class ReloadView(BaseModel):
 
 
 async def _reload(request: web.Request) -> web.StreamResponse:
-    reloader = request.app[DATA_APP].get(RELOADER)
+    reloader = request.app[SERVICES].reloader
     if reloader is None:
         raise Conflict("this proxy was not started from a config file: nothing to re-read",
                        code="reload_unavailable")

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from proxy.admin.api import Route, int_query, integer_param, reply
-from proxy.admin.app import DATA_APP
+from proxy.admin.app import SERVICES
 from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref
-from proxy.app.build import DATAPLANE
 from proxy.core.models import prompt_of
 
 if TYPE_CHECKING:
@@ -134,7 +133,7 @@ async def _pinned(fleet: Fleet, keys: Iterable[str]) -> dict[str, int]:
 async def _list_versions(request: web.Request) -> web.StreamResponse:
     fleet = Fleet.of(request)
     snapshot = fleet.registry.snapshot
-    policy = request.app[DATA_APP][DATAPLANE].routing_policy  # as reloaded
+    policy = request.app[SERVICES].dataplane.routing_policy  # as reloaded
     short = await fleet.traffic.window(SHORT_WINDOW_S)
     long = await fleet.traffic.window(LONG_WINDOW_S)
     keys = sorted(set(snapshot.by_key) | set(long.by_version()))

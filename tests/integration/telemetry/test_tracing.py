@@ -171,11 +171,16 @@ def test_tracing_is_on_when_an_endpoint_is_configured_or_in_otel_variables(
 def test_without_an_endpoint_opentelemetry_is_never_imported() -> None:
     script = textwrap.dedent(
         """
+        import asyncio
         import sys
-        from proxy.app.build import TELEMETRY, build_app
+        from proxy.app.services import open_services
         from proxy.config.settings import Settings
-        app = build_app(Settings())
-        assert app[TELEMETRY].tracing is None
+
+        async def check() -> None:
+            async with open_services(Settings()) as services:
+                assert services.telemetry.tracing is None
+
+        asyncio.run(check())
         # redis-py >= 8 loads OpenTelemetry's *metrics* API by itself when it is
         # installed; pinproxy's tracing, the tracing SDK and exporters stay unloaded.
         ours = ("proxy.telemetry.tracing", "opentelemetry.sdk.trace", "opentelemetry.exporter")
@@ -225,9 +230,8 @@ async def test_spans_reach_a_real_otlp_receiver_configured_by_otel_variables(
             assert r.status == 200
             await r.read()
         # The batch processor exports from its own thread; shutting down flushes it.
-        from proxy.app.build import TELEMETRY
 
-        tracing = proxy.app[TELEMETRY].tracing
+        tracing = proxy.services.telemetry.tracing
         assert tracing is not None
         await asyncio.to_thread(tracing.close)
         spans = [(rs, span) for export in received for rs in export.resource_spans
