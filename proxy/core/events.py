@@ -52,6 +52,7 @@ class RequestEvent:
     # requested model from it, only for a span it records.
     request_body: bytes | None = None
     response_model: str | None = None  # the model the answer named, when it named one
+    client: str | None = None  # the client's address, as resolved (forwarded.py)
 
     @property
     def trace_continued(self) -> bool:
@@ -89,6 +90,7 @@ class Outcome:
     usage: Usage | None = None
     structured_output_valid: bool | None = None
     response_model: str | None = None
+    client: str | None = None
 
     def event(
         self,
@@ -124,5 +126,6 @@ class Outcome:
             incoming_traceparent=incoming_traceparent,
             request_body=self.request_body,
             response_model=self.response_model,
+            client=self.client,
         )
 

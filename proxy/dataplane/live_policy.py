@@ -52,7 +52,9 @@ class LivePolicies:
                 max_attempts=routing.max_attempts,
             ),
             body_reader=SessionBodyReader(
-                settings.sessions, settings.upstream.max_buffered_body_bytes
+                settings.sessions,
+                settings.upstream.max_buffered_body_bytes,
+                settings.listen.max_request_body_bytes,
             ),
             lost_pin=LostPinPolicy(settings.sessions, metrics, routing.retry_after_s),
             retry_budget_percent=routing.retry_budget_percent,
