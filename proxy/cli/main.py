@@ -5,18 +5,21 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
 
-from proxy.config.settings import Settings, load_settings, settings_from_mapping
+from proxy.config.reload import ConfigSource
 from proxy.core.errors import ConfigError
 from proxy.runtime.preflight import require_extras, startup_warnings
 from proxy.telemetry.logs import configure_logging
 from proxy.upstream.tls import check_tls_files
 
 logger = logging.getLogger("pinproxy")
+
+if TYPE_CHECKING:
+    from proxy.config.settings import Settings
 
 
 class StartupFailed(click.ClickException):
@@ -27,14 +30,7 @@ class StartupFailed(click.ClickException):
 
 def _load(path: Path, overrides: dict[str, Any]) -> Settings:
     try:
-        settings = load_settings(path)
-        if overrides:
-            data = settings.model_dump(mode="python")
-            for section, fields in overrides.items():
-                data[section].update(fields)
-            if data["store"].get("password") is not None:
-                data["store"]["password"] = data["store"]["password"].get_secret_value()
-            settings = settings_from_mapping(data)
+        settings = ConfigSource(path, overrides)()
         check_tls_files(settings.upstream)  # a bad PEM stops the start, not the first request
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -67,8 +63,10 @@ def serve(config_path: Path, workers: int | None, host: str | None, port: int | 
     listen = {
         k: v for k, v in (("workers", workers), ("host", host), ("port", port)) if v is not None
     }
+    overrides = {"listen": listen} if listen else {}
+    source = ConfigSource(config_path, overrides)
     try:
-        settings = _load(config_path, {"listen": listen} if listen else {})
+        settings = _load(config_path, overrides)
     except click.ClickException as exc:
         raise StartupFailed(exc.message) from exc
     configure_logging(settings.log)
@@ -76,7 +74,7 @@ def serve(config_path: Path, workers: int | None, host: str | None, port: int | 
         logger.warning("%s", warning)
     try:
         require_extras(settings)
-        code = run(settings)
+        code = run(settings, source)
     except ConfigError as exc:  # found only once binding: a busy port, what a host resolved to
         raise StartupFailed(str(exc)) from exc
     sys.exit(code)

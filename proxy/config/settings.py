@@ -33,7 +33,7 @@ from proxy.config.observability import AuditConfig, LogConfig, MetricsConfig, Se
 from proxy.config.rollout import RolloutConfig
 from proxy.config.store import StoreConfig
 from proxy.core.errors import ConfigError
-from proxy.core.models import DIMENSIONS, Dimension, VersionSource
+from proxy.core.models import DIMENSIONS, Backend, Dimension, VersionSource
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -312,11 +312,26 @@ class Settings(BaseSettings):
             )
         if self.listen.workers > 1 and self.admin.enabled and self.admin.port == 0:
             raise ValueError("admin.port must be fixed when listen.workers > 1 (they share it)")
+        metrics_port = self.metrics.port
+        if metrics_port is not None:
+            if self.listen.workers > 1 and metrics_port == 0:
+                raise ValueError(
+                    "metrics.port must be fixed when listen.workers > 1 (they share it)")
+            taken = {self.listen.port, *((self.admin.port,) if self.admin.enabled else ())}
+            if metrics_port != 0 and metrics_port in taken:
+                raise ValueError("metrics.port must differ from listen.port and admin.port")
         ids = [b.id for b in self.backends]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"backends: duplicate id(s) {', '.join(duplicates)}")
         return self
+
+    def backend_models(self) -> tuple[Backend, ...]:
+        """The configured backends as the registry's value type."""
+        return tuple(
+            Backend(id=b.id, region=b.region, url=b.url, version_source=b.version_source)
+            for b in self.backends
+        )
 
     def masked(self) -> dict[str, Any]:
         """The resolved settings as plain data, with secrets masked (for check-config)."""
@@ -334,8 +349,8 @@ class Settings(BaseSettings):
         return data
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
+def _describe(exc: ValidationError) -> ConfigError:
+    lines, fields = [], []
     for err in exc.errors():
         if not err["loc"]:
             # A rule across sections (Settings._consistent): its message names the fields.
@@ -343,7 +358,10 @@ def _describe(exc: ValidationError) -> str:
             continue
         where = ".".join(str(p) for p in err["loc"])
         lines.append(f"  {where}: {err['msg']}")
-    return "invalid configuration:\n" + "\n".join(lines)
+        fields.append(where)
+    error = ConfigError("invalid configuration:\n" + "\n".join(lines))
+    error.fields = tuple(dict.fromkeys(fields))  # each once, in order
+    return error
 
 
 def settings_from_mapping(data: dict[str, Any]) -> Settings:
@@ -356,7 +374,7 @@ def settings_from_mapping(data: dict[str, Any]) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from exc
+        raise _describe(exc) from exc
 
 
 def load_settings(path: str | Path) -> Settings:

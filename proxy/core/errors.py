@@ -278,7 +278,10 @@ class UpstreamBodyError(UpstreamError):
 
 
 class ConfigError(Exception):
-    """Invalid configuration; raised at start, never at request time."""
+    """Invalid configuration; raised at start (or by a refused live reload), never at
+    request time. ``fields``: the dotted names of the settings at fault, when known."""
+
+    fields: tuple[str, ...] = ()
 
 
 class StartupError(ConfigError):

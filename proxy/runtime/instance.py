@@ -1,9 +1,10 @@
 """One running proxy: the services, the data port and the admin port, in one context.
 
 ``running_proxy`` opens the services (:func:`proxy.app.services.open_services`), starts
-the data port and then the admin port, and on exit stops them in reverse: the admin
-listener, then the data listener (which stops accepting, then gives in-flight
-requests ``listen.shutdown_timeout_s`` to finish), then the services. The server
+the data port, the admin port and the optional metrics port, and on exit stops them in
+reverse: the metrics and admin listeners, then the data listener (which stops
+accepting, then gives in-flight requests ``listen.shutdown_timeout_s`` to finish), then
+the services. The server
 process, the demo and the tests all run the proxy through it, so they cannot differ.
 """
 
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from proxy.admin.app import build_admin_app
 from proxy.admin.backend_urls import Resolver, system_resolve
+from proxy.admin.metrics_routes import install_metrics_only
 from proxy.admin.routes import installers
 from proxy.app.dataport import data_port_runner
 from proxy.app.services import Services, open_services
@@ -39,7 +41,7 @@ class RunningProxy:
     services: Services
     data_addresses: tuple[tuple[str, int], ...]
     admin_addresses: tuple[tuple[str, int], ...]  # empty when admin.enabled is false
-
+    metrics_addresses: tuple[tuple[str, int], ...] = ()  # the metrics.port listener
     @property
     def url(self) -> str:
         host, port = self.data_addresses[0]
@@ -100,7 +102,17 @@ async def running_proxy(
                     "exposing the admin API"
                 )
             admin_addresses = _addresses(admin.addresses)
-        yield RunningProxy(services, _addresses(data.addresses), admin_addresses)
+        metrics_addresses: tuple[tuple[str, int], ...] = ()
+        if settings.metrics.port is not None and settings.metrics.enabled:
+            scrape = metrics_runner(services)
+            await scrape.setup()
+            stack.push_async_callback(scrape.cleanup)
+            await web.TCPSite(
+                scrape, settings.metrics.host, settings.metrics.port, reuse_port=reuse_port
+            ).start()
+            metrics_addresses = _addresses(scrape.addresses)
+        yield RunningProxy(services, _addresses(data.addresses), admin_addresses,
+                           metrics_addresses)
 
 
 async def _listen(site: web.TCPSite, setting: str, host: str, port: int) -> None:
@@ -117,6 +129,16 @@ def admin_runner(services: Services, resolve: Resolver = system_resolve) -> web.
     return EdgeAppRunner(
         build_admin_app(services, installers(resolve)),
         options=EdgeOptions.admin_port(services.settings),
+        metrics=services.metrics,
+        access_log=None,
+    )
+
+
+def metrics_runner(services: Services) -> web.AppRunner:
+    """The separate metrics listener's runner (``metrics.port``): GET /metrics, no token."""
+    return EdgeAppRunner(
+        build_admin_app(services, (install_metrics_only,), guarded=False),
+        options=EdgeOptions.metrics_port(services.settings),
         metrics=services.metrics,
         access_log=None,
     )
