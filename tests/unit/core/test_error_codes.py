@@ -14,7 +14,10 @@ import pytest
 import proxy
 from proxy.core.errors import ProxyError, StoreUnavailable
 
-_SAMPLE_ARGS: dict[Any, Any] = {str: "x", "str": "x", int: 3, "int": 3, bool: False, "bool": False}
+_SAMPLE_ARGS: dict[Any, Any] = {
+    str: "x", "str": "x", int: 3, "int": 3, bool: False, "bool": False,
+    "Sequence[str]": ("listen.port",),
+}
 
 
 def _all_error_classes() -> list[type[ProxyError]]:
