@@ -71,7 +71,7 @@ METRICS = web.AppKey("metrics", ProxyMetrics)
 FLEET_METRICS = web.AppKey("fleet_metrics", FleetCollector)  # gauges computed per scrape
 TELEMETRY = web.AppKey("telemetry", Telemetry)  # metrics, request log and trace observers
 HTTP = web.AppKey("http", aiohttp.ClientSession)
-HTTP1 = web.AppKey("http1", Http1Pool)  # the lean client for held bodies
+HTTP1 = web.AppKey("http1", Http1Pool)  # the one client for proxied requests
 STORE = web.AppKey("store", PinStore)
 DISCOVERY = web.AppKey("discovery", Discovery)
 DATAPLANE = web.AppKey("dataplane", DataPlane)
@@ -278,7 +278,7 @@ def build_app(
             registry=app[REGISTRY],
             store=app[STORE],
             loads=app[LOADS],
-            upstream=Upstream(app[HTTP], app[HTTP1]),
+            upstream=Upstream(app[HTTP1]),
             metrics=app[METRICS],
             clock=clock,
             rng=rng,

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.config.settings import UpstreamConfig
 from proxy.core.errors import UpstreamConnectError
-from proxy.upstream.http1 import Target
+from proxy.upstream.framing import Target
 from proxy.upstream.pool import Http1Pool
 from tests.fixtures.proxy import StartProxy
 
