@@ -14,11 +14,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
+from proxy.core.errors import BadRequest
+
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import AsyncIterable, AsyncIterator, Mapping
 
 _NO_CONTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-LAST_CHUNK: Final = b"0\r\n\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
 
 Origin = tuple[str, str, int]  # scheme, host, port
 
@@ -85,6 +87,27 @@ def streamed_head(
     return _encode(parts), declared
 
 
-def chunk(data: bytes) -> bytes:
-    """One piece of a chunked body, framed (never empty: that would end the body)."""
-    return b"%x\r\n%s\r\n" % (len(data), data)
+async def framed_body(body: AsyncIterable[bytes], declared: int | None) -> AsyncIterator[bytes]:
+    """A streamed body's bytes as written: each piece raw under a ``declared`` length,
+    else as one chunk (an empty piece is skipped: it would end the body), then the last.
+
+    A body longer or shorter than it declared raises ``BadRequest`` (a stream the edge
+    passed should never be; the connection it was written to is then closed).
+    """
+    sent = 0
+    async for data in body:
+        if not data:
+            continue
+        sent += len(data)
+        if declared is None:
+            yield b"%x\r\n%s\r\n" % (len(data), data)
+            continue
+        if sent > declared:
+            raise BadRequest("malformed request: the body is longer than its Content-Length",
+                             code="bad_http_request")
+        yield data
+    if declared is None:
+        yield _LAST_CHUNK
+    elif sent != declared:
+        raise BadRequest("malformed request: the body ended before its Content-Length",
+                         code="bad_http_request")

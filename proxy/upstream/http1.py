@@ -45,13 +45,13 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.core.errors import (
-    BadRequest,
     UpstreamBodyError,
     UpstreamDropped,
     UpstreamError,
     UpstreamTimeout,
 )
-from proxy.upstream.framing import LAST_CHUNK, Origin, Target, chunk, request_bytes
+from proxy.upstream.framing import Origin, Target, framed_body, request_bytes
+from proxy.upstream.response import Http1Response
 from proxy.upstream.state import ConnState, Lost, keep_alive_of, lost, reusable
 
 if TYPE_CHECKING:
@@ -60,48 +60,6 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "ConnectionOwner", "Http1Response", "Origin", "Target", "request_bytes"]
 
 _HIGH_WATER: Final = 256 * 1024
-
-
-class Http1Response:
-    """A response whose head is in; the body is read with ``read_chunk``."""
-
-    __slots__ = ("_conn", "content_type", "headers", "reason", "status")
-
-    def __init__(self, conn: Connection, status: int, reason: str,
-                 headers: CIMultiDictProxy[str]) -> None:
-        self._conn = conn
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        content_type = headers.get("Content-Type")
-        self.content_type = (
-            "application/octet-stream"
-            if content_type is None
-            else content_type.partition(";")[0].strip().lower()
-        )
-
-    async def read_chunk(self) -> bytes:
-        """The next part of the body (all that has arrived); ``b""`` at its end."""
-        return await self._conn.read_chunk()
-
-    def whole_body(self) -> bytes | None:
-        """The whole body when all of it has already arrived (then read), else None.
-
-        None for an answer to HEAD: its framing headers describe a body it never has,
-        and are relayed as they are rather than recomputed for an empty one.
-        """
-        return self._conn.whole_body()
-
-    def release(self) -> None:
-        """Done with a fully read response: the connection may serve another request."""
-        self._conn.finish(reuse=True)
-
-    def close(self) -> None:
-        """Done before the end (or after an error): the connection is closed."""
-        self._conn.finish(reuse=False)
-
-    def __repr__(self) -> str:
-        return f"Http1Response({self.status}, {self._conn!r})"
 
 
 class ConnectionOwner(Protocol):
@@ -168,7 +126,7 @@ class Connection(asyncio.Protocol):
         ``declared``: the body's Content-Length, else it is framed chunked.
         """
         self._start(head, head_only=False)
-        self._writer = self._loop.create_task(self._write_body(body, declared))
+        self._writer = self._loop.create_task(self._write_body(framed_body(body, declared)))
 
     def _start(self, payload: bytes, head_only: bool) -> None:
         assert self._transport is not None
@@ -177,30 +135,16 @@ class Connection(asyncio.Protocol):
         self._last_io = self._loop.time()
         self._transport.write(payload)
 
-    async def _write_body(self, body: AsyncIterable[bytes], declared: int | None) -> None:
-        sent = 0
+    async def _write_body(self, wire: AsyncIterable[bytes]) -> None:
         try:
-            async for data in body:
+            async for data in wire:
                 if self.closed:
                     return
-                if not data:
-                    continue  # an empty chunk would end a chunked body
-                sent += len(data)
-                if declared is not None and sent > declared:
-                    raise BadRequest("malformed request: the body is longer than its "
-                                     "Content-Length", code="bad_http_request")
-                self._write(data if declared is not None else chunk(data))
+                self._write(data)
                 if self._drain is not None:
-                    await self._drain
-            if self.closed:
-                return
-            if declared is None:
-                self._write(LAST_CHUNK)
-            elif sent != declared:
-                raise BadRequest("malformed request: the body ended before its "
-                                 "Content-Length", code="bad_http_request")
-            self._request_sent = True
-        except Exception as exc:  # the client's stream failed, or the write did
+                    await self._drain  # the transport's buffer is full: wait for it
+            self._request_sent = not self.closed
+        except Exception as exc:  # the client's stream failed, or its framing did
             if self.state is ConnState.AWAITING_HEAD:
                 self._error = exc  # what the request raises: the client's own failure
                 self._wake()
