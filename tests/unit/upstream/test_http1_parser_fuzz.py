@@ -1,4 +1,4 @@
-"""The lean client's response parsing (llhttp callbacks in ``http1.Connection``), fuzzed.
+"""The upstream client's response parsing (llhttp callbacks in ``http1.Connection``), fuzzed.
 
 Each example runs a ``Connection`` on a real socket pair: the response bytes are handed
 to ``data_received`` at exactly the generated split points (TCP would coalesce them),
