@@ -195,7 +195,7 @@ class Connection(asyncio.Protocol):
             return
         if reuse and reusable(
             self.state, keep_alive=self._keep_alive, request_sent=self._request_sent,
-            unread=bool(self._chunks), pool_open=True,
+            unread=bool(self._chunks),
         ):
             self._cancel_timer()
             if self._head_only:

@@ -56,19 +56,16 @@ def idle_verdict(*, usable: bool, age_s: float, keepalive_s: float, quiet_s: flo
     return IdleVerdict.LEND
 
 
-def reusable(
-    state: ConnState, *, keep_alive: bool, request_sent: bool, unread: bool, pool_open: bool
-) -> bool:
+def reusable(state: ConnState, *, keep_alive: bool, request_sent: bool, unread: bool) -> bool:
     """Whether a finished connection goes back to the pool rather than being closed.
 
     Only when its response was read to its end (``COMPLETE``), both sides allow
     keep-alive, the whole request body was written (a streamed body cut short leaves
-    the backend waiting for the rest), nothing unread is buffered and the pool is open:
-    a connection never carries half an exchange into the next request.
+    the backend waiting for the rest) and nothing unread is buffered: a connection never
+    carries half an exchange into the next request. (A closed pool closes what it is
+    given back: ``Http1Pool.put_idle``.)
     """
-    return (
-        state is ConnState.COMPLETE and keep_alive and request_sent and not unread and pool_open
-    )
+    return state is ConnState.COMPLETE and keep_alive and request_sent and not unread
 
 
 def may_replay(*, replayable: bool, streamed: bool, reused: bool, got_bytes: bool) -> bool:

@@ -25,14 +25,13 @@ SECONDS = st.floats(min_value=0, max_value=1e6, allow_nan=False)
 
 
 @given(state=STATES, keep_alive=st.booleans(), request_sent=st.booleans(),
-       unread=st.booleans(), pool_open=st.booleans())
+       unread=st.booleans())
 def test_a_connection_is_reused_only_after_a_whole_clean_exchange(
-    state: ConnState, keep_alive: bool, request_sent: bool, unread: bool, pool_open: bool
+    state: ConnState, keep_alive: bool, request_sent: bool, unread: bool
 ) -> None:
-    reuse = reusable(state, keep_alive=keep_alive, request_sent=request_sent, unread=unread,
-                     pool_open=pool_open)
+    reuse = reusable(state, keep_alive=keep_alive, request_sent=request_sent, unread=unread)
     clean = state is ConnState.COMPLETE and keep_alive and request_sent and not unread
-    assert reuse == (clean and pool_open)
+    assert reuse == clean
 
 
 @given(replayable=st.booleans(), streamed=st.booleans(), reused=st.booleans(),
