@@ -83,6 +83,11 @@ def make_client_session(
             sock_read=config.read_idle_timeout_s,
         ),
         trust_env=False,
+        # Response heads of the polls: no single line beyond the whole head's cap, no
+        # more headers than allowed (the proxied requests' client checks its own).
+        max_line_size=config.max_response_head_bytes,
+        max_field_size=config.max_response_head_bytes,
+        max_headers=config.max_response_headers,
     )
 
 

@@ -25,6 +25,11 @@ the response, and body chunks are handed to the relay as they arrive. The decisi
   the method): it is complete with its head, keep-alive is read off its head, and the
   next request gets a fresh parser.
 - Interim answers (100 Continue, 103 Early Hints) are skipped; the final head follows.
+- Response heads are bounded (``state.HeadLimits``): bytes received while the head is
+  awaited (interim heads included) beyond ``max_bytes``, or a header beyond
+  ``max_headers``, fail the request with ``UpstreamHeadTooLarge`` and close the
+  connection; nothing of that head is relayed, and at most one read past the cap is
+  buffered.
 - Backpressure on reading: past ``_HIGH_WATER`` unread bytes the socket stops being read
   until the relay takes what is buffered (it always takes all of it at once).
 - A response ends the connection's business until it is finished: bytes past its end
@@ -48,16 +53,27 @@ from proxy.core.errors import (
     UpstreamBodyError,
     UpstreamDropped,
     UpstreamError,
+    UpstreamHeadTooLarge,
     UpstreamTimeout,
 )
 from proxy.upstream.framing import Origin, Target, framed_body, request_bytes
 from proxy.upstream.response import Http1Response
-from proxy.upstream.state import ConnState, Lost, keep_alive_of, lost, reusable
+from proxy.upstream.state import (
+    DEFAULT_HEAD_LIMITS,
+    ConnState,
+    HeadLimits,
+    Lost,
+    keep_alive_of,
+    lost,
+    response_head_size,
+    reusable,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable
 
-__all__ = ["Connection", "ConnectionOwner", "Http1Response", "Origin", "Target", "request_bytes"]
+__all__ = ["Connection", "ConnectionOwner", "HeadLimits", "Http1Response", "Origin", "Target",
+           "request_bytes"]
 
 _HIGH_WATER: Final = 256 * 1024
 
@@ -77,8 +93,15 @@ class ConnectionOwner(Protocol):
 class Connection(asyncio.Protocol):
     """One keep-alive connection; llhttp's callbacks (``on_*``) fill in the response."""
 
-    def __init__(self, pool: ConnectionOwner, origin: Origin, idle_timeout_s: float) -> None:
+    def __init__(
+        self,
+        pool: ConnectionOwner,
+        origin: Origin,
+        idle_timeout_s: float,
+        limits: HeadLimits = DEFAULT_HEAD_LIMITS,
+    ) -> None:
         self._pool = pool
+        self._limits = limits
         self.origin = origin
         self._loop = asyncio.get_running_loop()
         self._idle_timeout_s = idle_timeout_s
@@ -98,6 +121,8 @@ class Connection(asyncio.Protocol):
         self.state = ConnState.IDLE
         self._reason: list[bytes] = []
         self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # received while the head is awaited (interim heads too)
+        self._head_size = 0  # of the heads parsed so far (interim ones)
         self._interim = False
         self._head_only = False  # answering HEAD: no body, whatever the head says
         self._head: Http1Response | None = None
@@ -301,16 +326,30 @@ class Connection(asyncio.Protocol):
             # Bytes nobody asked for: the connection's framing can no longer be trusted.
             self.abort()
             return
+        awaiting_head = self._head is None
+        if awaiting_head:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
+            if awaiting_head and self._head is None:
+                # No end of the head yet: refuse it without buffering the rest.
+                self._check_head(self._head_bytes, len(self._raw_headers))
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("the backend switched protocols"))
             self.abort()
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, UpstreamHeadTooLarge) as exc:
+            # A head over the limits failed already (its callback raised): that error stays.
             message = "the backend sent an invalid response"
             self._fail(UpstreamBodyError(message) if self._head else UpstreamError(message))
             self.abort()
             del exc
+
+    def _check_head(self, size: int, count: int) -> None:
+        problem = self._limits.exceeded(size, count)
+        if problem is not None:
+            error = UpstreamHeadTooLarge(problem)
+            self._fail(error)
+            raise error  # out of llhttp's callback or feed_data: stop parsing
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost tells the rest
@@ -346,8 +385,13 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw_headers.append((name, value))
+        if len(self._raw_headers) > self._limits.max_headers:
+            self._check_head(0, len(self._raw_headers))
 
     def on_headers_complete(self) -> None:
+        size = self._head_size + response_head_size(sum(map(len, self._reason)), self._raw_headers)
+        self._check_head(size, len(self._raw_headers))
+        self._head_size = size  # an interim head's bytes count against the final one's cap
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final
 from proxy.core.errors import UpstreamConnectError, UpstreamDropped
 from proxy.upstream.framing import Origin, Target, request_bytes, streamed_head
 from proxy.upstream.http1 import Connection, Http1Response
-from proxy.upstream.state import IdleVerdict, idle_verdict, may_replay
+from proxy.upstream.state import HeadLimits, IdleVerdict, idle_verdict, may_replay
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, Mapping
@@ -47,6 +47,7 @@ class Http1Pool:
         self._limit_per_origin = config.pool_size_per_host
         self._keepalive_s = keepalive_s
         self._quiet_s = config.reuse_quiet_ms / 1000
+        self._head_limits = HeadLimits.from_config(config)
         self._idle: dict[Origin, deque[Connection]] = {}
         self._open: dict[Origin, int] = {}
         self._total = 0
@@ -189,7 +190,9 @@ class Http1Pool:
                 for number, address in enumerate(addresses, 1):
                     try:
                         _, conn = await loop.create_connection(
-                            lambda: Connection(self, origin, self._idle_timeout_s),
+                            lambda: Connection(
+                                self, origin, self._idle_timeout_s, self._head_limits
+                            ),
                             address, port, ssl=tls, server_hostname=host if tls else None,
                         )
                         break

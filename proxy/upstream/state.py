@@ -10,6 +10,15 @@ tested exhaustively (tests/unit/upstream/test_state.py) apart from any socket.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from proxy.config.settings import UpstreamConfig
+
+_STATUS_LINE_OVERHEAD: Final = len("HTTP/1.1 200 \r\n") + len("\r\n")
 
 
 class ConnState(enum.Enum):
@@ -103,3 +112,35 @@ def keep_alive_of(http_version: str, connection: str | None) -> bool:
     if "close" in tokens:
         return False
     return http_version == "1.1" or "keep-alive" in tokens
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    """How large a response head may be (``upstream.max_response_head_bytes`` and
+    ``max_response_headers``)."""
+
+    max_bytes: int = 64 * 1024
+    max_headers: int = 100
+
+    @classmethod
+    def from_config(cls, config: UpstreamConfig) -> HeadLimits:
+        return cls(config.max_response_head_bytes, config.max_response_headers)
+
+    def exceeded(self, size: int, count: int) -> str | None:
+        """What is wrong with a head of ``size`` bytes and ``count`` headers, if anything."""
+        if size > self.max_bytes:
+            return f"the backend's response head is larger than {self.max_bytes} bytes"
+        if count > self.max_headers:
+            return f"the backend's response has more than {self.max_headers} headers"
+        return None
+
+
+DEFAULT_HEAD_LIMITS: Final = HeadLimits()
+
+
+def response_head_size(reason_bytes: int, raw_headers: Sequence[tuple[bytes, bytes]]) -> int:
+    """The bytes of a parsed response head: status line, header lines, blank line."""
+    size = _STATUS_LINE_OVERHEAD + reason_bytes
+    for name, value in raw_headers:
+        size += len(name) + len(value) + 4  # ": " and CRLF
+    return size
