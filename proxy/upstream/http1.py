@@ -11,16 +11,9 @@ the response, and body chunks are handed to the relay as they arrive. The decisi
   response was read to its end, both sides allow keep-alive, its whole request was
   written and nothing unread is buffered; anything else closes it, so a connection
   never carries half an exchange into the next request.
-- A streamed request body (one not held in memory) is written by a task of its own
-  while the response is awaited, piece by piece as the client's stream yields it:
-  chunked, or raw under the client's declared Content-Length. Write flow control: when
-  the transport's buffer passes its high-water mark (``pause_writing``) the writer
-  waits for it to drain, so a large body is never buffered whole. A backend may answer
-  before the body is all written; the writer carries on (the backend may still read
-  it) and the connection is closed, not reused, if the body was cut short. When the
-  client's stream fails (the edge refused the body, or the client went away) before
-  the head came back, that failure is what the request raises, and the connection
-  is closed.
+- A streamed request body (one not held in memory) is written while the response is
+  awaited, with write flow control (writer.py). When the client's stream fails before
+  the head came back, that failure is what the request raises; the connection closes.
 - An answer to HEAD has no body, whatever its framing headers say (llhttp is not told
   the method): it is complete with its head, keep-alive is read off its head, and the
   next request gets a fresh parser.
@@ -68,6 +61,7 @@ from proxy.upstream.state import (
     response_head_size,
     reusable,
 )
+from proxy.upstream.writer import BodyWriter
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable
@@ -109,8 +103,8 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._timer: asyncio.TimerHandle | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._drain: asyncio.Future[None] | None = None  # set while writing is paused
-        self._writer: asyncio.Task[None] | None = None
+        self._write_paused = False  # the transport's buffer is over its high-water mark
+        self._writer: BodyWriter | None = None  # of a streamed body
         self.closed = False  # by either side: never used again
         self.reused = False
         self.pooled = False  # waiting in the pool's idle list
@@ -143,15 +137,13 @@ class Connection(asyncio.Protocol):
         self._start(payload, head_only)
         self._request_sent = True
 
-    def send_streamed(
-        self, head: bytes, body: AsyncIterable[bytes], declared: int | None
-    ) -> None:
-        """Write a request's head, then its body from ``body`` as it comes (module doc).
+    def send_streamed(self, head: bytes, body: AsyncIterable[bytes], declared: int | None) -> None:
+        """Write a request's head, then its body from ``body`` as it comes (writer.py).
 
         ``declared``: the body's Content-Length, else it is framed chunked.
         """
         self._start(head, head_only=False)
-        self._writer = self._loop.create_task(self._write_body(framed_body(body, declared)))
+        self._writer = BodyWriter(self, framed_body(body, declared), paused=self._write_paused)
 
     def _start(self, payload: bytes, head_only: bool) -> None:
         assert self._transport is not None
@@ -160,24 +152,17 @@ class Connection(asyncio.Protocol):
         self._last_io = self._loop.time()
         self._transport.write(payload)
 
-    async def _write_body(self, wire: AsyncIterable[bytes]) -> None:
-        try:
-            async for data in wire:
-                if self.closed:
-                    return
-                self._write(data)
-                if self._drain is not None:
-                    await self._drain  # the transport's buffer is full: wait for it
-            self._request_sent = not self.closed
-        except Exception as exc:  # the client's stream failed, or its framing did
-            if self.state is ConnState.AWAITING_HEAD:
-                self._error = exc  # what the request raises: the client's own failure
-                self._wake()
-            else:
-                self._fail(UpstreamBodyError("the request body failed mid-exchange"))
-            self.abort()
+    def body_failed(self, exc: Exception) -> None:
+        """The streamed body's writer stopped on ``exc`` (``writer.BodySink``)."""
+        if self.state is ConnState.AWAITING_HEAD:
+            self._error = exc  # what the request raises: the client's own failure
+            self._wake()
+        else:
+            self._fail(UpstreamBodyError("the request body failed mid-exchange"))
+        self.abort()
 
-    def _write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Part of a streamed body, to the transport (``writer.BodySink``)."""
         if self._transport is not None:
             self._transport.write(data)
             self._last_io = self._loop.time()
@@ -219,7 +204,8 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         if reuse and reusable(
-            self.state, keep_alive=self._keep_alive, request_sent=self._request_sent,
+            self.state, keep_alive=self._keep_alive,
+            request_sent=self._request_sent if self._writer is None else self._writer.done,
             unread=bool(self._chunks),
         ):
             self._cancel_timer()
@@ -294,17 +280,9 @@ class Connection(asyncio.Protocol):
                            if self._head is not None
                            else UpstreamDropped("the connection to the backend closed"))
             self._cancel_timer()
-            self._release_writer()
-            writer = self._writer
-            if writer is not None and writer is not asyncio.current_task():
-                writer.cancel()  # the connection it wrote to is gone
+            if self._writer is not None:
+                self._writer.stop()  # the connection it wrote to is gone
             self._pool.forget(self)
-
-    def _release_writer(self) -> None:
-        drain = self._drain
-        self._drain = None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -313,11 +291,14 @@ class Connection(asyncio.Protocol):
         self._transport = cast("asyncio.Transport", transport)
 
     def pause_writing(self) -> None:
-        if self._drain is None:
-            self._drain = self._loop.create_future()
+        self._write_paused = True
+        if self._writer is not None:
+            self._writer.pause()
 
     def resume_writing(self) -> None:
-        self._release_writer()
+        self._write_paused = False
+        if self._writer is not None:
+            self._writer.resume()
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
