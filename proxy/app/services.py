@@ -66,7 +66,6 @@ from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.observers import Telemetry
 from proxy.telemetry.traffic import TrafficCounter
 from proxy.upstream.client import Upstream, make_client_session
-from proxy.upstream.http1 import HeadLimits
 from proxy.upstream.pool import Http1Pool
 from proxy.upstream.tls import client_tls_context
 
@@ -103,8 +102,8 @@ class Services:
     drain: Drain  # the runtime begins it on SIGTERM; readiness reads it
     soak: SoakCounter  # per region and version: what the soak judges
     loop_lag: LoopLagMonitor
-    http: aiohttp.ClientSession
-    http1: Http1Pool  # the lean client for held bodies
+    http: aiohttp.ClientSession  # the /version polls only
+    http1: Http1Pool  # the one client for proxied requests
     redis: Redis | None  # only when store.kind == "redis"
     store: PinStore
     audit: AuditLog
@@ -229,7 +228,7 @@ async def open_services(
         # 2.
         loop_lag.start()
         stack.callback(loop_lag.stop)
-        # 3. One trust policy for both clients.
+        # 3. One trust policy for both clients (proxied requests, /version polls).
         tls = client_tls_context(settings.upstream)
         http1 = Http1Pool(settings.upstream, tls=tls)
         stack.push_async_callback(http1.close)
@@ -273,7 +272,7 @@ async def open_services(
             registry=registry,
             store=store,
             loads=loads,
-            upstream=Upstream(http, http1, HeadLimits.from_config(settings.upstream)),
+            upstream=Upstream(http1),
             metrics=metrics,
             clock=clock,
             rng=rng,
