@@ -22,10 +22,11 @@ from redis.asyncio import Redis
 
 from proxy.config.settings import Settings
 from proxy.core.clock import Clock, SystemClock
-from proxy.core.errors import BadRequest, ProxyError
+from proxy.core.errors import ExpectationFailed, PathNotServed
 from proxy.core.ewma import LoadTracker
 from proxy.core.models import Backend, Pin
 from proxy.core.outlier import OutlierPolicy
+from proxy.dataplane.boundary import ErrorBoundary
 from proxy.dataplane.health import Drain, HealthEndpoints
 from proxy.dataplane.listener import EdgeOptions, EdgeServer
 from proxy.dataplane.plane import DataPlane
@@ -199,6 +200,7 @@ def build_app(
         clock, settings.routing.ewma_decay_s, settings.routing.initial_latency_ms / 1000.0
     )
     app[DRAIN] = Drain()
+    boundary = ErrorBoundary("data")  # the data port's: its front door and the data plane
     app[SOAK] = SoakCounter()
     app[RNG] = rng
     app[LOOP_LAG] = LoopLagMonitor(metrics.loop_lag.observe, clock=clock.monotonic)
@@ -284,6 +286,7 @@ def build_app(
             rng=rng,
             loop_lag=app[LOOP_LAG],
             probe=found.probe,
+            boundary=boundary,
             observers=(*observers, app[TRAFFIC], app[SOAK], AuditObserver(app[AUDIT]))
             if settings.audit.enabled
             else (*observers, app[TRAFFIC], app[SOAK]),
@@ -365,21 +368,14 @@ def build_app(
             if not path.startswith("/"):
                 # Asterisk form (OPTIONS *) and authority form (CONNECT host:port) name
                 # no resource to proxy, and a CONNECT must never open a tunnel.
-                raise BadRequest(
-                    f"{request.method} {path!r}: only a path can be proxied",
-                    code="404",
-                    status=404,
+                raise PathNotServed(
+                    f"{request.method} {path!r}: only a path can be proxied", code="404"
                 )
-            return await app[DATAPLANE].handle(request)
-        except ProxyError as exc:
-            return error_response(exc)
-        except web.HTTPException as exc:
-            # aiohttp's own refusals (e.g. 413) in the OpenAI error shape.
-            return error_response(_http_error(exc))
-        except Exception:
-            # No traceback ever reaches a client: anything unexpected is a JSON 500.
-            logger.exception("unexpected error handling %s %s", request.method, request.path)
-            return error_response(ProxyError("internal error in pinproxy"))
+        except Exception as exc:
+            # The same boundary as the data plane's, which answers (and records)
+            # everything past this point.
+            return error_response(boundary.error_for(exc, request))
+        return await app[DATAPLANE].handle(request)
 
     app[SERVE] = serve
     # For a plain AppRunner; DataPlaneRunner calls ``serve`` without the router.
@@ -420,13 +416,7 @@ async def _expect(request: web.BaseRequest) -> None:
     if request.version != HttpVersion11:
         return  # HTTP/1.0 has no interim answers; the client sends its body anyway
     if expect.lower() != "100-continue":
-        raise BadRequest(f"unknown expectation {expect!r}", code="417", status=417)
+        raise ExpectationFailed(f"unknown expectation {expect!r}", code="417")
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0  # the interim answer is not part of the response
     await request.writer.drain()
-
-
-def _http_error(exc: web.HTTPException) -> ProxyError:
-    if exc.status < 500:
-        return BadRequest(exc.reason, code=str(exc.status), status=exc.status)
-    return ProxyError(exc.reason, code=str(exc.status), status=exc.status)

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from proxy.core.errors import BadRequest, ProxyError, TooManyConnections
+from proxy.core.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    ProxyError,
+    RequestTimeout,
+    TooManyConnections,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -75,18 +81,15 @@ def connection_refusal(reason: str, retry_after_s: int) -> ProxyError:
 
 
 def head_timeout_error(timeout_s: float) -> ProxyError:
-    return BadRequest(
-        f"the request head did not arrive within {timeout_s:g}s",
-        code="request_head_timeout",
-        status=408,
+    return RequestTimeout(
+        f"the request head did not arrive within {timeout_s:g}s", code="request_head_timeout"
     )
 
 
 def head_too_large_error(limit: int) -> ProxyError:
-    return BadRequest(
+    return HeadersTooLarge(
         f"the request head (request line and headers) is larger than {limit} bytes",
         code="request_head_too_large",
-        status=431,
     )
 
 
@@ -172,6 +175,6 @@ def malformed_error(reason: str) -> ProxyError:
     """The JSON answer to a malformed request: 431 for an oversized head, else 400."""
     description = MALFORMED_DESCRIPTIONS.get(reason, MALFORMED_DESCRIPTIONS["other"])
     if reason == "head_too_large":
-        return BadRequest(f"malformed request: {description}", code="request_head_too_large",
-                          status=431)
+        return HeadersTooLarge(f"malformed request: {description}",
+                               code="request_head_too_large")
     return BadRequest(f"malformed request: {description}", code="bad_http_request")

@@ -1,9 +1,11 @@
 """The one error hierarchy: every failure a client can see is a ``ProxyError``.
 
 Library exceptions (aiohttp, redis, pydantic) are translated into these at the one
-boundary that talks to that library, with ``raise ... from exc``. The data plane turns
-any ``ProxyError`` into an OpenAI-shaped JSON body; anything else becomes a bare 500
-with no traceback.
+boundary that talks to that library, with ``raise ... from exc``. Each port has
+one error boundary (proxy/dataplane/boundary.py) that turns any ``ProxyError`` into an
+OpenAI-shaped JSON body and anything else into ``InternalError``'s JSON 500, with no
+traceback. An error's HTTP status is its class's: a different status is a different
+(narrow) class, never an argument.
 """
 
 from __future__ import annotations
@@ -27,11 +29,8 @@ class ProxyError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
-        status: int | None = None,
     ) -> None:
         super().__init__(message)
-        if status is not None:
-            self.status = status
         self.message = message
         self.code = code
         self.param = param
@@ -52,9 +51,81 @@ class ProxyError(Exception):
         return f"{type(self).__name__}(status={self.status}, message={self.message!r})"
 
 
+class InternalError(ProxyError):
+    """A bug in pinproxy: the boundary's answer to any exception that is no ProxyError.
+
+    Its message is fixed, so nothing of the failure (a traceback, a secret) reaches the
+    client; the boundary logs the traceback instead.
+    """
+
+    def __init__(self, where: str = "pinproxy") -> None:
+        super().__init__(f"internal error in {where}", code="internal_error")
+
+
+class HandlerTimeout(ProxyError):
+    """The request was not finished within the listener's handler deadline."""
+
+    status = 504
+
+
 class BadRequest(ProxyError):
     status = 400
     error_type = "invalid_request_error"
+
+
+# The 4xx refusals below are client errors of the same OpenAI type as BadRequest, each
+# with its own status: code that catches BadRequest catches them all.
+
+
+class Forbidden(BadRequest):
+    status = 403
+
+
+class PathNotServed(BadRequest):
+    """No route serves this request target (aiohttp's 404, a data-port asterisk form)."""
+
+    status = 404
+
+
+class MethodNotAllowed(BadRequest):
+    status = 405
+
+
+class RequestTimeout(BadRequest):
+    status = 408
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+
+
+class ExpectationFailed(BadRequest):
+    status = 417
+
+
+class HeadersTooLarge(BadRequest):
+    status = 431
+
+
+_REFUSALS: dict[int, type[BadRequest]] = {
+    cls.status: cls
+    for cls in (BadRequest, Forbidden, PathNotServed, MethodNotAllowed, RequestTimeout,
+                PayloadTooLarge, ExpectationFailed, HeadersTooLarge)
+}
+
+
+def refusal_for_status(
+    status: int, message: str, *, code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> ProxyError:
+    """The narrow error class for an HTTP status a library refused a request with.
+
+    For translating a library's refusal (aiohttp's 404, 405, 413...) only; a 4xx
+    without a class of its own is a 400, and any 5xx an internal error, keeping ``code``.
+    """
+    if status >= 500:
+        return ProxyError(message, code=code, headers=headers)
+    return _REFUSALS.get(status, BadRequest)(message, code=code, headers=headers)
 
 
 class Unauthorized(ProxyError):

@@ -50,7 +50,7 @@ from proxy.core.edge_limits import (
     malformed_error,
     malformed_reason,
 )
-from proxy.core.errors import ProxyError
+from proxy.core.errors import HandlerTimeout, InternalError, ProxyError
 from proxy.dataplane.relay import error_response
 
 if TYPE_CHECKING:
@@ -295,10 +295,10 @@ class EdgeProtocol(RequestHandler):
         if isinstance(exc, HttpProcessingError):
             error = self._malformed(exc, in_body=False)
         elif status == 504:
-            error = ProxyError("pinproxy did not finish the request in time", status=504)
+            error = HandlerTimeout("pinproxy did not finish the request in time")
         else:
             self._edge.unexpected(exc)
-            error = ProxyError("internal error in pinproxy")
+            error = InternalError()
         response = error_response(error)
         response.force_close()
         return response

@@ -226,7 +226,7 @@ async def test_an_unexpected_exception_becomes_a_json_500_without_details(
 
     monkeypatch.setattr(proxy.app[DATAPLANE], "_proxy", boom)
     async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:
-        error = await _error(resp, 500, "internal_error", None)
+        error = await _error(resp, 500, "internal_error", "internal_error")
     assert "secret-internal-detail" not in error["message"]
     monkeypatch.undo()
     async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:
