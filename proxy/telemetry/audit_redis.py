@@ -27,7 +27,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from proxy.core.errors import StoreUnavailable
-from proxy.redis.client import REDIS_FAILURES
+from proxy.redis.call import RedisCall, RedisFailure
 from proxy.telemetry.audit import AuditRecord, by_arrival
 
 if TYPE_CHECKING:
@@ -87,6 +87,16 @@ class RedisAudit:
         self._cluster = store.topology == "cluster"
         self._ttl_ms = max(1, round(store.pin_ttl_s * 1000))
         self._op_timeout_s = store.op_timeout_ms / 1000
+        masked = store.masked_url()
+
+        def unavailable(failure: RedisFailure) -> StoreUnavailable:
+            # The exception's class only: its text could carry connection details.
+            return StoreUnavailable(
+                f"audit trail {failure.what} failed at {masked}: {failure.kind}",
+                code="audit_unavailable",
+            )
+
+        self._call = RedisCall(self._op_timeout_s, unavailable)
         self._queue_size, self._batch_size = config.queue_size, config.batch_size
         self._script_args = (
             str(config.records_per_session).encode(), str(self._ttl_ms).encode(), _FIELD)
@@ -153,15 +163,8 @@ class RedisAudit:
         count = min(limit, self.records_per_session)
         if count <= 0:
             return []
-        try:
-            async with asyncio.timeout(self._op_timeout_s):
-                entries = await self._client.xrevrange(self.key(session_id), count=count)
-        except REDIS_FAILURES as exc:  # OSError covers asyncio's TimeoutError
-            # The exception text is left out: it could carry connection details.
-            raise StoreUnavailable(
-                f"audit trail read failed at {self._store.masked_url()}: {type(exc).__name__}",
-                code="audit_unavailable",
-            ) from exc
+        entries = await self._call("read", self._client.xrevrange(self.key(session_id),
+                                                                  count=count))
         records = []
         for _entry_id, fields in reversed(entries or []):
             raw = fields.get(_FIELD) if fields else None
@@ -191,15 +194,11 @@ class RedisAudit:
             return
         batch = [self._queue.popleft() for _ in range(size)]
         try:
-            async with asyncio.timeout(self._op_timeout_s):
-                await self._send(batch)
-        except REDIS_FAILURES as exc:
+            await self._call("write", self._send(batch))
+        except StoreUnavailable as exc:
             self._lost("write_failed", size)
             if not self._failing:
-                logger.warning(
-                    "audit: writes to %s failing (%s); records are dropped and counted",
-                    self._store.masked_url(), type(exc).__name__,
-                )
+                logger.warning("audit: %s; records are dropped and counted", exc.message)
             self._failing = True
             return
         if self._failing:
