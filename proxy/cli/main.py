@@ -22,8 +22,7 @@ def _load(path: Path, overrides: dict[str, Any]) -> Settings:
             data = settings.model_dump(mode="python")
             for section, fields in overrides.items():
                 data[section].update(fields)
-            if data["store"].get("password") is not None:
-                data["store"]["password"] = data["store"]["password"].get_secret_value()
+            # Secrets stay SecretStr in the dump, which validation takes as they are.
             settings = settings_from_mapping(data)
         check_tls_files(settings.upstream)  # a bad PEM stops the start, not the first request
     except ConfigError as exc:
