@@ -108,8 +108,13 @@ async def test_a_retired_version_repins_the_session_explicitly(
     assert status == 503
     assert body["error"]["type"] == "version_unavailable"  # type: ignore[index]
 
-    await asyncio.sleep(0.6)
-    status, headers, _ = await _ask(http, proxy.url, "alice")
+    # Refused (and never moved) until retire_after_s has passed, then repinned.
+    deadline = time.monotonic() + 5
+    while status == 503:
+        assert time.monotonic() < deadline, "never repinned"
+        await asyncio.sleep(0.05)
+        status, headers, body = await _ask(http, proxy.url, "alice")
+        assert status == 200 or body["error"]["type"] == "version_unavailable"  # type: ignore[index]
     assert status == 200
     assert headers["X-Prompt-Version"] == "v47"
     assert headers["X-Prompt-Version-Changed"] == "prompt=v46 -> prompt=v47"
