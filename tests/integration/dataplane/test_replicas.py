@@ -135,7 +135,7 @@ async def _races_lost(admin_port: int) -> float:
     return sum(samples.get("pinproxy_pin_races_lost_total", {}).values())
 
 
-async def _pins(redis_url: str, pattern: str) -> list[bytes]:
+async def _pins(redis_url: str, pattern: str) -> list[bytes | str]:
     client = aioredis.from_url(redis_url)
     try:
         keys = [k async for k in client.scan_iter(pattern)]

@@ -202,7 +202,7 @@ class StartBackend(Protocol):
 class MakePool(Protocol):
     def __call__(
         self, *, idle_timeout_s: float = ..., pool_size: int = ..., per_host: int = ...,
-        keepalive_s: float = ...,
+        keepalive_s: float = ..., quiet_ms: int = ...,
     ) -> Http1Pool: ...
 
 

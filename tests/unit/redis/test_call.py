@@ -21,12 +21,12 @@ class Narrow(ProxyError):
     error_type = "narrow_unavailable"
 
 
-def narrow(seen: list[RedisFailure]) -> RedisCall:
+def narrow(seen: list[RedisFailure], timeout_s: float = 0.3) -> RedisCall:
     def error(failure: RedisFailure) -> Narrow:
         seen.append(failure)
         return Narrow(f"{failure.what} failed: {failure.kind}")
 
-    return RedisCall(0.3, error)
+    return RedisCall(timeout_s, error)
 
 
 async def test_an_answer_passes_and_a_refusal_is_the_callers_error(
@@ -75,7 +75,7 @@ async def test_a_frozen_server_is_a_timeout_within_the_bound(private_redis: Redi
 async def test_a_cancelled_call_is_cancelled_not_a_failure(private_redis: RedisServer) -> None:
     client = Redis.from_url(private_redis.url, socket_timeout=30)
     seen: list[RedisFailure] = []
-    call = RedisCall(30, lambda failure: seen.append(failure) or Narrow("no"))
+    call = narrow(seen, timeout_s=30)
     try:
         assert await call("ping", client.ping()) is True
         private_redis.pause()

@@ -13,7 +13,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from proxy.config.settings import StoreConfig
+from proxy.config.store import StoreConfig
 from proxy.core.clock import SystemClock
 from proxy.core.errors import StoreUnavailable
 from proxy.store.redis import RedisPinStore

@@ -169,7 +169,7 @@ def test_configure_logging_sends_request_lines_to_stderr_in_the_log_format(
     restored_logging: None, capsys: pytest.CaptureFixture[str], log_format: str,
     formatter: logging.Formatter,
 ) -> None:
-    configure_logging(LogConfig(format=log_format, level="error"), worker=1)  # type: ignore[arg-type]
+    configure_logging(LogConfig(format=log_format, level="error"), worker=1)
     hasher = SessionHasher(b"key")
     request_log = RequestLog(hasher)  # the process's sink
     events = [_event(i) for i in range(3)]
