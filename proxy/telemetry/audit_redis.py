@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _FIELD = b"r"  # the one field of each stream entry: the record as JSON
-# A script holds Redis while it runs: a call of 100 records takes ~0.25 ms there, so pin
-# reads from any replica wait at most about that long behind an audit write.
+# A script holds Redis while it runs, so pin reads from any replica wait behind an audit
+# write for as long as one call takes: 100 records keep that well under a millisecond
+# (bench/RESULTS.md, "Numbers behind choices in the code").
 _RECORDS_PER_CALL = 100
 # KEYS: each record's stream; ARGV: MAXLEN, TTL in ms, the entry's field, then the
 # records as JSON in the order of KEYS.
