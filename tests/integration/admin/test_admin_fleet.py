@@ -451,7 +451,9 @@ async def test_fleet_admin_works_with_the_memory_store(
     served = await new_sessions(http, proxy.url, "m", 4)
     assert {s.backend for s in served} == {"b"}
     assert (await admin.version("prompt=v2") or {})["pinned_sessions"] == 4
-    traffic = await admin.ok("GET", "/admin/traffic?window_s=60")
+    # Two minutes: counts are kept per wall-clock minute, and the four requests may
+    # straddle a minute's end (a 60 s window is the current minute alone).
+    traffic = await admin.ok("GET", "/admin/traffic?window_s=120")
     assert traffic["versions"] == {"prompt=v2": {"requests": 4, "share": 1.0}}
     rollback = await admin.ok("GET", "/admin/versions/v2/rollback")
     assert (rollback["regions"], rollback["pinned_sessions"]) == (["r2"], 4)
