@@ -14,37 +14,38 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from proxy.admin.api import Route
-from proxy.admin.app import DATA_APP
-from proxy.app.build import FLEET_METRICS, METRICS, SETTINGS, STORE
+from proxy.admin.app import SERVICES
 from proxy.core.errors import NotFound, StoreUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from proxy.app.services import Services
+
 logger = logging.getLogger(__name__)
 
 
 async def _metrics(request: web.Request) -> web.StreamResponse:
-    data_app = request.app[DATA_APP]
-    settings = data_app[SETTINGS]
+    services = request.app[SERVICES]
+    settings = services.settings
     if not settings.metrics.enabled:
         raise NotFound("metrics are disabled (metrics.enabled = false)")
-    fleet = data_app[FLEET_METRICS]
-    fleet.pinned = await _pinned_counts(data_app, fleet.known_versions(),
+    fleet = services.fleet_metrics
+    fleet.pinned = await _pinned_counts(services, fleet.known_versions(),
                                         settings.store.op_timeout_ms / 1000)
-    body, content_type = data_app[METRICS].exposition(request.headers.get("Accept", ""))
+    body, content_type = services.metrics.exposition(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def _pinned_counts(
-    data_app: web.Application, versions: list[str], timeout_s: float
+    services: Services, versions: list[str], timeout_s: float
 ) -> Mapping[str, int] | None:
     """Sessions pinned per version, or None when the store cannot say (the gauge is left out).
 
     Fetched here, before rendering, because a collector cannot await the store.
     """
-    store = data_app.get(STORE)
-    if store is None or not versions:
+    store = services.store
+    if not versions:
         return None
     try:
         async with asyncio.timeout(timeout_s):

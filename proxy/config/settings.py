@@ -32,7 +32,7 @@ from proxy.config.observability import AuditConfig, LogConfig, MetricsConfig, Se
 from proxy.config.rollout import RolloutConfig
 from proxy.config.store import StoreConfig
 from proxy.core.errors import ConfigError
-from proxy.core.models import Dimension, VersionSource
+from proxy.core.models import DIMENSIONS, Dimension, VersionSource
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -123,7 +123,7 @@ class SessionsConfig(Section):
 
 class VersionsConfig(Section):
     # The dimensions that make up the version key sessions pin to.
-    dimensions: tuple[Dimension, ...] = ("prompt", "parser", "tools", "model")
+    dimensions: tuple[Dimension, ...] = DIMENSIONS
     # Version keys (or bare prompt versions) new sessions may be pinned to; None: all.
     admitted_for_new_sessions: tuple[str, ...] | None = None
     # A pinned version that no backend has reported for this long is retired: its

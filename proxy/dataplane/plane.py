@@ -157,6 +157,11 @@ class DataPlane:
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
 
+    @property
+    def boundary(self) -> ErrorBoundary:
+        """The data port's error boundary (its front door answers through it too)."""
+        return self._boundary
+
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         arrived_at = self._clock.time()
         arrived = self._clock.monotonic()

@@ -13,7 +13,6 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from proxy.app.build import DATAPLANE, LOADS
 from tests.fixtures.proxy import RunningProxy, StartProxy, free_port
 from tests.fixtures.sim import StartPop
 
@@ -224,7 +223,7 @@ async def test_an_unexpected_exception_becomes_a_json_500_without_details(
     async def boom(*args: object) -> None:
         raise RuntimeError("secret-internal-detail")
 
-    monkeypatch.setattr(proxy.app[DATAPLANE], "_proxy", boom)
+    monkeypatch.setattr(proxy.services.dataplane, "_proxy", boom)
     async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:
         error = await _error(resp, 500, "internal_error", "internal_error")
     assert "secret-internal-detail" not in error["message"]
@@ -297,7 +296,7 @@ async def test_a_client_hanging_up_before_the_head_leaves_no_phantom_load(
 ) -> None:
     pop = await start_pop("p", "r1", "v1", ttfb_ms=400)
     proxy = await start_proxy([pop])
-    loads = proxy.app[LOADS]
+    loads = proxy.services.loads
     _reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
     writer.write(b"GET /anything/slow HTTP/1.1\r\nHost: x\r\n\r\n")
     deadline = time.monotonic() + 3

@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app.build import LOADS
 from proxy.core.events import RequestEvent
 from tests.fixtures.proxy import StartProxy
 from tests.fixtures.sim import StartPop
@@ -101,7 +100,7 @@ async def test_a_bug_after_the_answer_was_sent_is_recorded_as_the_status_sent(
     recorder = Recorder()
     proxy = await start_proxy([pop], observers=[recorder])
     # Fails after the whole answer left: nothing more can be told to the client.
-    monkeypatch.setattr(proxy.app[LOADS], "finish", _bug)
+    monkeypatch.setattr(proxy.services.loads, "finish", _bug)
     async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:
         assert resp.status == 200
         await resp.read()

@@ -19,17 +19,17 @@ import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from proxy.app.build import DataPlaneRunner, build_app
 from proxy.config.settings import settings_from_mapping
+from proxy.runtime.instance import running_proxy
 from proxy.sim import PopState, SimPop
 from tests.fixtures.proxy import proxy_config
 
@@ -57,26 +57,26 @@ def pair() -> Iterator[Pair]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
 
-    async def start() -> tuple[SimPop, web.AppRunner, int]:
+    stack = AsyncExitStack()
+
+    async def start() -> tuple[SimPop, int]:
         pop = SimPop(PopState.create("pop-1", "r1", "v1"), max_records=100_000)
         await pop.start("127.0.0.1", 0)
         settings = settings_from_mapping(
-            proxy_config([pop], upstream={"max_buffered_body_bytes": 64})
+            proxy_config([pop], upstream={"max_buffered_body_bytes": 64},
+                         admin={"enabled": False})
         )
-        app = build_app(settings, metrics_registry=CollectorRegistry())
-        runner = DataPlaneRunner(app, handler_cancellation=True, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return pop, runner, runner.addresses[0][1]
+        running = await stack.enter_async_context(
+            running_proxy(settings, metrics_registry=CollectorRegistry())
+        )
+        return pop, running.data_addresses[0][1]
 
-    future: Future[tuple[SimPop, web.AppRunner, int]] = asyncio.run_coroutine_threadsafe(
-        start(), loop
-    )
-    pop, runner, port = future.result(20)
+    future: Future[tuple[SimPop, int]] = asyncio.run_coroutine_threadsafe(start(), loop)
+    pop, port = future.result(20)
     pair = Pair(loop, pop, port)
     _wait_ready(pair)
     yield pair
-    pair.call(runner.cleanup())
+    pair.call(stack.aclose())
     pair.call(pop.stop())
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)

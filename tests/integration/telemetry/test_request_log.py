@@ -10,7 +10,6 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.app.build import TELEMETRY
 from proxy.core.events import RequestEvent
 from proxy.telemetry.logs import JsonFormatter, TextFormatter
 from proxy.telemetry.requestlog import LineSink, RequestLog, SessionHasher, route_request_log
@@ -48,7 +47,7 @@ def log_lines() -> Iterator[tuple[io.StringIO, io.StringIO]]:
 
 
 def _request_log(proxy: RunningProxy) -> RequestLog:
-    request_log = proxy.app[TELEMETRY].request_log
+    request_log = proxy.services.telemetry.request_log
     assert request_log is not None
     return request_log
 
@@ -119,7 +118,7 @@ async def test_raw_session_ids_when_configured_and_no_line_when_off(
     pop = await start_pop()
     raw = await start_proxy([pop], log={"raw_session_ids": True})
     quiet = await start_proxy([pop], log={"request_log": False})
-    assert quiet.app[TELEMETRY].request_log is None
+    assert quiet.services.telemetry.request_log is None
     for proxy in (raw, quiet):
         async with http.get(f"{proxy.url}/x", headers={"X-Session-ID": "bob"}) as resp:
             assert resp.status == 200

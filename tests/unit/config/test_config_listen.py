@@ -86,7 +86,7 @@ def test_only_address_literals_are_loopback_addresses() -> None:
 
 
 def test_an_admin_listener_without_a_token_may_only_have_bound_loopback_addresses() -> None:
-    from proxy.runtime.server import unguarded_addresses
+    from proxy.runtime.instance import unguarded_addresses
 
     assert unguarded_addresses(False, [("127.0.0.1", 9901), ("::1", 9901, 0, 0)]) == []
     assert unguarded_addresses(False, [("127.0.0.1", 1), ("192.0.2.7", 1)]) == ["192.0.2.7"]
