@@ -20,6 +20,9 @@ class ProxyError(Exception):
 
     status: int = 500
     error_type: str = "internal_error"
+    # The body's ``code`` when the raiser names none: every error a client sees has a
+    # stable, non-null code to branch on (tests/unit/core/test_error_codes.py walks them all).
+    default_code: str = "internal_error"
 
     def __init__(
         self,
@@ -31,8 +34,10 @@ class ProxyError(Exception):
         extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
+        if code is None:
+            code = self.default_code
         self.message = message
-        self.code = code
+        self.code: str = code
         self.param = param
         self.headers = headers or {}
         self.extra = extra or {}
@@ -66,11 +71,13 @@ class HandlerTimeout(ProxyError):
     """The request was not finished within the listener's handler deadline."""
 
     status = 504
+    default_code = "timeout"
 
 
 class BadRequest(ProxyError):
     status = 400
     error_type = "invalid_request_error"
+    default_code = "invalid_request"
 
 
 # The 4xx refusals below are client errors of the same OpenAI type as BadRequest, each
@@ -79,32 +86,50 @@ class BadRequest(ProxyError):
 
 class Forbidden(BadRequest):
     status = 403
+    default_code = "forbidden"
 
 
 class PathNotServed(BadRequest):
     """No route serves this request target (aiohttp's 404, a data-port asterisk form)."""
 
     status = 404
+    default_code = "not_found"
 
 
 class MethodNotAllowed(BadRequest):
     status = 405
+    default_code = "method_not_allowed"
+
+
+class MethodNeverProxied(MethodNotAllowed):
+    """A method pinproxy never proxies (TRACE, TRACK): 405 with ``Allow``."""
+
+    def __init__(self, method: str, allowed: str) -> None:
+        super().__init__(
+            f"method {method} is not allowed through this proxy",
+            code="method_not_allowed",
+            headers={"Allow": allowed},
+        )
 
 
 class RequestTimeout(BadRequest):
     status = 408
+    default_code = "request_timeout"
 
 
 class PayloadTooLarge(BadRequest):
     status = 413
+    default_code = "request_too_large"
 
 
 class ExpectationFailed(BadRequest):
     status = 417
+    default_code = "expectation_failed"
 
 
 class HeadersTooLarge(BadRequest):
     status = 431
+    default_code = "request_head_too_large"
 
 
 _REFUSALS: dict[int, type[BadRequest]] = {
@@ -131,22 +156,26 @@ def refusal_for_status(
 class Unauthorized(ProxyError):
     status = 401
     error_type = "authentication_error"
+    default_code = "unauthorized"
 
 
 class NotFound(ProxyError):
     status = 404
     error_type = "not_found_error"
+    default_code = "not_found"
 
 
 class Conflict(ProxyError):
     status = 409
     error_type = "conflict_error"
+    default_code = "conflict"
 
 
 class RetryLater(ProxyError):
     """A 503 that tells the client when to try again (``Retry-After``)."""
 
     status = 503
+    default_code = "retry_later"
 
     def __init__(
         self, message: str, retry_after_s: int, *, extra: dict[str, Any] | None = None
@@ -158,6 +187,7 @@ class VersionUnavailable(RetryLater):
     """The session's pinned version has no healthy backend (after waiting ``pin_wait_ms``)."""
 
     error_type = "version_unavailable"
+    default_code = "version_unavailable"
 
     def __init__(self, version_key: str, retry_after_s: int, message: str | None = None) -> None:
         super().__init__(
@@ -171,6 +201,7 @@ class VersionUnavailable(RetryLater):
 
 class NoBackends(RetryLater):
     error_type = "no_backends"
+    default_code = "no_backends"
 
     def __init__(self, retry_after_s: int) -> None:
         super().__init__("no healthy backend with a known version is available", retry_after_s)
@@ -190,6 +221,7 @@ class StoreUnavailable(ProxyError):
     error_type = "pin_store_unavailable"
     timed_out = False
     store_answering = False
+    default_code = "pin_store_unavailable"
 
     def __init__(self, message: str, *, code: str = "pin_store_unavailable") -> None:
         super().__init__(message, code=code, headers={"Retry-After": "1"})
@@ -203,6 +235,7 @@ class PinLost(RetryLater):
     """
 
     error_type = "pin_lost"
+    default_code = "pin_lost"
 
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(
@@ -218,6 +251,7 @@ class Overloaded(RetryLater):
     """This proxy is too busy to serve the request in time; another replica may not be."""
 
     error_type = "proxy_overloaded"
+    default_code = "proxy_overloaded"
 
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(
@@ -230,6 +264,7 @@ class TooManyConnections(RetryLater):
     """A connection over ``listen.max_connections`` (or the per-IP cap): answered, closed."""
 
     error_type = "proxy_overloaded"
+    default_code = "too_many_connections"
 
     def __init__(self, retry_after_s: int, *, per_ip: bool) -> None:
         whose = " from your address" if per_ip else ""
@@ -242,11 +277,22 @@ class UpstreamError(ProxyError):
 
     status = 502
     error_type = "upstream_error"
+    default_code = "upstream_error"
+
+
+class UpstreamHeadTooLarge(UpstreamError):
+    """The backend's response head was over ``upstream.max_response_head_bytes`` or had
+    more than ``upstream.max_response_headers`` headers: never relayed, the connection
+    closed. A 502 with ``code: upstream_head_too_large``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="upstream_head_too_large")
 
 
 class UpstreamTimeout(UpstreamError):
     status = 504
     error_type = "upstream_timeout"
+    default_code = "upstream_timeout"
 
 
 class UpstreamConnectError(UpstreamError):
@@ -255,6 +301,8 @@ class UpstreamConnectError(UpstreamError):
     The backend cannot have acted on the request, so it may go to another backend of
     the same version whatever its method (invariant 5); the backend is suspect.
     """
+
+    default_code = "upstream_connect_failed"
 
 
 class UpstreamDropped(UpstreamError):
@@ -269,6 +317,7 @@ class UpstreamDropped(UpstreamError):
     """
 
     status = 503
+    default_code = "upstream_dropped"
 
     def __init__(
         self, message: str, *, reused: bool = False, retry_after_s: int | None = None
@@ -284,6 +333,18 @@ class UpstreamDropped(UpstreamError):
 class UpstreamBodyError(UpstreamError):
     """The backend failed after its response head: the answer is incomplete."""
 
+    default_code = "upstream_body_broken"
+
 
 class ConfigError(Exception):
-    """Invalid configuration; raised at start, never at request time."""
+    """Invalid configuration; raised at start (or by a refused live reload), never at
+    request time. ``fields``: the dotted names of the settings at fault, when known."""
+
+    fields: tuple[str, ...] = ()
+
+
+class StartupError(ConfigError):
+    """Valid settings this process cannot start with: a port in use, a missing extra.
+
+    ``pinproxy serve`` reports it (like any ``ConfigError``) as one line and exit code 2.
+    """

@@ -122,6 +122,7 @@ class SendFailed:
     kind: SendFailure
     message: str
     reused: bool = False  # a "dropped" on a pooled keep-alive connection
+    code: str | None = None  # the answer's error code for an "invalid" head (e.g. too large)
 
 
 Event = PinLooked | PinStored | Repinned | Waited | HeadReceived | SendFailed
@@ -444,7 +445,9 @@ class Lifecycle:
         if event.kind == "timeout":
             return self._fail(UpstreamTimeout(event.message), (ReportResult(backend_id, False),))
         if event.kind == "invalid":
-            return self._fail(UpstreamError(event.message), (ReportResult(backend_id, False),))
+            return self._fail(
+                UpstreamError(event.message, code=event.code), (ReportResult(backend_id, False),)
+            )
         effects: tuple[Effect, ...] = (ReportResult(backend_id, False),)
         if event.kind == "connect" or not event.reused:
             # Refused, reset or closed unanswered on a fresh connection: the backend
@@ -531,6 +534,11 @@ class RetryBudget:
 
     def has_room(self) -> bool:
         return self.retrying < max(self._min, self.active * self._share)
+
+    def reconfigure(self, percent: float, min_concurrency: int) -> None:
+        """New limits (a config reload); the counts of requests in flight carry over."""
+        self._share = percent / 100
+        self._min = min_concurrency
 
     def __repr__(self) -> str:
         return f"RetryBudget(active={self.active}, retrying={self.retrying})"

@@ -62,6 +62,7 @@ class TrafficUnavailable(ProxyError):
 
     status = 503
     error_type = "traffic_store_unavailable"
+    default_code = "traffic_store_unavailable"
 
 
 def _unavailable(failure: RedisFailure) -> TrafficUnavailable:

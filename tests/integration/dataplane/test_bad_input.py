@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 
 from tests.fixtures.proxy import RunningProxy, StartProxy, free_port
+from tests.fixtures.raw_http import port_of, send_raw
 from tests.fixtures.sim import StartPop
 
 CHAT: dict[str, Any] = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}
@@ -35,13 +36,7 @@ async def _error(resp: aiohttp.ClientResponse, status: int, error_type: str,
 
 
 async def _raw(proxy: RunningProxy, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
+    return await send_raw(port_of(proxy.url), data)
 
 
 # --- session ids --------------------------------------------------------------------------
@@ -143,7 +138,7 @@ async def test_no_backend_reachable_gives_503_with_retry_after(
         await pop.stop()
     started = time.monotonic()
     async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:
-        await _error(resp, 503, "no_backends", None)
+        await _error(resp, 503, "no_backends", "no_backends")
         assert resp.headers["Retry-After"] == "3"
     assert time.monotonic() - started < 2.0  # waited about pin_wait_ms, not forever
     if kind == "died_after_start":
@@ -151,7 +146,7 @@ async def test_no_backend_reachable_gives_503_with_retry_after(
         # so a new session is not pinned to a backend known to be down.
         async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT,
                              headers={"X-Session-ID": "s1"}) as resp:
-            error = await _error(resp, 503, "no_backends", None)
+            error = await _error(resp, 503, "no_backends", "no_backends")
             assert resp.headers["Retry-After"] == "3"
         assert "pinned_version" not in error
 
@@ -206,7 +201,7 @@ async def test_a_broken_backend_gives_a_json_gateway_error(
     proxy = await start_proxy([], backends=[{"id": "raw", "region": "r1", "url": url}],
                               upstream={"read_idle_timeout_s": 0.3})
     async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:
-        await _error(resp, status, error_type, None)
+        await _error(resp, status, error_type, error_type)
     assert backend.api_requests == 1  # a backend that answered is not asked twice
 
 
