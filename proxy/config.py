@@ -131,6 +131,9 @@ class VersionsConfig(Section):
     # A pinned version that no backend has reported for this long is retired: its
     # sessions are explicitly repinned to a new-session choice.
     retire_after_s: Annotated[float, Field(gt=0)] = 600.0
+    # Session-aware draining: a session counts as active on its version while its last
+    # request is at most this old (GET /admin/versions, pinproxy_version_active_sessions).
+    active_window_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = 900.0
 
     @field_validator("dimensions")
     @classmethod

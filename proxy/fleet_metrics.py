@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from prometheus_client import Metric
 
+    from proxy.draining import Draining
     from proxy.models import BackendState, VersionBundle
     from proxy.registry import Registry
 
@@ -36,6 +37,8 @@ class FleetCollector:
         # Sessions pinned per version key, as fetched by the latest scrape (None: the
         # store did not answer, or nobody asked): a collector cannot await the store.
         self.pinned: Mapping[str, int] | None = None
+        # The same for session-aware draining (active sessions, last pin expiry).
+        self.draining: Mapping[str, Draining] | None = None
 
     def known_versions(self) -> list[str]:
         """Version keys worth a pinned-session count: reported since start or running now."""
@@ -98,6 +101,8 @@ class FleetCollector:
             for key, count in sorted(pinned.items()):
                 family.add_metric([key, prompt_of(key)], float(count))
             yield family
+        if self.draining is not None:
+            yield from _draining_families(self.draining)
 
     @staticmethod
     def _bundle_labels(key: str, bundle: VersionBundle | None) -> dict[str, str]:
@@ -160,6 +165,27 @@ class FleetCollector:
 
     def __repr__(self) -> str:
         return f"FleetCollector(registry={self._registry!r})"
+
+
+def _draining_families(drains: Mapping[str, Draining]) -> Iterator[Metric]:
+    labels = ["version_key", "prompt_version"]
+    active = GaugeMetricFamily(
+        "pinproxy_version_active_sessions",
+        "Sessions pinned to each version whose last request is within "
+        "versions.active_window_s (from the pin store): 0 means its capacity can go.",
+        labels=labels,
+    )
+    expires = GaugeMetricFamily(
+        "pinproxy_version_last_pin_expiry_timestamp_seconds",
+        "When the last pin of the version expires if its sessions stay idle (Unix time).",
+        labels=labels,
+    )
+    for key, drain in sorted(drains.items()):
+        active.add_metric([key, prompt_of(key)], float(drain.active))
+        if drain.last_expires_at is not None:
+            expires.add_metric([key, prompt_of(key)], drain.last_expires_at)
+    yield active
+    yield expires
 
 
 def _drifted(registry: Registry, state: BackendState) -> bool:

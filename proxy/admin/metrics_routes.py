@@ -16,6 +16,7 @@ from aiohttp import web
 from proxy.admin.api import Route
 from proxy.admin.app import DATA_APP
 from proxy.app import FLEET_METRICS, METRICS, SETTINGS, STORE
+from proxy.draining import Draining, draining
 from proxy.errors import NotFound, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -30,8 +31,10 @@ async def _metrics(request: web.Request) -> web.StreamResponse:
     if not settings.metrics.enabled:
         raise NotFound("metrics are disabled (metrics.enabled = false)")
     fleet = data_app[FLEET_METRICS]
-    fleet.pinned = await _pinned_counts(data_app, fleet.known_versions(),
-                                        settings.store.op_timeout_ms / 1000)
+    versions = fleet.known_versions()
+    timeout_s = settings.store.op_timeout_ms / 1000
+    fleet.pinned = await _pinned_counts(data_app, versions, timeout_s)
+    fleet.draining = await _draining(data_app, versions, timeout_s)
     body, content_type = data_app[METRICS].exposition(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -53,6 +56,23 @@ async def _pinned_counts(
         logger.debug("metrics: pinned-session counts unavailable: %s", exc)
         return None
     return dict(zip(versions, counts, strict=True))
+
+
+async def _draining(
+    data_app: web.Application, versions: list[str], timeout_s: float
+) -> Mapping[str, Draining] | None:
+    """Active sessions and last expiry per version, or None when the store cannot say."""
+    store = data_app.get(STORE)
+    if store is None or not versions:
+        return None
+    settings = data_app[SETTINGS]
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await draining(store, versions, window_s=settings.versions.active_window_s,
+                                  pin_ttl_s=settings.store.pin_ttl_s)
+    except (StoreUnavailable, TimeoutError) as exc:
+        logger.debug("metrics: session activity unavailable: %s", exc)
+        return None
 
 
 ROUTES: tuple[Route, ...] = (

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from proxy.admin.api import Route, int_query, integer_param, reply
 from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref
+from proxy.draining import draining
 from proxy.models import prompt_of
 from proxy.routing import RoutingPolicy
 
@@ -49,6 +50,13 @@ class VersionEntry(BaseModel):
     pinned_sessions: int = Field(description="live sessions pinned to it (may lag ~seconds)")
     admitted: bool = Field(description="new sessions may get it: config admits, not blocked")
     blocked: bool = Field(description="blocked for new sessions by an operator (kill switch)")
+    active_sessions: int = Field(
+        description="pinned sessions used within versions.active_window_s (draining)")
+    last_used_at: float | None = Field(
+        description="latest request of any session pinned to it (wall clock)")
+    last_pin_expires_at: float | None = Field(
+        description="when its last pin expires if unused until then: its capacity can go "
+                    "without cutting a conversation after this (or once active is 0)")
     intended_by: list[str] = Field(description="backends whose controller intends it")
     share_5m: dict[str, Share] = Field(description="per region: share of its requests, 5 min")
     share_1h: dict[str, Share] = Field(description="per region: share of its requests, 1 h")
@@ -56,6 +64,7 @@ class VersionEntry(BaseModel):
 
 class VersionsView(BaseModel):
     skew: bool = Field(description="more than one version is serving")
+    active_window_s: float = Field(description="the window active_sessions counts over")
     serving: list[str]
     blocked: list[str] = Field(description="blocked version keys and bare prompts")
     versions: list[VersionEntry]
@@ -138,6 +147,8 @@ async def _list_versions(request: web.Request) -> web.StreamResponse:
     long = await fleet.traffic.window(LONG_WINDOW_S)
     keys = sorted(set(snapshot.by_key) | set(long.by_version()))
     pinned = await _pinned(fleet, keys)
+    drains = await draining(fleet.store, keys, window_s=fleet.settings.versions.active_window_s,
+                            pin_ttl_s=fleet.settings.store.pin_ttl_s)
     serving = snapshot.serving_keys()
     entries = []
     for key in keys:
@@ -151,6 +162,9 @@ async def _list_versions(request: web.Request) -> web.StreamResponse:
                 healthy_backends=sum(1 for s in states if s.healthy),
                 serving=key in serving,
                 pinned_sessions=pinned[key],
+                active_sessions=drains[key].active,
+                last_used_at=drains[key].last_used_at,
+                last_pin_expires_at=drains[key].last_expires_at,
                 admitted=policy.admits(key) and not snapshot.blocks(key),
                 blocked=snapshot.blocks(key),
                 intended_by=[
@@ -164,6 +178,7 @@ async def _list_versions(request: web.Request) -> web.StreamResponse:
         )
     view = VersionsView(
         skew=len(serving) > 1,
+        active_window_s=fleet.settings.versions.active_window_s,
         serving=sorted(serving),
         blocked=sorted(snapshot.blocked_versions),
         versions=entries,
