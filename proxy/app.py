@@ -79,7 +79,8 @@ AUDIT = web.AppKey("audit", AuditLog)
 DRAIN = web.AppKey("drain", Drain)  # the server begins it on SIGTERM; readiness reads it
 RNG = web.AppKey("rng", random.Random)
 CONTROL = web.AppKey("control", ControlPlane)  # operators' fleet changes, shared by replicas
-TRAFFIC = web.AppKey("traffic", TrafficCounter)  # requests per region and version
+TRAFFIC = web.AppKey("traffic", TrafficCounter)  # production requests per region and version
+EVAL_TRAFFIC = web.AppKey("eval_traffic", TrafficCounter)  # eval requests (evals.header)
 LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)  # how late the event loop runs timers
 SOAK = web.AppKey("soak", SoakCounter)  # per region and version: what the soak judges
 ROLLOUT = web.AppKey("rollout", RolloutController)  # region cutover, soak, kill switch
@@ -256,18 +257,21 @@ def build_app(
     async def traffic(app: web.Application) -> AsyncIterator[None]:
         # Before discovery, which builds the data plane that feeds it; so it closes
         # (flushing its last counts) after the data plane stopped and before Redis.
-        counter = TrafficCounter(
-            clock,
-            redis=app.get(REDIS),
-            key_prefix=settings.store.key_prefix,
-            op_timeout_s=settings.store.op_timeout_ms / 1000,
-        )
-        await counter.start()
-        app[TRAFFIC] = counter
+        counters = [
+            TrafficCounter(
+                clock, redis=app.get(REDIS), key_prefix=settings.store.key_prefix,
+                name=name, evals=evals, op_timeout_s=settings.store.op_timeout_ms / 1000,
+            )
+            for name, evals in (("traffic", False), ("traffic-evals", True))
+        ]
+        for counter in counters:
+            await counter.start()
+        app[TRAFFIC], app[EVAL_TRAFFIC] = counters
         try:
             yield
         finally:
-            await counter.close()
+            for counter in counters:
+                await counter.close()
 
     async def discovery(app: web.Application) -> AsyncIterator[None]:
         found = Discovery(app[REGISTRY], app[HTTP], settings.discovery, rng)
@@ -284,9 +288,8 @@ def build_app(
             rng=rng,
             loop_lag=app[LOOP_LAG],
             probe=found.probe,
-            observers=(*observers, app[TRAFFIC], app[SOAK], AuditObserver(app[AUDIT]))
-            if settings.audit.enabled
-            else (*observers, app[TRAFFIC], app[SOAK]),
+            observers=(*observers, app[TRAFFIC], app[EVAL_TRAFFIC], app[SOAK],
+                       *((AuditObserver(app[AUDIT]),) if settings.audit.enabled else ())),
         )
         try:
             yield

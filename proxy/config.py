@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from proxy.config_listen import AdminConfig as AdminConfig
 from proxy.config_listen import ListenConfig as ListenConfig
-from proxy.config_rollout import RolloutConfig
+from proxy.config_rollout import EvalsConfig, RolloutConfig
 from proxy.config_store import StoreConfig
 from proxy.config_telemetry import AuditConfig, LogConfig, MetricsConfig, Section, TracingConfig
 from proxy.errors import ConfigError
@@ -276,6 +276,7 @@ class Settings(BaseSettings):
     discovery: DiscoveryConfig = DiscoveryConfig()
     routing: RoutingConfig = RoutingConfig()
     rollout: RolloutConfig = RolloutConfig()
+    evals: EvalsConfig = EvalsConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     backends: tuple[BackendConfig, ...] = ()
     admin: AdminConfig = AdminConfig()

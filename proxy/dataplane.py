@@ -151,6 +151,7 @@ class DataPlane:
         tokens = settings.sessions.pin_token
         self._tokens = None if tokens is None else PinTokenHeaders(tokens, metrics)
         self._probe = probe
+        self._eval_header = settings.evals.header
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
 
@@ -193,6 +194,7 @@ class DataPlane:
             method=request.method,
             path=request.rel_url.path,
             duration_s=self._clock.monotonic() - arrived,
+            eval_run=self._eval_header is not None and self._eval_header in request.headers,
         )
         for observer in self._observers:
             try:

@@ -48,6 +48,9 @@ class RequestEvent:
     # started the trace): what a tracing observer needs to place its span.
     traceparent: str | None = None
     trace_continued: bool = False
+    # The request carried the eval header (``evals.header``): eval traffic, counted
+    # apart from production (proxy/eval_coverage.py).
+    eval_run: bool = False
 
     @property
     def prompt_version(self) -> str | None:
@@ -89,6 +92,7 @@ class Outcome:
         method: str,
         path: str,
         duration_s: float,
+        eval_run: bool = False,
     ) -> RequestEvent:
         return RequestEvent(
             at=at,
@@ -111,5 +115,6 @@ class Outcome:
             structured_output_valid=self.structured_output_valid,
             traceparent=traceparent,
             trace_continued=incoming_traceparent == traceparent,
+            eval_run=eval_run,
         )
 

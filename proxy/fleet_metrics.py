@@ -18,11 +18,12 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from proxy.models import DIMENSIONS, prompt_of
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Iterator, Mapping, Sequence
 
     from prometheus_client import Metric
 
     from proxy.draining import Draining
+    from proxy.eval_coverage import Coverage
     from proxy.models import BackendState, VersionBundle
     from proxy.registry import Registry
 
@@ -39,6 +40,8 @@ class FleetCollector:
         self.pinned: Mapping[str, int] | None = None
         # The same for session-aware draining (active sessions, last pin expiry).
         self.draining: Mapping[str, Draining] | None = None
+        # Eval coverage per region and version over evals.window_s.
+        self.coverage: Sequence[Coverage] | None = None
 
     def known_versions(self) -> list[str]:
         """Version keys worth a pinned-session count: reported since start or running now."""
@@ -103,6 +106,8 @@ class FleetCollector:
             yield family
         if self.draining is not None:
             yield from _draining_families(self.draining)
+        if self.coverage is not None:
+            yield from _coverage_families(self.coverage)
 
     @staticmethod
     def _bundle_labels(key: str, bundle: VersionBundle | None) -> dict[str, str]:
@@ -186,6 +191,28 @@ def _draining_families(drains: Mapping[str, Draining]) -> Iterator[Metric]:
             expires.add_metric([key, prompt_of(key)], drain.last_expires_at)
     yield active
     yield expires
+
+
+def _coverage_families(rows: Sequence[Coverage]) -> Iterator[Metric]:
+    labels = ["region", "version_key", "prompt_version"]
+    share = GaugeMetricFamily(
+        "pinproxy_production_share",
+        "Share of the region's production requests (eval traffic excluded) the version "
+        "answered over evals.window_s.",
+        labels=labels,
+    )
+    gap = GaugeMetricFamily(
+        "pinproxy_eval_coverage_gap",
+        "1 while the version carries more than evals.min_production_share of the region's "
+        "production requests and no eval request exercised it there in evals.window_s.",
+        labels=labels,
+    )
+    for row in rows:
+        values = [row.region, row.version_key, prompt_of(row.version_key)]
+        share.add_metric(values, row.production_share)
+        gap.add_metric(values, 1.0 if row.uncovered else 0.0)
+    yield share
+    yield gap
 
 
 def _drifted(registry: Registry, state: BackendState) -> bool:

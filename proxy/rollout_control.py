@@ -100,6 +100,8 @@ class SoakCounter:
     def observe(self, event: RequestEvent) -> None:
         if event.backend_id is None or event.region is None or event.version_key is None:
             return
+        if event.eval_run:
+            return  # eval traffic is not production: its verdict comes through push_evals
         failed = event.status >= 500 or event.error_type in ("upstream_error", "upstream_timeout")
         self.add(event.region, event.version_key, "errors", 1, int(failed))
         if event.structured_output_valid is not None:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxy.admin.api import Body, Param
 from proxy.admin.app import DATA_APP
-from proxy.app import CLOCK, CONTROL, LOADS, REGISTRY, SETTINGS, STORE, TRAFFIC
+from proxy.app import CLOCK, CONTROL, EVAL_TRAFFIC, LOADS, REGISTRY, SETTINGS, STORE, TRAFFIC
 from proxy.errors import BadRequest
 from proxy.models import (
     DIMENSIONS,
@@ -44,7 +44,8 @@ class Fleet:
     loads: LoadTracker
     store: PinStore
     control: ControlPlane
-    traffic: TrafficCounter
+    traffic: TrafficCounter  # production requests
+    eval_traffic: TrafficCounter  # requests marked as eval traffic (evals.header)
 
     @classmethod
     def of(cls, request: web.Request) -> Fleet:
@@ -57,6 +58,7 @@ class Fleet:
             store=data[STORE],
             control=data[CONTROL],
             traffic=data[TRAFFIC],
+            eval_traffic=data[EVAL_TRAFFIC],
         )
 
 

@@ -15,9 +15,11 @@ from aiohttp import web
 
 from proxy.admin.api import Route
 from proxy.admin.app import DATA_APP
-from proxy.app import FLEET_METRICS, METRICS, SETTINGS, STORE
+from proxy.app import EVAL_TRAFFIC, FLEET_METRICS, METRICS, SETTINGS, STORE, TRAFFIC
 from proxy.draining import Draining, draining
 from proxy.errors import NotFound, StoreUnavailable
+from proxy.eval_coverage import Coverage, coverage
+from proxy.traffic import TrafficUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -35,6 +37,7 @@ async def _metrics(request: web.Request) -> web.StreamResponse:
     timeout_s = settings.store.op_timeout_ms / 1000
     fleet.pinned = await _pinned_counts(data_app, versions, timeout_s)
     fleet.draining = await _draining(data_app, versions, timeout_s)
+    fleet.coverage = await _coverage(data_app, timeout_s)
     body, content_type = data_app[METRICS].exposition(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -73,6 +76,19 @@ async def _draining(
     except (StoreUnavailable, TimeoutError) as exc:
         logger.debug("metrics: session activity unavailable: %s", exc)
         return None
+
+
+async def _coverage(data_app: web.Application, timeout_s: float) -> list[Coverage] | None:
+    """Eval coverage over ``evals.window_s``, or None when the counts cannot be read."""
+    config = data_app[SETTINGS].evals
+    try:
+        async with asyncio.timeout(timeout_s):
+            production = await data_app[TRAFFIC].window(config.window_s)
+            evals = await data_app[EVAL_TRAFFIC].window(config.window_s)
+    except (TrafficUnavailable, TimeoutError) as exc:
+        logger.debug("metrics: eval coverage unavailable: %s", exc)
+        return None
+    return coverage(production, evals, config.min_production_share)
 
 
 ROUTES: tuple[Route, ...] = (

@@ -1,5 +1,5 @@
-"""Admin routes for versions: the fleet view, the kill switch, the rollback query, and
-the production version distribution an eval harness compares itself against.
+"""Admin routes for versions: the fleet view, the kill switch and the rollback query
+(the traffic distributions are in proxy/admin/traffic_routes.py).
 
 Everything here answers from the runtime (invariant 2): a version "runs" on a backend
 when that backend's runtime reports it, whatever anyone intended. Version references
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from proxy.admin.api import Route, int_query, integer_param, reply
+from proxy.admin.api import Route, reply
 from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref
 from proxy.draining import draining
 from proxy.models import prompt_of
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 _TAGS = ("versions",)
 SHORT_WINDOW_S = 300
 LONG_WINDOW_S = 3600
-MIN_WINDOW_S, MAX_WINDOW_S = 60, 86_400
 
 
 class Share(BaseModel):
@@ -101,23 +100,7 @@ class RollbackView(BaseModel):
     )
 
 
-class RegionTraffic(BaseModel):
-    requests: int
-    versions: dict[str, Share]
-
-
-class TrafficView(BaseModel):
-    """Requests served per region and version over a window (every replica with Redis)."""
-
-    window_s: int
-    since: float = Field(description="start of the window (wall clock; whole minutes)")
-    until: float
-    requests: int
-    regions: dict[str, RegionTraffic]
-    versions: dict[str, Share] = Field(description="over every region")
-
-
-def _shares(counts: dict[str, int]) -> dict[str, Share]:
+def shares(counts: dict[str, int]) -> dict[str, Share]:
     total = sum(counts.values())
     return {
         key: Share(requests=n, share=n / total if total else 0.0)
@@ -129,7 +112,7 @@ def _region_shares(window: Window, version_key: str) -> dict[str, Share]:
     out = {}
     for region, counts in sorted(window.by_region().items()):
         if version_key in counts:
-            out[region] = _shares(counts)[version_key]
+            out[region] = shares(counts)[version_key]
     return out
 
 
@@ -247,25 +230,6 @@ async def _rollback(request: web.Request) -> web.StreamResponse:
     return reply(view)
 
 
-async def _traffic(request: web.Request) -> web.StreamResponse:
-    fleet = Fleet.of(request)
-    window_s = int_query(request, "window_s", LONG_WINDOW_S, lo=MIN_WINDOW_S, hi=MAX_WINDOW_S)
-    window = await fleet.traffic.window(window_s)
-    regions = {
-        region: RegionTraffic(requests=sum(counts.values()), versions=_shares(counts))
-        for region, counts in sorted(window.by_region().items())
-    }
-    view = TrafficView(
-        window_s=window_s,
-        since=window.since,
-        until=window.until,
-        requests=window.total,
-        regions=regions,
-        versions=_shares(window.by_version()),
-    )
-    return reply(view)
-
-
 _ONE = "/admin/versions/{version}"
 _P = (VERSION,)
 ROUTES: tuple[Route, ...] = (
@@ -284,10 +248,4 @@ ROUTES: tuple[Route, ...] = (
           "Where the version really runs (by runtime report, not intent), and how many "
           "sessions are pinned to it.",
           RollbackView, tags=_TAGS, path_params=_P),
-    Route("GET", "/admin/traffic", _traffic,
-          "Production version distribution: requests and share per region and version "
-          "over the window (default 3600 s; whole minutes).",
-          TrafficView, tags=("traffic",),
-          query=(integer_param("window_s", "window length in seconds (default 3600)",
-                               lo=MIN_WINDOW_S, hi=MAX_WINDOW_S),)),
 )  # fmt: skip

@@ -4,9 +4,7 @@ with the memory store), in GET /admin/versions and /metrics."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -14,6 +12,7 @@ import pytest
 
 from tests.fixtures.proxy import RunningProxy, StartProxy
 from tests.fixtures.sim import StartPop
+from tests.integration.fleet_helpers import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,13 +20,6 @@ CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}
 V46 = "prompt=v46"
 WINDOW_S = 1.5
 TTL_S = 3600.0
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def ask(http: aiohttp.ClientSession, proxy: RunningProxy, session: str) -> None:
@@ -76,7 +68,8 @@ async def test_versions_show_active_sessions_and_when_the_last_pin_expires(
         entry = await version(http, first, V46)
         return bool(entry["active_sessions"] == len(sessions))
 
-    await eventually(all_active)  # with Redis: the other replica's after its touch batch
+    # With Redis: the other replica's sessions arrive with its touch batch.
+    await eventually(all_active, within_s=10, what="all_active")
     entry = await version(http, first, V46)
     assert entry["pinned_sessions"] == len(sessions)
     assert entry["last_used_at"] <= used_by + 1
@@ -88,7 +81,7 @@ async def test_versions_show_active_sessions_and_when_the_last_pin_expires(
     async def all_idle() -> bool:  # nobody spoke for the window: capacity may go
         return bool((await version(http, first, V46))["active_sessions"] == 0)
 
-    await eventually(all_idle)
+    await eventually(all_idle, within_s=10, what="all_idle")
     idle = await version(http, first, V46)
     assert idle["pinned_sessions"] == len(sessions)  # still pinned, just not active
     assert idle["last_pin_expires_at"] == pytest.approx(entry["last_pin_expires_at"])
@@ -99,6 +92,6 @@ async def test_versions_show_active_sessions_and_when_the_last_pin_expires(
     async def one_active() -> bool:
         return bool((await version(http, first, V46))["active_sessions"] == 1)
 
-    await eventually(one_active)
+    await eventually(one_active, within_s=10, what="one_active")
     resumed = await version(http, first, V46)
     assert resumed["last_pin_expires_at"] > entry["last_pin_expires_at"]
