@@ -224,8 +224,14 @@ def _majority(keys: list[str]) -> str:
 
 def force(state: RolloutState, region: str, version: str, now: float
           ) -> tuple[RolloutState, RolloutEvent]:
-    """An operator makes ``version`` current in ``region`` now (no settle, no gates)."""
+    """An operator makes ``version`` current in ``region`` now (no settle, no gates).
+
+    Forcing the version that is current already changes nothing (a soak under way
+    goes on: the force arrived after the region flipped by itself)."""
     old = state.regions.get(region)
+    if old is not None and old.current == version:
+        return state, RolloutEvent(now, "forced", region, version,
+                                   {"previous": version, "already_current": True})
     rs = RegionState(current=version, since=now, previous=None if old is None else old.current,
                      soaking=old is not None and old.current != version)
     regions = {**state.regions, region: rs}

@@ -431,7 +431,7 @@ class RolloutController:
             for _ in range(3):
                 loaded = await self._store.load()
                 state, event = force(loaded, region, version, self._clock.time())
-                if await self._store.swap(loaded.rev, state):
+                if state is loaded or await self._store.swap(loaded.rev, state):
                     self._adopt(state, [event])
                     return event
         raise RolloutUnavailable("the rollout state kept changing; try again",

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.admin.api import http_error, with_code
+from proxy.admin.api import PUBLIC_ROUTES, http_error, with_code
 from proxy.app import SETTINGS
 from proxy.errors import ProxyError, Unauthorized
 from proxy.relay import error_response
@@ -35,11 +35,13 @@ def build_admin_app(
     config = data_app[SETTINGS].admin
     token = config.token.get_secret_value().encode() if config.token is not None else None
     public = frozenset(config.public_paths)
+    public_routes: set[str] = set()  # filled by the installers (Route.public)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            if token is not None and request.path not in public:
+            if token is not None and request.path not in public \
+                    and request.path not in public_routes:
                 _check_token(request, token)
             return await handler(request)
         except ProxyError as exc:
@@ -54,6 +56,7 @@ def build_admin_app(
 
     app = web.Application(middlewares=[guard], client_max_size=1024**2)
     app[DATA_APP] = data_app
+    app[PUBLIC_ROUTES] = public_routes
     if token is None:
         logger.warning("admin API has no token: it is bound to loopback only (%s)", config.host)
     for install in installers:

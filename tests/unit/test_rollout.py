@@ -207,3 +207,14 @@ def test_rollbacks_never_chain_or_cycle() -> None:
     assert with_rollback({}, V47, V46) == {V47: V46}
     assert with_rollback({V47: V46}, V46, V47) == {V46: V47}  # the other way: replaced
     assert with_rollback({V48: V47}, V47, V46) == {V48: V46, V47: V46}  # no chain
+
+
+def test_forcing_the_current_version_keeps_its_soak() -> None:
+    state = RolloutState({"eu": RegionState(current="v47", since=10.0, previous="v46",
+                                            soaking=True)}, rev=3)
+    after, event = force(state, "eu", "v47", 20.0)
+    assert after is state  # the region flipped by itself before the operator's force
+    assert (event.kind, event.detail["already_current"]) == ("forced", True)
+    moved, _ = force(state, "eu", "v46", 20.0)
+    assert moved.regions["eu"] == RegionState(current="v46", since=20.0, previous="v47",
+                                              soaking=True)
