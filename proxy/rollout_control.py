@@ -312,6 +312,11 @@ class RolloutController:
             "pinproxy_rollout_region_state", "1 for each region's current state.",
             ["region", "state", "current_version"], registry=metrics_registry,
         )
+        self._held_back = Gauge(
+            "pinproxy_rollout_held_back", "1 while a region's candidate version (every "
+            "replica runs it) is held back from becoming current, by reason.",
+            ["region", "candidate", "reason"], registry=metrics_registry,
+        )
 
     @property
     def state(self) -> RolloutState:
@@ -410,8 +415,11 @@ class RolloutController:
                   if self._policy.mode_of(r) == "atomic"}
         self._registry.set_rollout(atomic, state.rollbacks)
         self._region_state.clear()
+        self._held_back.clear()
         for region, rs in state.regions.items():
             self._region_state.labels(region, rs.phase, rs.current).set(1)
+            if rs.candidate is not None and rs.held is not None:
+                self._held_back.labels(region, rs.candidate, rs.held).set(1)
         for event in events:
             self._record(event)
 
