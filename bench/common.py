@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from bench.httpload import SerialClient, build_request
 from bench.procs import Layout, Procs, machine_facts, pinned_self, raised_fd_limit
 from bench.report import new_run_dir
-from proxy.config import RuntimeConfig
-from proxy.gc_tuning import tune_gc
+from proxy.config.settings import RuntimeConfig
+from proxy.runtime.gc_tuning import tune_gc
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Iterator

@@ -39,7 +39,7 @@ from bench.common import RunContext, run_async, run_context, wait_ready
 from bench.procs import free_port, parse_overrides, proxy_toml, start_pinproxy, start_redis
 from bench.report import COLORS, _pyplot, md_header, verdict, write_json
 from bench.stats import counts_line, table
-from proxy.models import VersionBundle
+from proxy.core.models import VersionBundle
 from proxy.sim import PopState, SimPop
 
 REGIONS = ("us-east", "eu-west", "ap-south", "ap-northeast")

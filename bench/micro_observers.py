@@ -38,13 +38,13 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
-from proxy.audit import AuditObserver
-from proxy.audit_redis import RedisAudit
-from proxy.config import StoreConfig
-from proxy.config_telemetry import AuditConfig
-from proxy.events import RequestEvent, Usage
-from proxy.logs import JsonFormatter, TextFormatter
-from proxy.requestlog import LOGGER_NAME, RequestLog, SessionHasher
+from proxy.config.observability import AuditConfig
+from proxy.config.settings import StoreConfig
+from proxy.core.events import RequestEvent, Usage
+from proxy.telemetry.audit import AuditObserver
+from proxy.telemetry.audit_redis import RedisAudit
+from proxy.telemetry.logs import JsonFormatter, TextFormatter
+from proxy.telemetry.requestlog import LOGGER_NAME, RequestLog, SessionHasher
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence

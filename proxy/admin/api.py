@@ -21,10 +21,10 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from proxy.errors import BadRequest, ProxyError
+from proxy.core.errors import BadRequest, ProxyError
 
 if TYPE_CHECKING:
-    from proxy.config import Settings
+    from proxy.config.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)

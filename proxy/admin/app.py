@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy.admin.api import PUBLIC_ROUTES, http_error, with_code
-from proxy.app import SETTINGS
-from proxy.errors import ProxyError, Unauthorized
-from proxy.relay import error_response
+from proxy.app.build import SETTINGS
+from proxy.core.errors import ProxyError, Unauthorized
+from proxy.dataplane.relay import error_response
 
 logger = logging.getLogger(__name__)
 

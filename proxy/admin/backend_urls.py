@@ -30,10 +30,10 @@ from urllib.parse import urlsplit
 
 from yarl import URL
 
-from proxy.errors import BadRequest
+from proxy.core.errors import BadRequest
 
 if TYPE_CHECKING:
-    from proxy.config import AdminConfig
+    from proxy.config.settings import AdminConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

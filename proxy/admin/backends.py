@@ -1,7 +1,7 @@
 """Admin routes for backends: list and inspect; add and remove at run time; drain;
 push a runtime version; record the controller's intended version.
 
-Every change goes through the ``ControlPlane`` (proxy/control.py), which persists it
+Every change goes through the ``ControlPlane`` (proxy/fleet/control.py), which persists it
 where every replica sharing the store hears it, and applies it here before the
 answer is sent: the answer shows the backend as it now is. Inputs are validated
 before anything is changed, so a 4xx always means nothing happened.
@@ -18,14 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from proxy.admin.api import Body, Param, Route, read_body, reply
 from proxy.admin.backend_urls import URL_PATTERN, BackendUrlPolicy, Resolver
 from proxy.admin.fleet_common import BundleView, Fleet, VersionBody
-from proxy.control import UnknownBackend
-from proxy.errors import BadRequest
-from proxy.models import Backend
+from proxy.core.errors import BadRequest
+from proxy.core.models import Backend
+from proxy.fleet.control import UnknownBackend
 
 if TYPE_CHECKING:
-    from proxy.models import BackendState
+    from proxy.core.models import BackendState
 
-# The same rule the config file applies to ids and regions (proxy/config.py).
+# The same rule the config file applies to ids and regions (proxy/config/settings.py).
 _ID: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _ID_RE: Final = re.compile(_ID)
 _TAGS = ("backends",)

@@ -10,9 +10,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxy.admin.api import Body, Param
 from proxy.admin.app import DATA_APP
-from proxy.app import CLOCK, CONTROL, EVAL_TRAFFIC, LOADS, REGISTRY, SETTINGS, STORE, TRAFFIC
-from proxy.errors import BadRequest
-from proxy.models import (
+from proxy.app.build import (
+    CLOCK,
+    CONTROL,
+    EVAL_TRAFFIC,
+    LOADS,
+    REGISTRY,
+    SETTINGS,
+    STORE,
+    TRAFFIC,
+)
+from proxy.core.errors import BadRequest
+from proxy.core.models import (
     DIMENSIONS,
     VALUE_PATTERN,
     InvalidVersion,
@@ -24,14 +33,14 @@ from proxy.models import (
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from proxy.clock import Clock
-    from proxy.config import Settings
-    from proxy.control import ControlPlane
-    from proxy.ewma import LoadTracker
-    from proxy.models import Dimension
-    from proxy.registry import Registry
+    from proxy.config.settings import Settings
+    from proxy.core.clock import Clock
+    from proxy.core.ewma import LoadTracker
+    from proxy.core.models import Dimension
+    from proxy.fleet.control import ControlPlane
+    from proxy.fleet.registry import Registry
     from proxy.store import PinStore
-    from proxy.traffic import TrafficCounter
+    from proxy.telemetry.traffic import TrafficCounter
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +71,7 @@ class Fleet:
         )
 
 
-# The version alphabet (proxy/models.py), checked by the validators below, documented.
+# The version alphabet (proxy/core/models.py), checked by the validators below, documented.
 _VALUE: Final[dict[str, Any]] = {"pattern": VALUE_PATTERN}
 
 

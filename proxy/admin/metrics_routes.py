@@ -15,11 +15,11 @@ from aiohttp import web
 
 from proxy.admin.api import Route
 from proxy.admin.app import DATA_APP
-from proxy.app import EVAL_TRAFFIC, FLEET_METRICS, METRICS, SETTINGS, STORE, TRAFFIC
-from proxy.draining import Draining, draining
-from proxy.errors import NotFound, StoreUnavailable
-from proxy.eval_coverage import Coverage, coverage
-from proxy.traffic import TrafficUnavailable
+from proxy.app.build import EVAL_TRAFFIC, FLEET_METRICS, METRICS, SETTINGS, STORE, TRAFFIC
+from proxy.core.errors import NotFound, StoreUnavailable
+from proxy.store.draining import Draining, draining
+from proxy.telemetry.eval_coverage import Coverage, coverage
+from proxy.telemetry.traffic import TrafficUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

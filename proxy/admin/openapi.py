@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the admin routes, built from the route table.
 
-What it promises, and what tests/integration/test_admin_schema.py holds it to with
+What it promises, and what tests/integration/admin/test_admin_schema.py holds it to with
 schemathesis (every check): each parameter and body schema is exactly the rule the
 handler enforces, so a request the document calls valid is never refused as
 malformed (400) and one it calls invalid never succeeds; every answer's status, media
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from proxy.admin.api import Param, Route, Schema
-    from proxy.config import Settings
+    from proxy.config.settings import Settings
 
 _ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",

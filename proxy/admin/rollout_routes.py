@@ -1,4 +1,4 @@
-"""Admin routes for the rollout discipline (proxy/rollout.py): the rollout picture, an
+"""Admin routes for the rollout discipline (proxy/core/rollout.py): the rollout picture, an
 operator's forced cutover, the coordinated rollback, and eval results for the soak."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from pydantic import BaseModel, Field, field_validator
 from proxy.admin.api import Body, Param, Route, read_body, reply
 from proxy.admin.app import DATA_APP
 from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref
-from proxy.app import ROLLOUT
-from proxy.errors import BadRequest, Conflict, NotFound
+from proxy.app.build import ROLLOUT
+from proxy.core.errors import BadRequest, Conflict, NotFound
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from proxy.rollout import RolloutEvent
-    from proxy.rollout_control import RolloutController
+    from proxy.core.rollout import RolloutEvent
+    from proxy.fleet.rollout_control import RolloutController
 
 _TAGS = ("rollout",)
 _ID: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

@@ -17,7 +17,7 @@ from proxy.admin.app import DATA_APP
 from proxy.admin.backend_urls import Resolver, system_resolve
 from proxy.admin.backends import RESOLVER
 from proxy.admin.openapi import openapi
-from proxy.app import SETTINGS
+from proxy.app.build import SETTINGS
 
 if TYPE_CHECKING:
     from proxy.admin.app import RouteInstaller

@@ -8,7 +8,7 @@ went to another version (invariant 1: a change of version is explicit, counted,
 audited).
 
 Session ids arrive percent-encoded in the path and are held to the data plane's rules
-(proxy/sessions.py): valid UTF-8, at most ``sessions.max_id_bytes`` bytes, no control
+(proxy/policy/sessions.py): valid UTF-8, at most ``sessions.max_id_bytes`` bytes, no control
 character; anything else is a 400 before anything is read or changed.
 """
 
@@ -23,19 +23,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from proxy.admin.api import Body, Param, Route, int_query, integer_param, read_body, reply
 from proxy.admin.app import DATA_APP
-from proxy.app import AUDIT, CLOCK, LOADS, METRICS, REGISTRY, RNG, SETTINGS, STORE
-from proxy.audit import AuditRecord
-from proxy.errors import BadRequest, Conflict, NotFound
-from proxy.headers import ensure_traceparent, new_request_id, valid_request_id
-from proxy.models import Forward, Pin, RequestFacts, Snapshot, prompt_of
-from proxy.routing import RoutingPolicy, choose
+from proxy.app.build import AUDIT, CLOCK, LOADS, METRICS, REGISTRY, RNG, SETTINGS, STORE
+from proxy.core.errors import BadRequest, Conflict, NotFound
+from proxy.core.headers import ensure_traceparent, new_request_id, valid_request_id
+from proxy.core.models import Forward, Pin, RequestFacts, Snapshot, prompt_of
+from proxy.policy.routing import RoutingPolicy, choose
+from proxy.telemetry.audit import AuditRecord
 
 if TYPE_CHECKING:
     from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
-# The data plane's rule (proxy/sessions.py): C0, DEL and C1 never appear in an id.
+# The data plane's rule (proxy/policy/sessions.py): C0, DEL and C1 never appear in an id.
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _MAX_LIMIT: Final = 10_000
 _SESSION_SEGMENT: Final = 3  # raw_parts of "/admin/sessions/{id}...": "/", admin, sessions, id

@@ -11,12 +11,12 @@ from pydantic import BaseModel, Field
 from proxy.admin.api import Route, int_query, integer_param, reply
 from proxy.admin.fleet_common import Fleet
 from proxy.admin.versions import LONG_WINDOW_S, Share, shares
-from proxy.eval_coverage import coverage
+from proxy.telemetry.eval_coverage import coverage
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from proxy.traffic import Window
+    from proxy.telemetry.traffic import Window
 
 MIN_WINDOW_S, MAX_WINDOW_S = 60, 86_400
 

@@ -16,16 +16,16 @@ from pydantic import BaseModel, Field
 
 from proxy.admin.api import Route, reply
 from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref
-from proxy.draining import draining
-from proxy.models import prompt_of
-from proxy.routing import RoutingPolicy
+from proxy.core.models import prompt_of
+from proxy.policy.routing import RoutingPolicy
+from proxy.store.draining import draining
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from aiohttp import web
 
-    from proxy.traffic import Window
+    from proxy.telemetry.traffic import Window
 
 _TAGS = ("versions",)
 SHORT_WINDOW_S = 300

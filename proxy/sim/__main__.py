@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from proxy.config import RuntimeConfig
-from proxy.gc_tuning import tune_gc
-from proxy.models import DIMENSIONS, Dimension, InvalidVersion, VersionBundle
+from proxy.config.settings import RuntimeConfig
+from proxy.core.models import DIMENSIONS, Dimension, InvalidVersion, VersionBundle
+from proxy.runtime.gc_tuning import tune_gc
 from proxy.sim.pop import SimPop
 from proxy.sim.state import PopState
 

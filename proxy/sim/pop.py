@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Self
 import orjson
 from aiohttp import web
 
-from proxy.clock import Clock, SystemClock
+from proxy.core.clock import Clock, SystemClock
 from proxy.sim import openai
 from proxy.sim.state import ControlError, PopState, RequestRecord, SimCounters
 from proxy.sim.wire import error_response, flatten_headers, json_response, stamp_headers
@@ -21,7 +21,7 @@ from proxy.sim.wire import error_response, flatten_headers, json_response, stamp
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from proxy.models import VersionBundle
+    from proxy.core.models import VersionBundle
 
 _log = logging.getLogger(__name__)
 

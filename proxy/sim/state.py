@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from proxy.models import DIMENSIONS, Dimension, InvalidVersion, VersionBundle, check_value
+from proxy.core.models import DIMENSIONS, Dimension, InvalidVersion, VersionBundle, check_value
 
 
 class ControlError(ValueError):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from proxy.models import DIMENSIONS, STAMP_HEADERS
+from proxy.core.models import DIMENSIONS, STAMP_HEADERS
 from proxy.sim import openai
 
 if TYPE_CHECKING:

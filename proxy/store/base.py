@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from proxy.models import Pin
+    from proxy.core.models import Pin
 
 
 @dataclass(frozen=True, slots=True)

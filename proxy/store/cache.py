@@ -19,8 +19,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.clock import Clock
-    from proxy.models import Pin
+    from proxy.core.clock import Clock
+    from proxy.core.models import Pin
 
 
 class _Entry:

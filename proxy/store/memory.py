@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 from proxy.store.base import Activity, Lookup
 
 if TYPE_CHECKING:
-    from proxy.clock import Clock
-    from proxy.config_store import StoreConfig
-    from proxy.models import Pin
+    from proxy.config.store import StoreConfig
+    from proxy.core.clock import Clock
+    from proxy.core.models import Pin
 
 
 class MemoryPinStore:

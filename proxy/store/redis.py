@@ -39,14 +39,12 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
-
-from proxy.errors import StoreUnavailable
-from proxy.pubsub import Subscriber
+from proxy.core.errors import StoreUnavailable
+from proxy.redis.client import REDIS_FAILURES, sharded_pubsub_opener
+from proxy.redis.pubsub import Subscriber
 from proxy.store.base import Activity, Lookup
 from proxy.store.cache import PinCache
 from proxy.store.redis_call import BoundedCall, decoded, replaced_pin
-from proxy.store.redis_client import sharded_pubsub_opener
 from proxy.store.redis_sync import PinSync, announce
 from proxy.store.redis_touch import Touches
 from proxy.store.redis_wire import StoreKeys, encode_pin, member
@@ -57,9 +55,9 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
-    from proxy.clock import Clock
-    from proxy.config_store import StoreConfig
-    from proxy.models import Pin
+    from proxy.config.store import StoreConfig
+    from proxy.core.clock import Clock
+    from proxy.core.models import Pin
     from proxy.store.redis_sync import ConflictHook
 
 _log = logging.getLogger(__name__)
@@ -386,7 +384,7 @@ class RedisPinStore:
                 _log.warning("pin store background tasks did not stop: %s", stuck)
         self._tasks = []
         if self._owns_client:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await self._client.aclose()
 
     async def flush_touches(self) -> None:

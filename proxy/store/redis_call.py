@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, TypeVar
 
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proxy.errors import StoreUnavailable
-from proxy.store.redis_client import REDIS_FAILURES
+from proxy.core.errors import StoreUnavailable
+from proxy.redis.client import REDIS_FAILURES
 from proxy.store.redis_wire import decode_pin, scrub, secrets_of
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
-    from proxy.clock import Clock
-    from proxy.config_store import StoreConfig
-    from proxy.models import Pin
+    from proxy.config.store import StoreConfig
+    from proxy.core.clock import Clock
+    from proxy.core.models import Pin
 
 T = TypeVar("T")
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from redis.exceptions import ResponseError
 
-from proxy.errors import StoreUnavailable
+from proxy.core.errors import StoreUnavailable
 from proxy.store.redis_wire import decode_pin, encode_pin, member
 
 if TYPE_CHECKING:
@@ -55,9 +55,9 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
-    from proxy.clock import Clock
-    from proxy.config_store import StoreConfig
-    from proxy.models import Pin
+    from proxy.config.store import StoreConfig
+    from proxy.core.clock import Clock
+    from proxy.core.models import Pin
     from proxy.store.cache import PinCache
     from proxy.store.redis_wire import StoreKeys
 
@@ -293,7 +293,10 @@ class PinSync:
         while True:
             self._again = False
             try:
-                await self.catch_up(detect=False)
+                # check_server: adopt the primaries' run ids too, so the restart that
+                # caused this loss is not detected (and re-asserted) a second time when
+                # the subscription reconnects.
+                await self.catch_up(check_server=True, detect=False)
                 await self._reassert()
             except StoreUnavailable as exc:
                 _log.warning("re-asserting pins interrupted, will retry: %s", exc.message)

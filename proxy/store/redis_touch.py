@@ -25,8 +25,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from proxy.errors import StoreUnavailable
-from proxy.outage import OutageLog
+from proxy.core.errors import StoreUnavailable
+from proxy.core.outage import OutageLog
 from proxy.store.redis_wire import member
 
 if TYPE_CHECKING:
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
     from redis.asyncio import Redis
 
-    from proxy.clock import Clock
-    from proxy.config_store import StoreConfig
+    from proxy.config.store import StoreConfig
+    from proxy.core.clock import Clock
     from proxy.store.cache import PinCache
     from proxy.store.redis_sync import Caller
     from proxy.store.redis_wire import StoreKeys

@@ -14,13 +14,13 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from proxy.models import Pin
-from proxy.store.redis_client import redis_client_from_config
+from proxy.core.models import Pin
+from proxy.redis.client import redis_client_from_config
 
 __all__ = ["redis_client_from_config"]
 
 if TYPE_CHECKING:
-    from proxy.config_store import StoreConfig
+    from proxy.config.store import StoreConfig
 
 _TEXT_FIELDS = ("version_key", "backend_id", "region")  # Pin's fields before pinned_at
 

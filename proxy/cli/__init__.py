@@ -1,0 +1,1 @@
+"""The ``pinproxy`` command and what it renders."""

@@ -1,0 +1,3 @@
+"""The one frozen, validated settings model, split by section.
+
+Pure pydantic; imports only :mod:`proxy.core`."""

@@ -1,0 +1,120 @@
+"""What the data plane tells the rest of the system about each finished request.
+
+The data plane builds one ``RequestEvent`` per request and hands it to every
+``RequestObserver`` (audit trail, metrics, logs, traces). Observers run inline, so
+they must only do cheap in-memory work: anything that needs I/O goes through a
+bounded queue that a background task drains (invariant 4: nothing on the hot path
+waits on work that can happen later).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.core.models import prompt_of
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts from the OpenAI ``usage`` object of a response, when it had one."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEvent:
+    at: float  # wall-clock seconds when the request arrived
+    request_id: str
+    trace_id: str
+    session_id: str | None
+    method: str
+    path: str
+    status: int
+    backend_id: str | None  # None when no backend answered (e.g. 503 before sending)
+    region: str | None
+    version_key: str | None  # the version that served the answer, or the pinned one on 503
+    new_pin: bool  # this request created the session's pin
+    version_changed: str | None  # "old -> new" when this request repinned the session
+    duration_s: float  # until the last byte was sent (or the error answered)
+    ttfb_s: float | None  # upstream time to first byte
+    error_type: str | None  # the OpenAI error type pinproxy answered with, if it did
+    streamed: bool = False
+    usage: Usage | None = None
+    # For requests that asked for JSON output: did the answer parse? None: not asked.
+    structured_output_valid: bool | None = None
+    # The W3C traceparent sent upstream, and whether the client sent it (else the proxy
+    # started the trace): what a tracing observer needs to place its span.
+    traceparent: str | None = None
+    trace_continued: bool = False
+    # The request carried the eval header (``evals.header``): eval traffic, counted
+    # apart from production (proxy/eval_coverage.py).
+    eval_run: bool = False
+
+    @property
+    def prompt_version(self) -> str | None:
+        return None if self.version_key is None else prompt_of(self.version_key)
+
+
+class RequestObserver(Protocol):
+    def observe(self, event: RequestEvent) -> None:
+        """Take note of a finished request. Must not block, await or raise."""
+        ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one request, filled in along the request path for its event."""
+
+    session_id: str | None = None
+    status: int = 499  # until something is answered: the client went away
+    backend_id: str | None = None
+    region: str | None = None
+    version_key: str | None = None
+    new_pin: bool = False
+    version_changed: str | None = None
+    ttfb_s: float | None = None
+    error_type: str | None = None
+    streamed: bool = False
+    request_body: bytes | None = None  # held body, for the response tap to read
+    extra_headers: list[tuple[str, str]] | None = None  # added to the answer (pin token)
+    usage: Usage | None = None
+    structured_output_valid: bool | None = None
+
+    def event(
+        self,
+        *,
+        at: float,
+        request_id: str,
+        traceparent: str,
+        incoming_traceparent: str | None,
+        method: str,
+        path: str,
+        duration_s: float,
+        eval_run: bool = False,
+    ) -> RequestEvent:
+        return RequestEvent(
+            at=at,
+            request_id=request_id,
+            trace_id=traceparent.split("-")[1],
+            session_id=self.session_id,
+            method=method,
+            path=path,
+            status=self.status,
+            backend_id=self.backend_id,
+            region=self.region,
+            version_key=self.version_key,
+            new_pin=self.new_pin,
+            version_changed=self.version_changed,
+            duration_s=duration_s,
+            ttfb_s=self.ttfb_s,
+            error_type=self.error_type,
+            streamed=self.streamed,
+            usage=self.usage,
+            structured_output_valid=self.structured_output_valid,
+            traceparent=traceparent,
+            trace_continued=incoming_traceparent == traceparent,
+            eval_run=eval_run,
+        )
+

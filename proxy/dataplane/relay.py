@@ -1,0 +1,127 @@
+"""Relaying a backend's answer to the client, and the OpenAI-shaped error answer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from proxy.core.errors import UpstreamBodyError
+from proxy.core.headers import client_response_headers
+from proxy.core.models import prompt_of
+from proxy.telemetry.usage import new_tap
+
+if TYPE_CHECKING:
+    from proxy.core.errors import ProxyError
+    from proxy.core.events import Outcome
+    from proxy.core.ewma import LoadTracker
+    from proxy.core.models import Forward
+    from proxy.telemetry.usage import TapLimits
+    from proxy.upstream.client import UpstreamResponse
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Served:
+    """A backend's response whose head is in, with where and on what version it ran."""
+
+    response: UpstreamResponse
+    forward: Forward
+    served_key: str
+    ttfb_s: float
+    failed: bool = False  # a 5xx: the load estimate takes it as a failure, not as fast
+
+
+async def relay(
+    request: web.BaseRequest,
+    request_id: str,
+    served: Served,
+    outcome: Outcome,
+    *,
+    loads: LoadTracker,
+    tap_limits: TapLimits | None,
+) -> web.StreamResponse:
+    """Write the backend's answer to the client: head, then the body as it arrives.
+
+    Usage and JSON validity are read off the body after each write (never delaying a
+    byte) when ``tap_limits`` is given. A backend failing mid-body drops the client's
+    connection: ending the response cleanly would pass a truncated answer off as
+    complete.
+    """
+    upstream = served.response
+    backend = served.forward.backend
+    headers = client_response_headers(upstream.headers)
+    headers["X-Prompt-Version"] = prompt_of(served.served_key)
+    headers["X-Served-By"] = backend.id
+    headers["X-Served-Region"] = backend.region
+    headers["X-Request-ID"] = request_id
+    if outcome.version_changed is not None:
+        headers["X-Prompt-Version-Changed"] = outcome.version_changed
+    if outcome.extra_headers:
+        for name, value in outcome.extra_headers:
+            headers.add(name, value)
+    outcome.streamed = upstream.content_type == "text/event-stream"
+    # An answer that is already all here (most non-streamed ones) goes out as one
+    # web.Response, whose head and body leave in one write instead of two.
+    whole = upstream.whole_body()
+    out = (
+        web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        if whole is None
+        else web.Response(
+            status=upstream.status, reason=upstream.reason, headers=headers, body=whole
+        )
+    )
+    tap = None
+    if tap_limits is not None:
+        tap = new_tap(
+            upstream.status,
+            upstream.content_type,
+            upstream.headers.get("Content-Encoding"),
+            outcome.request_body,
+            tap_limits,
+        )
+    completed = False
+    try:
+        await out.prepare(request)
+        if whole is None:
+            while chunk := await upstream.read_chunk():
+                await out.write(chunk)
+                if tap is not None:
+                    tap.feed(chunk)  # after the write: reading never delays a byte
+        await out.write_eof()
+        if whole and tap is not None:
+            tap.feed(whole)
+        completed = True
+        outcome.status = upstream.status
+        if tap is not None:
+            found = tap.finish()
+            outcome.usage = found.usage
+            outcome.structured_output_valid = found.structured_output_valid
+    except UpstreamBodyError as exc:
+        # The backend broke mid-body. Ending the response cleanly would pass a
+        # truncated answer off as complete; dropping the connection tells the truth.
+        logger.warning("backend %s failed mid-response: %r", backend.id, exc)
+        if request.transport is not None:
+            request.transport.close()
+    except ConnectionResetError:
+        logger.debug("client went away mid-response (request %s)", request_id)
+    finally:
+        if completed:
+            upstream.release()
+        else:
+            upstream.close()
+        loads.finish(backend.id, None if served.failed else served.ttfb_s)
+    return out
+
+
+def error_response(exc: ProxyError, request_id: str | None = None) -> web.Response:
+    """The OpenAI-shaped JSON answer for any ProxyError."""
+    headers = dict(exc.headers)
+    if request_id is not None:
+        headers["X-Request-ID"] = request_id
+    return web.Response(
+        status=exc.status, body=exc.body(), content_type="application/json", headers=headers
+    )

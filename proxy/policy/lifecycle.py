@@ -1,0 +1,536 @@
+"""The lifecycle of one proxied request, as a pure state machine.
+
+Theory of operation
+-------------------
+Everything pinproxy decides about a request between "its session id is known" and
+"a response head is ready to relay" lives here, with no I/O, no clock and no awaits:
+in the style of h11's state tables and mitmproxy's layers, the machine takes
+*events* (what the data plane observed) and answers with a ``Step``: a few
+synchronous *effects* (count this, mark that backend suspect, close that response
+unseen) and exactly one *action*, the next thing to await (look the pin up, write
+it if absent, send to backend X, wait for the registry until T) or a terminal one
+(relay the response just received, answer error E). ``DataPlane`` is the loop that
+executes actions and feeds their results back as events (see dataplane.py); tests
+drive the machine directly as transcripts (tests/unit/policy/test_lifecycle.py).
+
+Every event carries a ``World``: the registry snapshot current when it happened,
+wall-clock and monotonic time, and whether the global retry budget has room. So a
+transition is a pure function of (state, event, world), plus the routing rng.
+
+The rules, as transitions (the issue numbers of the bugs they fix are in the tests):
+
+- Pin lookup, pin-if-absent, pin races and retirement repins are as in routing.py:
+  a new session is pinned before anything is sent; when another replica's pin won
+  with another version, the choice is made again among the winner's backends.
+- ``HeadReceived`` whose version stamp disagrees with the pin: the mismatch guard
+  closes the response unseen and asks the next backend of the pinned version.
+- ``HeadReceived`` with the refusal status (409 by default) to a request that
+  carried ``X-Pinned-Version``: the backend refused a version it does not serve.
+  Never relayed: its ``/version`` is re-polled at once and the next backend of the
+  pinned version is asked.
+- ``SendFailed("connect")``: nothing was written, so the request may go anywhere
+  of its version; the backend is marked suspect at once (passive health).
+- ``SendFailed("dropped")``: the request was written and no head came back. The
+  backend may have acted on it, so it is replayed only when the request is
+  ``idempotent`` (method or Idempotency-Key) and held in memory, and only while the
+  retry budget has room; otherwise 503 ``upstream_dropped`` with Retry-After (the
+  client knows whether trying again is safe). A POST is never sent twice.
+- Timeouts and invalid heads are answered (504, 502) and fed to outlier detection.
+- A 5xx head is relayed (the client sees the backend's own error) but reported as
+  a failure, so outlier detection ejects a backend that fails fast and the load
+  estimate does not mistake a fast 500 for a fast backend.
+- No backend may take it: wait for the registry (a backend coming back, a version
+  reported) until ``pin_wait_ms`` after arrival, then 503 ``version_unavailable``
+  for a pinned session (never a 502 because its backends died) or ``no_backends``.
+  Backends excluded for this request are forgotten when the registry changes: a
+  suspect backend is readmitted only by a fresh ``/version`` poll, so if it is
+  routable again it has been re-checked.
+- Each request sends at most ``max_attempts`` times in all (mismatches and refusals
+  included), which bounds every loop above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from proxy.core.errors import (
+    NoBackends,
+    ProxyError,
+    UpstreamDropped,
+    UpstreamError,
+    UpstreamTimeout,
+    VersionUnavailable,
+)
+from proxy.core.models import Forward, Pin, RequestFacts, Unavailable
+from proxy.policy.routing import choose
+
+if TYPE_CHECKING:
+    import random
+
+    from proxy.core.models import Snapshot
+    from proxy.policy.routing import LoadView, RoutingPolicy
+
+
+# --- the world an event happens in ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class World:
+    snapshot: Snapshot
+    now: float  # wall clock, seconds (pins and retirement are in wall time)
+    mono: float  # monotonic, seconds (deadlines)
+    retry_budget_left: bool = True
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PinLooked:
+    pin: Pin | None
+
+
+@dataclass(frozen=True, slots=True)
+class PinStored:
+    """The answer of pin-if-absent: the pin the store holds now (ours or a winner's)."""
+
+    stored: Pin
+
+
+@dataclass(frozen=True, slots=True)
+class Repinned:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Waited:
+    """The registry published a new snapshot, or the wait's deadline passed."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeadReceived:
+    status: int
+    served_key: str  # the stamp's version key, else the version the backend was chosen for
+
+
+SendFailure = Literal["connect", "dropped", "timeout", "invalid"]
+
+
+@dataclass(frozen=True, slots=True)
+class SendFailed:
+    kind: SendFailure
+    message: str
+    reused: bool = False  # a "dropped" on a pooled keep-alive connection
+
+
+Event = PinLooked | PinStored | Repinned | Waited | HeadReceived | SendFailed
+
+
+# --- actions (one to await per step) -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LookUpPin:
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PinIfAbsent:
+    session_id: str
+    pin: Pin
+
+
+@dataclass(frozen=True, slots=True)
+class Repin:
+    session_id: str
+    pin: Pin
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    forward: Forward
+    pinned_version: str | None  # sent as X-Pinned-Version
+    replayable: bool  # the pool may retry a closed pooled connection
+
+
+@dataclass(frozen=True, slots=True)
+class WaitForRegistry:
+    until: float  # monotonic
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Terminal: relay the response just received. ``failed``: it was a 5xx."""
+
+    forward: Forward
+    served_key: str
+    failed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Terminal: answer ``error``; nothing was relayed."""
+
+    error: ProxyError
+
+
+Action = LookUpPin | PinIfAbsent | Repin | Send | WaitForRegistry | Relay | Fail
+
+
+# --- effects (synchronous, applied before the action) ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """Close the response just received, unseen by the client."""
+
+    backend_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class MarkSuspect:
+    """Passive health: take the backend out of routing until a fresh poll readmits it."""
+
+    backend_id: str
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reprobe:
+    """Poll the backend's ``/version`` now."""
+
+    backend_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    """Feed outlier detection: ``ok`` is False for a 5xx, a timeout or a broken head."""
+
+    backend_id: str
+    ok: bool
+
+
+RetryReason = Literal["connect", "dropped", "version_mismatch", "refused"]
+
+
+@dataclass(frozen=True, slots=True)
+class CountRetry:
+    reason: RetryReason
+    budgeted: bool  # counts against the global retry budget
+
+
+@dataclass(frozen=True, slots=True)
+class CountMismatch:
+    backend_id: str
+    pinned: str
+    served: str
+
+
+@dataclass(frozen=True, slots=True)
+class CountRefusal:
+    backend_id: str
+    pinned: str
+
+
+@dataclass(frozen=True, slots=True)
+class CountRaceLost:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CountNewPin:
+    version_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class CountRepin:
+    from_key: str
+    to_key: str
+    reason: str = "retired"  # or "rollback"
+
+
+Effect = (
+    Discard | MarkSuspect | Reprobe | ReportResult | CountRetry | CountMismatch | CountRefusal
+    | CountRaceLost | CountNewPin | CountRepin
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    action: Action
+    effects: tuple[Effect, ...] = ()
+
+
+# --- the machine -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LifecyclePolicy:
+    """The settings the machine decides by (see RoutingConfig)."""
+
+    routing: RoutingPolicy
+    pin_wait_s: float
+    retry_after_s: int
+    refusal_status: int | None = 409
+    max_attempts: int = 5
+
+
+Phase = Literal["start", "lookup", "pinning", "repinning", "sending", "waiting", "done"]
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """One request's state; feed it events with ``step``. Not reusable across requests.
+
+    ``session_id`` is None for a request that is not pinned (no id, or pinning off).
+    ``held``: the body is in memory, so the request can be sent again at all;
+    ``idempotent``: its method is idempotent or it carries an Idempotency-Key, so a
+    request that was written may be replayed.
+    """
+
+    policy: LifecyclePolicy
+    session_id: str | None
+    held: bool
+    idempotent: bool
+    arrived: float  # monotonic
+    loads: LoadView
+    rng: random.Random
+    phase: Phase = "start"
+    pin: Pin | None = None
+    proposed: Pin | None = None  # the pin this request offered with pin-if-absent
+    forward: Forward | None = None
+    exclude: set[str] = field(default_factory=set)
+    attempts: int = 0
+    new_pin: bool = False
+    version_changed: str | None = None
+    retries: int = 0
+
+    # -- entry ------------------------------------------------------------------------------
+
+    def start(self, world: World) -> Step:
+        """The first step: look the pin up, or route an unpinned request."""
+        self._expect("start")
+        if self.session_id is not None:
+            self.phase = "lookup"
+            return Step(LookUpPin(self.session_id))
+        return self._route(world, ())
+
+    def step(self, event: Event, world: World) -> Step:
+        """Apply ``event`` (the result of the last action) and say what to do next."""
+        if isinstance(event, PinLooked):
+            self._expect("lookup")
+            self.pin = event.pin
+            return self._route(world, ())
+        if isinstance(event, PinStored):
+            return self._pin_stored(event, world)
+        if isinstance(event, Repinned):
+            self._expect("repinning")
+            return self._send()
+        if isinstance(event, Waited):
+            self._expect("waiting")
+            # What was excluded for this request was marked suspect or re-polled: if it
+            # is routable again, the registry has heard from its runtime since.
+            self.exclude.clear()
+            return self._route(world, ())
+        if isinstance(event, HeadReceived):
+            return self._head(event, world)
+        return self._failed(event, world)
+
+    @property
+    def pinned_version(self) -> str | None:
+        """The version this request is bound to, once known (pinned or being pinned)."""
+        if self.forward is not None and self.session_id is not None:
+            return self.forward.version_key
+        return None if self.pin is None else self.pin.version_key
+
+    # -- transitions ----------------------------------------------------------------------
+
+    def _route(self, world: World, effects: tuple[Effect, ...]) -> Step:
+        decision = choose(
+            RequestFacts(session_id=self.session_id, exclude=frozenset(self.exclude)),
+            self.pin,
+            world.snapshot,
+            self.policy.routing,
+            self.loads,
+            self.rng,
+            world.now,
+        )
+        if isinstance(decision, Unavailable):
+            deadline = self.arrived + self.policy.pin_wait_s
+            if world.mono < deadline:
+                self.phase = "waiting"
+                return Step(WaitForRegistry(self._wake_at(world, deadline)), effects)
+            return self._fail(self._unavailable(decision.version_key), effects)
+        self.forward = decision
+        if self.session_id is not None and decision.new_pin:
+            self.phase = "pinning"
+            self.proposed = Pin(
+                decision.version_key, decision.backend.id, decision.backend.region, world.now
+            )
+            return Step(PinIfAbsent(self.session_id, self.proposed), effects)
+        if self.session_id is not None and decision.repin_from is not None:
+            self.phase = "repinning"
+            self.pin = Pin(
+                decision.version_key, decision.backend.id, decision.backend.region, world.now
+            )
+            self.version_changed = f"{decision.repin_from} -> {decision.version_key}"
+            effects = (*effects, CountRepin(decision.repin_from, decision.version_key,
+                                            decision.repin_reason))
+            return Step(Repin(self.session_id, self.pin), effects)
+        return self._send(effects)
+
+    def _pin_stored(self, event: PinStored, world: World) -> Step:
+        self._expect("pinning")
+        forward = self.forward
+        assert forward is not None
+        stored = event.stored
+        self.pin = stored
+        if stored.version_key != forward.version_key:
+            # Another replica pinned this session first: its version holds.
+            self.forward = None
+            return self._route(world, (CountRaceLost(),))
+        if stored == self.proposed:
+            self.new_pin = True
+            return self._send((CountNewPin(stored.version_key),))
+        return self._send()  # a race lost to the same version: send where we chose
+
+    def _send(self, effects: tuple[Effect, ...] = ()) -> Step:
+        forward = self.forward
+        assert forward is not None
+        self.phase = "sending"
+        self.attempts += 1
+        pinned = forward.version_key if self.session_id is not None else None
+        return Step(Send(forward, pinned, self.held and self.idempotent), effects)
+
+    def _head(self, event: HeadReceived, world: World) -> Step:
+        self._expect("sending")
+        forward = self.forward
+        assert forward is not None
+        backend_id = forward.backend.id
+        pinned = forward.version_key if self.session_id is not None else None
+        if pinned is not None and event.served_key != pinned:
+            effects: tuple[Effect, ...] = (
+                Discard(backend_id), CountMismatch(backend_id, pinned, event.served_key),
+            )
+            return self._next_backend("version_mismatch", effects, world, pinned)
+        refusal = self.policy.refusal_status
+        if pinned is not None and refusal is not None and event.status == refusal:
+            effects = (Discard(backend_id), Reprobe(backend_id), CountRefusal(backend_id, pinned))
+            return self._next_backend("refused", effects, world, pinned)
+        failed = event.status >= 500
+        self.phase = "done"
+        return Step(
+            Relay(forward, event.served_key, failed), (ReportResult(backend_id, not failed),)
+        )
+
+    def _next_backend(
+        self, reason: RetryReason, effects: tuple[Effect, ...], world: World, pinned: str
+    ) -> Step:
+        """After a withheld answer: the next backend of the pinned version, if any may."""
+        forward = self.forward
+        assert forward is not None
+        self.exclude.add(forward.backend.id)
+        if not self.held or self.attempts >= self.policy.max_attempts:
+            return self._fail(VersionUnavailable(pinned, self.policy.retry_after_s), effects)
+        self.retries += 1
+        return self._route(world, (*effects, CountRetry(reason, budgeted=False)))
+
+    def _failed(self, event: SendFailed, world: World) -> Step:
+        self._expect("sending")
+        forward = self.forward
+        assert forward is not None
+        backend_id = forward.backend.id
+        if event.kind == "timeout":
+            return self._fail(UpstreamTimeout(event.message), (ReportResult(backend_id, False),))
+        if event.kind == "invalid":
+            return self._fail(UpstreamError(event.message), (ReportResult(backend_id, False),))
+        effects: tuple[Effect, ...] = (ReportResult(backend_id, False),)
+        if event.kind == "connect" or not event.reused:
+            # Refused, reset or closed unanswered on a fresh connection: the backend
+            # is down or broken, not merely done with an idle connection.
+            effects = (MarkSuspect(backend_id, event.message), *effects)
+        self.exclude.add(backend_id)
+        if event.kind == "connect":
+            may_retry = self.held and self.attempts < self.policy.max_attempts
+            if may_retry:
+                self.retries += 1
+                return self._route(world, (*effects, CountRetry("connect", budgeted=False)))
+            if self.session_id is not None:
+                # A pinned session is told its version is unavailable, never a 502.
+                return self._fail(self._unavailable(self.pinned_version), effects)
+            return self._fail(UpstreamError(event.message), effects)
+        # Written, then dropped: replay only what may be replayed, within the budget.
+        if (
+            self.held
+            and self.idempotent
+            and world.retry_budget_left
+            and self.attempts < self.policy.max_attempts
+        ):
+            self.retries += 1
+            return self._route(world, (*effects, CountRetry("dropped", budgeted=True)))
+        return self._fail(
+            UpstreamDropped(
+                event.message, reused=event.reused, retry_after_s=self.policy.retry_after_s
+            ),
+            effects,
+        )
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _wake_at(self, world: World, deadline: float) -> float:
+        """The deadline, or earlier when an ejection of a usable backend ends before it.
+
+        An ejection ending publishes no snapshot (routing compares it with the time),
+        so a waiting request must know when to look again by itself.
+        """
+        version = self.pinned_version
+        states = (
+            world.snapshot.backends if version is None
+            else world.snapshot.by_key.get(version, ())
+        )
+        ends = [s.ejected_until for s in states if s.healthy and s.ejected_until > world.now]
+        if not ends:
+            return deadline
+        return min(deadline, world.mono + (min(ends) - world.now))
+
+    def _fail(self, error: ProxyError, effects: tuple[Effect, ...] = ()) -> Step:
+        self.phase = "done"
+        return Step(Fail(error), effects)
+
+    def _unavailable(self, version_key: str | None) -> ProxyError:
+        retry_after = self.policy.retry_after_s
+        if version_key is not None:
+            return VersionUnavailable(version_key, retry_after)
+        return NoBackends(retry_after)
+
+    def _expect(self, phase: Phase) -> None:
+        if self.phase != phase:
+            raise LifecycleError(f"event out of order: in phase {self.phase!r}, not {phase!r}")
+
+
+class LifecycleError(Exception):
+    """An event arrived that the current phase does not expect: a data-plane bug."""
+
+
+class RetryBudget:
+    """How many requests may be replaying at once, in the spirit of Envoy's budget.
+
+    Replays of written requests are allowed while fewer than ``percent`` of the active
+    requests, or ``min_concurrency``, are retrying, whichever is more; so a failing
+    fleet gets a bounded amount of extra load, never a retry storm.
+    """
+
+    __slots__ = ("_min", "_share", "active", "retrying")
+
+    def __init__(self, percent: float, min_concurrency: int) -> None:
+        self._share = percent / 100
+        self._min = min_concurrency
+        self.active = 0
+        self.retrying = 0
+
+    def has_room(self) -> bool:
+        return self.retrying < max(self._min, self.active * self._share)
+
+    def __repr__(self) -> str:
+        return f"RetryBudget(active={self.active}, retrying={self.retrying})"

@@ -1,0 +1,1 @@
+"""Connections and pub/sub shared by every Redis-backed port (pins, control, audit, traffic)."""

@@ -1,0 +1,1 @@
+"""Processes, listeners, workers and signals: turns settings into running servers."""

@@ -1,0 +1,1 @@
+"""Metrics, logs, traces, the audit trail, usage and traffic accounting."""
