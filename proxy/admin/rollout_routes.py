@@ -10,9 +10,10 @@ from pydantic import BaseModel, Field, field_validator
 
 from proxy.admin.api import Body, Param, Route, read_body, reply
 from proxy.admin.app import DATA_APP
-from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref
+from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref, version_ref_schema
 from proxy.app.build import ROLLOUT
 from proxy.core.errors import BadRequest, Conflict, NotFound
+from proxy.core.models import DIMENSIONS
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -75,6 +76,21 @@ class RollbackResult(BaseModel):
         description="backends whose runtime still reports the version: roll these back")
     already_there: list[str] = Field(description="regions that already run the target: no-op")
     rollbacks: dict[str, str]
+
+
+# The body names versions as the path does; its schema is over every dimension (a body
+# schema cannot follow versions.dimensions), so a dimension outside the configured ones
+# is accepted and names no running version (the target then is 409 target_not_serving).
+_BODY_VERSION: Final = str(version_ref_schema(DIMENSIONS)["pattern"])
+
+
+class RollbackBody(Body):
+    """``{"from", "to"}``: what POST /admin/rollback rolls back, and to what."""
+
+    bad: str = Field(alias="from", pattern=_BODY_VERSION,
+                     description="the version to roll back (key or bare prompt)")
+    to: str = Field(pattern=_BODY_VERSION,
+                    description="the version to return to (key or bare prompt)")
 
 
 class EvalsBody(Body):
@@ -158,6 +174,19 @@ async def _roll_back(request: web.Request) -> web.StreamResponse:
     dims = fleet.registry.dimensions
     bad = version_ref(request.match_info["version"], dims)
     to = version_ref(request.match_info["target"], dims)
+    return await _rollback_answer(request, fleet, bad, to)
+
+
+async def _rollback_body(request: web.Request) -> web.StreamResponse:
+    body = await read_body(request, RollbackBody)
+    bad = version_ref(body.bad, DIMENSIONS)
+    to = version_ref(body.to, DIMENSIONS)
+    return await _rollback_answer(request, Fleet.of(request), bad, to)
+
+
+async def _rollback_answer(request: web.Request, fleet: Fleet, bad: str,
+                           to: str) -> web.StreamResponse:
+    """Block ``bad``, return its regions to ``to``, repin lazily, list what still runs it."""
     if not any(matches(to, k) for k in fleet.registry.snapshot.serving_keys()):
         raise Conflict(f"no healthy backend serves {to!r}: nothing to roll back to",
                        code="target_not_serving", param="target")
@@ -222,6 +251,11 @@ ROUTES: tuple[Route, ...] = (
           "repin its sessions on their next request, and list the backends whose runtime "
           "still reports it.",
           RollbackResult, tags=_TAGS, path_params=(VERSION, TARGET),
+          errors=((409, "no healthy backend serves the target"),)),
+    Route("POST", "/admin/rollback", _rollback_body,
+          'Coordinated rollback as one body, {"from", "to"}: the same as POST '
+          "/admin/versions/{from}/roll-back-to/{to}.",
+          RollbackResult, RollbackBody, tags=_TAGS,
           errors=((409, "no healthy backend serves the target"),)),
     Route("POST", "/admin/versions/{version}/evals/{region}", _evals,
           "Eval results for a version in a region: the soak's evals signal.",
