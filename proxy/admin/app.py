@@ -1,7 +1,8 @@
 """The admin application: a second listener, never the data-plane port.
 
-It reads and steers the objects the data-plane app built (registry, store, ...),
-which it reaches through ``DATA_APP``; it opens nothing of its own. Every route needs
+It reads and steers the services the composition root built (registry, store, ...),
+which it is handed as one :class:`~proxy.app.services.Services`; it opens nothing of
+its own. Every route needs
 the bearer token (compared in constant time) unless its path is configured public.
 Errors leave as the same OpenAI-shaped JSON as the data plane's; tokens never appear
 in logs or error bodies.
@@ -16,23 +17,23 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy.admin.api import PUBLIC_ROUTES, http_error, with_code
-from proxy.app.build import SETTINGS
+from proxy.app.services import Services
 from proxy.core.errors import ProxyError, Unauthorized
 from proxy.dataplane.relay import error_response
 
 logger = logging.getLogger(__name__)
 
-DATA_APP = web.AppKey("data_app", web.Application)
+SERVICES = web.AppKey("services", Services)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RouteInstaller = Callable[[web.Application], None]
 
 
 def build_admin_app(
-    data_app: web.Application, installers: tuple[RouteInstaller, ...] = ()
+    services: Services, installers: tuple[RouteInstaller, ...] = ()
 ) -> web.Application:
-    """The admin app over ``data_app``'s objects; each installer adds its routes."""
-    config = data_app[SETTINGS].admin
+    """The admin app over ``services``; each installer adds its routes."""
+    config = services.settings.admin
     token = config.token.get_secret_value().encode() if config.token is not None else None
     public = frozenset(config.public_paths)
     public_routes: set[str] = set()  # filled by the installers (Route.public)
@@ -55,7 +56,7 @@ def build_admin_app(
             return error_response(with_code(ProxyError("internal error in the admin API")))
 
     app = web.Application(middlewares=[guard], client_max_size=1024**2)
-    app[DATA_APP] = data_app
+    app[SERVICES] = services
     app[PUBLIC_ROUTES] = public_routes
     if token is None:
         logger.warning("admin API has no token: it is bound to loopback only (%s)", config.host)

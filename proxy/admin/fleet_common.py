@@ -6,20 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from proxy.admin.api import Body, Param
-from proxy.admin.app import DATA_APP
-from proxy.app.build import (
-    CLOCK,
-    CONTROL,
-    EVAL_TRAFFIC,
-    LOADS,
-    REGISTRY,
-    SETTINGS,
-    STORE,
-    TRAFFIC,
-)
+from proxy.admin.app import SERVICES
 from proxy.core.errors import BadRequest
 from proxy.core.models import (
     DIMENSIONS,
@@ -45,7 +35,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Fleet:
-    """The data app's objects an admin handler works with."""
+    """The services an admin handler works with."""
 
     settings: Settings
     clock: Clock
@@ -58,16 +48,16 @@ class Fleet:
 
     @classmethod
     def of(cls, request: web.Request) -> Fleet:
-        data = request.app[DATA_APP]
+        services = request.app[SERVICES]
         return cls(
-            settings=data[SETTINGS],
-            clock=data[CLOCK],
-            registry=data[REGISTRY],
-            loads=data[LOADS],
-            store=data[STORE],
-            control=data[CONTROL],
-            traffic=data[TRAFFIC],
-            eval_traffic=data[EVAL_TRAFFIC],
+            settings=services.settings,
+            clock=services.clock,
+            registry=services.registry,
+            loads=services.loads,
+            store=services.store,
+            control=services.control,
+            traffic=services.traffic,
+            eval_traffic=services.eval_traffic,
         )
 
 
@@ -75,18 +65,15 @@ class Fleet:
 _VALUE: Final[dict[str, Any]] = {"pattern": VALUE_PATTERN}
 
 
-class VersionBody(Body):
+class _VersionBody(Body):
     """A version bundle, as a runtime reports it on ``/version``: ``prompt`` is required."""
 
     # strict: a number where a version string belongs is a 400, not quietly coerced.
     model_config = ConfigDict(strict=True)
 
     prompt: str = Field(json_schema_extra=_VALUE)
-    parser: str | None = Field(default=None, json_schema_extra=_VALUE)
-    tools: str | None = Field(default=None, json_schema_extra=_VALUE)
-    model: str | None = Field(default=None, json_schema_extra=_VALUE)
 
-    @field_validator("prompt", "parser", "tools", "model")
+    @field_validator("*")
     @classmethod
     def _alphabet(cls, value: str | None) -> str | None:
         if value is None:
@@ -97,29 +84,40 @@ class VersionBody(Body):
             raise ValueError(str(exc)) from exc
 
     def bundle(self) -> VersionBundle:
-        return VersionBundle(
-            prompt=self.prompt, parser=self.parser, tools=self.tools, model=self.model
-        )
+        return VersionBundle(**{dim: getattr(self, dim) for dim in DIMENSIONS})
 
 
-class BundleView(BaseModel):
+# The other dimensions come from proxy/core/models.py, so adding one changes one file.
+VersionBody = create_model(
+    "VersionBody",
+    __base__=_VersionBody,
+    __doc__=_VersionBody.__doc__,
+    **{
+        dim: (str | None, Field(default=None, json_schema_extra=_VALUE))
+        for dim in DIMENSIONS if dim != "prompt"
+    },  # type: ignore[call-overload]
+)
+
+
+class _BundleView(BaseModel):
     """A version bundle and its key over the configured dimensions."""
 
     key: str = Field(description="canonical version key over versions.dimensions")
     prompt: str
-    parser: str | None
-    tools: str | None
-    model: str | None
 
     @classmethod
-    def of(cls, bundle: VersionBundle, registry: Registry) -> BundleView:
-        return cls(
-            key=registry.version_key(bundle),
-            prompt=bundle.prompt,
-            parser=bundle.parser,
-            tools=bundle.tools,
-            model=bundle.model,
-        )
+    def of(cls, bundle: VersionBundle, registry: Registry) -> _BundleView:
+        return cls(key=registry.version_key(bundle), **{
+            dim: getattr(bundle, dim) for dim in DIMENSIONS
+        })
+
+
+BundleView = create_model(
+    "BundleView",
+    __base__=_BundleView,
+    __doc__=_BundleView.__doc__,
+    **{dim: (str | None, ...) for dim in DIMENSIONS if dim != "prompt"},  # type: ignore[call-overload]
+)
 
 
 def version_ref(text: str, dimensions: tuple[Dimension, ...]) -> str:

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from proxy.admin.api import Route
-from proxy.admin.app import DATA_APP
-from proxy.app.build import EVAL_TRAFFIC, FLEET_METRICS, METRICS, SETTINGS, STORE, TRAFFIC
+from proxy.admin.app import SERVICES
 from proxy.core.errors import NotFound, StoreUnavailable
 from proxy.store.draining import Draining, draining
 from proxy.telemetry.eval_coverage import Coverage, coverage
@@ -24,33 +23,35 @@ from proxy.telemetry.traffic import TrafficUnavailable
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from proxy.app.services import Services
+
 logger = logging.getLogger(__name__)
 
 
 async def _metrics(request: web.Request) -> web.StreamResponse:
-    data_app = request.app[DATA_APP]
-    settings = data_app[SETTINGS]
+    services = request.app[SERVICES]
+    settings = services.settings
     if not settings.metrics.enabled:
         raise NotFound("metrics are disabled (metrics.enabled = false)")
-    fleet = data_app[FLEET_METRICS]
+    fleet = services.fleet_metrics
     versions = fleet.known_versions()
     timeout_s = settings.store.op_timeout_ms / 1000
-    fleet.pinned = await _pinned_counts(data_app, versions, timeout_s)
-    fleet.draining = await _draining(data_app, versions, timeout_s)
-    fleet.coverage = await _coverage(data_app, timeout_s)
-    body, content_type = data_app[METRICS].exposition(request.headers.get("Accept", ""))
+    fleet.pinned = await _pinned_counts(services, versions, timeout_s)
+    fleet.draining = await _draining(services, versions, timeout_s)
+    fleet.coverage = await _coverage(services, timeout_s)
+    body, content_type = services.metrics.exposition(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def _pinned_counts(
-    data_app: web.Application, versions: list[str], timeout_s: float
+    services: Services, versions: list[str], timeout_s: float
 ) -> Mapping[str, int] | None:
     """Sessions pinned per version, or None when the store cannot say (the gauge is left out).
 
     Fetched here, before rendering, because a collector cannot await the store.
     """
-    store = data_app.get(STORE)
-    if store is None or not versions:
+    store = services.store
+    if not versions:
         return None
     try:
         async with asyncio.timeout(timeout_s):
@@ -62,29 +63,29 @@ async def _pinned_counts(
 
 
 async def _draining(
-    data_app: web.Application, versions: list[str], timeout_s: float
+    services: Services, versions: list[str], timeout_s: float
 ) -> Mapping[str, Draining] | None:
     """Active sessions and last expiry per version, or None when the store cannot say."""
-    store = data_app.get(STORE)
-    if store is None or not versions:
+    if not versions:
         return None
-    settings = data_app[SETTINGS]
+    settings = services.settings
     try:
         async with asyncio.timeout(timeout_s):
-            return await draining(store, versions, window_s=settings.versions.active_window_s,
+            return await draining(services.store, versions,
+                                  window_s=settings.versions.active_window_s,
                                   pin_ttl_s=settings.store.pin_ttl_s)
     except (StoreUnavailable, TimeoutError) as exc:
         logger.debug("metrics: session activity unavailable: %s", exc)
         return None
 
 
-async def _coverage(data_app: web.Application, timeout_s: float) -> list[Coverage] | None:
+async def _coverage(services: Services, timeout_s: float) -> list[Coverage] | None:
     """Eval coverage over ``evals.window_s``, or None when the counts cannot be read."""
-    config = data_app[SETTINGS].evals
+    config = services.settings.evals
     try:
         async with asyncio.timeout(timeout_s):
-            production = await data_app[TRAFFIC].window(config.window_s)
-            evals = await data_app[EVAL_TRAFFIC].window(config.window_s)
+            production = await services.traffic.window(config.window_s)
+            evals = await services.eval_traffic.window(config.window_s)
     except (TrafficUnavailable, TimeoutError) as exc:
         logger.debug("metrics: eval coverage unavailable: %s", exc)
         return None

@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 from pydantic import BaseModel, Field, field_validator
 
 from proxy.admin.api import Body, Param, Route, read_body, reply
-from proxy.admin.app import DATA_APP
+from proxy.admin.app import SERVICES
 from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref, version_ref_schema
-from proxy.app.build import ROLLOUT
 from proxy.core.errors import BadRequest, Conflict, NotFound
 from proxy.core.models import DIMENSIONS
 
@@ -107,7 +106,7 @@ class EvalsBody(Body):
 
 
 def _controller(request: web.Request) -> RolloutController:
-    return request.app[DATA_APP][ROLLOUT]
+    return request.app[SERVICES].rollout
 
 
 def _events(events: list[RolloutEvent]) -> list[EventView]:

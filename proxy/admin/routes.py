@@ -13,11 +13,10 @@ from aiohttp import web
 
 from proxy.admin import fleet, metrics_routes, rollout_routes, sessions, ui
 from proxy.admin.api import Route, install
-from proxy.admin.app import DATA_APP
+from proxy.admin.app import SERVICES
 from proxy.admin.backend_urls import Resolver, system_resolve
 from proxy.admin.backends import RESOLVER
 from proxy.admin.openapi import openapi
-from proxy.app.build import SETTINGS
 
 if TYPE_CHECKING:
     from proxy.admin.app import RouteInstaller
@@ -45,7 +44,7 @@ def installers(resolve: Resolver = system_resolve) -> tuple[RouteInstaller, ...]
 
 async def _openapi(request: web.Request) -> web.StreamResponse:
     document = openapi(all_routes(), title="pinproxy admin API", version=API_VERSION,
-                       settings=request.app[DATA_APP][SETTINGS])
+                       settings=request.app[SERVICES].settings)
     return web.Response(body=orjson.dumps(document), content_type="application/json")
 
 

@@ -22,8 +22,7 @@ from urllib.parse import unquote_to_bytes
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from proxy.admin.api import Body, Param, Route, int_query, integer_param, read_body, reply
-from proxy.admin.app import DATA_APP
-from proxy.app.build import AUDIT, CLOCK, LOADS, METRICS, REGISTRY, RNG, SETTINGS, STORE
+from proxy.admin.app import SERVICES
 from proxy.core.errors import BadRequest, Conflict, NotFound
 from proxy.core.headers import ensure_traceparent, new_request_id, valid_request_id
 from proxy.core.models import Forward, Pin, RequestFacts, Snapshot, prompt_of
@@ -146,12 +145,12 @@ class UnpinResult(BaseModel):
 
 
 async def _get_session(request: web.Request) -> web.StreamResponse:
-    data = request.app[DATA_APP]
-    session_id = _session_id(request, data[SETTINGS].sessions.max_id_bytes)
-    audit = data[AUDIT]
+    services = request.app[SERVICES]
+    session_id = _session_id(request, services.settings.sessions.max_id_bytes)
+    audit = services.audit
     limit = int_query(request, "limit", audit.records_per_session, lo=0, hi=_MAX_LIMIT)
     # Note: reading the pin slides its TTL like any request of the session would.
-    pin = await data[STORE].get(session_id)
+    pin = await services.store.get(session_id)
     records = await audit.trail(session_id, max(limit, 1))
     if pin is None and not records:
         raise NotFound("no pin and no audit trail for this session (unknown or expired)",
@@ -166,22 +165,22 @@ async def _get_session(request: web.Request) -> web.StreamResponse:
 
 
 async def _repin(request: web.Request) -> web.StreamResponse:
-    data = request.app[DATA_APP]
-    started = data[CLOCK].monotonic()
-    session_id = _session_id(request, data[SETTINGS].sessions.max_id_bytes)
+    services = request.app[SERVICES]
+    started = services.clock.monotonic()
+    session_id = _session_id(request, services.settings.sessions.max_id_bytes)
     body = await read_body(request, RepinBody)
-    store = data[STORE]
+    store = services.store
     current = await store.get(session_id)
     if current is None:
         raise NotFound("this session has no pin to change (never pinned, expired or unpinned)",
                        code="session_not_pinned", param="session_id")
     chosen = _choose(request, session_id, body)
-    pin = Pin(chosen.version_key, chosen.backend.id, chosen.backend.region, data[CLOCK].time())
+    pin = Pin(chosen.version_key, chosen.backend.id, chosen.backend.region, services.clock.time())
     # A pin that expired since the read above is simply written anew.
     previous = await store.repin(session_id, pin)
     changed = previous is None or previous.version_key != pin.version_key
     if previous is not None and changed:
-        data[METRICS].version_switches.labels(
+        services.metrics.version_switches.labels(
             "admin_repin", previous.version_key, pin.version_key
         ).inc()
     before = "(none)" if previous is None else previous.version_key
@@ -196,10 +195,10 @@ async def _repin(request: web.Request) -> web.StreamResponse:
 
 
 async def _unpin(request: web.Request) -> web.StreamResponse:
-    data = request.app[DATA_APP]
-    started = data[CLOCK].monotonic()
-    session_id = _session_id(request, data[SETTINGS].sessions.max_id_bytes)
-    previous = await data[STORE].unpin(session_id)
+    services = request.app[SERVICES]
+    started = services.clock.monotonic()
+    session_id = _session_id(request, services.settings.sessions.max_id_bytes)
+    previous = await services.store.unpin(session_id)
     if previous is None:
         raise NotFound("this session has no pin (never pinned, expired or already unpinned)",
                        code="session_not_pinned", param="session_id")
@@ -210,9 +209,9 @@ async def _unpin(request: web.Request) -> web.StreamResponse:
 
 def _choose(request: web.Request, session_id: str, body: RepinBody) -> Forward:
     """Where the session goes: a backend of the named version, or a new-session choice."""
-    data = request.app[DATA_APP]
-    settings = data[SETTINGS]
-    snapshot = data[REGISTRY].snapshot
+    services = request.app[SERVICES]
+    settings = services.settings
+    snapshot = services.registry.snapshot
     policy = RoutingPolicy.from_config(settings.routing, settings.versions)
     facts = RequestFacts(session_id=session_id)
     target: Pin | None = None
@@ -220,7 +219,9 @@ def _choose(request: web.Request, session_id: str, body: RepinBody) -> Forward:
         key = resolve_version(snapshot, body.version)
         # Routing among the named version's backends, exactly as a pinned request would.
         target = Pin(key, "", "", 0.0)
-    decision = choose(facts, target, snapshot, policy, data[LOADS], data[RNG], data[CLOCK].time())
+    decision = choose(
+        facts, target, snapshot, policy, services.loads, services.rng, services.clock.time()
+    )
     if not isinstance(decision, Forward) or decision.repin_from is not None:
         raise Conflict("no backend may take new sessions right now (none healthy with an "
                        "admitted version)", code="no_backends")
@@ -248,11 +249,11 @@ def resolve_version(snapshot: Snapshot, wanted: str) -> str:
 
 def _audit(request: web.Request, session_id: str, version_key: str | None, change: str,
            started: float) -> None:
-    data = request.app[DATA_APP]
-    rng, clock = data[RNG], data[CLOCK]
+    services = request.app[SERVICES]
+    rng, clock = services.rng, services.clock
     incoming = request.headers.get("X-Request-ID")
     traceparent = ensure_traceparent(request.headers.get("traceparent"), rng)
-    data[AUDIT].offer(session_id, AuditRecord(
+    services.audit.offer(session_id, AuditRecord(
         at=clock.time(),
         request_id=incoming if incoming and valid_request_id(incoming) else new_request_id(rng),
         trace_id=traceparent.split("-")[1],

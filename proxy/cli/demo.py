@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
-from aiohttp import web
 
-from proxy.app.build import DataPlaneRunner, build_app
 from proxy.config.settings import Settings, settings_from_mapping
+from proxy.runtime.instance import running_proxy
 from proxy.sim import PopState, SimPop
 from proxy.telemetry.logs import configure_logging
 
@@ -80,23 +79,24 @@ async def _demo(port: int, check: bool) -> int:
     settings = demo_settings(0 if check else port, {p.state.backend_id: p.url for p in pops})
     # The human-readable request lines show which version served each request.
     configure_logging(settings.log)
-    runner = DataPlaneRunner(build_app(settings), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
-    await site.start()
-    proxy_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    if check:
+        # Unattended: no admin API, whose fixed port could collide with another run.
+        settings = settings.model_copy(
+            update={"admin": settings.admin.model_copy(update={"enabled": False})}
+        )
     try:
-        _banner(proxy_url, pops)
-        if check:
-            return 0 if await _self_check(proxy_url, pops) else 1
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        return 0
+        async with running_proxy(settings) as proxy:
+            proxy_url = proxy.url
+            _banner(proxy_url, pops)
+            if check:
+                return 0 if await _self_check(proxy_url, pops) else 1
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            await stop.wait()
+            return 0
     finally:
-        await runner.cleanup()
         for pop in pops:
             await pop.stop()
 

@@ -48,8 +48,9 @@ class RequestEvent:
     # started the trace): what a tracing observer needs to place its span.
     traceparent: str | None = None
     trace_continued: bool = False
+    client: str | None = None  # the client's address, as resolved (forwarded.py)
     # The request carried the eval header (``evals.header``): eval traffic, counted
-    # apart from production (proxy/eval_coverage.py).
+    # apart from production (proxy/telemetry/eval_coverage.py).
     eval_run: bool = False
 
     @property
@@ -81,6 +82,7 @@ class Outcome:
     extra_headers: list[tuple[str, str]] | None = None  # added to the answer (pin token)
     usage: Usage | None = None
     structured_output_valid: bool | None = None
+    client: str | None = None
 
     def event(
         self,
@@ -115,6 +117,7 @@ class Outcome:
             structured_output_valid=self.structured_output_valid,
             traceparent=traceparent,
             trace_continued=incoming_traceparent == traceparent,
+            client=self.client,
             eval_run=eval_run,
         )
 

@@ -8,14 +8,18 @@ took and never see a half-applied update.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Literal
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Final, Literal, get_args
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-DIMENSIONS: Final = ("prompt", "parser", "tools", "model")
+# The version dimensions, defined here once: everything else (the settings' default,
+# the stamp headers, the admin API's bodies and views, metric labels, the simulated POP)
+# is derived from this literal and VersionBundle's fields, which must name the same
+# dimensions in the same order (checked below at import). "prompt" is always first.
 Dimension = Literal["prompt", "parser", "tools", "model"]
+DIMENSIONS: Final[tuple[Dimension, ...]] = get_args(Dimension)
 ReportSource = Literal["poll", "stamp", "push"]
 # How the proxy learns a backend's runtime version: by polling its /version, or only
 # from pushes through the admin API (for runtimes that cannot serve /version).
@@ -27,11 +31,9 @@ VersionSource = Literal["poll", "push"]
 _VALUE_RE: Final = re.compile(r"^[A-Za-z0-9._:/@+~-]{1,128}$")
 VALUE_PATTERN: Final = _VALUE_RE.pattern  # for schemas (a JSON Schema / ECMA-262 regex too)
 
+# The response stamp of each dimension: X-Prompt-Version, X-Parser-Version, ...
 STAMP_HEADERS: Final[Mapping[Dimension, str]] = {
-    "prompt": "X-Prompt-Version",
-    "parser": "X-Parser-Version",
-    "tools": "X-Tools-Version",
-    "model": "X-Model-Version",
+    dim: f"X-{dim.capitalize()}-Version" for dim in DIMENSIONS
 }
 
 
@@ -109,6 +111,11 @@ class VersionBundle:
 
     def as_dict(self) -> dict[str, str]:
         return {dim: v for dim in DIMENSIONS if (v := getattr(self, dim)) is not None}
+
+
+# One definition of the dimensions: the bundle's fields are the literal's names.
+if tuple(f.name for f in fields(VersionBundle)) != DIMENSIONS:  # pragma: no cover
+    raise TypeError("VersionBundle's fields must be the Dimension literal's names, in order")
 
 
 def prompt_of(version_key: str) -> str:

@@ -20,23 +20,16 @@ import shutil
 import signal
 import tempfile
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from aiohttp import web
 from pydantic import SecretStr
 
-from proxy.admin.app import build_admin_app
-from proxy.admin.backend_urls import Resolver, system_resolve
-from proxy.admin.routes import installers
-from proxy.app.build import DRAIN, METRICS, SETTINGS, DataPlaneRunner, build_app
-from proxy.config.listen import is_loopback_address
-from proxy.core.errors import ConfigError
-from proxy.dataplane.listener import EdgeAppRunner, EdgeOptions
 from proxy.runtime.gc_tuning import GcPauses, tune_gc
+from proxy.runtime.instance import running_proxy
 from proxy.telemetry.logs import configure_logging
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import Callable, Iterator
     from multiprocessing.process import BaseProcess
 
     from proxy.config.settings import Settings
@@ -108,103 +101,49 @@ def _run_loop(settings: Settings, *, reuse_port: bool) -> None:
 
 async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Run one proxy in the current event loop until a stop signal arrives."""
-    app = build_app(settings, metrics_multiprocess_dir=os.environ.get(_MULTIPROC_ENV))
-    # handler_cancellation: a client that disconnects cancels its handler, which
-    # closes the upstream request instead of generating tokens nobody will read.
-    runner = DataPlaneRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(
-        runner,
-        settings.listen.host,
-        settings.listen.port,
-        reuse_port=reuse_port,
-        shutdown_timeout=settings.listen.shutdown_timeout_s,
-        backlog=1024,
-    )
-    await site.start()
-    for address in runner.addresses:
-        host, port = address[:2]
-        logger.info("pinproxy listening on http://%s:%s", host, port)
-    admin_runner = await _start_admin(app, settings, reuse_port=reuse_port)
-    gc_pauses = GcPauses(app[METRICS].gc_paused)
-    gc_pauses.install()
-    # Everything start-up allocated now lives as long as the process: freeze it.
-    tune_gc(settings.runtime)
+    multiprocess_dir = os.environ.get(_MULTIPROC_ENV)
+    async with running_proxy(
+        settings, reuse_port=reuse_port, metrics_multiprocess_dir=multiprocess_dir
+    ) as proxy:
+        for host, port in proxy.data_addresses:
+            logger.info("pinproxy listening on http://%s:%s", host, port)
+        for host, port in proxy.admin_addresses:
+            logger.info("admin API listening on http://%s:%s", host, port)
+        gc_pauses = GcPauses(proxy.services.metrics.gc_paused)
+        gc_pauses.install()
+        # Everything start-up allocated now lives as long as the process: freeze it.
+        tune_gc(settings.runtime)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-        # Readiness turns 503 first while requests are still served, so load balancers
-        # take this replica out of rotation before its listener closes. A second signal
-        # ends the grace period early.
-        app[DRAIN].begin()
-        if settings.listen.drain_grace_s > 0:
-            logger.info(
-                "stopping: readiness is 503; serving %.1fs more", settings.listen.drain_grace_s
-            )
-            stop.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), settings.listen.drain_grace_s)
-    finally:
-        # Graceful drain: runner.cleanup() closes the listening socket first (new
-        # connections go to other workers or replicas), gives in-flight requests up to
-        # shutdown_timeout_s to finish, then runs cleanup_ctx in reverse order.
-        logger.info(
-            "stopping: draining in-flight requests (up to %.0fs)",
-            settings.listen.shutdown_timeout_s,
-        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-        if admin_runner is not None:
-            await admin_runner.cleanup()
-        await runner.cleanup()
-        gc_pauses.uninstall()
-        logger.info("stopped")
-
-
-async def _start_admin(
-    data_app: web.Application, settings: Settings, *, reuse_port: bool
-) -> web.AppRunner | None:
-    if not settings.admin.enabled:
-        return None
-    runner = admin_runner(data_app)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port)
-    await site.start()
-    exposed = unguarded_addresses(settings.admin.token is not None, runner.addresses)
-    if exposed:
-        # admin.host passed the config check by name ("localhost") but resolved elsewhere.
-        await runner.cleanup()
-        raise ConfigError(
-            f"admin.host {settings.admin.host!r} bound {', '.join(exposed)}, not loopback "
-            "only: set admin.token (or PINPROXY_ADMIN__TOKEN) before exposing the admin API"
-        )
-    for address in runner.addresses:
-        logger.info("admin API listening on http://%s:%s", *address[:2])
-    return runner
-
-
-def admin_runner(
-    data_app: web.Application, resolve: Resolver = system_resolve
-) -> web.AppRunner:
-    """The admin listener's runner: the admin app over ``data_app``, behind the edge;
-    ``resolve`` looks up admin-added backends' host names."""
-    return EdgeAppRunner(
-        build_admin_app(data_app, installers(resolve)),
-        options=EdgeOptions.admin_port(data_app[SETTINGS]),
-        metrics=data_app[METRICS],
-        access_log=None,
-    )
-
-
-def unguarded_addresses(has_token: bool, addresses: Iterable[Any]) -> list[str]:
-    """The bound addresses an admin listener without a token must not have (non-loopback)."""
-    if has_token:
-        return []
-    return [str(a[0]) for a in addresses if not is_loopback_address(str(a[0]))]
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+            # Readiness turns 503 first while requests are still served, so load
+            # balancers take this replica out of rotation before its listener closes.
+            # A second signal ends the grace period early.
+            proxy.services.drain.begin()
+            if settings.listen.drain_grace_s > 0:
+                logger.info(
+                    "stopping: readiness is 503; serving %.1fs more",
+                    settings.listen.drain_grace_s,
+                )
+                stop.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), settings.listen.drain_grace_s)
+        finally:
+            # Graceful drain, as running_proxy exits: the listening sockets close first
+            # (new connections go to other workers or replicas), in-flight requests get
+            # up to shutdown_timeout_s to finish, then the services close in reverse.
+            logger.info(
+                "stopping: draining in-flight requests (up to %.0fs)",
+                settings.listen.shutdown_timeout_s,
+            )
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+    gc_pauses.uninstall()
+    logger.info("stopped")
 
 
 def _worker_main(settings: Settings, index: int) -> None:

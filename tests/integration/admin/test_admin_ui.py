@@ -17,7 +17,6 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from proxy.app.build import ROLLOUT
 from proxy.core.models import VersionBundle
 from tests.fixtures.proxy import RunningProxy, StartProxy
 from tests.fixtures.sim import StartPop
@@ -94,7 +93,7 @@ async def _proxy(start_pop: StartPop, start_proxy: StartProxy) -> tuple[RunningP
     us = await start_pop("us-1", "us", "v46", ttfb_ms=20)
     proxy = await start_proxy([eu, eu2, us], admin={"token": TOKEN}, discovery=FAST)
     await wait_routable(proxy, "eu-1", "eu-2", "us-1")
-    rollout = proxy.app[ROLLOUT]
+    rollout = proxy.services.rollout
     await eventually(lambda: set(rollout.state.regions) == {"eu", "us"}, what="regions known")
     return proxy, eu
 

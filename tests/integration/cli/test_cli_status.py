@@ -5,7 +5,6 @@ from __future__ import annotations
 import aiohttp
 import orjson
 
-from proxy.app.build import ROLLOUT
 from proxy.core.models import VersionBundle
 from tests.fixtures.proxy import StartProxy
 from tests.fixtures.sim import StartPop
@@ -24,12 +23,12 @@ async def test_status_shows_regions_by_versions_states_blocked_and_events(
     proxy = await start_proxy([*eu, us], admin={"token": TOKEN}, discovery=FAST)
 
     def current(region: str) -> str | None:
-        rs = proxy.app[ROLLOUT].state.regions.get(region)
+        rs = proxy.services.rollout.state.regions.get(region)
         return None if rs is None else rs.current
 
     await eventually(lambda: current("eu") == V46 and current("us") == V46, what="initialised")
     eu[0].flip(VersionBundle(prompt="v47"))  # eu is mixed until its last replica flips
-    await eventually(lambda: proxy.app[ROLLOUT].state.regions["eu"].candidate is None
+    await eventually(lambda: proxy.services.rollout.state.regions["eu"].candidate is None
                      and proxy.registry.snapshot.by_id["eu-0"].version_key == V47,
                      what="eu-0 on v47")
     async with http.post(f"{proxy.admin_url}/admin/versions/v48/block",

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from proxy.app.build import DATAPLANE, LOADS
 from tests.fixtures.proxy import RunningProxy, StartProxy, free_port
+from tests.fixtures.raw_http import port_of, send_raw
 from tests.fixtures.sim import StartPop
 
 CHAT: dict[str, Any] = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}
@@ -36,13 +36,7 @@ async def _error(resp: aiohttp.ClientResponse, status: int, error_type: str,
 
 
 async def _raw(proxy: RunningProxy, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
+    return await send_raw(port_of(proxy.url), data)
 
 
 # --- session ids --------------------------------------------------------------------------
@@ -224,7 +218,7 @@ async def test_an_unexpected_exception_becomes_a_json_500_without_details(
     async def boom(*args: object) -> None:
         raise RuntimeError("secret-internal-detail")
 
-    monkeypatch.setattr(proxy.app[DATAPLANE], "_proxy", boom)
+    monkeypatch.setattr(proxy.services.dataplane, "_proxy", boom)
     async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:
         error = await _error(resp, 500, "internal_error", None)
     assert "secret-internal-detail" not in error["message"]
@@ -297,7 +291,7 @@ async def test_a_client_hanging_up_before_the_head_leaves_no_phantom_load(
 ) -> None:
     pop = await start_pop("p", "r1", "v1", ttfb_ms=400)
     proxy = await start_proxy([pop])
-    loads = proxy.app[LOADS]
+    loads = proxy.services.loads
     _reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
     writer.write(b"GET /anything/slow HTTP/1.1\r\nHost: x\r\n\r\n")
     deadline = time.monotonic() + 3

@@ -72,15 +72,20 @@ async def test_slow_heads_are_closed_by_the_deadline_while_normal_requests_succe
             sender.cancel()
             writer.close()
 
-    slow = [asyncio.create_task(slowloris(i)) for i in range(200)]
-    ok = 0
-    latencies: list[float] = []
-    while not all(task.done() for task in slow):
+    async def normal() -> float:
         started = time.monotonic()
         async with http.get(f"{proxy.url}/anything/normal") as resp:
             assert resp.status == 200, await resp.text()
             await resp.read()
-        latencies.append(time.monotonic() - started)
+        return time.monotonic() - started
+
+    await normal()  # the proxy and its pool are warm before the slow heads arrive
+    pop.reset()
+    slow = [asyncio.create_task(slowloris(i)) for i in range(200)]
+    ok = 0
+    latencies: list[float] = []
+    while not all(task.done() for task in slow):
+        latencies.append(await normal())
         ok += 1
     await asyncio.gather(*slow)
 
@@ -95,7 +100,11 @@ async def test_slow_heads_are_closed_by_the_deadline_while_normal_requests_succe
     assert proxy.metric("pinproxy_client_timeouts_total", listener="data",
                         phase="request_head") == 200
     assert [r.path for r in pop.requests] == ["/anything/normal"] * ok
-    print(f"normal requests during 200 slow heads: {ok}, worst {max(latencies) * 1000:.1f} ms")
+    # Normal traffic is not held up by the slow heads: none of its requests waited anything
+    # like the head deadline (a slowloris that stalled the loop, or aiohttp's 1 h
+    # keep-alive, would blow through this by seconds). How the p99 compares with an idle
+    # proxy is a speed question, measured in bench/, not asserted here.
+    assert max(latencies) < deadline_s / 2, sorted(latencies)[-5:]
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(

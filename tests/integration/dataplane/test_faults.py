@@ -53,8 +53,10 @@ async def ask(
 async def test_a_pop_going_down_under_pinned_traffic_never_gives_a_502(
     start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    a1 = await start_pop("a1", "r1", "v1")
-    a2 = await start_pop("a2", "r2", "v1")
+    # a1 is the fastest of the version, so the traffic is on it when it dies (with equal
+    # POPs, latency routing could leave it idle and nothing would try it in time).
+    a1 = await start_pop("a1", "r1", "v1", ttfb_ms=0)
+    a2 = await start_pop("a2", "r2", "v1", ttfb_ms=20)
     b1 = await start_pop("b1", "r3", "v2")
     # Polls a second apart and three failed polls to turn unhealthy: only the failed
     # requests themselves can tell the proxy in time (passive health).
@@ -78,6 +80,7 @@ async def test_a_pop_going_down_under_pinned_traffic_never_gives_a_502(
 
     clients = [asyncio.create_task(client(s)) for s in sessions]
     await until(lambda: len(statuses) >= 50)
+    assert a1.requests, "the traffic never reached a1"
     await a1.stop()  # a POP dies under traffic
     seen = len(statuses)
     await until(lambda: len(statuses) >= seen + 100)

@@ -19,17 +19,17 @@ import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from proxy.app.build import DataPlaneRunner, build_app
 from proxy.config.settings import settings_from_mapping
+from proxy.runtime.instance import running_proxy
 from proxy.sim import PopState, SimPop
 from tests.fixtures.proxy import proxy_config
 
@@ -57,26 +57,28 @@ def pair() -> Iterator[Pair]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
 
-    async def start() -> tuple[SimPop, web.AppRunner, int]:
+    stack = AsyncExitStack()
+
+    async def start() -> tuple[SimPop, int]:
         pop = SimPop(PopState.create("pop-1", "r1", "v1"), max_records=100_000)
         await pop.start("127.0.0.1", 0)
         settings = settings_from_mapping(
-            proxy_config([pop], upstream={"max_buffered_body_bytes": 64})
+            proxy_config([pop], upstream={"max_buffered_body_bytes": 64},
+                         listen={"max_request_head_bytes": 65536,
+                                 "max_request_body_bytes": 300},
+                         admin={"enabled": False})
         )
-        app = build_app(settings, metrics_registry=CollectorRegistry())
-        runner = DataPlaneRunner(app, handler_cancellation=True, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return pop, runner, runner.addresses[0][1]
+        running = await stack.enter_async_context(
+            running_proxy(settings, metrics_registry=CollectorRegistry())
+        )
+        return pop, running.data_addresses[0][1]
 
-    future: Future[tuple[SimPop, web.AppRunner, int]] = asyncio.run_coroutine_threadsafe(
-        start(), loop
-    )
-    pop, runner, port = future.result(20)
+    future: Future[tuple[SimPop, int]] = asyncio.run_coroutine_threadsafe(start(), loop)
+    pop, port = future.result(20)
     pair = Pair(loop, pop, port)
     _wait_ready(pair)
     yield pair
-    pair.call(runner.cleanup())
+    pair.call(stack.aclose())
     pair.call(pop.stop())
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
@@ -147,6 +149,13 @@ PIECES: list[bytes] = [
     b"GET  /anything/twospaces HTTP/1.1\r\nHost: x\r\n\r\n",
     b"\r\n",
     b"garbage\r\n\r\n",
+    # Refused by the edge's own rules rather than the parser's.
+    b"TRACE /anything/trace HTTP/1.1\r\nHost: x\r\nCookie: c=1\r\n\r\n",
+    b"GET http://evil.example/anything/absolute HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /anything/bighead HTTP/1.1\r\nHost: x\r\n"
+    + b"".join(b"X-Big-%d: %s\r\n" % (i, b"h" * 8000) for i in range(10)) + b"\r\n",
+    b"POST /anything/bigbody HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + b"100\r\n" + b"b" * 256 + b"\r\n" + b"100\r\n" + b"b" * 256 + b"\r\n0\r\n\r\n",
 ]
 
 
@@ -160,6 +169,9 @@ PIECES: list[bytes] = [
 @example(sequence=[4, 0])  # TE.CL, then a valid request
 @example(sequence=[5])  # two Content-Lengths
 @example(sequence=[0, 1, 2])  # valid, pipelined
+@example(sequence=[0, 19, 0])  # TRACE between valid requests
+@example(sequence=[0, 21])  # a head over the cap after a valid request
+@example(sequence=[22, 0])  # a chunked body over the cap, then a request in its wake
 def test_requests_forwarded_never_exceed_requests_accepted(
     pair: Pair, sequence: list[int]
 ) -> None:
@@ -174,3 +186,5 @@ def test_requests_forwarded_never_exceed_requests_accepted(
     assert all(s == 200 or 400 <= s < 600 for s in statuses), received[:500]
     assert len(forwarded) == len(accepted), (data, statuses, forwarded)
     assert "/anything/smuggled" not in forwarded, (data, forwarded)
+    refused = {"/anything/trace", "/anything/bighead", "/anything/bigbody"}
+    assert not refused & set(forwarded), (data, forwarded)

@@ -11,7 +11,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app.build import ROLLOUT
 from proxy.core.models import VersionBundle
 from proxy.sim import SimPop
 from tests.fixtures.proxy import RunningProxy, StartProxy
@@ -41,7 +40,7 @@ async def ask(http: aiohttp.ClientSession, url: str, session: str,
 
 
 def current(proxy: RunningProxy, region: str) -> str | None:
-    rs = proxy.app[ROLLOUT].state.regions.get(region)
+    rs = proxy.services.rollout.state.regions.get(region)
     return None if rs is None else rs.current
 
 
@@ -66,7 +65,7 @@ async def test_a_region_flips_for_new_sessions_only_when_its_last_replica_does(
                     status, headers = await ask(http, proxy.url, f"new-{n}")
                     assert (status, headers["X-Prompt-Version"]) == (200, "v46"), flipped
     await until(lambda: all(current(p, "eu") == V47 for p in replicas))
-    states = [p.app[ROLLOUT].state.regions["eu"] for p in replicas]
+    states = [p.services.rollout.state.regions["eu"] for p in replicas]
     assert states[0].since == states[1].since  # one instant, the shared one
     assert states[0].soaking
     for proxy in replicas:
@@ -74,7 +73,7 @@ async def test_a_region_flips_for_new_sessions_only_when_its_last_replica_does(
             n += 1
             status, headers = await ask(http, proxy.url, f"new-{n}")
             assert (status, headers["X-Prompt-Version"]) == (200, "v47")
-    flips = [e for p in replicas for e in p.app[ROLLOUT].events() if e.kind == "flipped"]
+    flips = [e for p in replicas for e in p.services.rollout.events() if e.kind == "flipped"]
     assert len(flips) == 1  # decided once, by one replica, for both
 
 
@@ -109,7 +108,7 @@ async def test_a_regressed_version_trips_the_kill_switch_and_sessions_move_back(
     await until(lambda: current(proxy, "eu") == V47)
     exposed: set[str] = set()
     for i in range(300):
-        if proxy.app[ROLLOUT].state.regions["eu"].halted == V47:
+        if proxy.services.rollout.state.regions["eu"].halted == V47:
             break
         status, headers = await ask(http, proxy.url, f"new-{i}", JSON_CHAT)
         assert status == 200
@@ -119,7 +118,7 @@ async def test_a_regressed_version_trips_the_kill_switch_and_sessions_move_back(
         assert (status, headers["X-Prompt-Version"]) == (200, "v46")
     else:
         pytest.fail("the kill switch never tripped")
-    events = {e.kind: e for e in proxy.app[ROLLOUT].events()}
+    events = {e.kind: e for e in proxy.services.rollout.events()}
     assert events["regression"].detail["signal"] == "structured_output"
     assert events["regression"].detail["new_trials"] >= 30
     assert events["rolled_back"].region == "eu"
@@ -147,7 +146,7 @@ async def test_an_operator_rollback_lists_what_still_runs_the_bad_version(
     eu.flip(VersionBundle(prompt="v47", parser="p2"))
     await until(lambda: sees(proxy, eu, "prompt=v47,parser=p2"))
     # Two bundles are current already (the skew), so v47 is a third: held back...
-    await until(lambda: proxy.app[ROLLOUT].state.regions["eu"].held
+    await until(lambda: proxy.services.rollout.state.regions["eu"].held
                 == "previous_rollout_incomplete")
     assert current(proxy, "eu") == "prompt=v46,parser=p2"
     # ...until an operator forces it.

@@ -14,7 +14,6 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.app.build import AUDIT
 from proxy.config.observability import AuditConfig
 from proxy.config.settings import StoreConfig
 from proxy.telemetry.audit import AuditRecord
@@ -231,7 +230,7 @@ async def test_a_full_queue_drops_and_counts_and_never_slows_a_request(
                               audit={"queue_size": 1, "batch_size": 1,
                                      "flush_interval_s": 0.02})
     await wait_routable(proxy, "pop-1")
-    audit = proxy.app[AUDIT]
+    audit = proxy.services.audit
     assert isinstance(audit, RedisAudit)
     assert (await chat(http, proxy.url, "dan", request_id="before"))[0] == 200
     await trail_of(http, proxy.admin_url, "dan", 1)  # pinned and cached, audit written

@@ -9,7 +9,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app.build import SOAK
 from tests.fixtures.proxy import RunningProxy, StartProxy
 from tests.fixtures.sim import StartPop
 from tests.integration.admin.fleet_helpers import eventually
@@ -78,8 +77,8 @@ async def test_eval_traffic_is_counted_apart_and_an_unexercised_version_is_a_gap
     assert {(r["region"], r["version_key"]): (r["eval_requests"], r["uncovered"])
             for r in view["coverage"]} == {("eu", V46): (0, True), ("us", V47): (5, False)}
     # The soak judge counts production only: the 5 eval answers are not v47's trials.
-    assert b.app[SOAK].totals(V47).get("errors") is None
-    assert a.app[SOAK].totals(V47)["errors"].trials == 10
+    assert b.services.soak.totals(V47).get("errors") is None
+    assert a.services.soak.totals(V47)["errors"].trials == 10
     assert b.metric("pinproxy_eval_requests_total", prompt_version="v47", version_key=V47,
                     region="us") == 4
     async with http.get(f"{a.admin_url}/metrics", headers=a.admin_headers) as resp:

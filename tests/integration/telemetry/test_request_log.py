@@ -10,7 +10,6 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.app.build import TELEMETRY
 from proxy.core.events import RequestEvent
 from proxy.telemetry.logs import JsonFormatter, TextFormatter
 from proxy.telemetry.requestlog import LOGGER_NAME, RequestLog, SessionHasher
@@ -44,7 +43,7 @@ def log_lines() -> Iterator[tuple[io.StringIO, io.StringIO]]:
 
 
 def _request_log(proxy: RunningProxy) -> RequestLog:
-    request_log = proxy.app[TELEMETRY].request_log
+    request_log = proxy.services.telemetry.request_log
     assert request_log is not None
     return request_log
 
@@ -83,6 +82,7 @@ async def test_one_json_line_per_request_with_a_hashed_session(
         "request_id": "req-1",
         "trace_id": "0af7651916cd43dd8448eb211c80319c",
         "session": alice,
+        "client": "127.0.0.1",
         "method": "POST",
         "path": "/v1/chat/completions",
         "status": 200,
@@ -102,7 +102,8 @@ async def test_one_json_line_per_request_with_a_hashed_session(
 
     text = as_text.getvalue().splitlines()[0]
     assert "[w3] pinproxy.requests: request request_id=req-1" in text
-    assert f"session={alice} method=POST path=/v1/chat/completions status=200" in text
+    assert (f"session={alice} client=127.0.0.1 method=POST path=/v1/chat/completions"
+            " status=200") in text
     assert "prompt_version=v47 version_key=prompt=v47 region=us-east backend=us-east-1" in text
     assert "new_pin=yes" in text
     assert "alice" not in text
@@ -115,7 +116,7 @@ async def test_raw_session_ids_when_configured_and_no_line_when_off(
     pop = await start_pop()
     raw = await start_proxy([pop], log={"raw_session_ids": True})
     quiet = await start_proxy([pop], log={"request_log": False})
-    assert quiet.app[TELEMETRY].request_log is None
+    assert quiet.services.telemetry.request_log is None
     for proxy in (raw, quiet):
         async with http.get(f"{proxy.url}/x", headers={"X-Session-ID": "bob"}) as resp:
             assert resp.status == 200
@@ -144,3 +145,20 @@ def test_hashes_are_keyed_and_stable() -> None:
     assert a(None) is None
     assert SessionHasher(None)("s") != SessionHasher(None)("s")  # random key per process
     assert "one" not in repr(a)
+
+
+async def test_the_request_log_names_the_resolved_client(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession,
+    log_lines: tuple[io.StringIO, io.StringIO],
+) -> None:
+    pop = await start_pop()
+    forged = {"X-Forwarded-For": "6.6.6.6, 198.51.100.1"}
+    untrusting = await start_proxy([pop])
+    trusting = await start_proxy([pop], listen={"trusted_proxies": ["127.0.0.1/32"]})
+    for proxy in (untrusting, trusting):
+        async with http.get(f"{proxy.url}/x", headers=forged) as resp:
+            assert resp.status == 200
+        _request_log(proxy).flush()
+    lines = [orjson.loads(line) for line in log_lines[0].getvalue().splitlines()]
+    # The socket's peer when nobody is trusted; the rightmost untrusted hop otherwise.
+    assert [line["client"] for line in lines] == ["127.0.0.1", "198.51.100.1"]

@@ -95,11 +95,16 @@ async def test_a_span_per_request_with_version_attributes(
 def test_without_an_endpoint_opentelemetry_is_never_imported() -> None:
     script = textwrap.dedent(
         """
+        import asyncio
         import sys
-        from proxy.app.build import TELEMETRY, build_app
+        from proxy.app.services import open_services
         from proxy.config.settings import Settings
-        app = build_app(Settings())
-        assert app[TELEMETRY].tracing is None
+
+        async def check() -> None:
+            async with open_services(Settings()) as services:
+                assert services.telemetry.tracing is None
+
+        asyncio.run(check())
         # redis-py >= 8 loads OpenTelemetry's *metrics* API by itself when it is
         # installed; pinproxy's tracing, the tracing SDK and exporters stay unloaded.
         ours = ("proxy.telemetry.tracing", "opentelemetry.sdk.trace", "opentelemetry.exporter")
@@ -137,9 +142,8 @@ async def test_spans_reach_an_otlp_endpoint(
         async with http.get(f"{proxy.url}/ping", headers={"X-Session-ID": "carol"}) as r:
             assert r.status == 200
         # The batch processor exports from its own thread; shutting down flushes it.
-        from proxy.app.build import TELEMETRY
 
-        tracing = proxy.app[TELEMETRY].tracing
+        tracing = proxy.services.telemetry.tracing
         assert tracing is not None
         await asyncio.to_thread(tracing.close)
         assert len(received) == 1

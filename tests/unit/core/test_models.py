@@ -293,3 +293,23 @@ def test_snapshot_is_frozen() -> None:
     snap = Snapshot()
     with pytest.raises(dataclasses.FrozenInstanceError):
         snap.generation = 9  # type: ignore[misc]
+
+
+def test_the_version_dimensions_are_defined_once_and_everything_follows_them() -> None:
+    # Adding a dimension means adding it to Dimension and VersionBundle (proxy/core/models.py);
+    # the places below derive from DIMENSIONS, so they cannot fall out of step.
+    from dataclasses import fields
+
+    from proxy.admin.fleet_common import BundleView, VersionBody
+    from proxy.config.settings import Settings
+    from proxy.core.models import DIMENSIONS, STAMP_HEADERS, VersionBundle
+
+    assert DIMENSIONS[0] == "prompt"
+    assert tuple(f.name for f in fields(VersionBundle)) == DIMENSIONS
+    assert tuple(STAMP_HEADERS) == DIMENSIONS
+    assert STAMP_HEADERS["prompt"] == "X-Prompt-Version"
+    assert Settings().versions.dimensions == DIMENSIONS
+    assert tuple(VersionBody.model_fields) == DIMENSIONS
+    assert tuple(BundleView.model_fields) == ("key", *DIMENSIONS)
+    bundle = VersionBundle(prompt="v47", parser="p2")
+    assert VersionBody.model_validate(bundle.as_dict()).bundle() == bundle
