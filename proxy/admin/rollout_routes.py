@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 
 from pydantic import BaseModel, Field, field_validator
 
-from proxy.admin.api import Body, Param, Route, read_body, reply
+from proxy.admin.api import Body, Param, Route, int_query, integer_param, read_body, reply
 from proxy.admin.app import SERVICES
 from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref, version_ref_schema
 from proxy.core.errors import BadRequest, Conflict, NotFound
@@ -139,6 +139,17 @@ def rollout_view(controller: RolloutController, fleet: Fleet, *, last: int = 50)
                        events=_events(controller.events()[-last:]))
 
 
+class EventsView(BaseModel):
+    events: list[EventView] = Field(description="the latest rollout decisions, oldest first "
+                                    "(at most rollout.events_kept)")
+
+
+async def _events_route(request: web.Request) -> web.StreamResponse:
+    limit = int_query(request, "limit", 100, lo=0, hi=100_000)
+    events = _controller(request).events()
+    return reply(EventsView(events=_events(events[-limit:] if limit else [])))
+
+
 async def _rollout(request: web.Request) -> web.StreamResponse:
     return reply(rollout_view(_controller(request), Fleet.of(request)))
 
@@ -240,6 +251,12 @@ ROUTES: tuple[Route, ...] = (
           "The rollout picture: each region's current version and state (steady, mixed, "
           "soaking, halted), replicas per version, held-back candidates, recent decisions.",
           RolloutView, tags=_TAGS),
+    Route("GET", "/admin/events", _events_route,
+          "Rollout decisions with their evidence (flipped, held_back, soak_passed, "
+          "regression, rolled_back, forced, initialised), oldest first.",
+          EventsView, tags=_TAGS,
+          query=(integer_param("limit", "how many of the latest (default 100)", lo=0,
+                               hi=100_000),)),
     Route("PUT", "/admin/rollout/regions/{region}/current/{version}", _force,
           "Force a region's current version for new sessions now (no settle, no gates).",
           EventView, tags=_TAGS, path_params=(REGION, VERSION),

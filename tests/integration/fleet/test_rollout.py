@@ -133,6 +133,15 @@ async def test_a_regressed_version_trips_the_kill_switch_and_sessions_move_back(
         assert headers["X-Prompt-Version-Changed"] == f"{V47} -> {V46}"
     assert proxy.metric("pinproxy_session_version_switches_total", reason="rollback",
                         from_version=V47, to_version=V46) == len(exposed)
+    # The decision and its evidence in GET /admin/events, and as a metric.
+    async with http.get(f"{proxy.admin_url}/admin/events?limit=50",
+                        headers=proxy.admin_headers) as resp:
+        listed = (await resp.json())["events"]
+    regression = next(e for e in listed if e["kind"] == "regression")
+    assert regression["region"] == "eu"
+    assert {"z", "z_threshold", "new_trials", "old_trials", "window_s"} <= set(
+        regression["detail"])
+    assert proxy.metric("pinproxy_rollout_events_total", kind="regression", region="eu") == 1
 
 
 async def test_an_operator_rollback_lists_what_still_runs_the_bad_version(
