@@ -308,6 +308,11 @@ class RolloutController:
             "regression, rolled_back, soak_passed, forced, initialised).",
             ["kind", "region"], registry=metrics_registry,
         )
+        # Each configured region's decisions exist at 0 from the start, so an alert's
+        # increase() sees its first kill-switch trip (a series born at 1 has not increased).
+        for region in sorted({s.region for s in registry.snapshot.backends}):
+            for kind in ("flipped", "held_back", "regression", "rolled_back"):
+                self._event_count.labels(kind, region)
         self._region_state = Gauge(
             "pinproxy_rollout_region_state", "1 for each region's current state.",
             ["region", "state", "current_version"], registry=metrics_registry,

@@ -142,6 +142,9 @@ async def test_a_regressed_version_trips_the_kill_switch_and_sessions_move_back(
     assert {"z", "z_threshold", "new_trials", "old_trials", "window_s"} <= set(
         regression["detail"])
     assert proxy.metric("pinproxy_rollout_events_total", kind="regression", region="eu") == 1
+    # A configured region's series exists at 0 before its first trip (alerts see it).
+    assert proxy.metrics.registry.get_sample_value(
+        "pinproxy_rollout_events_total", {"kind": "regression", "region": "us"}) == 0.0
 
 
 async def test_an_operator_rollback_lists_what_still_runs_the_bad_version(
