@@ -11,5 +11,6 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["proxy", "proxy.*"]), "proxy.assets"],
     package_dir={"proxy.assets": "config"},
-    package_data={"proxy.assets": ["*.toml", "*.yml", "*.json"]},
+    # proxy.admin: the operator page (/admin/ui), static HTML with its script inline.
+    package_data={"proxy.assets": ["*.toml", "*.yml", "*.json"], "proxy.admin": ["static/*.html"]},
 )

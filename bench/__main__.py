@@ -1,6 +1,7 @@
 """``python -m bench <scenario> [options]``: run one benchmark, write its report.
 
-Scenarios: overhead, throughput, streaming, incident, store-faults (see bench/README.md). Run from
+Scenarios: overhead, throughput, streaming, incident, kill-switch, store-faults (see
+bench/README.md). Run from
 the repository root; results go to bench/results/<scenario>-<timestamp>/.
 """
 
@@ -92,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, default=240)
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--poll-interval", type=float, default=0.5, help="proxy /version poll interval")
+    p.add_argument("--seed", type=int, default=47)
+
+    p = subs.add_parser(
+        "kill-switch", parents=[common], help="incident replay with a bad v47: the soak judge"
+    )
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--sessions", type=int, default=300)
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--bad-every", type=int, default=10, help="v47: 1 in N JSON answers bad")
+    p.add_argument("--min-samples", type=int, default=100, help="rollout.min_samples")
     p.add_argument("--seed", type=int, default=47)
 
     p = subs.add_parser(
@@ -193,6 +204,22 @@ def main(argv: list[str] | None = None) -> int:
                 rate_hz=args.rate,
                 concurrency=args.concurrency,
                 store=args.store,
+                pin=pin,
+                out_root=args.out,
+                proxy_set=tuple(args.proxy_set),
+            )
+        )
+    elif args.scenario == "kill-switch":
+        from bench import kill_switch
+
+        report = kill_switch.run(
+            kill_switch.KillSwitchConfig(
+                duration_s=args.duration,
+                sessions=args.sessions,
+                turns=args.turns,
+                bad_every=args.bad_every,
+                min_samples=args.min_samples,
+                seed=args.seed,
                 pin=pin,
                 out_root=args.out,
                 proxy_set=tuple(args.proxy_set),

@@ -76,11 +76,18 @@ class Route:
     # object of no fixed schema); neither: 204 No Content.
     media_types: tuple[str, ...] = ()
     errors: tuple[tuple[int, str], ...] = ()  # statuses beyond the common ones, and why
+    # Served without the token (a page that holds no data itself, e.g. /admin/ui).
+    public: bool = False
+
+
+PUBLIC_ROUTES = web.AppKey("public_routes", set[str])  # paths of routes with public=True
 
 
 def install(app: web.Application, routes: Sequence[Route]) -> None:
     for route in routes:
         app.router.add_route(route.method, route.path, route.handler)
+        if route.public:
+            app[PUBLIC_ROUTES].add(route.path)
 
 
 async def read_body(request: web.Request, model: type[M]) -> M:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.admin.api import http_error, with_code
+from proxy.admin.api import PUBLIC_ROUTES, http_error, with_code
 from proxy.app.services import Services
 from proxy.core.errors import Unauthorized
 from proxy.dataplane.boundary import ErrorBoundary
@@ -48,12 +48,14 @@ def build_admin_app(
     )
     public = frozenset(config.public_paths)
     boundary = ErrorBoundary("admin", where="the admin API", translate=http_error)
+    public_routes: set[str] = set()  # filled by the installers (Route.public)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         """The admin port's error boundary: every failure is a JSON answer."""
         try:
-            if token is not None and request.path not in public:
+            if token is not None and request.path not in public \
+                    and request.path not in public_routes:
                 _check_token(request, token)
             return await handler(request)
         except Exception as exc:
@@ -63,6 +65,7 @@ def build_admin_app(
 
     app = web.Application(middlewares=[guard], client_max_size=1024**2)
     app[SERVICES] = services
+    app[PUBLIC_ROUTES] = public_routes
     if token is None and guarded:
         logger.warning("admin API has no token: it is bound to loopback only (%s)", config.host)
     for install in installers:

@@ -52,6 +52,12 @@ def _not_the_data_port(url: str, headers: Any) -> None:
         )
 
 
+def get_rollout(admin_url: str, *, token: str | None = None,
+                timeout_s: float = 10.0) -> dict[str, Any]:
+    """``GET /admin/rollout`` as a dict."""
+    return _get_json(f"{admin_url.rstrip('/')}/admin/rollout", token, timeout_s)
+
+
 def _get_json(url: str, token: str | None, timeout_s: float) -> dict[str, Any]:
     if not url.startswith(("http://", "https://")):
         raise AdminRequestError(f"the admin URL must start with http:// or https://: {url}")

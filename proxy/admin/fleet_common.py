@@ -43,7 +43,8 @@ class Fleet:
     loads: LoadTracker
     store: PinStore
     control: ControlPlane
-    traffic: TrafficCounter
+    traffic: TrafficCounter  # production requests
+    eval_traffic: TrafficCounter  # requests marked as eval traffic (evals.header)
 
     @classmethod
     def of(cls, request: web.Request) -> Fleet:
@@ -56,6 +57,7 @@ class Fleet:
             store=services.store,
             control=services.control,
             traffic=services.traffic,
+            eval_traffic=services.eval_traffic,
         )
 
 

@@ -84,8 +84,8 @@ def openapi(routes: Sequence[Route], *, title: str, version: str,
             "parameters": params,
             "responses": responses,
         }
-        if secured and route.path in public:
-            operation["security"] = []  # admin.public_paths: served without the token
+        if secured and (route.public or route.path in public):
+            operation["security"] = []  # admin.public_paths or a public page: no token
         elif secured:
             responses["401"] = {
                 "description": "missing, malformed or wrong token",

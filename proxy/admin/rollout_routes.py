@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 
 from pydantic import BaseModel, Field, field_validator
 
-from proxy.admin.api import Body, Param, Route, read_body, reply
+from proxy.admin.api import Body, Param, Route, int_query, integer_param, read_body, reply
 from proxy.admin.app import SERVICES
-from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref
+from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref, version_ref_schema
 from proxy.core.errors import BadRequest, Conflict, NotFound
+from proxy.core.models import DIMENSIONS
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -76,6 +77,21 @@ class RollbackResult(BaseModel):
     rollbacks: dict[str, str]
 
 
+# The body names versions as the path does; its schema is over every dimension (a body
+# schema cannot follow versions.dimensions), so a dimension outside the configured ones
+# is accepted and names no running version (the target then is 409 target_not_serving).
+_BODY_VERSION: Final = str(version_ref_schema(DIMENSIONS)["pattern"])
+
+
+class RollbackBody(Body):
+    """``{"from", "to"}``: what POST /admin/rollback rolls back, and to what."""
+
+    bad: str = Field(alias="from", pattern=_BODY_VERSION,
+                     description="the version to roll back (key or bare prompt)")
+    to: str = Field(pattern=_BODY_VERSION,
+                    description="the version to return to (key or bare prompt)")
+
+
 class EvalsBody(Body):
     passed: Annotated[int, Field(ge=0, le=1_000_000_000)]
     failed: Annotated[int, Field(ge=0, le=1_000_000_000)]
@@ -123,6 +139,17 @@ def rollout_view(controller: RolloutController, fleet: Fleet, *, last: int = 50)
                        events=_events(controller.events()[-last:]))
 
 
+class EventsView(BaseModel):
+    events: list[EventView] = Field(description="the latest rollout decisions, oldest first "
+                                    "(at most rollout.events_kept)")
+
+
+async def _events_route(request: web.Request) -> web.StreamResponse:
+    limit = int_query(request, "limit", 100, lo=0, hi=100_000)
+    events = _controller(request).events()
+    return reply(EventsView(events=_events(events[-limit:] if limit else [])))
+
+
 async def _rollout(request: web.Request) -> web.StreamResponse:
     return reply(rollout_view(_controller(request), Fleet.of(request)))
 
@@ -157,6 +184,19 @@ async def _roll_back(request: web.Request) -> web.StreamResponse:
     dims = fleet.registry.dimensions
     bad = version_ref(request.match_info["version"], dims)
     to = version_ref(request.match_info["target"], dims)
+    return await _rollback_answer(request, fleet, bad, to)
+
+
+async def _rollback_body(request: web.Request) -> web.StreamResponse:
+    body = await read_body(request, RollbackBody)
+    bad = version_ref(body.bad, DIMENSIONS)
+    to = version_ref(body.to, DIMENSIONS)
+    return await _rollback_answer(request, Fleet.of(request), bad, to)
+
+
+async def _rollback_answer(request: web.Request, fleet: Fleet, bad: str,
+                           to: str) -> web.StreamResponse:
+    """Block ``bad``, return its regions to ``to``, repin lazily, list what still runs it."""
     if not any(matches(to, k) for k in fleet.registry.snapshot.serving_keys()):
         raise Conflict(f"no healthy backend serves {to!r}: nothing to roll back to",
                        code="target_not_serving", param="target")
@@ -211,6 +251,12 @@ ROUTES: tuple[Route, ...] = (
           "The rollout picture: each region's current version and state (steady, mixed, "
           "soaking, halted), replicas per version, held-back candidates, recent decisions.",
           RolloutView, tags=_TAGS),
+    Route("GET", "/admin/events", _events_route,
+          "Rollout decisions with their evidence (flipped, held_back, soak_passed, "
+          "regression, rolled_back, forced, initialised), oldest first.",
+          EventsView, tags=_TAGS,
+          query=(integer_param("limit", "how many of the latest (default 100)", lo=0,
+                               hi=100_000),)),
     Route("PUT", "/admin/rollout/regions/{region}/current/{version}", _force,
           "Force a region's current version for new sessions now (no settle, no gates).",
           EventView, tags=_TAGS, path_params=(REGION, VERSION),
@@ -221,6 +267,11 @@ ROUTES: tuple[Route, ...] = (
           "repin its sessions on their next request, and list the backends whose runtime "
           "still reports it.",
           RollbackResult, tags=_TAGS, path_params=(VERSION, TARGET),
+          errors=((409, "no healthy backend serves the target"),)),
+    Route("POST", "/admin/rollback", _rollback_body,
+          'Coordinated rollback as one body, {"from", "to"}: the same as POST '
+          "/admin/versions/{from}/roll-back-to/{to}.",
+          RollbackResult, RollbackBody, tags=_TAGS,
           errors=((409, "no healthy backend serves the target"),)),
     Route("POST", "/admin/versions/{version}/evals/{region}", _evals,
           "Eval results for a version in a region: the soak's evals signal.",

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from proxy.admin import fleet, metrics_routes, reload_routes, rollout_routes, sessions
+from proxy.admin import fleet, metrics_routes, reload_routes, rollout_routes, sessions, ui
 from proxy.admin.api import Route, install
 from proxy.admin.app import SERVICES
 from proxy.admin.backend_urls import Resolver, system_resolve
@@ -28,7 +28,7 @@ def all_routes() -> tuple[Route, ...]:
     """Every admin route, in the order they are added (the OpenAPI route last)."""
     groups: tuple[tuple[Route, ...], ...] = (
         sessions.ROUTES, metrics_routes.ROUTES, fleet.ROUTES, rollout_routes.ROUTES,
-        reload_routes.ROUTES,
+        reload_routes.ROUTES, ui.ROUTES,
     )
     return (*(route for group in groups for route in group), OPENAPI_ROUTE)
 

@@ -1,5 +1,5 @@
-"""Admin routes for versions: the fleet view, the kill switch, the rollback query, and
-the production version distribution an eval harness compares itself against.
+"""Admin routes for versions: the fleet view, the kill switch and the rollback query
+(the traffic distributions are in proxy/admin/traffic_routes.py).
 
 Everything here answers from the runtime (invariant 2): a version "runs" on a backend
 when that backend's runtime reports it, whatever anyone intended. Version references
@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from proxy.admin.api import Route, int_query, integer_param, reply
+from proxy.admin.api import Route, reply
 from proxy.admin.app import SERVICES
 from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref
 from proxy.core.models import prompt_of
+from proxy.store.draining import draining
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 _TAGS = ("versions",)
 SHORT_WINDOW_S = 300
 LONG_WINDOW_S = 3600
-MIN_WINDOW_S, MAX_WINDOW_S = 60, 86_400
 
 
 class Share(BaseModel):
@@ -49,6 +49,13 @@ class VersionEntry(BaseModel):
     pinned_sessions: int = Field(description="live sessions pinned to it (may lag ~seconds)")
     admitted: bool = Field(description="new sessions may get it: config admits, not blocked")
     blocked: bool = Field(description="blocked for new sessions by an operator (kill switch)")
+    active_sessions: int = Field(
+        description="pinned sessions used within versions.active_window_s (draining)")
+    last_used_at: float | None = Field(
+        description="latest request of any session pinned to it (wall clock)")
+    last_pin_expires_at: float | None = Field(
+        description="when its last pin expires if unused until then: its capacity can go "
+                    "without cutting a conversation after this (or once active is 0)")
     intended_by: list[str] = Field(description="backends whose controller intends it")
     share_5m: dict[str, Share] = Field(description="per region: share of its requests, 5 min")
     share_1h: dict[str, Share] = Field(description="per region: share of its requests, 1 h")
@@ -56,6 +63,7 @@ class VersionEntry(BaseModel):
 
 class VersionsView(BaseModel):
     skew: bool = Field(description="more than one version is serving")
+    active_window_s: float = Field(description="the window active_sessions counts over")
     serving: list[str]
     blocked: list[str] = Field(description="blocked version keys and bare prompts")
     versions: list[VersionEntry]
@@ -92,23 +100,7 @@ class RollbackView(BaseModel):
     )
 
 
-class RegionTraffic(BaseModel):
-    requests: int
-    versions: dict[str, Share]
-
-
-class TrafficView(BaseModel):
-    """Requests served per region and version over a window (every replica with Redis)."""
-
-    window_s: int
-    since: float = Field(description="start of the window (wall clock; whole minutes)")
-    until: float
-    requests: int
-    regions: dict[str, RegionTraffic]
-    versions: dict[str, Share] = Field(description="over every region")
-
-
-def _shares(counts: dict[str, int]) -> dict[str, Share]:
+def shares(counts: dict[str, int]) -> dict[str, Share]:
     total = sum(counts.values())
     return {
         key: Share(requests=n, share=n / total if total else 0.0)
@@ -120,7 +112,7 @@ def _region_shares(window: Window, version_key: str) -> dict[str, Share]:
     out = {}
     for region, counts in sorted(window.by_region().items()):
         if version_key in counts:
-            out[region] = _shares(counts)[version_key]
+            out[region] = shares(counts)[version_key]
     return out
 
 
@@ -138,6 +130,8 @@ async def _list_versions(request: web.Request) -> web.StreamResponse:
     long = await fleet.traffic.window(LONG_WINDOW_S)
     keys = sorted(set(snapshot.by_key) | set(long.by_version()))
     pinned = await _pinned(fleet, keys)
+    drains = await draining(fleet.store, keys, window_s=fleet.settings.versions.active_window_s,
+                            pin_ttl_s=fleet.settings.store.pin_ttl_s)
     serving = snapshot.serving_keys()
     entries = []
     for key in keys:
@@ -151,6 +145,9 @@ async def _list_versions(request: web.Request) -> web.StreamResponse:
                 healthy_backends=sum(1 for s in states if s.healthy),
                 serving=key in serving,
                 pinned_sessions=pinned[key],
+                active_sessions=drains[key].active,
+                last_used_at=drains[key].last_used_at,
+                last_pin_expires_at=drains[key].last_expires_at,
                 admitted=policy.admits(key) and not snapshot.blocks(key),
                 blocked=snapshot.blocks(key),
                 intended_by=[
@@ -164,6 +161,7 @@ async def _list_versions(request: web.Request) -> web.StreamResponse:
         )
     view = VersionsView(
         skew=len(serving) > 1,
+        active_window_s=fleet.settings.versions.active_window_s,
         serving=sorted(serving),
         blocked=sorted(snapshot.blocked_versions),
         versions=entries,
@@ -232,25 +230,6 @@ async def _rollback(request: web.Request) -> web.StreamResponse:
     return reply(view)
 
 
-async def _traffic(request: web.Request) -> web.StreamResponse:
-    fleet = Fleet.of(request)
-    window_s = int_query(request, "window_s", LONG_WINDOW_S, lo=MIN_WINDOW_S, hi=MAX_WINDOW_S)
-    window = await fleet.traffic.window(window_s)
-    regions = {
-        region: RegionTraffic(requests=sum(counts.values()), versions=_shares(counts))
-        for region, counts in sorted(window.by_region().items())
-    }
-    view = TrafficView(
-        window_s=window_s,
-        since=window.since,
-        until=window.until,
-        requests=window.total,
-        regions=regions,
-        versions=_shares(window.by_version()),
-    )
-    return reply(view)
-
-
 _ONE = "/admin/versions/{version}"
 _P = (VERSION,)
 ROUTES: tuple[Route, ...] = (
@@ -269,10 +248,4 @@ ROUTES: tuple[Route, ...] = (
           "Where the version really runs (by runtime report, not intent), and how many "
           "sessions are pinned to it.",
           RollbackView, tags=_TAGS, path_params=_P),
-    Route("GET", "/admin/traffic", _traffic,
-          "Production version distribution: requests and share per region and version "
-          "over the window (default 3600 s; whole minutes).",
-          TrafficView, tags=("traffic",),
-          query=(integer_param("window_s", "window length in seconds (default 3600)",
-                               lo=MIN_WINDOW_S, hi=MAX_WINDOW_S),)),
 )  # fmt: skip

@@ -10,7 +10,8 @@ in reverse order of opening, and that order is the point of this module:
 4. the Redis client (one bounded pool for everything that talks to Redis);
 5. the pin store (closes, flushing batched TTL touches, before the Redis client);
 6. the audit log (flushes its queue before the Redis client goes);
-7. traffic counts (flushes its last counts after the data plane stopped);
+7. traffic counts, production and eval (flush their last counts after the data plane
+   stopped);
 8. discovery, which the data plane is built on (stopped before the clients close);
 9. the control plane (closed before discovery, so no change lands on a registry
    nobody polls any more);
@@ -107,7 +108,8 @@ class Services:
     redis: Redis | None  # only when store.kind == "redis"
     store: PinStore
     audit: AuditLog
-    traffic: TrafficCounter  # requests per region and version
+    traffic: TrafficCounter  # production requests per region and version
+    eval_traffic: TrafficCounter  # requests marked as eval traffic (evals.header)
     discovery: Discovery
     dataplane: DataPlane
     control: ControlPlane  # operators' fleet changes, shared by replicas
@@ -252,19 +254,21 @@ async def open_services(
         stack.push_async_callback(audit.close)
         opened_audit.append(audit)
         # 7.
-        traffic = TrafficCounter(
-            clock,
-            redis=redis,
-            key_prefix=settings.store.key_prefix,
-            op_timeout_s=settings.store.op_timeout_ms / 1000,
+        traffic, eval_traffic = (
+            TrafficCounter(
+                clock, redis=redis, key_prefix=settings.store.key_prefix, name=name,
+                evals=evals, op_timeout_s=settings.store.op_timeout_ms / 1000,
+            )
+            for name, evals in (("traffic", False), ("traffic-evals", True))
         )
-        await traffic.start()
-        stack.push_async_callback(traffic.close)
+        for counter in (traffic, eval_traffic):
+            await counter.start()
+            stack.push_async_callback(counter.close)
         # 8.
         discovery = Discovery(registry, http, settings.discovery, rng)
         await discovery.start()
         stack.push_async_callback(discovery.stop)
-        request_observers = (*telemetry.observers, *observers, traffic, soak)
+        request_observers = (*telemetry.observers, *observers, traffic, eval_traffic, soak)
         if settings.audit.enabled:
             request_observers = (*request_observers, AuditObserver(audit))
         dataplane = DataPlane(
@@ -332,6 +336,6 @@ async def open_services(
             fleet_metrics=fleet_metrics, telemetry=telemetry, registry=registry,
             loads=loads, drain=Drain(), soak=soak, loop_lag=loop_lag, http=http,
             http1=http1, redis=redis, store=store, audit=audit, traffic=traffic,
-            discovery=discovery, dataplane=dataplane, control=control, rollout=rollout,
-            reloader=reloader,
+            eval_traffic=eval_traffic, discovery=discovery, dataplane=dataplane,
+            control=control, rollout=rollout, reloader=reloader,
         )

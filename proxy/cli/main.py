@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import orjson
@@ -35,6 +36,21 @@ def _load(path: Path, overrides: dict[str, Any]) -> Settings:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     return settings
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _admin_client(command: F) -> F:
+    """The options of a command that asks a running proxy's admin API."""
+    command = click.option(
+        "--token", envvar="PINPROXY_ADMIN_TOKEN",
+        help="Admin bearer token (default: $PINPROXY_ADMIN_TOKEN).",
+    )(command)
+    return click.option(
+        "--admin", "admin_url", default="http://127.0.0.1:9901", show_default=True,
+        help="Base URL of a pinproxy admin listener.",
+    )(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,18 +133,7 @@ def demo(port: int, check: bool) -> None:
 
 @main.command()
 @click.argument("session_id")
-@click.option(
-    "--admin",
-    "admin_url",
-    default="http://127.0.0.1:9901",
-    show_default=True,
-    help="Base URL of a pinproxy admin listener.",
-)
-@click.option(
-    "--token",
-    envvar="PINPROXY_ADMIN_TOKEN",
-    help="Admin bearer token (default: $PINPROXY_ADMIN_TOKEN).",
-)
+@_admin_client
 @click.option(
     "--limit", type=click.IntRange(0, 10_000), help="Trail records to show (default: all kept)."
 )
@@ -148,6 +153,28 @@ def session(
         click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
     else:
         click.echo(render_session(document), nl=False)
+
+
+@main.command()
+@_admin_client
+@click.option(
+    "--events", type=click.IntRange(0, 1000), default=10, show_default=True,
+    help="Recent rollout decisions to show.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead of a table.")
+def status(admin_url: str, token: str | None, events: int, as_json: bool) -> None:
+    """Print the rollout picture: regions x versions, region states, blocked, events."""
+    from proxy.admin.client import AdminRequestError, get_rollout
+    from proxy.cli.statusview import render_status
+
+    try:
+        document = get_rollout(admin_url, token=token)
+    except AdminRequestError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(render_status(document, events=events), nl=False)
 
 
 @main.command()

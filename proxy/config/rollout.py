@@ -31,3 +31,15 @@ class RolloutConfig(Section):
     min_samples: Annotated[int, Field(ge=1)] = 200
     check_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     events_kept: Annotated[int, Field(ge=1, le=100_000)] = 500
+
+
+class EvalsConfig(Section):
+    """Eval coverage (proxy/eval_coverage.py): eval traffic counted apart from production."""
+
+    # Requests carrying this header (any value) are eval traffic: counted apart from
+    # production, never in the soak judge's signals or the production distribution.
+    header: Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")] | None = "X-Eval-Run"
+    # A version carrying more than this share of a region's production requests over
+    # window_s, while no eval request exercised it there in that window, is uncovered.
+    min_production_share: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    window_s: Annotated[int, Field(ge=60, le=86_400, multiple_of=60)] = 3600

@@ -30,7 +30,7 @@ from proxy.config.env import check_environment
 from proxy.config.listen import AdminConfig as AdminConfig
 from proxy.config.listen import ListenConfig as ListenConfig
 from proxy.config.observability import AuditConfig, LogConfig, MetricsConfig, Section, TracingConfig
-from proxy.config.rollout import RolloutConfig
+from proxy.config.rollout import EvalsConfig, RolloutConfig
 from proxy.config.store import StoreConfig
 from proxy.core.errors import ConfigError
 from proxy.core.models import DIMENSIONS, Backend, Dimension, VersionSource
@@ -130,6 +130,9 @@ class VersionsConfig(Section):
     # A pinned version that no backend has reported for this long is retired: its
     # sessions are explicitly repinned to a new-session choice.
     retire_after_s: Annotated[float, Field(gt=0)] = 600.0
+    # Session-aware draining: a session counts as active on its version while its last
+    # request is at most this old (GET /admin/versions, pinproxy_version_active_sessions).
+    active_window_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = 900.0
 
     @field_validator("dimensions")
     @classmethod
@@ -275,6 +278,7 @@ class Settings(BaseSettings):
     discovery: DiscoveryConfig = DiscoveryConfig()
     routing: RoutingConfig = RoutingConfig()
     rollout: RolloutConfig = RolloutConfig()
+    evals: EvalsConfig = EvalsConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     backends: tuple[BackendConfig, ...] = ()
     admin: AdminConfig = AdminConfig()

@@ -53,6 +53,9 @@ class RequestEvent:
     request_body: bytes | None = None
     response_model: str | None = None  # the model the answer named, when it named one
     client: str | None = None  # the client's address, as resolved (forwarded.py)
+    # The request carried the eval header (``evals.header``): eval traffic, counted
+    # apart from production (proxy/telemetry/eval_coverage.py).
+    eval_run: bool = False
 
     @property
     def trace_continued(self) -> bool:
@@ -102,6 +105,7 @@ class Outcome:
         method: str,
         path: str,
         duration_s: float,
+        eval_run: bool = False,
     ) -> RequestEvent:
         return RequestEvent(
             at=at,
@@ -127,5 +131,6 @@ class Outcome:
             request_body=self.request_body,
             response_model=self.response_model,
             client=self.client,
+            eval_run=eval_run,
         )
 

@@ -9,6 +9,11 @@ rollout state and the function that moves it, given the registry's snapshot and 
 time. proxy/fleet/rollout_control.py runs it, shares the state between replicas and acts
 on its events; routing reads the result from the snapshot (``region_current``).
 
+A replica decides a region's next step only on reports newer than the region's current
+state (every routable replica's last report at or after ``since``): replicas poll on
+their own schedules, and one that has not yet seen what another flipped the region on
+would otherwise flip it back.
+
 Each region has a *current* version: the only one its backends serve to new sessions
 (in ``atomic`` mode). While a region's replicas are mixed (some report v47, some
 still v46), new sessions there get the current version, on the replicas still
@@ -142,8 +147,11 @@ def evaluate(
     regions = dict(state.regions)
     events: list[RolloutEvent] = []
     by_region: dict[str, list[tuple[str | None, bool]]] = {}
+    reported: dict[str, float] = {}  # per region: its oldest report among routable replicas
     for s in snapshot.backends:
         by_region.setdefault(s.region, []).append((s.version_key, s.routable))
+        if s.routable and s.reported_at is not None:
+            reported[s.region] = min(reported.get(s.region, math.inf), s.reported_at)
     for region in sorted(by_region):
         replicas = by_region[region]
         healthy = {key for key, ok in replicas if ok and key is not None}
@@ -161,6 +169,12 @@ def evaluate(
             rs = replace(rs, soaking=False)
             events.append(RolloutEvent(now, "soak_passed", region, rs.current,
                                        {"soak_s": policy.soak_s}))
+        regions[region] = rs
+        if reported.get(region, math.inf) < rs.since:
+            # This replica's view of the region predates its current state (another
+            # replica flipped it on fresher reports): it must not decide on it, or a
+            # replica whose poll lags would flip the region back to what it last saw.
+            continue
         regions[region] = rs = _next(rs, region, healthy, known, policy, now)
     # Gates need every region's currents, so flips are decided in a second pass.
     for region in sorted(regions):
@@ -224,8 +238,14 @@ def _majority(keys: list[str]) -> str:
 
 def force(state: RolloutState, region: str, version: str, now: float
           ) -> tuple[RolloutState, RolloutEvent]:
-    """An operator makes ``version`` current in ``region`` now (no settle, no gates)."""
+    """An operator makes ``version`` current in ``region`` now (no settle, no gates).
+
+    Forcing the version that is current already changes nothing (a soak under way
+    goes on: the force arrived after the region flipped by itself)."""
     old = state.regions.get(region)
+    if old is not None and old.current == version:
+        return state, RolloutEvent(now, "forced", region, version,
+                                   {"previous": version, "already_current": True})
     rs = RegionState(current=version, since=now, previous=None if old is None else old.current,
                      soaking=old is not None and old.current != version)
     regions = {**state.regions, region: rs}

@@ -151,6 +151,7 @@ class DataPlane:
         self._probe = probe
         self._trace = trace
         self._trusted = TrustedProxies(settings.listen.trusted_proxies)
+        self._eval_header = settings.evals.header
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
 
@@ -234,6 +235,7 @@ class DataPlane:
             method=request.method,
             path=request.rel_url.path,
             duration_s=self._clock.monotonic() - arrived,
+            eval_run=self._eval_header is not None and self._eval_header in request.headers,
         )
         for observer in self._observers:
             try:

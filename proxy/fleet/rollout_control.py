@@ -101,6 +101,8 @@ class SoakCounter:
     def observe(self, event: RequestEvent) -> None:
         if event.backend_id is None or event.region is None or event.version_key is None:
             return
+        if event.eval_run:
+            return  # eval traffic is not production: its verdict comes through push_evals
         failed = event.status >= 500 or event.error_type in ("upstream_error", "upstream_timeout")
         self.add(event.region, event.version_key, "errors", 1, int(failed))
         if event.structured_output_valid is not None:
@@ -308,9 +310,19 @@ class RolloutController:
             "regression, rolled_back, soak_passed, forced, initialised).",
             ["kind", "region"], registry=metrics_registry,
         )
+        # Each configured region's decisions exist at 0 from the start, so an alert's
+        # increase() sees its first kill-switch trip (a series born at 1 has not increased).
+        for region in sorted({s.region for s in registry.snapshot.backends}):
+            for kind in ("flipped", "held_back", "regression", "rolled_back"):
+                self._event_count.labels(kind, region)
         self._region_state = Gauge(
             "pinproxy_rollout_region_state", "1 for each region's current state.",
             ["region", "state", "current_version"], registry=metrics_registry,
+        )
+        self._held_back = Gauge(
+            "pinproxy_rollout_held_back", "1 while a region's candidate version (every "
+            "replica runs it) is held back from becoming current, by reason.",
+            ["region", "candidate", "reason"], registry=metrics_registry,
         )
 
     @property
@@ -410,8 +422,11 @@ class RolloutController:
                   if self._policy.mode_of(r) == "atomic"}
         self._registry.set_rollout(atomic, state.rollbacks)
         self._region_state.clear()
+        self._held_back.clear()
         for region, rs in state.regions.items():
             self._region_state.labels(region, rs.phase, rs.current).set(1)
+            if rs.candidate is not None and rs.held is not None:
+                self._held_back.labels(region, rs.candidate, rs.held).set(1)
         for event in events:
             self._record(event)
 
@@ -431,7 +446,7 @@ class RolloutController:
             for _ in range(3):
                 loaded = await self._store.load()
                 state, event = force(loaded, region, version, self._clock.time())
-                if await self._store.swap(loaded.rev, state):
+                if state is loaded or await self._store.swap(loaded.rev, state):
                     self._adopt(state, [event])
                     return event
         raise RolloutUnavailable("the rollout state kept changing; try again",

@@ -55,6 +55,7 @@ class SimPop:
         self._host = "127.0.0.1"
         self._port: int | None = None
         self._seq = 0
+        self._json_answers = 0  # JSON-mode answers, for state.json_invalid_every
         self._idle = asyncio.Event()
         self._idle.set()
         self._endpoints: dict[tuple[str, str], _Endpoint] = {
@@ -300,6 +301,11 @@ class SimPop:
     def _reply(self, state: PopState, payload: Mapping[str, Any], prefix: str) -> openai.Reply:
         self._seq += 1
         options = payload.get("stream_options")
+        json_mode = openai.wants_json(payload)
+        valid = state.json_valid
+        if json_mode and state.json_invalid_every:
+            self._json_answers += 1
+            valid = valid and self._json_answers % state.json_invalid_every != 0
         return openai.Reply(
             id=f"{prefix}-{state.backend_id}-{self._seq}",
             created=int(self._clock.time()),
@@ -308,8 +314,8 @@ class SimPop:
                 state.backend_id,
                 state.version.prompt,
                 state.completion_tokens,
-                json_mode=openai.wants_json(payload),
-                json_valid=state.json_valid,
+                json_mode=json_mode,
+                json_valid=valid,
             ),
             prompt_tokens=max(1, len(orjson.dumps(payload.get("messages", payload))) // 4),
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,

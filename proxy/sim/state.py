@@ -75,6 +75,7 @@ _FIELD_CHECKS: Mapping[str, Callable[[str, object], object]] = {
     "version_endpoint_ok": _flag,
     "fail_status": _status,
     "json_valid": _flag,
+    "json_invalid_every": _count,
 }
 
 
@@ -116,6 +117,9 @@ class PopState:
     version_endpoint_ok: bool = True
     fail_status: int | None = None
     json_valid: bool = True
+    # Every n-th JSON-mode answer of this POP does not parse (0: none): a failure rate
+    # of 1/n, deterministic, for the soak judge and the kill-switch bench.
+    json_invalid_every: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.version, VersionBundle):
@@ -192,6 +196,7 @@ class PopState:
             "version_endpoint_ok": self.version_endpoint_ok,
             "fail_status": self.fail_status,
             "json_valid": self.json_valid,
+            "json_invalid_every": self.json_invalid_every,
         }
 
 

@@ -1,5 +1,5 @@
 """Pin stores: where a session's pin lives. ``base`` defines the interface."""
 
-from proxy.store.base import Lookup, PinStore
+from proxy.store.base import Activity, Lookup, PinStore
 
-__all__ = ["Lookup", "PinStore"]
+__all__ = ["Activity", "Lookup", "PinStore"]

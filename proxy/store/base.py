@@ -34,6 +34,19 @@ class Lookup:
     lost_data_s_ago: float = math.inf
 
 
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """How much a version's pinned sessions are still in use (session-aware draining).
+
+    ``active``: sessions pinned to it whose last request is within the window asked
+    for. ``last_used_at``: wall-clock time of the most recent request of any session
+    pinned to it (None: no live session); its last pin expires ``pin_ttl_s`` later.
+    """
+
+    active: int
+    last_used_at: float | None
+
+
 class PinStore(Protocol):
     """Where session pins live. Every method raises ``StoreUnavailable`` on I/O failure."""
 
@@ -74,6 +87,12 @@ class PinStore(Protocol):
         For operators (rollback, the fleet view), not for routing: it may lag by the
         store's batching interval (Redis: ``touch_interval_s`` on other replicas).
         """
+        ...
+
+    async def activity(self, version_key: str, window_s: float) -> Activity:
+        """Sessions pinned to ``version_key`` used in the last ``window_s``, and when
+        one was last used: when old-version capacity can go without cutting a
+        conversation. Lags like ``count_pinned``."""
         ...
 
     async def ping(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from proxy.store.base import Lookup
+from proxy.store.base import Activity, Lookup
 
 if TYPE_CHECKING:
     from proxy.config.store import StoreConfig
@@ -28,9 +28,10 @@ class MemoryPinStore:
         self._ttl_s = config.pin_ttl_s
         self._clock = clock
         self._pins: OrderedDict[str, tuple[Pin, float]] = OrderedDict()
-        # Sessions per version key, kept in step with every insert and removal so that
-        # count_pinned is O(1) however many sessions there are.
-        self._counts: dict[str, int] = {}
+        # Per version key, its sessions -> expiry in the same LRU order, kept in step
+        # with every insert and removal: count_pinned is O(1) however many sessions
+        # there are, and ``activity`` reads only the sessions inside its window.
+        self._by_version: dict[str, OrderedDict[str, float]] = {}
         self._closed = False
 
     def __len__(self) -> int:
@@ -70,12 +71,29 @@ class MemoryPinStore:
         entry = self._pins.pop(session_id, None)
         if entry is None:
             return None
-        self._uncount(entry[0])
+        self._uncount(session_id, entry[0])
         return entry[0]
 
     async def count_pinned(self, version_key: str) -> int:
         self._sweep(self._clock.monotonic())
-        return self._counts.get(version_key, 0)
+        return len(self._by_version.get(version_key, ()))
+
+    async def activity(self, version_key: str, window_s: float) -> Activity:
+        now = self._sweep(self._clock.monotonic())
+        sessions = self._by_version.get(version_key)
+        if not sessions:
+            return Activity(active=0, last_used_at=None)
+        # An entry's expiry is its last use + the TTL, and the dict is in use order,
+        # so the active ones are a suffix: walk back from the newest.
+        active_after = now - window_s + self._ttl_s
+        active = 0
+        for expiry in reversed(sessions.values()):
+            if expiry <= active_after:
+                break
+            active += 1
+        newest = next(reversed(sessions.values()))
+        last_used = self._clock.time() - (now - (newest - self._ttl_s))
+        return Activity(active=active, last_used_at=last_used)
 
     async def ping(self) -> None:
         return None
@@ -88,21 +106,25 @@ class MemoryPinStore:
 
     def _store(self, session_id: str, pin: Pin, now: float) -> None:
         previous = self._pins.get(session_id)
-        if previous is None or previous[0].version_key != pin.version_key:
-            if previous is not None:
-                self._uncount(previous[0])
-            self._counts[pin.version_key] = self._counts.get(pin.version_key, 0) + 1
-        self._pins[session_id] = (pin, now + self._ttl_s)
+        if previous is not None and previous[0].version_key != pin.version_key:
+            self._uncount(session_id, previous[0])
+        expiry = now + self._ttl_s
+        self._pins[session_id] = (pin, expiry)
         self._pins.move_to_end(session_id)
+        sessions = self._by_version.setdefault(pin.version_key, OrderedDict())
+        sessions[session_id] = expiry
+        sessions.move_to_end(session_id)
         while len(self._pins) > self._max_sessions:
-            self._uncount(self._pins.popitem(last=False)[1][0])
+            evicted, (old, _expiry) = self._pins.popitem(last=False)
+            self._uncount(evicted, old)
 
-    def _uncount(self, pin: Pin) -> None:
-        left = self._counts.get(pin.version_key, 0) - 1
-        if left > 0:
-            self._counts[pin.version_key] = left
-        else:
-            self._counts.pop(pin.version_key, None)
+    def _uncount(self, session_id: str, pin: Pin) -> None:
+        sessions = self._by_version.get(pin.version_key)
+        if sessions is None:
+            return
+        sessions.pop(session_id, None)
+        if not sessions:
+            del self._by_version[pin.version_key]
 
     def _sweep(self, now: float) -> float:
         pins = self._pins
@@ -110,7 +132,8 @@ class MemoryPinStore:
             first = next(iter(pins.values()))
             if first[1] > now:
                 break
-            self._uncount(pins.popitem(last=False)[1][0])
+            expired, (pin, _expiry) = pins.popitem(last=False)
+            self._uncount(expired, pin)
         return now
 
     def __repr__(self) -> str:

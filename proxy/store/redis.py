@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.core.errors import StoreUnavailable
 from proxy.redis.client import REDIS_FAILURES, sharded_pubsub_opener
 from proxy.redis.pubsub import Subscriber
-from proxy.store.base import Lookup
+from proxy.store.base import Activity, Lookup
 from proxy.store.cache import PinCache
 from proxy.store.redis_call import decoded, replaced_pin, store_call
 from proxy.store.redis_sync import PinSync, announce
@@ -195,6 +195,9 @@ class RedisPinStore:
             return Lookup(None, lost_data_s_ago=self._sync.lost_data_s_ago())
         pin = decoded(session_id, raw)
         self._remember(session_id, pin, generation)
+        # GETEX slid the TTL, but the session's last use (the per-version sorted set
+        # that count_pinned and activity read) is only recorded by the touch batch.
+        self._touches.used(session_id, pin.version_key)
         if isinstance(mark, bytes) and mark.decode() != pin.version_key:
             return Lookup(pin, changed_from=mark.decode())
         return Lookup(pin)
@@ -308,6 +311,24 @@ class RedisPinStore:
             "count", self._client.zcount(self._keys.pinned(version_key), since, "+inf")
         )
         return int(count)
+
+    async def activity(self, version_key: str, window_s: float) -> Activity:
+        self._check_open()
+        await self.flush_touches()
+        now = self._clock.time()
+        key = self._keys.pinned(version_key)
+
+        async def read() -> list[Any]:
+            # Scores are each session's last use (the touch batches), so one ZCOUNT
+            # and the top entry answer both questions for every replica's sessions.
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.zcount(key, now - window_s, "+inf")
+                pipe.zrevrangebyscore(key, "+inf", now - self._config.pin_ttl_s,
+                                      start=0, num=1, withscores=True)
+                return await pipe.execute()
+
+        active, newest = await self._call("activity", read())
+        return Activity(active=int(active), last_used_at=float(newest[0][1]) if newest else None)
 
     async def _uncount(self, session_id: str, pin: Pin) -> None:
         # A repin/unpin is rare (admin, retirement): one more round trip is fine, and a

@@ -13,7 +13,8 @@ Why pinned sessions are counted in sorted sets: operators ask "how many sessions
 pinned to v47" (rollback, the fleet view) and the answer must not scan every pin.
 Each version key has a sorted set ``<prefix>pinned:<version key>`` of session id ->
 wall-clock time of last use. The batched touches above already carry every use, so
-the same pipeline ZADDs the session (and trims entries older than the pin TTL); a
+the same pipeline ZADDs the session (and trims entries older than the pin TTL; a use
+read from Redis, whose GETEX slid the TTL already, is ZADDed alone in the next batch); a
 count is a ZCOUNT over the TTL window. It lags by up to ``touch_interval_s`` for
 sessions used on other replicas, and a repin or unpin moves or removes the entry.
 """
@@ -29,7 +30,7 @@ from proxy.core.outage import OutageLog
 from proxy.store.redis_wire import member
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
     from redis.asyncio import Redis
 
@@ -69,6 +70,9 @@ class Touches:
         self._periodic = periodic  # more checks every interval (a cluster's run ids)
         self._ttl_ms = max(1, round(config.pin_ttl_s * 1000))
         self._pending: dict[str, str] = {}  # session -> its pinned version key
+        # Sessions read from Redis (GETEX already slid their TTL): only their use is
+        # still to record in the per-version sorted sets.
+        self._used: dict[str, str] = {}
         self._outage = OutageLog(_log, "TTL touches")
 
     def __len__(self) -> int:
@@ -77,12 +81,19 @@ class Touches:
     def add(self, session_id: str, version_key: str) -> None:
         self._pending[session_id] = version_key
 
+    def used(self, session_id: str, version_key: str) -> None:
+        """Record a use whose TTL was already slid (a cache miss): ZADD only."""
+        if session_id not in self._pending:
+            self._used[session_id] = version_key
+
     def drop(self, session_id: str) -> None:
         # A pending use would re-add the session under the version it just left.
         self._pending.pop(session_id, None)
+        self._used.pop(session_id, None)
 
     async def flush(self) -> None:
         """Send the pending TTL refreshes now; evict local copies whose key is gone."""
+        await self._flush_used()
         if not self._pending:
             return
         touched = list(self._pending.items())
@@ -111,6 +122,7 @@ class Touches:
                 if self._pending:
                     await self.flush()
                 else:
+                    await self._flush_used()
                     self._epoch_ok(await self._call("epoch", self._client.get(self._keys.epoch)))
                 if self._periodic is not None:
                     await self._periodic()
@@ -139,6 +151,22 @@ class Touches:
             pipe.get(keys.epoch)
             results = await pipe.execute()
         return results[: len(touched)], results[-1]
+
+    async def _flush_used(self) -> None:
+        if self._used:
+            used, self._used = self._used, {}
+            await self._call("touch", self._zadd_all(used))
+
+    async def _zadd_all(self, used: Mapping[str, str]) -> list[Any]:
+        now = self._clock.time()
+        by_version: dict[str, dict[bytes, float]] = {}
+        for session_id, version_key in used.items():
+            by_version.setdefault(version_key, {})[member(session_id)] = now
+        async with self._client.pipeline(transaction=False) as pipe:
+            for version_key, members in by_version.items():
+                pipe.zadd(self._keys.pinned(version_key), members)
+                pipe.pexpire(self._keys.pinned(version_key), self._ttl_ms)
+            return await pipe.execute()
 
     async def _zrem_all(self, gone: Iterable[tuple[str, str]]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:

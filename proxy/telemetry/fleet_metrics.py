@@ -18,12 +18,14 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from proxy.core.models import DIMENSIONS, prompt_of
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Iterator, Mapping, Sequence
 
     from prometheus_client import Metric
 
     from proxy.core.models import BackendState, VersionBundle
     from proxy.fleet.registry import Registry
+    from proxy.store.draining import Draining
+    from proxy.telemetry.eval_coverage import Coverage
 
 _BUNDLE_LABELS = ("version_key", *DIMENSIONS)
 
@@ -36,6 +38,10 @@ class FleetCollector:
         # Sessions pinned per version key, as fetched by the latest scrape (None: the
         # store did not answer, or nobody asked): a collector cannot await the store.
         self.pinned: Mapping[str, int] | None = None
+        # The same for session-aware draining (active sessions, last pin expiry).
+        self.draining: Mapping[str, Draining] | None = None
+        # Eval coverage per region and version over evals.window_s.
+        self.coverage: Sequence[Coverage] | None = None
 
     def known_versions(self) -> list[str]:
         """Version keys worth a pinned-session count: reported since start or running now."""
@@ -98,6 +104,10 @@ class FleetCollector:
             for key, count in sorted(pinned.items()):
                 family.add_metric([key, prompt_of(key)], float(count))
             yield family
+        if self.draining is not None:
+            yield from _draining_families(self.draining)
+        if self.coverage is not None:
+            yield from _coverage_families(self.coverage)
 
     @staticmethod
     def _bundle_labels(key: str, bundle: VersionBundle | None) -> dict[str, str]:
@@ -160,6 +170,49 @@ class FleetCollector:
 
     def __repr__(self) -> str:
         return f"FleetCollector(registry={self._registry!r})"
+
+
+def _draining_families(drains: Mapping[str, Draining]) -> Iterator[Metric]:
+    labels = ["version_key", "prompt_version"]
+    active = GaugeMetricFamily(
+        "pinproxy_version_active_sessions",
+        "Sessions pinned to each version whose last request is within "
+        "versions.active_window_s (from the pin store): 0 means its capacity can go.",
+        labels=labels,
+    )
+    expires = GaugeMetricFamily(
+        "pinproxy_version_last_pin_expiry_timestamp_seconds",
+        "When the last pin of the version expires if its sessions stay idle (Unix time).",
+        labels=labels,
+    )
+    for key, drain in sorted(drains.items()):
+        active.add_metric([key, prompt_of(key)], float(drain.active))
+        if drain.last_expires_at is not None:
+            expires.add_metric([key, prompt_of(key)], drain.last_expires_at)
+    yield active
+    yield expires
+
+
+def _coverage_families(rows: Sequence[Coverage]) -> Iterator[Metric]:
+    labels = ["region", "version_key", "prompt_version"]
+    share = GaugeMetricFamily(
+        "pinproxy_production_share",
+        "Share of the region's production requests (eval traffic excluded) the version "
+        "answered over evals.window_s.",
+        labels=labels,
+    )
+    gap = GaugeMetricFamily(
+        "pinproxy_eval_coverage_gap",
+        "1 while the version carries more than evals.min_production_share of the region's "
+        "production requests and no eval request exercised it there in evals.window_s.",
+        labels=labels,
+    )
+    for row in rows:
+        values = [row.region, row.version_key, prompt_of(row.version_key)]
+        share.add_metric(values, row.production_share)
+        gap.add_metric(values, 1.0 if row.uncovered else 0.0)
+    yield share
+    yield gap
 
 
 def _drifted(registry: Registry, state: BackendState) -> bool:

@@ -179,6 +179,13 @@ class ProxyMetrics:
             ["prompt_version", "version_key", "region", "backend", "status_class"],
             registry=registry,
         )
+        self.eval_requests = Counter(
+            "pinproxy_eval_requests",
+            "Requests marked as eval traffic (evals.header) that a backend answered, by "
+            "version and region; also in pinproxy_requests_total, never in the soak judge.",
+            ["prompt_version", "version_key", "region"],
+            registry=registry,
+        )
         self.request_duration = Histogram(
             "pinproxy_request_duration_seconds",
             "Time from a request's arrival until its last byte was sent.",
@@ -397,6 +404,10 @@ class MetricsObserver:
         if series is None:
             series = self._new_series(key)
         series.requests.inc()
+        if event.eval_run and event.version_key is not None and event.backend_id is not None:
+            self._metrics.eval_requests.labels(
+                event.prompt_version, event.version_key, event.region or ""
+            ).inc()
         series.duration.observe(event.duration_s)
         if event.ttfb_s is not None:
             (series.ttfb or series.bind_ttfb()).observe(event.ttfb_s)

@@ -4,6 +4,8 @@ Theory of operation
 -------------------
 ``TrafficCounter`` is a ``RequestObserver``: for every request a backend answered it
 adds one to the count of (region, version key) in the minute the request arrived.
+One counter takes production requests, another (``evals=True``, its own keys) the
+requests marked as eval traffic (``evals.header``), so the two never mix.
 ``observe`` is a dict increment and nothing else (invariant 4), so it costs the data
 plane nothing measurable.
 
@@ -142,13 +144,16 @@ class TrafficCounter:
         *,
         redis: Redis | None = None,
         key_prefix: str = "pinproxy:",
+        name: str = "traffic",
+        evals: bool = False,
         op_timeout_s: float = 0.5,
         flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
         retention_s: float = DEFAULT_RETENTION_S,
     ) -> None:
         self._clock = clock
         self._redis = redis
-        self._prefix = f"{key_prefix}traffic:"
+        self._prefix = f"{key_prefix}{name}:"
+        self._evals = evals  # counts eval requests only (else production only)
         self._op_timeout_s = op_timeout_s
         self._call = RedisCall(op_timeout_s, _unavailable, clock=clock.monotonic)
         self._flush_interval_s = flush_interval_s
@@ -174,6 +179,8 @@ class TrafficCounter:
     def observe(self, event: RequestEvent) -> None:
         """Count one finished request (only ones a backend answered). In-memory, O(1)."""
         if event.backend_id is None or event.region is None or event.version_key is None:
+            return
+        if event.eval_run != self._evals:
             return
         self._buckets.add(int(event.at // MINUTE_S), (event.region, event.version_key))
 

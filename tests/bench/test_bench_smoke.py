@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bench import incident, overhead, store_faults, streaming, throughput
+from bench import incident, kill_switch, overhead, store_faults, streaming, throughput
 from bench.procs import find_nginx
 
 pytestmark = pytest.mark.skipif(
@@ -132,6 +132,28 @@ def test_incident_replay_pinproxy_keeps_sessions_on_one_version_control_does_not
     assert control["sessions_mixed_versions"] > 0
     assert on_disk["targets"]["pinproxy_mixed_sessions"]["ok"] is True
     assert on_disk["targets"]["control_shows_damage"]["ok"] is True
+
+
+def test_kill_switch_replay_trips_on_the_bad_version_and_marks_every_change(
+    tmp_path: Path,
+) -> None:
+    report = kill_switch.run(
+        kill_switch.KillSwitchConfig(
+            duration_s=8.0, sessions=80, turns=5, bad_every=4, min_samples=20,
+            out_root=tmp_path,
+        )
+    )
+    on_disk = _written(report, "versions-over-time.png")
+    result = on_disk["result"]
+    assert result["requests"] == 80 * 5
+    assert result["tripped"] is True, on_disk["events"]
+    assert result["evidence"]["signal"] == "structured_output"
+    assert 0 < result["time_to_trip_s"] < 8.0
+    assert result["rolled_back"] == ["us-east"]
+    assert result["sessions_exposed_before_trip"] > 0
+    assert result["version_changes"]["unmarked"] == 0
+    assert result["v47_answers_after_grace"] == 0
+    assert all(t["ok"] for t in on_disk["targets"].values()), on_disk["targets"]
 
 
 def test_store_faults_replay_reports_every_phase_and_changes_no_session(

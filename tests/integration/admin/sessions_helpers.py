@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -13,6 +16,7 @@ import aiohttp
 from proxy.sim import SimPop
 from tests.fixtures.proxy import RunningProxy
 
+ROOT = Path(__file__).resolve().parents[3]
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hello"}]}
 
 
@@ -33,6 +37,22 @@ async def eventually(
         if time.monotonic() - start > timeout:
             raise AssertionError(f"{what} not reached within {timeout}s")
         await asyncio.sleep(0.02)
+
+
+async def run_cli(*args: str, token: str | None = None) -> tuple[int, str, str]:
+    """``pinproxy *args`` in a subprocess: (exit code, stdout, stderr); ``token`` goes
+    in ``PINPROXY_ADMIN_TOKEN``."""
+    # Asynchronously: the admin API answering it runs in this very event loop.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PINPROXY_")}
+    if token is not None:
+        env["PINPROXY_ADMIN_TOKEN"] = token
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 async def wait_routable(proxy: RunningProxy, *backend_ids: str, timeout: float = 10.0) -> None:

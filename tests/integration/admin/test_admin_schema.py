@@ -155,6 +155,8 @@ values = ["v1", "v2", "prompt=v1", "prompt=v2"]
 "path.session_id" = {{ dictionary = "sessions", probability = 0.5 }}
 "path.backend_id" = {{ dictionary = "backends", probability = 0.5 }}
 "path.target" = {{ dictionary = "targets", probability = 0.5 }}
+"body.to" = {{ dictionary = "targets", probability = 0.5 }}
+"body.from" = {{ dictionary = "targets", probability = 0.5 }}
 
 {operations}"""
 

@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
-from pathlib import Path
-
 import aiohttp
 import orjson
 
 from tests.fixtures.proxy import StartProxy, free_port
 from tests.fixtures.sim import StartPop
 from tests.integration.admin.sessions_helpers import chat, trail_of, wait_routable
+from tests.integration.admin.sessions_helpers import run_cli as _pinproxy
 
-ROOT = Path(__file__).resolve().parents[3]
 TOKEN = "cli-s3cret-0123456789abcdef0123456789"
-
-
-async def _pinproxy(*args: str, token: str | None = None) -> tuple[int, str, str]:
-    # Asynchronously: the admin API answering it runs in this very event loop.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PINPROXY_")}
-    if token is not None:
-        env["PINPROXY_ADMIN_TOKEN"] = token
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", *args, cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_session_command_prints_the_pin_and_trail_as_a_table(

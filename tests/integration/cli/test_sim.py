@@ -525,3 +525,22 @@ def test_state_validates_on_construction() -> None:
         PopState.create("p", "r", "v1", ttfb_ms=-5)
     with pytest.raises(TypeError):
         PopState.create("p", "r", "v1", parser="x", version=VersionBundle("v2"))
+
+
+async def test_every_nth_json_answer_is_invalid_with_json_invalid_every(
+    start_pop: StartPop, http: aiohttp.ClientSession
+) -> None:
+    pop = await start_pop(completion_tokens=4, json_invalid_every=3)
+    body = chat_body(response_format={"type": "json_object"})
+    valid = []
+    for _ in range(9):
+        async with http.post(f"{pop.url}{CHAT}", json=body) as resp:
+            content = orjson.loads(await resp.read())["choices"][0]["message"]["content"]
+        try:
+            orjson.loads(content)
+            valid.append(True)
+        except orjson.JSONDecodeError:
+            valid.append(False)
+        async with http.post(f"{pop.url}{CHAT}", json=chat_body()) as resp:
+            assert resp.status == 200  # plain answers do not count towards n
+    assert valid == [True, True, False] * 3

@@ -135,6 +135,18 @@ async def test_a_regressed_version_trips_the_kill_switch_and_sessions_move_back(
         assert headers["X-Prompt-Version-Changed"] == f"{V47} -> {V46}"
     assert proxy.metric("pinproxy_session_version_switches_total", reason="rollback",
                         from_version=V47, to_version=V46) == len(exposed)
+    # The decision and its evidence in GET /admin/events, and as a metric.
+    async with http.get(f"{proxy.admin_url}/admin/events?limit=50",
+                        headers=proxy.admin_headers) as resp:
+        listed = (await resp.json())["events"]
+    regression = next(e for e in listed if e["kind"] == "regression")
+    assert regression["region"] == "eu"
+    assert {"z", "z_threshold", "new_trials", "old_trials", "window_s"} <= set(
+        regression["detail"])
+    assert proxy.metric("pinproxy_rollout_events_total", kind="regression", region="eu") == 1
+    # A configured region's series exists at 0 before its first trip (alerts see it).
+    assert proxy.metrics.registry.get_sample_value(
+        "pinproxy_rollout_events_total", {"kind": "regression", "region": "us"}) == 0.0
 
 
 async def test_an_operator_rollback_lists_what_still_runs_the_bad_version(
@@ -168,3 +180,64 @@ async def test_an_operator_rollback_lists_what_still_runs_the_bad_version(
     async with http.get(f"{proxy.admin_url}/admin/rollout", headers=headers) as resp:
         view = await resp.json()
     assert {r["region"]: r["state"] for r in view["regions"]} == {"eu": "halted", "us": "steady"}
+
+
+async def test_post_rollback_answers_each_backend_its_regions_target_beside_the_intent(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    # background.md's parser skew: v47 came with parser p2, which had already landed in
+    # ap (on v46) but not in eu or us. Rolling v47 back must give each region its own
+    # previous bundle, whatever the deploy system's intent says.
+    eu = await start_pop("eu-1", "eu", "v46", parser="p1")
+    ap = await start_pop("ap-1", "ap", "v46", parser="p2")
+    us = await start_pop("us-1", "us", "v46", parser="p1")
+    proxy = await start_proxy([eu, ap, us], discovery=FAST)
+    headers = proxy.admin_headers
+    await until(lambda: all(current(proxy, r) is not None for r in ("eu", "ap", "us")))
+    for pop, region in ((eu, "eu"), (ap, "ap")):
+        pop.flip(VersionBundle(prompt="v47", parser="p2"))
+        await until(lambda pop=pop: sees(proxy, pop, "prompt=v47,parser=p2"))  # type: ignore[misc]
+        async with http.put(f"{proxy.admin_url}/admin/rollout/regions/{region}/current/v47",
+                            headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+    # The deploy system believes eu-1 is rolled back already; its runtime says otherwise.
+    for backend, intent in (("eu-1", {"prompt": "v46", "parser": "p1"}),
+                            ("ap-1", {"prompt": "v47", "parser": "p2"})):
+        async with http.put(f"{proxy.admin_url}/admin/backends/{backend}/intended-version",
+                            json=intent, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+
+    for bad in ({"from": "v47"}, {"from": "v47", "to": "v46", "extra": 1},
+                {"from": 47, "to": "v46"}, {"from": "v47", "to": "v 46"}):
+        async with http.post(f"{proxy.admin_url}/admin/rollback", json=bad,
+                             headers=headers) as resp:
+            assert resp.status == 400, (bad, await resp.text())
+            assert (await resp.json())["error"]["code"] == "invalid_field"
+    assert current(proxy, "eu") == "prompt=v47,parser=p2"  # a refused body changes nothing
+
+    async with http.post(f"{proxy.admin_url}/admin/rollback", json={"from": "v47", "to": "v46"},
+                         headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        result = await resp.json()
+    assert [(b["id"], b["runtime"], b["intended"], b["target"]) for b in result["backends"]] == [
+        ("eu-1", "prompt=v47,parser=p2", "prompt=v46,parser=p1", "prompt=v46,parser=p1"),
+        ("ap-1", "prompt=v47,parser=p2", None, "prompt=v46,parser=p2"),
+    ]
+    assert result["already_there"] == ["us"]
+    assert {e["region"]: e["version"] for e in result["events"]
+            if e["kind"] == "rolled_back"} == {"eu": "prompt=v46,parser=p1",
+                                               "ap": "prompt=v46,parser=p2"}
+    assert "v47" in proxy.registry.snapshot.blocked_versions
+    assert current(proxy, "eu") == "prompt=v46,parser=p1"
+    assert current(proxy, "ap") == "prompt=v46,parser=p2"
+    # The same through the per-version route: nothing left to roll back, the same list.
+    async with http.post(f"{proxy.admin_url}/admin/versions/v47/roll-back-to/v46",
+                         headers=headers) as resp:
+        again = await resp.json()
+    assert again["backends"] == result["backends"]
+    assert again["already_there"] == ["us"]
+    # No healthy backend serves the target: 409, as on the per-version route.
+    async with http.post(f"{proxy.admin_url}/admin/rollback", json={"from": "v47", "to": "v45"},
+                         headers=headers) as resp:
+        assert resp.status == 409
+        assert (await resp.json())["error"]["code"] == "target_not_serving"

@@ -121,6 +121,25 @@ async def test_every_metric_in_a_query_exists(
     assert used <= known, sorted(used - known)
 
 
+def test_rollout_panels_show_region_state_held_back_trips_and_eval_coverage(
+    dashboard: dict[str, Any],
+) -> None:
+    by_title = dict(_queries(dashboard))
+    for title, metric in (
+        ("Region rollout state", "pinproxy_rollout_region_state"),
+        ("Held-back versions", "pinproxy_rollout_held_back"),
+        ("Kill-switch trips and rollout decisions", "pinproxy_rollout_events_total"),
+        ("Eval coverage gaps (1 = users get a version evals do not exercise)",
+         "pinproxy_eval_coverage_gap"),
+        ("Eval requests / s by prompt version and region", "pinproxy_eval_requests_total"),
+        ("Active sessions by version (draining)", "pinproxy_version_active_sessions"),
+    ):
+        assert metric in by_title[title], title
+    # Fleet gauges are combined with max over replicas, never summed.
+    assert by_title["Region rollout state"].startswith("max by (region, state,")
+    assert "by (kind, region)" in by_title["Kill-switch trips and rollout decisions"]
+
+
 def test_no_panel_draws_a_region_for_pinproxys_own_answers(
     dashboard: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import example, given, settings
@@ -207,3 +208,27 @@ def test_rollbacks_never_chain_or_cycle() -> None:
     assert with_rollback({}, V47, V46) == {V47: V46}
     assert with_rollback({V47: V46}, V46, V47) == {V46: V47}  # the other way: replaced
     assert with_rollback({V48: V47}, V47, V46) == {V48: V46, V47: V46}  # no chain
+
+
+def test_forcing_the_current_version_keeps_its_soak() -> None:
+    state = RolloutState({"eu": RegionState(current="v47", since=10.0, previous="v46",
+                                            soaking=True)}, rev=3)
+    after, event = force(state, "eu", "v47", 20.0)
+    assert after is state  # the region flipped by itself before the operator's force
+    assert (event.kind, event.detail["already_current"]) == ("forced", True)
+    moved, _ = force(state, "eu", "v46", 20.0)
+    assert moved.regions["eu"] == RegionState(current="v46", since=20.0, previous="v47",
+                                              soaking=True)
+
+
+def test_a_replica_whose_view_predates_the_flip_does_not_flip_the_region_back() -> None:
+    # Replica A flipped eu to v47 at NOW on fresh reports; replica B's last poll of the
+    # region's backend (at NOW - 1) still says v46. B must not read that as a rollout.
+    flipped = RolloutState({"eu": RegionState(V47, NOW, previous=V46, soaking=True)}, rev=2)
+    stale = replace(replica("a", "eu", V46), reported_at=NOW - 1)
+    state, events = evaluate(flipped, fleet(stale), POLICY, NOW + 0.5)
+    assert (state, events) == (flipped, [])
+    # Once B's view is newer than the flip, a runtime really back on v46 is followed.
+    fresh = replace(replica("a", "eu", V46), reported_at=NOW + 2)
+    state, events = evaluate(flipped, fleet(fresh), POLICY, NOW + 2)
+    assert kinds(events) == [("flipped", "eu", V46)]

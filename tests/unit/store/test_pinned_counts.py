@@ -5,6 +5,7 @@ from __future__ import annotations
 from proxy.config.store import StoreConfig
 from proxy.core.clock import ManualClock
 from proxy.core.models import Pin
+from proxy.store.base import Activity
 from proxy.store.memory import MemoryPinStore
 
 K1, K2 = "prompt=v1", "prompt=v2"
@@ -46,3 +47,25 @@ async def test_counts_follow_every_change() -> None:
     assert await counts(store) == (1, 0)
     clock.advance(100)
     assert await counts(store) == (0, 0)
+
+
+async def test_activity_counts_sessions_used_within_the_window_and_the_last_expiry() -> None:
+    clock = ManualClock()
+    store = MemoryPinStore(StoreConfig(pin_ttl_s=100), clock)
+    assert await store.activity(K1, 30) == Activity(active=0, last_used_at=None)
+    await store.pin_if_absent("old", pin(K1))
+    clock.advance(40)
+    await store.pin_if_absent("recent", pin(K1))
+    await store.pin_if_absent("other", pin(K2))
+    clock.advance(10)
+    await store.get("recent")  # used again: its last use moves on
+    found = await store.activity(K1, 30)
+    assert found.active == 1  # "old" was last used 50 s ago, outside the 30 s window
+    assert found.last_used_at == clock.time()
+    assert (await store.activity(K1, 60)).active == 2
+    await store.repin("recent", pin(K2))  # moved away: no longer K1's
+    found = await store.activity(K1, 60)
+    assert (found.active, found.last_used_at) == (1, clock.time() - 50)
+    clock.advance(51)  # "old" expires (100 s after its last use)
+    assert await store.activity(K1, 1000) == Activity(active=0, last_used_at=None)
+    assert (await store.activity(K2, 1000)).active == 2

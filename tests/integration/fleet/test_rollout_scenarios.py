@@ -1,0 +1,163 @@
+"""Issue 12's rollout scenarios over real sockets: two pinproxy replicas sharing a real
+Redis, simulated POPs. One version at a time (a third version waits for the first
+rollout), and the kill-switch pair: a bad v47 trips it with every version change marked,
+a v47 as good as v46 soaks through without tripping."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from itertools import pairwise
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.core.models import VersionBundle
+from proxy.core.rollout import RolloutEvent
+from proxy.sim import SimPop
+from tests.fixtures.proxy import RunningProxy, StartProxy
+from tests.fixtures.sim import StartPop
+from tests.integration.fleet.test_rollout import CHAT, FAST, JSON_CHAT, V46, V47, current, until
+
+pytestmark = pytest.mark.timeout(90)
+
+V48 = "prompt=v48"
+
+
+def state(proxy: RunningProxy, region: str) -> Any:
+    return proxy.services.rollout.state.regions[region]
+
+
+def decisions(replicas: list[RunningProxy]) -> list[RolloutEvent]:
+    """The fleet's rollout decisions, in time order: each is recorded by the replica that
+    made it (and won the compare-and-set)."""
+    return sorted((e for p in replicas for e in p.services.rollout.events()), key=lambda e: e.at)
+
+
+async def ask(http: aiohttp.ClientSession, proxy: RunningProxy, session: str,
+              body: dict[str, Any] = CHAT) -> tuple[str, str | None]:
+    async with http.post(f"{proxy.url}/v1/chat/completions", json=body,
+                         headers={"X-Session-ID": session}) as resp:
+        await resp.read()
+        assert resp.status == 200, resp.status
+        return resp.headers["X-Prompt-Version"], resp.headers.get("X-Prompt-Version-Changed")
+
+
+async def test_a_third_version_waits_while_two_are_current_and_goes_when_the_first_completes(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    eu = await start_pop("eu-1", "eu", "v46")
+    us = await start_pop("us-1", "us", "v46", ttfb_ms=20)  # new sessions prefer eu
+    rollout = {"soak_s": 1.0, "check_interval_s": 0.1}
+    replicas = [await start_proxy([eu, us], redis_url, discovery=FAST, rollout=rollout,
+                                  routing={"initial_latency_ms": 1}) for _ in range(2)]
+    await until(lambda: all(current(p, r) == V46 for p in replicas for r in ("eu", "us")))
+    eu.flip(VersionBundle(prompt="v47"))
+    await until(lambda: all(current(p, "eu") == V47 and not state(p, "eu").soaking
+                            for p in replicas))
+    # v48 lands in eu while v47 is current there and v46 in us: a third version.
+    eu.flip(VersionBundle(prompt="v48"))
+    await until(lambda: all(state(p, "eu").held == "previous_rollout_incomplete"
+                            for p in replicas))
+    for n, proxy in enumerate(replicas * 5):
+        # eu has no replica on its current version (v47): its new sessions go elsewhere.
+        assert (await ask(http, proxy, f"held-{n}"))[0] == "v46"
+    assert all(current(p, "eu") == V47 for p in replicas)
+    # us completes v47 (and soaks it); then v48 is no longer a third version.
+    us.flip(VersionBundle(prompt="v47"))
+    await until(lambda: all(current(p, "eu") == V48 for p in replicas), timeout=15)
+    assert state(replicas[0], "eu").since == state(replicas[1], "eu").since
+    events = decisions(replicas)
+    held = [e.detail["reason"] for e in events if e.kind == "held_back" and e.region == "eu"]
+    assert "previous_rollout_incomplete" in held
+    assert [e.version for e in events if e.kind == "flipped" and e.region == "eu"] == [V47, V48]
+    served = {(await ask(http, p, f"after-{n}"))[0] for n, p in enumerate(replicas * 10)}
+    assert "v48" in served
+    assert served <= {"v47", "v48"}  # v46 runs nowhere any more
+
+
+async def _soak_setup(start_pop: StartPop, start_proxy: StartProxy, redis_url: str,
+                      http: aiohttp.ClientSession, **rollout: Any,
+                      ) -> tuple[SimPop, SimPop, list[RunningProxy], list[str]]:
+    eu = await start_pop("eu-1", "eu", "v46", json_invalid_every=1000)
+    # New sessions prefer eu (where v47 lands); the pinned baseline sessions stay on us.
+    us = await start_pop("us-1", "us", "v46", json_invalid_every=1000, ttfb_ms=5)
+    config = {"min_samples": 30, "check_interval_s": 0.1, "on_regression": "block_and_repin",
+              **rollout}
+    replicas = [await start_proxy([eu, us], redis_url, discovery=FAST, rollout=config,
+                                  routing={"initial_latency_ms": 1}) for _ in range(2)]
+    await until(lambda: all(current(p, r) == V46 for p in replicas for r in ("eu", "us")))
+    old = [f"old-{i}" for i in range(10)]
+    for i, session in enumerate(old):  # pinned to v46 before the rollout: the baseline
+        assert (await ask(http, replicas[i % 2], session, JSON_CHAT))[0] == "v46"
+    return eu, us, replicas, old
+
+
+async def test_a_bad_version_trips_the_kill_switch_on_either_replica_and_every_change_is_marked(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    eu, _us, replicas, old = await _soak_setup(start_pop, start_proxy, redis_url, http,
+                                               soak_s=60)
+    eu.state.json_invalid_every = 4  # v47: 25% of JSON answers do not parse
+    eu.flip(VersionBundle(prompt="v47"))
+    await until(lambda: all(current(p, "eu") == V47 for p in replicas))
+    rng = random.Random(12)
+    seen: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
+    for i in range(600):
+        if all(state(p, "eu").halted == V47 for p in replicas):
+            break
+        for session in (f"new-{i}", old[i % len(old)], f"new-{rng.randrange(i + 1)}"):
+            seen[session].append(await ask(http, rng.choice(replicas), session, JSON_CHAT))
+    else:
+        pytest.fail("the kill switch never tripped")
+    trips = [e for p in replicas for e in p.services.rollout.events() if e.kind == "regression"]
+    assert len(trips) == 1  # judged by one replica, applied by both
+    assert trips[0].detail["signal"] == "structured_output"
+    assert all(current(p, "eu") == V46 for p in replicas)
+    exposed = sorted(s for s, answers in seen.items() if ("v47", None) in answers)
+    assert exposed
+    for session in seen:  # every session once more, on either replica
+        seen[session].append(await ask(http, rng.choice(replicas), session))
+    unmarked = [s for s, answers in seen.items()
+                for (a, _), (b, changed) in pairwise(answers)
+                if a != b and changed is None]
+    assert unmarked == []
+    for session in exposed:
+        assert seen[session][-1][0] == "v46"
+    marks = [changed for answers in seen.values() for _, changed in answers if changed]
+    assert set(marks) == {f"{V47} -> {V46}"}
+    assert sum(p.metric("pinproxy_session_version_switches_total", reason="rollback",
+                        from_version=V47, to_version=V46) for p in replicas) == len(exposed)
+
+
+async def test_a_version_as_good_as_the_previous_soaks_through_without_tripping(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    eu, us, replicas, old = await _soak_setup(start_pop, start_proxy, redis_url, http,
+                                              soak_s=15)
+    for pop in (eu, us):
+        pop.state.json_invalid_every = 20  # 5% on both sides: a high but equal rate
+    eu.flip(VersionBundle(prompt="v47"))
+    await until(lambda: all(current(p, "eu") == V47 and state(p, "eu").soaking
+                            for p in replicas))
+
+    def judged(proxy: RunningProxy) -> bool:
+        soak = proxy.services.soak
+        new = soak.totals(V47, "eu").get("structured_output")
+        base = soak.totals(V46).get("structured_output")
+        return new is not None and base is not None and new.trials >= 45 and base.trials >= 45
+
+    rng = random.Random(13)
+    i = 0
+    while not all(judged(p) for p in replicas):  # past min_samples on each replica
+        assert all(state(p, "eu").soaking for p in replicas), "the soak ended too early"
+        i += 1
+        for session in (f"new-{i}", old[i % len(old)]):
+            await ask(http, rng.choice(replicas), session, JSON_CHAT)
+    await until(lambda: all(not state(p, "eu").soaking for p in replicas), timeout=15)
+    kinds = [e.kind for p in replicas for e in p.services.rollout.events()]
+    assert "regression" not in kinds
+    assert "soak_passed" in kinds
+    assert all(current(p, "eu") == V47 for p in replicas)
+    assert not any(p.registry.snapshot.blocks(V47) for p in replicas)
