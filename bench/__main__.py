@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = subs.add_parser("throughput", parents=[common], help="ceiling and latency at fixed rates")
     p.add_argument("--duration", type=float, default=2.0, help="seconds per measured run")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="closed-loop rounds, the targets interleaved"
+    )
     p.add_argument("--concurrency", type=int, default=64, help="closed-loop connections")
     p.add_argument(
         "--levels",
@@ -59,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--targets",
-        default="direct,pinproxy-1w,pinproxy-2w,nginx",
-        help="comma-separated subset of direct,pinproxy-1w,pinproxy-2w,nginx",
+        default="direct,pinproxy-1w,pinproxy-2w,nginx,vllm-router",
+        help="comma-separated subset of direct,pinproxy-1w,pinproxy-2w,nginx,vllm-router",
     )
     p.add_argument(
         "--backend",
@@ -76,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--store", choices=("redis", "memory"), default="redis")
     p.add_argument("--sessions", type=int, default=1000)
+    p.add_argument(
+        "--turns", type=int, default=1, help="consecutive requests per session id (1: round robin)"
+    )
+    p.add_argument(
+        "--same-sessions",
+        action="store_true",
+        help="every run on the same session ids (cache hits only after the warm-up)",
+    )
 
     p = subs.add_parser("streaming", parents=[common], help="many concurrent SSE streams")
     p.add_argument("--streams", type=_ints, default=(100, 1000, 2000))
@@ -139,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         report = throughput.run(
             throughput.ThroughputConfig(
                 duration_s=args.duration,
+                rounds=args.rounds,
                 concurrency=args.concurrency,
                 levels=args.levels,
                 targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
@@ -146,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 generator=args.generator,
                 store=args.store,
                 sessions=args.sessions,
+                turns=args.turns,
+                fresh_sessions=not args.same_sessions,
                 pin=pin,
                 out_root=args.out,
                 proxy_set=tuple(args.proxy_set),

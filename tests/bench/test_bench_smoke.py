@@ -58,6 +58,7 @@ def test_throughput_reports_ceilings_open_loop_cpu_and_ratios(tmp_path: Path) ->
             warmup_s=0.2,
             concurrency=8,
             levels=(0.5,),
+            rounds=2,
             sessions=50,
             targets=("direct", "pinproxy-1w", "nginx"),
             out_root=tmp_path,
@@ -71,6 +72,9 @@ def test_throughput_reports_ceilings_open_loop_cpu_and_ratios(tmp_path: Path) ->
     else:
         assert "nginx" in results
     for res in results.values():
+        assert [r["round"] for r in res["rounds"]] == [0, 1]
+        assert res["ceiling"] in res["rounds"]
+        assert all(r["machine_busy_cores"] > 0 for r in res["rounds"])
         ceiling = res["ceiling"]
         assert ceiling["rps"] > 0
         assert ceiling["errors"] == 0
@@ -85,6 +89,11 @@ def test_throughput_reports_ceilings_open_loop_cpu_and_ratios(tmp_path: Path) ->
     assert on_disk["generator"]["closed_loop"] in ("wrk", "builtin")
     assert on_disk["sim_pop_ceiling"]["rps"] > 0
     assert on_disk["targets"]["pinproxy_errors"]["value"] == 0
+    # vllm-router is not a target here (CI does not install it): its ratio is absent.
+    assert on_disk["ratios_per_round"]["cpu_per_request pinproxy-1w/vllm-router"] is None
+    if "nginx" in results:
+        per_round = on_disk["ratios_per_round"]["cpu_per_request pinproxy-1w/nginx"]
+        assert len(per_round["rounds"]) == 2
 
 
 def test_streaming_reports_ttft_gaps_completion_and_rss(tmp_path: Path) -> None:
