@@ -1,7 +1,8 @@
 """``python -m bench <scenario> [options]``: run one benchmark, write its report.
 
-Scenarios: overhead, throughput, streaming, incident, store-faults (see bench/README.md). Run from
-the repository root; results go to bench/results/<scenario>-<timestamp>/.
+Scenarios: overhead, throughput, streaming, sse, incident, store-faults, profile (see
+bench/README.md). Run from the repository root; results go to
+bench/results/<scenario>-<timestamp>/.
 """
 
 from __future__ import annotations
@@ -96,6 +97,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ttfb-ms", type=float, default=5.0)
     p.add_argument("--store", choices=("redis", "memory"), default="redis")
 
+    p = subs.add_parser(
+        "sse", parents=[common], help="SSE at LLM rates: CPU per chunk, gaps, vs baselines"
+    )
+    p.add_argument(
+        "--levels",
+        default="200,1000@25,2000@12.5",
+        help="concurrent streams per level, N or N@tokens_per_second (comma-separated)",
+    )
+    p.add_argument("--tokens-per-second", type=float, default=50.0)
+    p.add_argument("--completion-tokens", type=int, default=200)
+    p.add_argument("--ramp", type=float, default=2.0, help="seconds over which streams start")
+    p.add_argument(
+        "--targets",
+        default="direct,pinproxy,nginx,vllm-router",
+        help="comma-separated subset of direct,pinproxy,nginx,vllm-router",
+    )
+    p.add_argument("--store", choices=("redis", "memory"), default="redis")
+
     p = subs.add_parser("incident", parents=[common], help="replay of the 67%% rollout incident")
     p.add_argument(
         "--duration", type=float, default=20.0, help="seconds per run (pinproxy, control)"
@@ -175,6 +194,22 @@ def main(argv: list[str] | None = None) -> int:
                 completion_tokens=args.completion_tokens,
                 ramp_s=args.ramp,
                 ttfb_ms=args.ttfb_ms,
+                store=args.store,
+                pin=pin,
+                out_root=args.out,
+                proxy_set=tuple(args.proxy_set),
+            )
+        )
+    elif args.scenario == "sse":
+        from bench import sse
+
+        report = sse.run(
+            sse.SseConfig(
+                levels=tuple(x.strip() for x in args.levels.split(",") if x.strip()),
+                tokens_per_second=args.tokens_per_second,
+                completion_tokens=args.completion_tokens,
+                ramp_s=args.ramp,
+                targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                 store=args.store,
                 pin=pin,
                 out_root=args.out,

@@ -11,10 +11,13 @@ token events that fell due since the last tick, on every stream at once. Each st
 events are spaced exactly ``1 / tokens_per_second`` apart from its own start, so the
 gaps a client sees directly are the pacing plus what the path adds.
 
-It answers ``GET /version`` (as a POP does, for pinproxy's discovery) and any ``POST``:
+It answers ``GET /version`` (as a POP does, for pinproxy's discovery), any other ``GET``
+with ``{"status":"ok"}`` (a router's health check), and any ``POST``:
 ``"stream": true`` in the body gets a chunked ``text/event-stream`` of OpenAI chat
 chunks, one token per event, then a usage chunk and ``[DONE]``; anything else gets a
 small chat completion. Responses carry ``X-Prompt-Version`` and ``X-Backend-ID``.
+A stream's length and pace are the request's ``max_tokens`` and
+``bench_tokens_per_second`` when present, else the command line's.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ import asyncio
 import gc
 import heapq
 import itertools
+import re
 import time
 from typing import cast
 
 import orjson
 
 _HEAD_END = b"\r\n\r\n"
+# The pace a request asks for (bench/sse.py sends both; proxies forward the body as is).
+_MAX_TOKENS = re.compile(rb'"max_tokens":\s*(\d+)')
+_RATE = re.compile(rb'"bench_tokens_per_second":\s*([0-9.]+)')
 
 
 def _chunk(data: bytes) -> bytes:
@@ -40,6 +47,7 @@ class Answers:
     """Every byte string a response is made of, encoded once."""
 
     def __init__(self, backend_id: str, prompt: str, completion_tokens: int) -> None:
+        self._ends: dict[int, bytes] = {}
         stamp = f"X-Prompt-Version: {prompt}\r\nX-Backend-ID: {backend_id}\r\n".encode()
         self.tokens = completion_tokens
         self.stream_head = (
@@ -53,12 +61,9 @@ class Answers:
                                       "finish_reason": None}]}
         token = base | {"choices": [{"index": 0, "delta": {"content": " token"},
                                      "finish_reason": None}]}
-        last = base | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                       "usage": {"prompt_tokens": 9, "completion_tokens": completion_tokens,
-                                 "total_tokens": 9 + completion_tokens}}
+        self._base = base
         self.first_event = _chunk(b"data: " + orjson.dumps(first) + b"\n\n")
         self.token_event = _chunk(b"data: " + orjson.dumps(token) + b"\n\n")
-        self.end = _chunk(b"data: " + orjson.dumps(last) + b"\n\ndata: [DONE]\n\n") + b"0\r\n\r\n"
         version = orjson.dumps({"prompt": prompt, "backend_id": backend_id, "region": "bench"})
         completion = orjson.dumps(
             base | {"object": "chat.completion",
@@ -69,7 +74,21 @@ class Answers:
         )
         self.version = self._whole(version, stamp)
         self.completion = self._whole(completion, stamp)
+        self.ok = self._whole(b'{"status":"ok"}', stamp)
         self.not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+    def end(self, tokens: int) -> bytes:
+        """The last event (finish reason and usage), ``[DONE]`` and the last chunk."""
+        done = self._ends.get(tokens)
+        if done is None:
+            last = self._base | {
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 9, "completion_tokens": tokens,
+                          "total_tokens": 9 + tokens},
+            }
+            done = _chunk(b"data: " + orjson.dumps(last) + b"\n\ndata: [DONE]\n\n") + b"0\r\n\r\n"
+            self._ends[tokens] = done
+        return done
 
     @staticmethod
     def _whole(body: bytes, stamp: bytes) -> bytes:
@@ -84,7 +103,7 @@ class Pacer:
     """The one ticker: a heap of (due time, sequence, stream) and a timer per tick."""
 
     def __init__(self, tokens_per_second: float, tick_s: float) -> None:
-        self.interval = 1.0 / tokens_per_second
+        self.rate = tokens_per_second
         self.tick_s = tick_s
         self._heap: list[tuple[float, int, SseServer]] = []
         self._seq = itertools.count()
@@ -105,7 +124,7 @@ class Pacer:
         while heap and heap[0][0] <= now:
             due, _, conn = heapq.heappop(heap)
             if conn.send_next():
-                heapq.heappush(heap, (due + self.interval, next(self._seq), conn))
+                heapq.heappush(heap, (due + conn.interval, next(self._seq), conn))
         if heap:
             wait = max(self.tick_s, heap[0][0] - time.monotonic())
             self._timer = asyncio.get_running_loop().call_later(wait, self._tick)
@@ -120,6 +139,8 @@ class SseServer(asyncio.Protocol):
         self._buf = b""
         self._transport: asyncio.Transport | None = None
         self._left = 0  # token events still to send on the current stream
+        self._tokens = 0
+        self.interval = 1.0 / pacer.rate
         self._streaming = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,14 +172,20 @@ class SseServer(asyncio.Protocol):
         answers = self._answers
         if head.startswith(b"get /version"):
             self._transport.write(answers.version)
+        elif head.startswith(b"get "):
+            # /health, /v1/models...: a router checks its workers before it serves.
+            self._transport.write(answers.ok)
         elif not head.startswith(b"post "):
             self._transport.write(answers.not_found)
         elif b'"stream":true' in body.replace(b" ", b""):
+            tokens = _MAX_TOKENS.search(body)
+            rate = _RATE.search(body)
+            self._tokens = max(1, int(tokens.group(1))) if tokens else answers.tokens
+            self.interval = 1.0 / (float(rate.group(1)) if rate else self._pacer.rate)
             self._streaming = True
-            self._left = answers.tokens
             self._transport.write(answers.stream_head + answers.first_event)
-            self._left -= 1
-            self._pacer.add(time.monotonic() + self._pacer.interval, self)
+            self._left = self._tokens - 1
+            self._pacer.add(time.monotonic() + self.interval, self)
         else:
             self._transport.write(answers.completion)
 
@@ -171,7 +198,7 @@ class SseServer(asyncio.Protocol):
             self._left -= 1
             transport.write(self._answers.token_event)
             return True
-        transport.write(self._answers.end)
+        transport.write(self._answers.end(self._tokens))
         self._streaming = False
         if self._buf:  # a pipelined request arrived while streaming
             self.data_received(b"")
