@@ -140,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--store", choices=("redis", "memory"), default="redis")
+    p.add_argument("--turns", type=int, default=1, help="consecutive requests per session id")
     return parser
 
 
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate_hz=args.rate,
                 concurrency=args.concurrency,
                 store=args.store,
+                turns=args.turns,
                 pin=pin,
                 out_root=args.out,
                 proxy_set=tuple(args.proxy_set),

@@ -95,10 +95,31 @@ class _Target:
     note: str = ""
 
 
+def redis_commands(url: str | None) -> int | None:
+    """Commands the private Redis has executed so far (``INFO commandstats``, summed):
+    its delta over a run, per answer, does not move with the machine's load."""
+    if url is None:
+        return None
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(int(v["calls"]) for v in stats.values())
+
+
 class _Runner:
     def __init__(
-        self, ctx: RunContext, cfg: ThroughputConfig, backend: Proc, generator: str
+        self,
+        ctx: RunContext,
+        cfg: ThroughputConfig,
+        backend: Proc,
+        generator: str,
+        redis_url: str | None = None,
     ) -> None:
+        self.redis_url = redis_url
         self.ctx = ctx
         self.cfg = cfg
         self.backend = backend
@@ -115,6 +136,7 @@ class _Runner:
         port = port_of(url)
         prefix = self._prefix(f"{name}-c-")
         before = self._cpu(sut)
+        commands = redis_commands(self.redis_url) if name.startswith("pinproxy") else None
         busy = machine_busy_seconds()
         started = time.monotonic()
         if self.generator == "wrk":
@@ -145,6 +167,11 @@ class _Runner:
         row = self._row(result, before, self._cpu(sut), wall)
         row["machine_busy_cores"] = round((machine_busy_seconds() - busy) / wall, 2)
         row["loadavg_1m"] = round(os.getloadavg()[0], 2)
+        if commands is not None:
+            after = redis_commands(self.redis_url) or 0
+            # INFO itself counts twice a run: noise below a thousandth per request.
+            served = max(result.completed, 1)
+            row["redis_commands_per_request"] = round((after - commands) / served, 3)
         return row
 
     def open(
@@ -258,7 +285,7 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
             backend, backend_url = start_sim_pop(
                 ctx.procs, PopSpec(backend_id, "bench", "v47"), layout.load_cpus, layout
             )
-        runner = _Runner(ctx, cfg, backend, generator)
+        runner = _Runner(ctx, cfg, backend, generator, redis_url)
         results: dict[str, Any] = {}
         skipped: dict[str, str] = {}
 
@@ -538,6 +565,7 @@ def _markdown(report: dict[str, Any]) -> str:
                     run["backend_cpu_util"],
                     run["generator_cpu_util"],
                     run.get("machine_busy_cores"),
+                    run.get("redis_commands_per_request"),
                 ]
             )
     md += table(
@@ -554,6 +582,7 @@ def _markdown(report: dict[str, Any]) -> str:
             "backend util",
             "generator util",
             "machine busy cores",
+            "Redis cmds/req",
         ],
         rows,
     )
