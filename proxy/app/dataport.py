@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import HttpVersion11, web
 
+from proxy.core.edge_limits import method_refusal, target_refusal
 from proxy.core.errors import BadRequest, ProxyError
+from proxy.dataplane.edge_options import EdgeOptions
 from proxy.dataplane.health import HealthEndpoints
-from proxy.dataplane.listener import EdgeOptions, EdgeServer
+from proxy.dataplane.listener import EdgeServer
 from proxy.dataplane.relay import error_response
 
 if TYPE_CHECKING:
@@ -32,16 +34,22 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def data_port_handler(services: Services) -> Handler:
-    """The handler of every data-port request: the health endpoints, else the data plane."""
+    """The handler of every data-port request: TRACE, TRACK and absolute-form targets
+    naming another authority are refused; then the health endpoints, else the data
+    plane."""
     settings = services.settings
     health = HealthEndpoints(
         registry=services.registry, store=lambda: services.store, drain=services.drain
     )
     health_path, ready_path = settings.listen.health_path, settings.listen.ready_path
+    listen_host = settings.listen.host
     dataplane = services.dataplane
 
     async def serve(request: web.BaseRequest) -> web.StreamResponse:
         try:
+            refusal = method_refusal(request.method) or _target_refusal(request, listen_host)
+            if refusal is not None:
+                return error_response(refusal)
             if request.headers.get("Expect") is not None:
                 await _expect(request)
             path = request.path
@@ -91,6 +99,21 @@ def data_port_runner(services: Services) -> web.ServerRunner:
     return web.ServerRunner(
         server, shutdown_timeout=services.settings.listen.shutdown_timeout_s
     )
+
+
+def _target_refusal(request: web.BaseRequest, listen_host: str) -> ProxyError | None:
+    """An absolute-form target not naming this proxy (edge_limits.target_refusal)."""
+    target = request.raw_path
+    if target.startswith("/"):
+        return None  # origin form: nearly every request, decided without a lookup
+    transport = request.transport
+    local = transport.get_extra_info("sockname") if transport is not None else None
+    # A wildcard listen host names no authority a client could have meant.
+    hosts, port = ([] if listen_host in ("0.0.0.0", "::", "") else [listen_host]), None
+    if isinstance(local, tuple | list) and len(local) >= 2:
+        hosts.append(str(local[0]))
+        port = int(local[1])
+    return target_refusal(target, "http", hosts, port)
 
 
 async def _expect(request: web.BaseRequest) -> None:

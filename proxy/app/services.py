@@ -64,6 +64,7 @@ from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.observers import Telemetry
 from proxy.telemetry.traffic import TrafficCounter
 from proxy.upstream.client import Upstream, make_client_session
+from proxy.upstream.http1 import HeadLimits
 from proxy.upstream.pool import Http1Pool
 from proxy.upstream.tls import client_tls_context
 
@@ -262,7 +263,7 @@ async def open_services(
             registry=registry,
             store=store,
             loads=loads,
-            upstream=Upstream(http, http1),
+            upstream=Upstream(http, http1, HeadLimits.from_config(settings.upstream)),
             metrics=metrics,
             clock=clock,
             rng=rng,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Final, Self
+from typing import Annotated, Any, Final, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -19,6 +19,7 @@ from proxy.config.observability import Section
 # space) could not arrive intact in a header, so such a token could never match.
 _TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]+")
 MIN_ADMIN_TOKEN_BYTES: Final = 32
+_HEADER_VALUE: Final = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
 def _cidr_list(value: tuple[str, ...]) -> tuple[str, ...]:
@@ -36,9 +37,10 @@ class ListenConfig(Section):
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     # Time an in-flight request gets to finish after SIGTERM before it is cut off.
     shutdown_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
-    # Headers whose values are trusted to carry the client's protocol (e.g. set by an
-    # ingress in front of the sidecar); otherwise X-Forwarded-Proto is derived locally.
-    trust_forwarded_headers: bool = False
+    # Peers (CIDRs) whose X-Forwarded-* headers are believed: an ingress or load
+    # balancer in front. From anyone else those headers are replaced by what the socket
+    # says (see forwarded.py); empty: nobody is believed.
+    trusted_proxies: tuple[str, ...] = ()
     # Liveness and readiness on the data port. The defaults live under a prefix no
     # OpenAI-style API uses, so they cannot shadow a proxied path; change them if yours does.
     health_path: Annotated[str, Field(pattern=r"^/[^?#]*$")] = "/_pinproxy/healthz"
@@ -61,6 +63,41 @@ class ListenConfig(Section):
     # connection over either cap is answered 503 proxy_overloaded and closed.
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     max_connections_per_ip: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    # Sizes. A request head (request line and headers) over max_request_head_bytes is
+    # answered 431 before anything is forwarded (aiohttp's own caps also apply: a line
+    # over 8190 bytes, more than 128 headers). A body over max_request_body_bytes is
+    # answered 413: up front when its Content-Length says so, else (chunked) as soon as
+    # that much has arrived, the upstream request aborted. 0: no body limit. The default
+    # fits chat requests with images; raise it for file uploads (/v1/files).
+    max_request_head_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    max_request_body_bytes: Annotated[int, Field(ge=0)] = 32 * 1024 * 1024
+    # The Server header of every answer on both listeners (a backend's own is never
+    # passed on); empty: no Server header, so nothing names the software or its version.
+    server_header: Annotated[str, Field(max_length=200)] = ""
+
+    # Removed: kept only so that a config still setting it is refused with a pointer
+    # to its replacement rather than a bare "extra field".
+    trust_forwarded_headers: Annotated[None, Field(exclude=True, repr=False)] = None
+
+    @field_validator("trust_forwarded_headers", mode="before")
+    @classmethod
+    def _removed(cls, value: Any) -> None:
+        raise ValueError(
+            "was removed: list the addresses of the proxies in front, whose X-Forwarded-* "
+            'headers are to be believed, in listen.trusted_proxies (CIDRs, e.g. ["10.0.0.0/8"])'
+        )
+
+    @field_validator("server_header")
+    @classmethod
+    def _header_value(cls, value: str) -> str:
+        if value and not _HEADER_VALUE.fullmatch(value):
+            raise ValueError("must be visible ASCII (spaces inside only)")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _cidr_list(value)
 
     @model_validator(mode="after")
     def _distinct_health_paths(self) -> Self:

@@ -207,6 +207,12 @@ class UpstreamConfig(Section):
     # (mismatch guard, refused connection) and a session id read from them. Larger
     # bodies stream straight through and cannot be retried. 0 streams everything.
     max_buffered_body_bytes: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
+    # A response head (status line, headers, any interim 1xx heads before it) over
+    # max_response_head_bytes, or with more than max_response_headers headers, is never
+    # relayed: the connection is closed and the client gets 502 upstream_head_too_large.
+    # Envoy's defaults: 60 KiB and 100 headers.
+    max_response_head_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    max_response_headers: Annotated[int, Field(ge=1, le=10_000)] = 100
     # TLS to https backends: the system's CAs, or the PEM bundle in ca_file (a private
     # CA); client_cert_file (with client_key_file, unless the key is in it) for mTLS.
     ca_file: FilePath | None = None

@@ -1,19 +1,24 @@
 """What the edge refuses before a request reaches the data plane (pure decisions).
 
 The listener (listener.py) asks these for every connection and every request head:
-connection caps (global and per client IP), the size of a request head, methods
-never proxied, absolute-form targets, a declared body over the limit, and what to
-call a malformed request. Nothing here does I/O; the clock is passed in.
+connection caps (global and per client IP), the size of a request head, a declared
+body over the limit, what to call a malformed request and the bytes of an answer
+written outside any request; the data port's handler
+(app/dataport.py) asks about methods never proxied and absolute-form targets. Nothing here
+does I/O; the clock is passed in.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit
 
-from proxy.core.errors import BadRequest, ProxyError, TooManyConnections
+from proxy.core.errors import BadRequest, MethodNotAllowed, ProxyError, TooManyConnections
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
 # TRACE echoes the request back, Authorization and Cookie included (cross-site tracing);
 # TRACK is IIS's alias. Neither is proxied.
@@ -21,6 +26,7 @@ REFUSED_METHODS: Final = frozenset({"TRACE", "TRACK"})
 # What a 405 for them says the data port does take (RFC 9110 §15.5.6 wants Allow).
 ALLOWED_METHODS: Final = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _REQUEST_LINE_OVERHEAD: Final = len("  HTTP/1.1\r\n") + len("\r\n")
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
 # --- connections ---------------------------------------------------------------------
@@ -88,6 +94,112 @@ def head_too_large_error(limit: int) -> ProxyError:
         code="request_head_too_large",
         status=431,
     )
+
+
+def request_head_size(method: str, target: str, raw_headers: Sequence[tuple[bytes, bytes]]) -> int:
+    """The bytes of a parsed request head: its request line, each ``name: value`` line
+    and the blank line that ends it (the parser drops whitespace around values, which
+    is not counted)."""
+    size = len(method) + len(target) + _REQUEST_LINE_OVERHEAD
+    for name, value in raw_headers:
+        size += len(name) + len(value) + 4  # ": " and CRLF
+    return size
+
+
+def body_too_large_error(limit: int) -> ProxyError:
+    return BadRequest(
+        f"the request body is larger than {limit} bytes (listen.max_request_body_bytes)",
+        code="request_body_too_large",
+        status=413,
+    )
+
+
+def declared_body_too_large(content_length: str | None, limit: int) -> bool:
+    """Whether a head's Content-Length (already validated digits) is over ``limit``
+    (0: no limit)."""
+    return bool(limit) and content_length is not None and int(content_length) > limit
+
+
+# --- methods and targets ---------------------------------------------------------------
+
+
+def method_refusal(method: str) -> ProxyError | None:
+    """The 405 for a method that is never proxied (TRACE, TRACK), else None."""
+    if method in REFUSED_METHODS:
+        return MethodNotAllowed(method, ALLOWED_METHODS)
+    return None
+
+
+def unparsed_method_refusal(kinds: Sequence[str], message: str) -> ProxyError | None:
+    """The 405 for a refused method the parser does not know (TRACK: llhttp parses
+    only registered methods and calls the rest invalid), told by the request line its
+    error quotes; else None."""
+    if "BadHttpMethod" in kinds:
+        for method in REFUSED_METHODS:
+            if f"b'{method} " in message:
+                return MethodNotAllowed(method, ALLOWED_METHODS)
+    return None
+
+
+def target_refusal(
+    target: str, scheme: str, own_hosts: Iterable[str], own_port: int | None
+) -> ProxyError | None:
+    """The 400 for an absolute-form target (``GET http://host/path``) naming an
+    authority other than the proxy's own, else None (origin form, or ours: then the
+    request is served as its path).
+
+    Ours: the listener's scheme, one of ``own_hosts`` (the address the client
+    connected to, the configured listen host) and ``own_port``, with no user info.
+    Never rewritten to another authority (a proxy that "fixed" such targets would
+    serve requests meant for somewhere else as if they were its own).
+    """
+    if target.startswith("/") or "://" not in target:
+        return None
+    try:
+        parts = urlsplit(target)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        port = None
+        parts = None
+    if (
+        parts is not None
+        and parts.scheme.lower() == scheme
+        and port == own_port
+        and "@" not in parts.netloc
+        and any(_same_host(parts.hostname or "", host) for host in own_hosts)
+    ):
+        return None
+    return BadRequest(
+        "an absolute-form request target is served only for this proxy's own address;"
+        " send the path alone (origin form)",
+        code="invalid_request_target",
+    )
+
+
+def _same_host(a: str, b: str) -> bool:
+    a, b = a.strip("[]").rstrip(".").lower(), b.strip("[]").rstrip(".").lower()
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return bool(a) and a == b
+
+
+def raw_answer(error: ProxyError) -> bytes:
+    """An answer written straight to the socket, outside any request: JSON, then close."""
+    body = error.body()
+    head = [f"HTTP/1.1 {error.status} {_reason(error.status)}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: close"]
+    head += [f"{name}: {value}" for name, value in error.headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 # --- warnings ------------------------------------------------------------------------

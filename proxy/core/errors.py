@@ -57,6 +57,20 @@ class BadRequest(ProxyError):
     error_type = "invalid_request_error"
 
 
+class MethodNotAllowed(ProxyError):
+    """A method pinproxy never proxies (TRACE, TRACK): 405 with ``Allow``."""
+
+    status = 405
+    error_type = "invalid_request_error"
+
+    def __init__(self, method: str, allowed: str) -> None:
+        super().__init__(
+            f"method {method} is not allowed through this proxy",
+            code="method_not_allowed",
+            headers={"Allow": allowed},
+        )
+
+
 class Unauthorized(ProxyError):
     status = 401
     error_type = "authentication_error"
@@ -171,6 +185,15 @@ class UpstreamError(ProxyError):
 
     status = 502
     error_type = "upstream_error"
+
+
+class UpstreamHeadTooLarge(UpstreamError):
+    """The backend's response head was over ``upstream.max_response_head_bytes`` or had
+    more than ``upstream.max_response_headers`` headers: never relayed, the connection
+    closed. A 502 with ``code: upstream_head_too_large``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="upstream_head_too_large")
 
 
 class UpstreamTimeout(UpstreamError):

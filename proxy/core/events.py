@@ -48,6 +48,7 @@ class RequestEvent:
     # started the trace): what a tracing observer needs to place its span.
     traceparent: str | None = None
     trace_continued: bool = False
+    client: str | None = None  # the client's address, as resolved (forwarded.py)
 
     @property
     def prompt_version(self) -> str | None:
@@ -78,6 +79,7 @@ class Outcome:
     extra_headers: list[tuple[str, str]] | None = None  # added to the answer (pin token)
     usage: Usage | None = None
     structured_output_valid: bool | None = None
+    client: str | None = None
 
     def event(
         self,
@@ -111,5 +113,6 @@ class Outcome:
             structured_output_valid=self.structured_output_valid,
             traceparent=traceparent,
             trace_continued=incoming_traceparent == traceparent,
+            client=self.client,
         )
 

@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     import random
     from collections.abc import Mapping
 
+    from proxy.core.forwarded import Forwarding
+
 # RFC 9110 §7.6.1 names Connection, Proxy-Connection, Keep-Alive, TE, Transfer-Encoding
 # and Upgrade, plus whatever a Connection header lists. Proxy-Authenticate and
 # Proxy-Authorization come from RFC 2616 §13.5.1's older list: they are addressed to
@@ -25,21 +27,23 @@ HOP_BY_HOP: Final = frozenset(
         "upgrade",
         "proxy-authenticate",
         "proxy-authorization",
+        # Not hop-by-hop in RFC 9110, but neither client announces trailers it will
+        # send: trailers are not forwarded (aiohttp and llhttp drop them), so passing
+        # on the announcement would promise fields that never come.
+        "trailer",
     }
+)
+
+# The headers that tell a backend who the client is: believed only as forwarding.py
+# says, and always rewritten (Forwarded is dropped, never generated).
+FORWARDING: Final = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded"}
 )
 
 # Set by the proxy itself on the way up; a client-sent X-Pinned-Version is dropped so
 # a client cannot choose what the backend checks its runtime against.
-_REPLACED_UPSTREAM: Final = frozenset(
-    {
-        "host",
-        "content-length",
-        "x-pinned-version",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-request-id",
-        "traceparent",
-    }
+_REPLACED_UPSTREAM: Final = FORWARDING | frozenset(
+    {"host", "content-length", "x-pinned-version", "x-request-id", "traceparent"}
 )
 
 # Set by the proxy itself on the way down, from the pin rather than from the backend.
@@ -76,44 +80,58 @@ def _scan(headers: Mapping[str, str], drop: frozenset[str]) -> tuple[CIMultiDict
     duplicate; comparing lowered names keeps this right for a plain dict too.
     """
     items = [(name, value, name.lower()) for name, value in headers.items()]
-    listed = {
-        token
-        for _, value, lowered in items
-        if lowered == "connection"
-        for raw in value.split(",")
-        if (token := raw.strip().lower())
-    }
+    listed = _connection_listed(items)
     dropped = drop | listed if listed else drop
     return CIMultiDict(
         [(name, value) for name, value, lowered in items if lowered not in dropped]
     ), items
 
 
+def _connection_listed(items: list[_Item]) -> set[str]:
+    """The (lowered) names a Connection header lists: hop-by-hop for this message."""
+    return {
+        token
+        for _, value, lowered in items
+        if lowered == "connection"
+        for raw in value.split(",")
+        if (token := raw.strip().lower())
+    }
+
+
+def forwarding_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(lowered name, value) of the forwarding headers received, in order, minus any a
+    Connection header names: those were for the hop that sent them, not for us."""
+    items = [(name, value, name.lower()) for name, value in headers.items()]
+    listed = _connection_listed(items)
+    return [(low, value) for _, value, low in items if low in FORWARDING and low not in listed]
+
+
 def upstream_request_headers(
     client: Mapping[str, str],
     *,
-    client_ip: str | None,
-    proto: str,
+    forwarding: Forwarding,
     request_id: str,
     traceparent: str,
     pinned_version: str | None,
 ) -> CIMultiDict[str]:
     """The headers to send upstream for a client request with headers ``client``.
 
-    Hop-by-hop headers (and those named by Connection), Host, Content-Length and any
-    client-sent X-Pinned-Version are dropped; ``client_ip`` is appended to
-    X-Forwarded-For; X-Forwarded-Proto, X-Request-ID and traceparent are replaced.
+    Hop-by-hop headers (and those named by Connection, Trailer too), Host,
+    Content-Length and any client-sent X-Pinned-Version are dropped; the forwarding
+    headers (``FORWARDING``) are replaced by what ``forwarding`` says (forwarded.py);
+    X-Request-ID and traceparent are replaced.
     ``tracestate`` is passed on while ``traceparent`` continues the client's trace (same
     trace id); when the trace was restarted it describes a trace that no longer applies
     and is dropped, as W3C Trace Context's processing model says.
     """
     out, items = _scan(client, _UPSTREAM_DROP)
-    forwarded = [v.strip() for _, v, low in items if low == "x-forwarded-for" and v.strip()]
-    if client_ip:
-        forwarded.append(client_ip)
-    if forwarded:
-        out["X-Forwarded-For"] = ", ".join(forwarded)
-    out["X-Forwarded-Proto"] = proto
+    if forwarding.chain is not None:
+        out["X-Forwarded-For"] = forwarding.chain
+    if forwarding.client is not None:
+        out["X-Real-IP"] = forwarding.client
+    out["X-Forwarded-Proto"] = forwarding.proto
+    if forwarding.host is not None:
+        out["X-Forwarded-Host"] = forwarding.host
     out["X-Request-ID"] = request_id
     incoming = [v for _, v, low in items if low == "traceparent"]
     parent = parse_traceparent(incoming[0]) if len(incoming) == 1 else None

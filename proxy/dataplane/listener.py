@@ -23,11 +23,21 @@ Theory of operation. aiohttp's low-level server (``web.Server``) makes one
   fail instead, so the request answers 400 and a streamed upstream request is
   aborted. Once a body is refused, nothing more is read from the connection, and it
   closes with the answer.
+- Sizes. Each parsed head is measured (``request_head_size``) against
+  ``max_request_head_bytes``, and so are the bytes of a head still arriving, so a
+  runaway head is refused without waiting for (or buffering) the rest; a head whose
+  Content-Length is over ``max_request_body_bytes`` is refused before its handler
+  runs. Either refusal replaces the queued request (and any pipelined after it) with
+  an ``_ErrInfo``, aiohttp's own entry for a parse error, so it is answered in turn
+  after a response still being written. A chunked body is counted as it is fed
+  (``StreamReader.total_bytes``) and refused like broken framing once over the cap.
+- No banner. Every response's writer is made with an ``on_headers_sent`` hook
+  (edge_options.py) that sets ``Server`` to ``server_header`` or drops it.
 
 aiohttp offers no public hook between the bytes and the parser, so ``data_received``
-reads three of ``RequestHandler``'s attributes (``_request_count``, ``_messages`` and
-``_request_in_progress``);
-the integration tests (tests/integration/test_edge_*.py) pin what this relies on.
+reads four of ``RequestHandler``'s attributes (``_request_count``, ``_messages``,
+``_waiter`` and ``_request_in_progress``) and queues aiohttp's ``_ErrInfo``; the
+integration tests (tests/integration/dataplane/test_edge_*.py) pin what this relies on.
 """
 
 from __future__ import annotations
@@ -35,70 +45,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http import HttpProcessingError, RawRequestMessage
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy.core.edge_limits import (
     ConnectionAdmission,
     WarningLimiter,
+    body_too_large_error,
     connection_refusal,
+    declared_body_too_large,
     head_timeout_error,
+    head_too_large_error,
     malformed_error,
     malformed_reason,
+    raw_answer,
+    request_head_size,
+    unparsed_method_refusal,
 )
 from proxy.core.errors import ProxyError
+from proxy.dataplane.edge_options import EdgeOptions, bannered
 from proxy.dataplane.relay import error_response
 
 if TYPE_CHECKING:
     from aiohttp.streams import StreamReader
 
-    from proxy.config.settings import Settings
     from proxy.telemetry.metrics import ProxyMetrics
 
 logger = logging.getLogger(__name__)
 
 # Anyone can send malformed requests: one warning per this long, however many come.
 _WARN_EVERY_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class EdgeOptions:
-    """One listener's limits (see ListenConfig); ``name`` labels its metrics."""
-
-    name: str
-    head_timeout_s: float
-    keepalive_timeout_s: float
-    max_connections: int
-    max_connections_per_ip: int
-    retry_after_s: int
-
-    @classmethod
-    def data_port(cls, settings: Settings) -> EdgeOptions:
-        listen = settings.listen
-        return cls(
-            name="data",
-            head_timeout_s=listen.request_head_timeout_s,
-            keepalive_timeout_s=listen.keepalive_timeout_s,
-            max_connections=listen.max_connections,
-            max_connections_per_ip=listen.max_connections_per_ip,
-            retry_after_s=settings.routing.retry_after_s,
-        )
-
-    @classmethod
-    def admin_port(cls, settings: Settings) -> EdgeOptions:
-        data = cls.data_port(settings)
-        return cls(
-            name="admin",
-            head_timeout_s=data.head_timeout_s,
-            keepalive_timeout_s=data.keepalive_timeout_s,
-            max_connections=settings.admin.max_connections,
-            max_connections_per_ip=0,
-            retry_after_s=data.retry_after_s,
-        )
 
 
 class EdgeServer(web.Server):
@@ -126,6 +106,8 @@ class EdgeServer(web.Server):
         self._protocol_kwargs = {
             k: v for k, v in kwargs.items() if k not in ("request_factory", "handler_cancellation")
         }
+        self.request_factory = bannered(self.request_factory, options.server_header,
+                                        self._loop_)
 
     def __call__(self) -> RequestHandler:
         return EdgeProtocol(self, loop=self._loop_, **self._protocol_kwargs)
@@ -142,7 +124,8 @@ class EdgeServer(web.Server):
         held = self._malformed_warnings.allow()
         if held is not None:
             logger.warning(
-                "malformed HTTP request on the %s port from %s (%s); answered 4xx and closed%s",
+                "%s HTTP request on the %s port from %s (%s); answered 4xx and closed%s",
+                "oversized" if reason == "body_too_large" else "malformed",
                 self.options.name, peer or "?", reason,
                 f"; {held} more since the last such warning" if held else "",
             )
@@ -179,30 +162,11 @@ class EdgeAppRunner(web.AppRunner):
         )
 
 
-def raw_answer(error: ProxyError) -> bytes:
-    """An answer written straight to the socket, outside any request: JSON, then close."""
-    body = error.body()
-    head = [f"HTTP/1.1 {error.status} {_reason(error.status)}",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-            "Connection: close"]
-    head += [f"{name}: {value}" for name, value in error.headers.items()]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-
-
-def _reason(status: int) -> str:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
-
-
 class EdgeProtocol(RequestHandler):
     """One client connection: aiohttp's protocol, with caps and the head deadline."""
 
-    __slots__ = ("_admitted", "_answered", "_body", "_body_refused", "_edge", "_head_timer", "_ip")
+    __slots__ = ("_admitted", "_answered", "_body", "_body_refused", "_edge", "_head_bytes",
+                 "_head_refused", "_head_timer", "_ip")
 
     def __init__(self, manager: EdgeServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -214,6 +178,8 @@ class EdgeProtocol(RequestHandler):
         self._body: StreamReader | None = None
         self._answered: StreamReader | None = None  # the body of the last request answered
         self._body_refused = False  # a body's reads fail: the connection ends with the answer
+        self._head_bytes = 0  # bytes of the head being awaited, so far
+        self._head_refused = False  # a refusal is queued: nothing more is read
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -239,22 +205,34 @@ class EdgeProtocol(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self._admitted or self._body_refused:
-            return  # refused: its bytes are never parsed (nor what follows a refused body)
+        if not self._admitted or self._body_refused or self._head_refused:
+            return  # refused: its bytes are never parsed (nor what follows a refusal)
         # Bytes that arrive once the last body is complete, and complete no head, are
-        # all head bytes: only those start the deadline. (A chunk that ends a body and
-        # begins a head starts it with the next chunk, one read later.)
+        # all head bytes: only those start the deadline and count against the head cap.
+        # (A chunk that ends a body and begins a head starts them with the next chunk,
+        # one read later; the parsed head's own size is checked in any case.)
         in_head = self._awaiting_head()
-        parsed = self._request_count
+        if in_head:
+            self._head_bytes += len(data)
+        parsed, current = self._request_count, self._body
         super().data_received(data)
         if self.transport is None:
             return
+        if current is not None:
+            self._check_body_size(current)
         new = self._request_count - parsed
+        options = self._edge.options
         if new:
             self._cancel_head_timer()
-            for message, payload in list(self._messages)[-new:]:
+            self._head_bytes = 0
+            for index, (message, payload) in enumerate(list(self._messages)[-new:]):
                 if isinstance(message, RawRequestMessage):
+                    refusal = self._head_refusal(message)
+                    if refusal is not None:
+                        self._refuse_queued(new - index, refusal)
+                        return
                     self._body = payload
+                    self._check_body_size(payload)
                     continue
                 body = self._body
                 if body is not None and not body.is_eof():
@@ -263,8 +241,54 @@ class EdgeProtocol(RequestHandler):
                     exc = getattr(message, "exc", None)
                     self._refuse_body(body, self._malformed(exc, in_body=True))
                 self._body = None
-        elif in_head and self._head_timer is None:
-            self._arm_head_timer()
+        elif in_head:
+            if self._head_bytes > options.max_head_bytes:
+                # No end of the head within the cap: refused without waiting for the rest.
+                self._edge.malformed("head_too_large", self._ip)
+                self._refuse_queued(0, head_too_large_error(options.max_head_bytes))
+                return
+            if self._head_timer is None:
+                self._arm_head_timer()
+
+    def _check_body_size(self, body: StreamReader) -> None:
+        """A body of undeclared length (chunked) that grew past the cap, whole or not,
+        fails its request's reads with 413; one already streaming upstream is aborted."""
+        limit = self._edge.options.max_body_bytes
+        if limit and body.total_bytes > limit and not self._body_refused:
+            self._edge.malformed("body_too_large", self._ip)
+            self._refuse_body(body, body_too_large_error(limit))
+
+    def _head_refusal(self, message: RawRequestMessage) -> ProxyError | None:
+        """Why a parsed request head is refused before it is handled, if it is."""
+        options = self._edge.options
+        size = request_head_size(message.method, message.path, message.raw_headers)
+        if size > options.max_head_bytes:
+            self._edge.malformed("head_too_large", self._ip)
+            return head_too_large_error(options.max_head_bytes)
+        limit = options.max_body_bytes
+        if declared_body_too_large(message.headers.get(hdrs.CONTENT_LENGTH), limit):
+            self._edge.malformed("body_too_large", self._ip)
+            return body_too_large_error(limit)
+        return None
+
+    def _refuse_queued(self, drop: int, error: ProxyError) -> None:
+        """Answer ``error`` in turn and close: the last ``drop`` queued requests (the
+        refused one and any pipelined after it) are never handled, nothing more is read.
+
+        The answer is queued like a parse error (aiohttp's ``_ErrInfo``), so a response
+        still being written for an earlier request is finished first.
+        """
+        self._cancel_head_timer()
+        self._head_refused = True
+        self._body = None
+        for _ in range(drop):
+            self._messages.pop()
+        self._messages.append(
+            (_ErrInfo(status=error.status, exc=error, message=error.message), EMPTY_PAYLOAD)
+        )
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -292,8 +316,13 @@ class EdgeProtocol(RequestHandler):
         """
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already sent; the connection is broken")
-        if isinstance(exc, HttpProcessingError):
-            error = self._malformed(exc, in_body=False)
+        if isinstance(exc, ProxyError):
+            error = exc  # refused by the edge itself (_refuse_queued), already counted
+        elif isinstance(exc, HttpProcessingError):
+            kinds = [kind.__name__ for kind in type(exc).__mro__]
+            error = unparsed_method_refusal(kinds, str(exc.message)) or self._malformed(
+                exc, in_body=False
+            )
         elif status == 504:
             error = ProxyError("pinproxy did not finish the request in time", status=504)
         else:

@@ -35,8 +35,10 @@ from proxy.core.errors import (
     VersionUnavailable,
 )
 from proxy.core.events import Outcome
+from proxy.core.forwarded import Forwarding, TrustedProxies, forwarding
 from proxy.core.headers import (
     ensure_traceparent,
+    forwarding_headers,
     new_request_id,
     upstream_request_headers,
     valid_request_id,
@@ -136,7 +138,9 @@ class DataPlane:
         self._store_timeout_s = settings.store.op_timeout_ms / 1000
         self._policy = RoutingPolicy.from_config(settings.routing, settings.versions)
         self._body_reader = SessionBodyReader(
-            settings.sessions, settings.upstream.max_buffered_body_bytes
+            settings.sessions,
+            settings.upstream.max_buffered_body_bytes,
+            settings.listen.max_request_body_bytes,
         )
         routing = settings.routing
         self._lifecycle = LifecyclePolicy(
@@ -151,6 +155,7 @@ class DataPlane:
         tokens = settings.sessions.pin_token
         self._tokens = None if tokens is None else PinTokenHeaders(tokens, metrics)
         self._probe = probe
+        self._trusted = TrustedProxies(settings.listen.trusted_proxies)
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
 
@@ -161,10 +166,13 @@ class DataPlane:
         request_id = incoming if valid_request_id(incoming) else new_request_id(self._rng)
         assert request_id is not None
         traceparent = ensure_traceparent(request.headers.get("traceparent"), self._rng)
-        outcome = Outcome()
+        forwarding = self._forwarding(request)
+        outcome = Outcome(client=forwarding.client)
         self._budget.active += 1
         try:
-            return await self._proxy(request, request_id, traceparent, arrived, outcome)
+            return await self._proxy(
+                request, request_id, traceparent, arrived, outcome, forwarding
+            )
         except ProxyError as exc:
             if isinstance(exc, VersionUnavailable):
                 self._metrics.unavailable.labels(exc.version_key).inc()
@@ -208,6 +216,7 @@ class DataPlane:
         traceparent: str,
         arrived: float,
         outcome: Outcome,
+        forwarding: Forwarding,
     ) -> web.StreamResponse:
         body, session_id = await self._body_reader.read(request)
         outcome.session_id = session_id
@@ -220,7 +229,7 @@ class DataPlane:
             )
         served = await self._route_and_send(
             request, request_id, traceparent, body, session_id if pinning else None,
-            arrived, outcome, token=token,
+            arrived, outcome, token=token, forwarding=forwarding,
         )
         if self._tokens is not None and pinning and session_id and outcome.version_key:
             served_pin = Pin(outcome.version_key, outcome.backend_id or "", outcome.region or "",
@@ -243,6 +252,7 @@ class DataPlane:
         outcome: Outcome,
         *,
         token: TokenCheck | None = None,
+        forwarding: Forwarding,
     ) -> Served:
         """Run the request's lifecycle (proxy/policy/lifecycle.py): execute its actions, feed
         their results back, apply its effects; return the response to relay.
@@ -311,7 +321,7 @@ class DataPlane:
                 else:
                     served = None
                     event, served = await self._attempt(
-                        request, request_id, traceparent, body, action
+                        request, request_id, traceparent, body, action, forwarding
                     )
                 step = machine.step(event, self._world())
         finally:
@@ -343,10 +353,11 @@ class DataPlane:
         traceparent: str,
         body: RequestBody,
         action: Send,
+        forwarding: Forwarding,
     ) -> tuple[Event, Served | None]:
         """One send, its outcome as a lifecycle event (the one error translation)."""
         try:
-            served = await self._send(request, request_id, traceparent, body, action)
+            served = await self._send(request, request_id, traceparent, body, action, forwarding)
         except UpstreamConnectError as exc:
             return SendFailed("connect", exc.message), None
         except UpstreamDropped as exc:
@@ -354,7 +365,7 @@ class DataPlane:
         except UpstreamTimeout as exc:
             return SendFailed("timeout", exc.message), None
         except UpstreamError as exc:
-            return SendFailed("invalid", exc.message), None
+            return SendFailed("invalid", exc.message, code=exc.code), None
         return HeadReceived(served.response.status, served.served_key), served
 
     def _apply(self, effect: Effect, served: Served | None, outcome: Outcome) -> None:
@@ -411,13 +422,13 @@ class DataPlane:
         traceparent: str,
         body: RequestBody,
         action: Send,
+        forwarding: Forwarding,
     ) -> Served:
         forward = action.forward
         backend = forward.backend
         headers = upstream_request_headers(
             request.headers,
-            client_ip=request.remote,
-            proto=self._client_proto(request),
+            forwarding=forwarding,
             request_id=request_id,
             traceparent=traceparent,
             pinned_version=action.pinned_version,
@@ -483,12 +494,18 @@ class DataPlane:
             return None
         return self._registry.report_stamp(backend_id, stamp)
 
-    def _client_proto(self, request: web.BaseRequest) -> str:
-        if self._settings.listen.trust_forwarded_headers:
-            forwarded = request.headers.get("X-Forwarded-Proto")
-            if forwarded in ("http", "https"):
-                return forwarded
-        return request.scheme
+    def _forwarding(self, request: web.BaseRequest) -> Forwarding:
+        """Who the client is (forwarded.py): the socket's peer, or as far back as the
+        trusted proxies in front vouch for."""
+        transport = request.transport
+        scheme = (
+            "https"
+            if transport is not None and transport.get_extra_info("sslcontext") is not None
+            else "http"
+        )
+        trusted = self._trusted
+        headers = forwarding_headers(request.headers) if trusted else ()
+        return forwarding(request.remote, scheme, trusted, headers)
 
     def __repr__(self) -> str:
         return f"DataPlane(pinning={self._settings.routing.pinning}, registry={self._registry!r})"

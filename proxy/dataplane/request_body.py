@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from proxy.core.edge_limits import body_too_large_error
 from proxy.core.errors import BadRequest
 from proxy.core.json_body import PENDING, BodyKind, HeldJson, Pending, body_kind
 from proxy.core.json_scan import PathScanner
@@ -49,13 +50,14 @@ class RequestBody:
         return self.data is not None or self.stream is None
 
 
-async def read_body(request: web.BaseRequest, limit: int) -> RequestBody:
-    """Hold bodies of up to ``limit`` bytes; larger ones stream on, unreplayable."""
+async def read_body(request: web.BaseRequest, limit: int, cap: int = 0) -> RequestBody:
+    """Hold bodies of up to ``limit`` bytes; larger ones stream on, unreplayable, and
+    fail past ``cap`` bytes (0: no cap; see ``_chain``)."""
     length = request.content_length
     if not request.body_exists:
         return RequestBody(data=b"", stream=None, content_length=None)
     if length is not None and length > limit:
-        return RequestBody(None, _chain([], request.content), length)
+        return RequestBody(None, _chain([], request.content, cap), length)
     parts: list[bytes] = []
     size = 0
     while size <= limit:
@@ -65,19 +67,23 @@ async def read_body(request: web.BaseRequest, limit: int) -> RequestBody:
         parts.append(chunk)
         size += len(chunk)
     # Larger than we hold (and of undeclared length): stream what we have and the rest.
-    return RequestBody(None, _chain(parts, request.content), length)
+    return RequestBody(None, _chain(parts, request.content, cap), length)
 
 
 class SessionBodyReader:
     """Reads a request's body and its session id together (see the module docstring)."""
 
-    def __init__(self, sessions: SessionsConfig, buffer_bytes: int) -> None:
+    def __init__(
+        self, sessions: SessionsConfig, buffer_bytes: int, max_body_bytes: int = 0
+    ) -> None:
+        """``max_body_bytes``: ``listen.max_request_body_bytes`` (0: none)."""
         self._sources = sessions.sources
         self._paths: Sequence[str] = tuple(s.name for s in self._sources if s.kind == "body")
         self._required = sessions.required
         self._max_id_bytes = sessions.max_id_bytes
         self._buffer = buffer_bytes
         self._scan_limit = max(buffer_bytes, sessions.max_scan_bytes)
+        self._cap = max_body_bytes
 
     async def read(self, request: web.BaseRequest) -> tuple[RequestBody, str | None]:
         """The body to send and the session id (None: unpinned); raises ``BadRequest``."""
@@ -92,7 +98,7 @@ class SessionBodyReader:
         if session is PENDING:
             body, session = await self._read_json(request)
         else:
-            body = await read_body(request, self._buffer)
+            body = await read_body(request, self._buffer, self._cap)
         if session is None and self._required:
             raise BadRequest(
                 "a session id is required (see the configured session sources)",
@@ -123,7 +129,7 @@ class SessionBodyReader:
                 scanner.feed(chunk)
             session = self._resolve(request, scanner.result)
             if session is not PENDING:
-                stream = _chain(parts, request.content)
+                stream = _chain(parts, request.content, self._cap)
                 return RequestBody(None, stream, request.content_length), session
             if size > self._scan_limit:
                 raise BadRequest(
@@ -141,9 +147,22 @@ class SessionBodyReader:
         )
 
 
-async def _chain(prefix: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def _chain(
+    prefix: list[bytes], rest: aiohttp.StreamReader, cap: int
+) -> AsyncIterator[bytes]:
+    """``prefix``, then the rest of the body, as it streams upstream.
+
+    The listener fails a body's reads once more than ``listen.max_request_body_bytes``
+    of it arrived (listener.py), but a read already woken by the bytes that crossed the
+    cap still returns them; counting here keeps those from being sent: failing the
+    iteration aborts the upstream request before it is complete.
+    """
+    sent = sum(map(len, prefix))
     prefix.reverse()
     while prefix:
         yield prefix.pop()  # each part is let go of once it is sent
     async for chunk in rest.iter_chunked(_STREAM_CHUNK):
+        sent += len(chunk)
+        if cap and sent > cap:
+            raise body_too_large_error(cap)
         yield chunk

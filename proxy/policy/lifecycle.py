@@ -122,6 +122,7 @@ class SendFailed:
     kind: SendFailure
     message: str
     reused: bool = False  # a "dropped" on a pooled keep-alive connection
+    code: str | None = None  # the answer's error code for an "invalid" head (e.g. too large)
 
 
 Event = PinLooked | PinStored | Repinned | Waited | HeadReceived | SendFailed
@@ -444,7 +445,9 @@ class Lifecycle:
         if event.kind == "timeout":
             return self._fail(UpstreamTimeout(event.message), (ReportResult(backend_id, False),))
         if event.kind == "invalid":
-            return self._fail(UpstreamError(event.message), (ReportResult(backend_id, False),))
+            return self._fail(
+                UpstreamError(event.message, code=event.code), (ReportResult(backend_id, False),)
+            )
         effects: tuple[Effect, ...] = (ReportResult(backend_id, False),)
         if event.kind == "connect" or not event.reused:
             # Refused, reset or closed unanswered on a fresh connection: the backend

@@ -22,7 +22,8 @@ from proxy.app.dataport import data_port_runner
 from proxy.app.services import Services, open_services
 from proxy.config.listen import is_loopback_address
 from proxy.core.errors import ConfigError
-from proxy.dataplane.listener import EdgeAppRunner, EdgeOptions
+from proxy.dataplane.edge_options import EdgeOptions
+from proxy.dataplane.listener import EdgeAppRunner
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable

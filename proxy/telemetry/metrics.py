@@ -220,9 +220,9 @@ class ProxyMetrics:
         )
         self.bad_http_requests = Counter(
             "pinproxy_bad_http_requests",
-            "Requests that were not valid HTTP/1.1 (answered 400 or 431 and closed), by "
-            "listener and reason (method, request_line, target, header, head_too_large, "
-            "content_length, body_framing, other).",
+            "Requests that were not valid HTTP/1.1 or over a size limit (answered 400, 413 "
+            "or 431 and closed), by listener and reason (method, request_line, target, "
+            "header, head_too_large, body_too_large, content_length, body_framing, other).",
             ["listener", "reason"],
             registry=registry,
         )

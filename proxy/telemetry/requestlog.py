@@ -88,6 +88,7 @@ def event_fields(event: RequestEvent, hasher: SessionHasher) -> dict[str, object
         "request_id": event.request_id,
         "trace_id": event.trace_id,
         "session": hasher(event.session_id),
+        "client": event.client,
         "method": event.method,
         "path": event.path,
         "status": event.status,

@@ -12,8 +12,9 @@ timeout bounds each silence, head included.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import aiohttp
 from yarl import URL
@@ -24,9 +25,10 @@ from proxy.core.errors import (
     UpstreamConnectError,
     UpstreamDropped,
     UpstreamError,
+    UpstreamHeadTooLarge,
     UpstreamTimeout,
 )
-from proxy.upstream.http1 import Target
+from proxy.upstream.http1 import DEFAULT_HEAD_LIMITS, HeadLimits, Target, response_head_size
 
 if TYPE_CHECKING:
     import ssl
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
     from proxy.upstream.pool import Http1Pool
 
 Body = bytes | AsyncIterable[bytes] | None
+
+# What aiohttp's parser says of a head over max_line_size / max_field_size / max_headers.
+_HEAD_OVER_LIMITS: Final = re.compile(r"Got more than \d+ bytes|Too many headers", re.IGNORECASE)
 
 __all__ = ["Body", "Upstream", "UpstreamConnectError", "UpstreamResponse", "upstream_url"]
 
@@ -89,6 +94,11 @@ def make_client_session(
             sock_read=config.read_idle_timeout_s,
         ),
         trust_env=False,
+        # Response heads: no single line beyond the whole head's cap, no more headers
+        # than allowed; the whole head's size is checked once it is in (Upstream).
+        max_line_size=config.max_response_head_bytes,
+        max_field_size=config.max_response_head_bytes,
+        max_headers=config.max_response_headers,
     )
 
 
@@ -137,9 +147,16 @@ class _AiohttpResponse:
 
 
 class Upstream:
-    def __init__(self, http: aiohttp.ClientSession, pool: Http1Pool) -> None:
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        pool: Http1Pool,
+        limits: HeadLimits = DEFAULT_HEAD_LIMITS,
+    ) -> None:
+        """``limits``: the response heads aiohttp's client may pass on (the pool has its own)."""
         self._http = http
         self._pool = pool
+        self._limits = limits
         self._targets: dict[str, Target] = {}
 
     async def send(
@@ -194,6 +211,15 @@ class Upstream:
             raise UpstreamDropped(f"connection to the backend failed: {exc.strerror}") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout("the backend did not answer in time") from exc
+        except aiohttp.ClientResponseError as exc:
+            if _HEAD_OVER_LIMITS.search(exc.message):
+                raise UpstreamHeadTooLarge(
+                    "the backend's response head is over upstream.max_response_head_bytes"
+                    " or upstream.max_response_headers"
+                ) from exc
+            raise UpstreamError(
+                f"the backend sent an invalid response: {type(exc).__name__}"
+            ) from exc
         except aiohttp.ClientError as exc:
             if isinstance(exc.__cause__, ProxyError):
                 # The client's body failed while it streamed up (refused by the edge:
@@ -202,6 +228,12 @@ class Upstream:
             raise UpstreamError(
                 f"the backend sent an invalid response: {type(exc).__name__}"
             ) from exc
+        raw = response.raw_headers
+        size = response_head_size(len(response.reason or ""), raw)
+        problem = self._limits.exceeded(size, len(raw))
+        if problem is not None:
+            response.close()  # never relayed, and the connection is not reused
+            raise UpstreamHeadTooLarge(problem)
         return _AiohttpResponse(response)
 
     def __repr__(self) -> str:

@@ -28,6 +28,11 @@ they arrive.
   the relay takes what is buffered (it always takes all of it at once).
 - A response ends the connection's business until it is finished: bytes past its end
   (a second response nobody asked for) close the connection rather than join a body.
+- Response heads are bounded (``HeadLimits``): bytes received while the head is
+  awaited (interim 1xx heads included) beyond ``max_bytes``, or a header beyond
+  ``max_headers``, fail the request with ``UpstreamHeadTooLarge`` and close the
+  connection; nothing of that head is relayed, and at most one read past the cap
+  is buffered.
 - Timeouts: connecting is bounded by ``connect_timeout_s``; each silence while the
   response is awaited (head or body) by ``read_idle_timeout_s``, checked by one timer
   per connection against the time of the last byte, so reading costs no timer.
@@ -40,16 +45,25 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.core.errors import UpstreamBodyError, UpstreamDropped, UpstreamError, UpstreamTimeout
+from proxy.core.errors import (
+    UpstreamBodyError,
+    UpstreamDropped,
+    UpstreamError,
+    UpstreamHeadTooLarge,
+    UpstreamTimeout,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
+
+    from proxy.config.settings import UpstreamConfig
 
 
 _HIGH_WATER: Final = 256 * 1024
@@ -58,6 +72,39 @@ _HIGH_WATER: Final = 256 * 1024
 _NO_CONTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 Origin = tuple[str, str, int]  # scheme, host, port
+_STATUS_LINE_OVERHEAD: Final = len("HTTP/1.1 200 \r\n") + len("\r\n")
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    """How large a response head may be (``upstream.max_response_head_bytes`` and
+    ``max_response_headers``)."""
+
+    max_bytes: int = 64 * 1024
+    max_headers: int = 100
+
+    @classmethod
+    def from_config(cls, config: UpstreamConfig) -> HeadLimits:
+        return cls(config.max_response_head_bytes, config.max_response_headers)
+
+    def exceeded(self, size: int, count: int) -> str | None:
+        """What is wrong with a head of ``size`` bytes and ``count`` headers, if anything."""
+        if size > self.max_bytes:
+            return f"the backend's response head is larger than {self.max_bytes} bytes"
+        if count > self.max_headers:
+            return f"the backend's response has more than {self.max_headers} headers"
+        return None
+
+
+DEFAULT_HEAD_LIMITS: Final = HeadLimits()
+
+
+def response_head_size(reason_bytes: int, raw_headers: Sequence[tuple[bytes, bytes]]) -> int:
+    """The bytes of a parsed response head: status line, header lines, blank line."""
+    size = _STATUS_LINE_OVERHEAD + reason_bytes
+    for name, value in raw_headers:
+        size += len(name) + len(value) + 4  # ": " and CRLF
+    return size
 
 
 class Target:
@@ -147,8 +194,15 @@ class ConnectionOwner(Protocol):
 class Connection(asyncio.Protocol):
     """One keep-alive connection; llhttp's callbacks (``on_*``) fill in the response."""
 
-    def __init__(self, pool: ConnectionOwner, origin: Origin, idle_timeout_s: float) -> None:
+    def __init__(
+        self,
+        pool: ConnectionOwner,
+        origin: Origin,
+        idle_timeout_s: float,
+        limits: HeadLimits = DEFAULT_HEAD_LIMITS,
+    ) -> None:
         self._pool = pool
+        self._limits = limits
         self.origin = origin
         self._loop = asyncio.get_running_loop()
         self._idle_timeout_s = idle_timeout_s
@@ -167,6 +221,8 @@ class Connection(asyncio.Protocol):
         self._status = 0
         self._reason: list[bytes] = []
         self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # received while the head is awaited (interim heads too)
+        self._head_size = 0  # of the heads parsed so far (interim ones)
         self._interim = False
         self._head: Http1Response | None = None
         self._complete = False
@@ -301,16 +357,30 @@ class Connection(asyncio.Protocol):
             # Bytes nobody asked for: the connection's framing can no longer be trusted.
             self.abort()
             return
+        awaiting_head = self._head is None
+        if awaiting_head:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
+            if awaiting_head and self._head is None:
+                # No end of the head yet: refuse it without buffering the rest.
+                self._check_head(self._head_bytes, len(self._raw_headers))
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("the backend switched protocols"))
             self.abort()
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, UpstreamHeadTooLarge) as exc:
+            # A head over the limits failed already (its callback raised): that error stays.
             message = "the backend sent an invalid response"
             self._fail(UpstreamBodyError(message) if self._head else UpstreamError(message))
             self.abort()
             del exc
+
+    def _check_head(self, size: int, count: int) -> None:
+        problem = self._limits.exceeded(size, count)
+        if problem is not None:
+            error = UpstreamHeadTooLarge(problem)
+            self._fail(error)
+            raise error  # out of llhttp's callback or feed_data: stop parsing
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost tells the rest
@@ -346,8 +416,13 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw_headers.append((name, value))
+        if len(self._raw_headers) > self._limits.max_headers:
+            self._check_head(0, len(self._raw_headers))
 
     def on_headers_complete(self) -> None:
+        size = self._head_size + response_head_size(sum(map(len, self._reason)), self._raw_headers)
+        self._check_head(size, len(self._raw_headers))
+        self._head_size = size  # an interim head's bytes count against the final one's cap
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.

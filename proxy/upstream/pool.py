@@ -18,7 +18,14 @@ from collections import deque
 from typing import TYPE_CHECKING, Final
 
 from proxy.core.errors import UpstreamConnectError, UpstreamDropped
-from proxy.upstream.http1 import Connection, Http1Response, Origin, Target, request_bytes
+from proxy.upstream.http1 import (
+    Connection,
+    HeadLimits,
+    Http1Response,
+    Origin,
+    Target,
+    request_bytes,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -45,6 +52,7 @@ class Http1Pool:
         self._limit_per_origin = config.pool_size_per_host
         self._keepalive_s = keepalive_s
         self._quiet_s = config.reuse_quiet_ms / 1000
+        self._head_limits = HeadLimits.from_config(config)
         self._idle: dict[Origin, deque[Connection]] = {}
         self._open: dict[Origin, int] = {}
         self._total = 0
@@ -173,7 +181,9 @@ class Http1Pool:
                 for number, address in enumerate(addresses, 1):
                     try:
                         _, conn = await loop.create_connection(
-                            lambda: Connection(self, origin, self._idle_timeout_s),
+                            lambda: Connection(
+                                self, origin, self._idle_timeout_s, self._head_limits
+                            ),
                             address, port, ssl=tls, server_hostname=host if tls else None,
                         )
                         break

@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 
 from tests.fixtures.proxy import RunningProxy, StartProxy, free_port
+from tests.fixtures.raw_http import port_of, send_raw
 from tests.fixtures.sim import StartPop
 
 CHAT: dict[str, Any] = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}
@@ -35,13 +36,7 @@ async def _error(resp: aiohttp.ClientResponse, status: int, error_type: str,
 
 
 async def _raw(proxy: RunningProxy, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
+    return await send_raw(port_of(proxy.url), data)
 
 
 # --- session ids --------------------------------------------------------------------------

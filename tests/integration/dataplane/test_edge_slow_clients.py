@@ -72,15 +72,20 @@ async def test_slow_heads_are_closed_by_the_deadline_while_normal_requests_succe
             sender.cancel()
             writer.close()
 
-    slow = [asyncio.create_task(slowloris(i)) for i in range(200)]
-    ok = 0
-    latencies: list[float] = []
-    while not all(task.done() for task in slow):
+    async def normal() -> float:
         started = time.monotonic()
         async with http.get(f"{proxy.url}/anything/normal") as resp:
             assert resp.status == 200, await resp.text()
             await resp.read()
-        latencies.append(time.monotonic() - started)
+        return time.monotonic() - started
+
+    baseline = [await normal() for _ in range(200)]
+    pop.reset()
+    slow = [asyncio.create_task(slowloris(i)) for i in range(200)]
+    ok = 0
+    latencies: list[float] = []
+    while not all(task.done() for task in slow):
+        latencies.append(await normal())
         ok += 1
     await asyncio.gather(*slow)
 
@@ -95,7 +100,18 @@ async def test_slow_heads_are_closed_by_the_deadline_while_normal_requests_succe
     assert proxy.metric("pinproxy_client_timeouts_total", listener="data",
                         phase="request_head") == 200
     assert [r.path for r in pop.requests] == ["/anything/normal"] * ok
-    print(f"normal requests during 200 slow heads: {ok}, worst {max(latencies) * 1000:.1f} ms")
+    # Normal traffic's tail is unchanged while 200 slow heads are open (a bound with
+    # room for a shared CI machine's noise: a slowloris that stalled the loop, or
+    # aiohttp's 1 h keep-alive, would blow through it by seconds).
+    before, during = _p99(baseline), _p99(latencies)
+    print(f"normal requests during 200 slow heads: {ok}, p99 {during * 1000:.1f} ms "
+          f"(before: {before * 1000:.1f} ms)")
+    assert during <= max(3 * before, before + 0.025)
+
+
+def _p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(

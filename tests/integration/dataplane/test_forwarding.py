@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 import os
 import re
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from aiohttp import web
 from yarl import URL
 
 from tests.fixtures.proxy import RunningProxy, StartProxy
+from tests.fixtures.raw_http import send_raw
 from tests.fixtures.sim import StartPop
 
 TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -49,17 +51,6 @@ async def _echo(http: aiohttp.ClientSession, proxy: RunningProxy, method: str = 
 
 def _names(echo: dict[str, Any]) -> set[str]:
     return {name.lower() for name, _ in echo["header_items"]}
-
-
-async def _raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send raw bytes, read until the server closes (send ``Connection: close``)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
 
 
 class Tiny:
@@ -181,14 +172,15 @@ async def test_upstream_host_is_the_backend_and_no_headers_are_invented(
     pop = await start_pop()
     proxy = await start_proxy([pop])
     port = int(proxy.url.rsplit(":", 1)[1])
-    raw = await _raw(port, b"GET /anything/h HTTP/1.1\r\nHost: forged.example\r\n"
+    raw = await send_raw(port, b"GET /anything/h HTTP/1.1\r\nHost: forged.example\r\n"
                            b"Connection: close\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200"), raw
     record = pop.requests[-1]
     assert record.headers["Host"] == pop.url.removeprefix("http://")
     # Only what the proxy documents adding: no Accept, User-Agent, Accept-Encoding.
     assert {h.lower() for h in record.headers} == {
-        "host", "x-forwarded-for", "x-forwarded-proto", "x-request-id", "traceparent"}
+        "host", "x-forwarded-for", "x-forwarded-proto", "x-real-ip", "x-request-id",
+        "traceparent"}
 
 
 # --- 2. bodies --------------------------------------------------------------------------
@@ -286,8 +278,8 @@ async def test_forwarded_headers_request_id_and_traceparent(
         ("X-Forwarded-For", "203.0.113.7, 198.51.100.1"), ("X-Forwarded-For", "192.0.2.9"),
         ("X-Forwarded-Proto", "https"), ("X-Request-ID", "req-abc.123:x/y+z="),
         ("traceparent", TP), ("tracestate", "k=v")])
-    assert echo["headers"]["X-Forwarded-For"] == (
-        "203.0.113.7, 198.51.100.1, 192.0.2.9, 127.0.0.1")
+    # Nobody is trusted: the client's chain is replaced by the socket's peer.
+    assert echo["headers"]["X-Forwarded-For"] == "127.0.0.1"
     assert len([k for k, _ in echo["header_items"] if k.lower() == "x-forwarded-for"]) == 1
     assert echo["headers"]["X-Forwarded-Proto"] == "http"  # a client cannot claim https
     assert echo["headers"]["X-Request-ID"] == "req-abc.123:x/y+z="
@@ -346,27 +338,110 @@ async def test_client_x_pinned_version_never_reaches_the_backend(
     assert pinned == ["prompt=v47"]
 
 
+FORGED = [
+    ("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "7.7.7.7"),
+    ("X-Forwarded-Host", "evil.example"), ("X-Forwarded-Proto", "https"),
+    ("X-Real-IP", "6.6.6.6"), ("Forwarded", "for=6.6.6.6;host=evil.example;proto=https"),
+]
+
+
+def _forwarding_items(echo: dict[str, Any]) -> list[tuple[str, str]]:
+    names = {"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+             "forwarded"}
+    return sorted((k.lower(), v) for k, v in echo["header_items"] if k.lower() in names)
+
+
+async def test_untrusted_forwarding_headers_are_replaced_by_the_socket_peer(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    pop = await start_pop()
+    proxy = await start_proxy([pop])
+    # Also named in Connection (hop-by-hop): still never read, never passed on.
+    for extra in ([], [("Connection", "X-Forwarded-For, X-Real-IP")]):
+        echo = await _echo(http, proxy, headers=FORGED + extra)
+        assert _forwarding_items(echo) == [
+            ("x-forwarded-for", "127.0.0.1"), ("x-forwarded-proto", "http"),
+            ("x-real-ip", "127.0.0.1")]
+
+
+async def test_trusted_proxies_are_believed_as_far_as_they_vouch(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    pop = await start_pop()
+    # The test client connects from 127.0.0.1: here it plays the ingress in front.
+    proxy = await start_proxy([pop], listen={"trusted_proxies": ["127.0.0.0/8", "10.0.0.0/8"]})
+    chain = [("X-Forwarded-For", "6.6.6.6, 198.51.100.1"), ("X-Forwarded-For", "10.1.2.3"),
+             ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "api.example"),
+             ("X-Real-IP", "6.6.6.6"), ("Forwarded", "for=6.6.6.6")]
+    echo = await _echo(http, proxy, headers=chain)
+    # 10.1.2.3 and the peer are trusted; 198.51.100.1 is the client; 6.6.6.6 is what
+    # the client claimed before itself, and is dropped.
+    assert _forwarding_items(echo) == [
+        ("x-forwarded-for", "198.51.100.1, 10.1.2.3, 127.0.0.1"),
+        ("x-forwarded-host", "api.example"), ("x-forwarded-proto", "https"),
+        ("x-real-ip", "198.51.100.1")]
+    # A chain named in Connection was for the hop that sent it: only the peer counts.
+    echo = await _echo(http, proxy, headers=[*chain, ("Connection", "x-forwarded-for")])
+    assert ("x-forwarded-for", "127.0.0.1") in _forwarding_items(echo)
+    assert ("x-real-ip", "127.0.0.1") in _forwarding_items(echo)
+
+
+async def test_trailer_announcements_are_not_forwarded(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    pop = await start_pop()
+    proxy = await start_proxy([pop])
+    echo = await _echo(http, proxy, headers={"Trailer": "X-Checksum", "X-Kept": "1"})
+    assert "trailer" not in _names(echo)
+    assert echo["headers"]["X-Kept"] == "1"
+
+
 # --- 5. the target decides nothing ------------------------------------------------------
 
 
 @pytest.mark.parametrize("target", [
-    "http://{decoy}/x?y=1", "//{decoy}/x?y=1", "/x?y=1",
+    "//{decoy}/x?y=1", "/x?y=1", "http://{proxy}/x?y=1", "HTTP://{proxy}/x?y=1",
 ])
-async def test_absolute_form_and_forged_host_still_go_to_the_configured_backend(
+async def test_origin_form_and_the_proxys_own_absolute_form_go_to_the_configured_backend(
     target: str, start_pop: StartPop, start_proxy: StartProxy, decoy: Decoy
 ) -> None:
+    """A forged Host decides nothing; an absolute-form target naming the proxy itself
+    is served as its path."""
     pop = await start_pop()
     proxy = await start_proxy([pop])
     where = f"127.0.0.1:{decoy.port}"
-    line = target.format(decoy=where)
-    raw = await _raw(int(proxy.url.rsplit(":", 1)[1]),
+    ours = proxy.url.removeprefix("http://")
+    line = target.format(decoy=where, proxy=ours)
+    raw = await send_raw(int(proxy.url.rsplit(":", 1)[1]),
                      f"GET {line} HTTP/1.1\r\nHost: {where}\r\nConnection: close\r\n\r\n".encode())
     assert raw.startswith(b"HTTP/1.1 200"), raw
-    echo_path = line.removeprefix(f"http://{where}")
+    echo_path = line.split(ours, 1)[-1]
     record = pop.requests[-1]
     assert (record.method, f"{record.path}?{record.query_string}") == ("GET", echo_path)
     assert record.headers["Host"] == pop.url.removeprefix("http://")
     assert b'"backend_id":"pop-1"' in raw
+    assert decoy.connections == 0
+
+
+@pytest.mark.parametrize("target", [
+    "http://{decoy}/x?y=1", "http://evil.example/v1/x", "https://{proxy}/x",
+    "http://{proxy_host}:1/x", "http://user:pw@{proxy}/x", "http://[::1]:{proxy_port}/x",
+    "ftp://{proxy}/x",
+])
+async def test_an_absolute_form_target_naming_another_authority_gets_400(
+    target: str, start_pop: StartPop, start_proxy: StartProxy, decoy: Decoy
+) -> None:
+    pop = await start_pop()
+    proxy = await start_proxy([pop])
+    ours = proxy.url.removeprefix("http://")
+    line = target.format(decoy=f"127.0.0.1:{decoy.port}", proxy=ours,
+                         proxy_host=ours.rsplit(":", 1)[0], proxy_port=ours.rsplit(":", 1)[1])
+    raw = await send_raw(int(proxy.url.rsplit(":", 1)[1]),
+                     f"GET {line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), raw
+    assert json.loads(body)["error"]["code"] == "invalid_request_target"
+    assert pop.requests == []
     assert decoy.connections == 0
 
 

@@ -64,6 +64,8 @@ def pair() -> Iterator[Pair]:
         await pop.start("127.0.0.1", 0)
         settings = settings_from_mapping(
             proxy_config([pop], upstream={"max_buffered_body_bytes": 64},
+                         listen={"max_request_head_bytes": 65536,
+                                 "max_request_body_bytes": 300},
                          admin={"enabled": False})
         )
         running = await stack.enter_async_context(
@@ -147,6 +149,13 @@ PIECES: list[bytes] = [
     b"GET  /anything/twospaces HTTP/1.1\r\nHost: x\r\n\r\n",
     b"\r\n",
     b"garbage\r\n\r\n",
+    # Refused by the edge's own rules rather than the parser's.
+    b"TRACE /anything/trace HTTP/1.1\r\nHost: x\r\nCookie: c=1\r\n\r\n",
+    b"GET http://evil.example/anything/absolute HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /anything/bighead HTTP/1.1\r\nHost: x\r\n"
+    + b"".join(b"X-Big-%d: %s\r\n" % (i, b"h" * 8000) for i in range(10)) + b"\r\n",
+    b"POST /anything/bigbody HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + b"100\r\n" + b"b" * 256 + b"\r\n" + b"100\r\n" + b"b" * 256 + b"\r\n0\r\n\r\n",
 ]
 
 
@@ -160,6 +169,9 @@ PIECES: list[bytes] = [
 @example(sequence=[4, 0])  # TE.CL, then a valid request
 @example(sequence=[5])  # two Content-Lengths
 @example(sequence=[0, 1, 2])  # valid, pipelined
+@example(sequence=[0, 19, 0])  # TRACE between valid requests
+@example(sequence=[0, 21])  # a head over the cap after a valid request
+@example(sequence=[22, 0])  # a chunked body over the cap, then a request in its wake
 def test_requests_forwarded_never_exceed_requests_accepted(
     pair: Pair, sequence: list[int]
 ) -> None:
@@ -174,3 +186,5 @@ def test_requests_forwarded_never_exceed_requests_accepted(
     assert all(s == 200 or 400 <= s < 600 for s in statuses), received[:500]
     assert len(forwarded) == len(accepted), (data, statuses, forwarded)
     assert "/anything/smuggled" not in forwarded, (data, forwarded)
+    refused = {"/anything/trace", "/anything/bighead", "/anything/bigbody"}
+    assert not refused & set(forwarded), (data, forwarded)

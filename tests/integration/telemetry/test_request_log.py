@@ -82,6 +82,7 @@ async def test_one_json_line_per_request_with_a_hashed_session(
         "request_id": "req-1",
         "trace_id": "0af7651916cd43dd8448eb211c80319c",
         "session": alice,
+        "client": "127.0.0.1",
         "method": "POST",
         "path": "/v1/chat/completions",
         "status": 200,
@@ -101,7 +102,8 @@ async def test_one_json_line_per_request_with_a_hashed_session(
 
     text = as_text.getvalue().splitlines()[0]
     assert "[w3] pinproxy.requests: request request_id=req-1" in text
-    assert f"session={alice} method=POST path=/v1/chat/completions status=200" in text
+    assert (f"session={alice} client=127.0.0.1 method=POST path=/v1/chat/completions"
+            " status=200") in text
     assert "prompt_version=v47 version_key=prompt=v47 region=us-east backend=us-east-1" in text
     assert "new_pin=yes" in text
     assert "alice" not in text
@@ -143,3 +145,20 @@ def test_hashes_are_keyed_and_stable() -> None:
     assert a(None) is None
     assert SessionHasher(None)("s") != SessionHasher(None)("s")  # random key per process
     assert "one" not in repr(a)
+
+
+async def test_the_request_log_names_the_resolved_client(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession,
+    log_lines: tuple[io.StringIO, io.StringIO],
+) -> None:
+    pop = await start_pop()
+    forged = {"X-Forwarded-For": "6.6.6.6, 198.51.100.1"}
+    untrusting = await start_proxy([pop])
+    trusting = await start_proxy([pop], listen={"trusted_proxies": ["127.0.0.1/32"]})
+    for proxy in (untrusting, trusting):
+        async with http.get(f"{proxy.url}/x", headers=forged) as resp:
+            assert resp.status == 200
+        _request_log(proxy).flush()
+    lines = [orjson.loads(line) for line in log_lines[0].getvalue().splitlines()]
+    # The socket's peer when nobody is trusted; the rightmost untrusted hop otherwise.
+    assert [line["client"] for line in lines] == ["127.0.0.1", "198.51.100.1"]

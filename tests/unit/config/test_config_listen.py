@@ -91,3 +91,32 @@ def test_an_admin_listener_without_a_token_may_only_have_bound_loopback_addresse
     assert unguarded_addresses(False, [("127.0.0.1", 9901), ("::1", 9901, 0, 0)]) == []
     assert unguarded_addresses(False, [("127.0.0.1", 1), ("192.0.2.7", 1)]) == ["192.0.2.7"]
     assert unguarded_addresses(True, [("192.0.2.7", 1)]) == []
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_the_removed_trust_forwarded_headers_is_refused_naming_its_replacement(
+    value: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (line,) = refused({"listen": {"trust_forwarded_headers": value}})
+    assert line.startswith("  listen.trust_forwarded_headers: Value error, was removed"), line
+    assert "listen.trusted_proxies" in line
+    monkeypatch.setenv("PINPROXY_LISTEN__TRUST_FORWARDED_HEADERS", "true")
+    (line,) = refused({})
+    assert line.startswith("  listen.trust_forwarded_headers: "), line
+
+
+def test_trusted_proxies_are_cidrs() -> None:
+    listen = settings_from_mapping({"listen": {"trusted_proxies": ["10.0.0.0/8", "::1"]}}).listen
+    assert listen.trusted_proxies == ("10.0.0.0/8", "::1")
+    assert "trust_forwarded_headers" not in listen.model_dump()
+    (line,) = refused({"listen": {"trusted_proxies": ["10.0.0.0/33"]}})
+    assert line.startswith("  listen.trusted_proxies: "), line
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_request_head_bytes", 100), ("max_request_body_bytes", -1),
+    ("server_header", "pinproxy\r\nX-Evil: 1"), ("server_header", " padded"),
+])
+def test_edge_sizes_and_the_server_header_are_validated(field: str, value: object) -> None:
+    (line,) = refused({"listen": {field: value}})
+    assert line.startswith(f"  listen.{field}: "), line

@@ -10,8 +10,13 @@ from proxy.core.edge_limits import (
     MALFORMED_DESCRIPTIONS,
     ConnectionAdmission,
     WarningLimiter,
+    declared_body_too_large,
     malformed_error,
     malformed_reason,
+    method_refusal,
+    request_head_size,
+    target_refusal,
+    unparsed_method_refusal,
 )
 
 
@@ -98,3 +103,59 @@ def test_a_malformed_answer_never_echoes_what_was_sent(kinds: list[str], message
     assert error.code in ("bad_http_request", "request_head_too_large")
     fixed = {f"malformed request: {text}" for text in MALFORMED_DESCRIPTIONS.values()}
     assert error.message in fixed  # one of the fixed texts, whatever was sent
+
+
+@given(
+    method=st.sampled_from(["GET", "POST", "PROPFIND"]),
+    target=st.text(alphabet="abcdefghij/?=&%0123456789", min_size=1, max_size=50),
+    headers=st.lists(st.tuples(st.text(alphabet="abcXYZ-", min_size=1, max_size=20),
+                               st.text(alphabet="abc xyz;=,", max_size=80)), max_size=20),
+)
+def test_a_request_heads_size_is_counted_as_sent(
+    method: str, target: str, headers: list[tuple[str, str]]
+) -> None:
+    raw = f"{method} /{target} HTTP/1.1\r\n" + "".join(
+        f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
+    raw_headers = [(n.encode(), v.encode()) for n, v in headers]
+    assert request_head_size(method, "/" + target, raw_headers) == len(raw.encode())
+
+
+def test_a_declared_body_is_over_the_limit_only_when_larger() -> None:
+    assert declared_body_too_large("1001", 1000)
+    assert not declared_body_too_large("1000", 1000)
+    assert not declared_body_too_large(None, 1000)
+    assert not declared_body_too_large("99999999999", 0)  # 0: no limit
+
+
+def test_trace_and_track_are_refused_with_allow() -> None:
+    for method in ("TRACE", "TRACK"):
+        error = method_refusal(method)
+        assert error is not None
+        assert (error.status, error.code) == (405, "method_not_allowed")
+        assert "GET" in error.headers["Allow"]
+    assert method_refusal("GET") is None
+    assert method_refusal("OPTIONS") is None
+    track = unparsed_method_refusal(
+        ["BadHttpMethod", "BadStatusLine"], "Invalid method encountered:\n\n  b'TRACK /x HTTP/1.1'")
+    assert track is not None
+    assert track.status == 405
+    assert unparsed_method_refusal(["BadHttpMethod"], "  b'FOO /x HTTP/1.1'") is None
+    assert unparsed_method_refusal(["BadStatusLine"], "  b'TRACK /x HTTP/1.1'") is None
+
+
+@pytest.mark.parametrize(("target", "refused"), [
+    ("/v1/x", False), ("*", False), ("host:443", False),  # not absolute form: decided elsewhere
+    ("http://10.0.0.5:8080/v1/x", False), ("http://proxy.internal:8080/x", False),
+    ("HTTP://[::1]:8080/x", False), ("http://10.0.0.5.:8080/x", False),
+    ("http://10.0.0.5/x", True),  # port 80 is not ours
+    ("https://10.0.0.5:8080/x", True), ("http://evil.example:8080/x", True),
+    ("http://u@10.0.0.5:8080/x", True), ("http://10.0.0.5:99999/x", True),
+    ("http://[::2]:8080/x", True), ("http://:8080/x", True),
+])
+def test_absolute_form_targets_are_refused_unless_they_name_the_proxy(
+    target: str, refused: bool
+) -> None:
+    error = target_refusal(target, "http", ["10.0.0.5", "proxy.internal", "::1"], 8080)
+    assert (error is not None) == refused
+    if error is not None:
+        assert (error.status, error.code) == (400, "invalid_request_target")

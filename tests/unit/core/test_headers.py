@@ -7,9 +7,11 @@ import random
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.core.forwarded import Forwarding
 from proxy.core.headers import (
     client_response_headers,
     ensure_traceparent,
+    forwarding_headers,
     new_request_id,
     parse_traceparent,
     upstream_request_headers,
@@ -25,8 +27,7 @@ def multi(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
 
 def upstream(client: CIMultiDictProxy[str], **kw: object) -> CIMultiDict[str]:
     args: dict[str, object] = {
-        "client_ip": "203.0.113.7",
-        "proto": "https",
+        "forwarding": Forwarding("203.0.113.7", "203.0.113.7", "https", None),
         "request_id": "req-1",
         "traceparent": TP,
         "pinned_version": None,
@@ -93,14 +94,43 @@ def test_host_content_length_and_client_pin_are_dropped() -> None:
     assert pinned.getall("X-Pinned-Version") == ["prompt=v1"]
 
 
-def test_forwarded_for_is_appended() -> None:
-    assert upstream(multi())["X-Forwarded-For"] == "203.0.113.7"
-    out = upstream(multi(("X-Forwarded-For", "198.51.100.1")))
-    assert out.getall("X-Forwarded-For") == ["198.51.100.1, 203.0.113.7"]
-    two = multi(("X-Forwarded-For", "10.0.0.1, 10.0.0.2"), ("x-forwarded-for", "10.0.0.3"))
-    assert upstream(two)["X-Forwarded-For"] == "10.0.0.1, 10.0.0.2, 10.0.0.3, 203.0.113.7"
-    assert upstream(two, client_ip=None)["X-Forwarded-For"] == "10.0.0.1, 10.0.0.2, 10.0.0.3"
-    assert "X-Forwarded-For" not in upstream(multi(), client_ip=None)
+FORGED = (
+    ("X-Forwarded-For", "6.6.6.6"), ("x-forwarded-for", "7.7.7.7"),
+    ("X-Forwarded-Host", "evil.example"), ("X-Forwarded-Proto", "https"),
+    ("X-Real-IP", "6.6.6.6"), ("Forwarded", "for=6.6.6.6;proto=https"),
+)
+
+
+def test_forwarding_headers_are_replaced_by_what_the_resolution_says() -> None:
+    out = upstream(multi(*FORGED), forwarding=Forwarding("127.0.0.1", "127.0.0.1", "http", None))
+    assert out.getall("X-Forwarded-For") == ["127.0.0.1"]
+    assert out.getall("X-Real-IP") == ["127.0.0.1"]
+    assert out.getall("X-Forwarded-Proto") == ["http"]
+    assert "X-Forwarded-Host" not in out
+    assert "Forwarded" not in out
+    vouched = Forwarding("198.51.100.1", "198.51.100.1, 10.0.0.2", "https", "api.example")
+    out = upstream(multi(*FORGED), forwarding=vouched)
+    assert out.getall("X-Forwarded-For") == ["198.51.100.1, 10.0.0.2"]
+    assert out.getall("X-Real-IP") == ["198.51.100.1"]
+    assert out.getall("X-Forwarded-Host") == ["api.example"]
+    assert "Forwarded" not in out
+    # No IP peer (a Unix socket): nothing claimed.
+    out = upstream(multi(*FORGED), forwarding=Forwarding(None, None, "http", None))
+    assert "X-Forwarded-For" not in out
+    assert "X-Real-IP" not in out
+
+
+def test_forwarding_headers_named_in_connection_are_not_read() -> None:
+    got = forwarding_headers(multi(
+        ("Connection", "X-Forwarded-For"), ("X-Forwarded-For", "6.6.6.6"),
+        ("X-Forwarded-Proto", "https"), ("Accept", "*/*"),
+    ))
+    assert got == [("x-forwarded-proto", "https")]
+
+
+def test_trailer_is_not_forwarded_either_way() -> None:
+    assert "Trailer" not in upstream(multi(("Trailer", "X-Checksum"), ("TE", "trailers")))
+    assert "Trailer" not in client_response_headers(multi(("Trailer", "X-Checksum")))
 
 
 def test_proxy_headers_replace_client_ones() -> None:
@@ -110,7 +140,8 @@ def test_proxy_headers_replace_client_ones() -> None:
         ("traceparent", "00-ffffffffffffffffffffffffffffffff-ffffffffffffffff-01"),
         ("tracestate", "vendor=1"),
     )
-    out = upstream(client, proto="http", request_id="rid-9")
+    out = upstream(client, forwarding=Forwarding("192.0.2.1", "192.0.2.1", "http", None),
+                   request_id="rid-9")
     assert out.getall("X-Forwarded-Proto") == ["http"]
     assert out.getall("X-Request-ID") == ["rid-9"]
     assert out.getall("traceparent") == [TP]

@@ -11,7 +11,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from proxy.core.forwarded import Forwarding
 from proxy.core.headers import (
+    FORWARDING,
     HOP_BY_HOP,
     client_response_headers,
     ensure_traceparent,
@@ -25,6 +27,7 @@ NAMES = st.sampled_from([
     "Proxy-Authorization", "Proxy-Connection", "Host", "Content-Length", "X-Pinned-Version",
     "X-Request-ID", "traceparent", "tracestate", "X-Prompt-Version", "X-Served-By",
     "X-Custom", "x-custom", "Authorization", "Accept", "X-Other", "Cookie",
+    "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP", "Forwarded", "Trailer",
 ])
 OTHER_NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=10)
 TOKENS = st.lists(st.one_of(NAMES, OTHER_NAMES).map(str.lower), max_size=3)
@@ -67,24 +70,26 @@ def test_upstream_headers_drop_hop_by_hop_and_keep_the_rest_in_order(
 ) -> None:
     traceparent = ensure_traceparent(None, random.Random(trace_seed))
     out = upstream_request_headers(
-        client, client_ip="10.0.0.1", proto="http", request_id="req-1",
+        client, forwarding=Forwarding("10.0.0.1", "10.0.0.1", "http", None), request_id="req-1",
         traceparent=traceparent, pinned_version=pinned,
     )
     names = {name.lower() for name in out}
     listed = _listed(client)
     assert not names & HOP_BY_HOP
-    # X-Forwarded-For is the edge's to rewrite (issue 9, section 4); the proxy's own
-    # headers are set from its values, whatever the client listed.
-    assert not (names & listed) - OURS_UPSTREAM - {"x-forwarded-for"}
+    # The forwarding headers are the edge's to rewrite (issue 9, section 4); the
+    # proxy's own headers are set from its values, whatever the client listed.
+    assert not (names & listed) - OURS_UPSTREAM - {"x-forwarded-for", "x-real-ip"}
     assert out.getall("X-Request-ID") == ["req-1"]
     assert out.getall("traceparent") == [traceparent]
     assert out.getall("X-Forwarded-Proto") == ["http"]
     assert out.getall("X-Pinned-Version", []) == ([pinned] if pinned else [])
-    assert out.getall("X-Forwarded-For")[-1].split(", ")[-1] == "10.0.0.1"
+    assert out.getall("X-Forwarded-For") == ["10.0.0.1"]
+    assert out.getall("X-Real-IP") == ["10.0.0.1"]
+    assert not names & {"forwarded", "x-forwarded-host", "trailer"}
     assert "host" not in names
     assert "content-length" not in names
-    dropped = HOP_BY_HOP | listed | OURS_UPSTREAM | {
-        "host", "content-length", "x-forwarded-for", "tracestate"}
+    dropped = HOP_BY_HOP | listed | OURS_UPSTREAM | FORWARDING | {
+        "host", "content-length", "tracestate"}
     kept = [(n.lower(), v) for n, v in client.items() if n.lower() not in dropped]
     assert [(n.lower(), v) for n, v in out.items() if n.lower() not in dropped] == kept
 

@@ -313,6 +313,15 @@ def test_timeouts_and_broken_heads_are_answered_and_reported() -> None:
         assert step.effects == (ReportResult(tried, False),)
 
 
+def test_an_oversized_response_head_is_answered_502_with_its_code_and_not_retried() -> None:
+    m = machine(idempotent=True)
+    tried = sent_to(pinned_send(m))
+    step = m.step(SendFailed("invalid", "x", code="upstream_head_too_large"), world())
+    assert isinstance(step.action, Fail)
+    assert (step.action.error.status, step.action.error.code) == (502, "upstream_head_too_large")
+    assert step.effects == (ReportResult(tried, False),)
+
+
 # --- a fast-failing backend (issue 9: a 1 ms 500 took 57 of 60 requests) ----------------------
 
 
@@ -404,6 +413,13 @@ outcomes = st.one_of(
 # The unstamped 409 after a silent flip: never relayed.
 @example(outs=[Outcome("head", 409, V1), Outcome("head", 200, V1)], idempotent=False,
          held=True, healthy=[True, True, True, True], budget=True, seed=1)
+# The backend failing fast: its 500 is relayed as a failure, never taken as a fast answer.
+@example(outs=[Outcome("head", 500, V1)], idempotent=False, held=True,
+         healthy=[True, True, True, True], budget=True, seed=0)
+# The backend restarted on another version at the same URL, unstamped by a poll yet: its
+# connections were refused, then it answers as v2; that answer is withheld.
+@example(outs=[Outcome("connect"), Outcome("head", 200, V2), Outcome("head", 200, V1)],
+         idempotent=False, held=True, healthy=[True, True, True, True], budget=True, seed=0)
 def test_a_pinned_session_is_only_ever_answered_by_its_version(
     outs: list[Outcome], idempotent: bool, held: bool, healthy: list[bool], budget: bool,
     seed: int,
