@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.redis_topologies",
     "tests.fixtures.sim",
     "tests.fixtures.proxy",
+    "tests.fixtures.raw_backend",
 ]

@@ -30,11 +30,21 @@ RouteInstaller = Callable[[web.Application], None]
 
 
 def build_admin_app(
-    services: Services, installers: tuple[RouteInstaller, ...] = ()
+    services: Services,
+    installers: tuple[RouteInstaller, ...] = (),
+    *,
+    guarded: bool = True,
 ) -> web.Application:
-    """The admin app over ``services``; each installer adds its routes."""
+    """The admin app over ``services``; each installer adds its routes.
+
+    ``guarded=False``: no token on any route (the separate metrics listener, which
+    serves nothing but ``/metrics``).
+    """
     config = services.settings.admin
-    token = config.token.get_secret_value().encode() if config.token is not None else None
+    token = (
+        config.token.get_secret_value().encode()
+        if config.token is not None and guarded else None
+    )
     public = frozenset(config.public_paths)
 
     @web.middleware
@@ -55,7 +65,7 @@ def build_admin_app(
 
     app = web.Application(middlewares=[guard], client_max_size=1024**2)
     app[SERVICES] = services
-    if token is None:
+    if token is None and guarded:
         logger.warning("admin API has no token: it is bound to loopback only (%s)", config.host)
     for install in installers:
         install(app)

@@ -185,8 +185,8 @@ def _malformed(url: str) -> str:
         # character: every streamed request to such a backend would fail.
         return "must not contain a backslash"
     if parts.port == 0 or re.search(r":0[0-9]*(?:/|$)", parts.netloc + "/"):
-        # urlsplit reads ":0" as port 0, the lean client as "no port" (the default),
-        # aiohttp as port 0: one URL, three destinations.
+        # urlsplit reads ":0" as port 0, the upstream client (framing.Target) as "no
+        # port" (the default), aiohttp (the polls) as port 0: one URL, three destinations.
         return "port must be 1-65535, without leading zeros"
     if not parts.hostname:
         return "must name a host"

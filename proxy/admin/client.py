@@ -31,7 +31,25 @@ def get_session(
     url = f"{admin_url.rstrip('/')}/admin/sessions/{quote(session_id, safe='')}"
     if limit is not None:
         url += "?" + urlencode({"limit": limit})
-    return _get_json(url, token, timeout_s)
+    document = _get_json(url, token, timeout_s)
+    if document.get("session_id") != session_id or not isinstance(document.get("trail"), list):
+        raise AdminRequestError(f"{admin_url} is not a pinproxy admin API: {_NOT_ADMIN}")
+    return document
+
+
+_NOT_ADMIN = "it did not answer with a session document"
+# The data plane stamps every answer it relays with these; the admin API never does.
+_DATA_PLANE_HEADERS = ("X-Served-By", "X-Prompt-Version")
+
+
+def _not_the_data_port(url: str, headers: Any) -> None:
+    served_by = next((headers[h] for h in _DATA_PLANE_HEADERS if headers.get(h)), None)
+    if served_by is not None:
+        raise AdminRequestError(
+            f"{url} is pinproxy's data port, not its admin API (the request was proxied "
+            "to a backend); use --admin with the admin listener's URL (admin.host and "
+            "admin.port, by default http://127.0.0.1:9901)"
+        )
 
 
 def _get_json(url: str, token: str | None, timeout_s: float) -> dict[str, Any]:
@@ -43,8 +61,10 @@ def _get_json(url: str, token: str | None, timeout_s: float) -> dict[str, Any]:
     request = urllib.request.Request(url, headers=headers, method="GET")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            _not_the_data_port(url, response.headers)
             body = response.read()
     except urllib.error.HTTPError as exc:
+        _not_the_data_port(url, exc.headers)
         raise AdminRequestError(_describe_error(exc.code, exc.read())) from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from proxy.admin.api import Route
+from proxy.admin.api import Route, install
 from proxy.admin.app import SERVICES
 from proxy.core.errors import NotFound, StoreUnavailable
 
@@ -68,3 +68,8 @@ ROUTES: tuple[Route, ...] = (
         media_types=("text/plain", "application/openmetrics-text"),
     ),
 )
+
+
+def install_metrics_only(app: web.Application) -> None:
+    """The separate metrics listener's one route (``metrics.port``)."""
+    install(app, ROUTES)

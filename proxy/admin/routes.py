@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from proxy.admin import fleet, metrics_routes, rollout_routes, sessions
+from proxy.admin import fleet, metrics_routes, reload_routes, rollout_routes, sessions
 from proxy.admin.api import Route, install
 from proxy.admin.app import SERVICES
 from proxy.admin.backend_urls import Resolver, system_resolve
@@ -27,7 +27,8 @@ API_VERSION = "1"
 def all_routes() -> tuple[Route, ...]:
     """Every admin route, in the order they are added (the OpenAPI route last)."""
     groups: tuple[tuple[Route, ...], ...] = (
-        sessions.ROUTES, metrics_routes.ROUTES, fleet.ROUTES, rollout_routes.ROUTES
+        sessions.ROUTES, metrics_routes.ROUTES, fleet.ROUTES, rollout_routes.ROUTES,
+        reload_routes.ROUTES,
     )
     return (*(route for group in groups for route in group), OPENAPI_ROUTE)
 

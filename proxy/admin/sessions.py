@@ -26,7 +26,7 @@ from proxy.admin.app import SERVICES
 from proxy.core.errors import BadRequest, Conflict, NotFound
 from proxy.core.headers import ensure_traceparent, new_request_id, valid_request_id
 from proxy.core.models import Forward, Pin, RequestFacts, Snapshot, prompt_of
-from proxy.policy.routing import RoutingPolicy, choose
+from proxy.policy.routing import choose
 from proxy.telemetry.audit import AuditRecord
 
 if TYPE_CHECKING:
@@ -210,9 +210,8 @@ async def _unpin(request: web.Request) -> web.StreamResponse:
 def _choose(request: web.Request, session_id: str, body: RepinBody) -> Forward:
     """Where the session goes: a backend of the named version, or a new-session choice."""
     services = request.app[SERVICES]
-    settings = services.settings
     snapshot = services.registry.snapshot
-    policy = RoutingPolicy.from_config(settings.routing, settings.versions)
+    policy = services.dataplane.routing_policy  # the running policy: a reload may change it
     facts = RequestFacts(session_id=session_id)
     target: Pin | None = None
     if body.version is not None:

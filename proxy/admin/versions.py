@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from proxy.admin.api import Route, int_query, integer_param, reply
+from proxy.admin.app import SERVICES
 from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref
 from proxy.core.models import prompt_of
-from proxy.policy.routing import RoutingPolicy
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -133,7 +133,7 @@ async def _pinned(fleet: Fleet, keys: Iterable[str]) -> dict[str, int]:
 async def _list_versions(request: web.Request) -> web.StreamResponse:
     fleet = Fleet.of(request)
     snapshot = fleet.registry.snapshot
-    policy = RoutingPolicy.from_config(fleet.settings.routing, fleet.settings.versions)
+    policy = request.app[SERVICES].dataplane.routing_policy  # as reloaded
     short = await fleet.traffic.window(SHORT_WINDOW_S)
     long = await fleet.traffic.window(LONG_WINDOW_S)
     keys = sorted(set(snapshot.by_key) | set(long.by_version()))

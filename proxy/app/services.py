@@ -14,7 +14,8 @@ in reverse order of opening, and that order is the point of this module:
 8. discovery, which the data plane is built on (stopped before the clients close);
 9. the control plane (closed before discovery, so no change lands on a registry
    nobody polls any more);
-10. the rollout controller (blocks versions through the control plane).
+10. the rollout controller (blocks versions through the control plane);
+11. the reloader (opens nothing: it steers the data plane and the control plane).
 
 The listeners are not here: the runtime starts them over ``Services`` and stops them
 (draining in-flight requests) before it closes the stack.
@@ -33,10 +34,11 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from proxy.app.known_series import export_backend_series, export_known_series
+from proxy.app.reload import Reloader
 from proxy.config.settings import Settings
 from proxy.core.clock import Clock, SystemClock
 from proxy.core.ewma import LoadTracker
-from proxy.core.models import Backend, Pin
 from proxy.core.outlier import OutlierPolicy
 from proxy.dataplane.health import Drain
 from proxy.dataplane.plane import DataPlane
@@ -64,7 +66,6 @@ from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.observers import Telemetry
 from proxy.telemetry.traffic import TrafficCounter
 from proxy.upstream.client import Upstream, make_client_session
-from proxy.upstream.http1 import HeadLimits
 from proxy.upstream.pool import Http1Pool
 from proxy.upstream.tls import client_tls_context
 
@@ -73,7 +74,9 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from proxy.core.events import RequestObserver
+    from proxy.core.models import Backend, Pin
     from proxy.store.redis_sync import ConflictHook
+    from proxy.telemetry.tracing import TracingObserver
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +102,8 @@ class Services:
     drain: Drain  # the runtime begins it on SIGTERM; readiness reads it
     soak: SoakCounter  # per region and version: what the soak judges
     loop_lag: LoopLagMonitor
-    http: aiohttp.ClientSession
-    http1: Http1Pool  # the lean client for held bodies
+    http: aiohttp.ClientSession  # the /version polls only
+    http1: Http1Pool  # the one client for proxied requests
     redis: Redis | None  # only when store.kind == "redis"
     store: PinStore
     audit: AuditLog
@@ -109,6 +112,7 @@ class Services:
     dataplane: DataPlane
     control: ControlPlane  # operators' fleet changes, shared by replicas
     rollout: RolloutController  # region cutover, soak, kill switch
+    reloader: Reloader | None  # live config reload; None when there is nothing to re-read
 
 
 def default_store(
@@ -173,23 +177,28 @@ async def open_services(
     metrics_multiprocess_dir: str | None = None,
     store_factory: StoreFactory = default_store,
     observers: Sequence[RequestObserver] = (),
+    reload_from: Callable[[], Settings] | None = None,
+    notify_peers: Callable[[], None] | None = None,
+    tracing: TracingObserver | None = None,
 ) -> AsyncIterator[Services]:
     """Open every service in the order of the module docstring; close them in reverse.
 
     ``metrics_multiprocess_dir``: prometheus-client's multiprocess directory when this
     is one of several workers (the supervisor sets it), so /metrics sums them all.
+    ``reload_from`` re-reads and validates the config for a live reload (SIGHUP,
+    ``POST /admin/reload``); without it the proxy cannot reload. ``notify_peers`` asks
+    the other workers to reload too. ``tracing`` replaces the tracing the settings ask
+    for (tests pass one with an in-memory exporter).
     """
     clock = clock or SystemClock()
     rng = rng or random.Random()
-    configured = tuple(
-        Backend(id=b.id, region=b.region, url=b.url, version_source=b.version_source)
-        for b in settings.backends
-    )
+    configured = settings.backend_models()
     metrics = ProxyMetrics(
         metrics_registry or CollectorRegistry(),
         settings.metrics,
         multiprocess_dir=metrics_multiprocess_dir,
     )
+    export_known_series(metrics, configured, metrics_listener=settings.metrics.port is not None)
     registry = Registry(
         configured,
         dimensions=settings.versions.dimensions,
@@ -204,7 +213,7 @@ async def open_services(
     )
     fleet_metrics = FleetCollector(registry)
     metrics.add_scrape_time(fleet_metrics)
-    telemetry = Telemetry(settings, metrics)
+    telemetry = Telemetry(settings, metrics, tracing)
     loads = LoadTracker(
         clock, settings.routing.ewma_decay_s, settings.routing.initial_latency_ms / 1000.0
     )
@@ -219,7 +228,7 @@ async def open_services(
         # 2.
         loop_lag.start()
         stack.callback(loop_lag.stop)
-        # 3. One trust policy for both clients.
+        # 3. One trust policy for both clients (proxied requests, /version polls).
         tls = client_tls_context(settings.upstream)
         http1 = Http1Pool(settings.upstream, tls=tls)
         stack.push_async_callback(http1.close)
@@ -263,13 +272,14 @@ async def open_services(
             registry=registry,
             store=store,
             loads=loads,
-            upstream=Upstream(http, http1, HeadLimits.from_config(settings.upstream)),
+            upstream=Upstream(http1),
             metrics=metrics,
             clock=clock,
             rng=rng,
             loop_lag=loop_lag,
             probe=discovery.probe,
             observers=request_observers,
+            trace=None if telemetry.tracing is None else telemetry.tracing.upstream_traceparent,
         )
         # 9.
         control_store: ControlStore = (
@@ -305,6 +315,16 @@ async def open_services(
         )
         await rollout.start()
         stack.push_async_callback(rollout.close)
+        # 11. Live reload steers the data plane and the control plane, both built by now.
+
+        async def reconfigure_backends(backends: Sequence[Backend]) -> None:
+            export_backend_series(metrics, backends)
+            await control.reconfigure(backends)
+
+        reloader = None if reload_from is None else Reloader(
+            settings, reload_from, reconfigure_dataplane=dataplane.reconfigure,
+            reconfigure_backends=reconfigure_backends, notify_peers=notify_peers,
+        )
         # Last: its exporters start once everything they observe exists.
         telemetry.start()
         yield Services(
@@ -313,4 +333,5 @@ async def open_services(
             loads=loads, drain=Drain(), soak=soak, loop_lag=loop_lag, http=http,
             http1=http1, redis=redis, store=store, audit=audit, traffic=traffic,
             discovery=discovery, dataplane=dataplane, control=control, rollout=rollout,
+            reloader=reloader,
         )

@@ -40,11 +40,16 @@ DEMO_POPS = (
 DEMO_MODEL = "sim-large"
 
 
-def demo_settings(port: int = 8080, pop_urls: dict[str, str] | None = None) -> Settings:
+def demo_settings(
+    port: int = 8080, pop_urls: dict[str, str] | None = None, admin_port: int = 9901
+) -> Settings:
     urls = pop_urls or {p.id: f"http://127.0.0.1:{p.port}" for p in DEMO_POPS}
     return settings_from_mapping(
         {
             "listen": {"host": "127.0.0.1", "port": port},
+            # Loopback, no token: `pinproxy session alice` (whose default --admin this is)
+            # works against the demo as it runs.
+            "admin": {"host": "127.0.0.1", "port": admin_port},
             "store": {"kind": "memory"},
             "discovery": {"interval_s": 1.0},
             "log": {"level": "warning", "format": "text"},
@@ -76,20 +81,25 @@ async def _demo(port: int, check: bool) -> int:
     # --check runs unattended (CI, a first try): ephemeral ports cannot collide.
     for spec, pop in zip(DEMO_POPS, pops, strict=True):
         await pop.start(port=0 if check else spec.port)
-    settings = demo_settings(0 if check else port, {p.state.backend_id: p.url for p in pops})
-    # The human-readable request lines show which version served each request.
-    configure_logging(settings.log)
+    settings = demo_settings(
+        0 if check else port, {p.state.backend_id: p.url for p in pops}, 0 if check else 9901
+    )
     if check:
-        # Unattended: no admin API, whose fixed port could collide with another run.
+        # An unattended report: its own lines only, not the request log between them.
         settings = settings.model_copy(
-            update={"admin": settings.admin.model_copy(update={"enabled": False})}
+            update={"log": settings.log.model_copy(update={"request_log": False})}
         )
+    # Interactively, the human-readable request lines show which version served each request.
+    configure_logging(settings.log)
     try:
+        # The admin API too (on an ephemeral port with --check, which cannot collide):
+        # `pinproxy session alice` reads from it while the demo runs.
         async with running_proxy(settings) as proxy:
-            proxy_url = proxy.url
-            _banner(proxy_url, pops)
+            proxy_url, admin_url = proxy.url, proxy.admin_url or ""
             if check:
-                return 0 if await _self_check(proxy_url, pops) else 1
+                print(f"pinproxy demo --check: {proxy_url}, admin API {admin_url}", flush=True)
+                return 0 if await _self_check(proxy_url, admin_url, pops) else 1
+            _banner(proxy_url, admin_url, pops)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -101,7 +111,7 @@ async def _demo(port: int, check: bool) -> int:
             await pop.stop()
 
 
-def _banner(proxy_url: str, pops: list[SimPop]) -> None:
+def _banner(proxy_url: str, admin_url: str, pops: list[SimPop]) -> None:
     print("pinproxy demo: a rollout paused half-way, four regions, two prompt versions\n")
     for pop in pops:
         print(
@@ -129,12 +139,33 @@ curl -sN {proxy_url}/v1/chat/completions -H 'X-Session-ID: alice' \\
 curl -s -X POST {pops[0].url}/_sim/control \\
      -d '{{"version": {{"prompt": "v46", "parser": "json-v1"}}}}'
 
+# 5. alice's pin and every request she made (the admin API is at {admin_url}):
+pinproxy session alice --admin {admin_url}
+
 Ctrl-C stops the demo.""",
         flush=True,
     )
 
 
-async def _self_check(proxy_url: str, pops: list[SimPop]) -> bool:
+async def _session_trail(
+    http: aiohttp.ClientSession, admin_url: str, session: str, expected: int
+) -> list[dict[str, object]]:
+    """The session's audit trail from the admin API, once it holds ``expected`` records
+    (it is written off the request path, so it lags by up to audit.flush_interval_s)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    trail: list[dict[str, object]] = []
+    while loop.time() < deadline:
+        async with http.get(f"{admin_url}/admin/sessions/{session}") as resp:
+            if resp.status == 200:
+                trail = (await resp.json())["trail"]
+                if len(trail) >= expected:
+                    break
+        await asyncio.sleep(0.05)
+    return trail
+
+
+async def _self_check(proxy_url: str, admin_url: str, pops: list[SimPop]) -> bool:
     """Play the incident: latencies shift under a live session; its version must not."""
     body = {"model": "sim", "messages": [{"role": "user", "content": "hello"}]}
     seen: list[tuple[str, str, str]] = []
@@ -176,7 +207,13 @@ async def _self_check(proxy_url: str, pops: list[SimPop]) -> bool:
                 f"{resp.headers.get('X-Prompt-Version')}"
             )
             streamed = resp.headers.get("X-Prompt-Version")
+        # What `pinproxy session alice` shows: every request alice made, by version.
+        trail = await _session_trail(http, admin_url, "alice", len(seen) + 2)
+        versions = sorted({str(r.get("version_key")) for r in trail})
+        print(f"alice's audit trail (admin API): {len(trail)} requests, versions {versions}")
     ok = all(s == "200" and p == pinned for s, p, _ in seen) and streamed == pinned
+    on_pin = all(v.split(",")[0] == f"prompt={pinned}" for v in versions)
+    ok = ok and len(trail) == len(seen) + 2 and on_pin
     summary = {"pinned": pinned, "requests": len(seen) + 2, "stayed_on_version": ok}
     print("\nresult:", orjson.dumps(summary).decode())
     return ok

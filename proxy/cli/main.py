@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
 
-from proxy.config.settings import Settings, load_settings, settings_from_mapping
+from proxy.config.reload import ConfigSource
 from proxy.core.errors import ConfigError
+from proxy.runtime.preflight import require_extras, startup_warnings
 from proxy.telemetry.logs import configure_logging
 from proxy.upstream.tls import check_tls_files
+
+logger = logging.getLogger("pinproxy")
+
+if TYPE_CHECKING:
+    from proxy.config.settings import Settings
+
+
+class StartupFailed(click.ClickException):
+    """``serve`` could not start: one line on stderr, exit code 2 (no traceback)."""
+
+    exit_code = 2
 
 
 def _load(path: Path, overrides: dict[str, Any]) -> Settings:
     try:
-        settings = load_settings(path)
-        if overrides:
-            data = settings.model_dump(mode="python")
-            for section, fields in overrides.items():
-                data[section].update(fields)
-            if data["store"].get("password") is not None:
-                data["store"]["password"] = data["store"]["password"].get_secret_value()
-            settings = settings_from_mapping(data)
+        settings = ConfigSource(path, overrides)()
         check_tls_files(settings.upstream)  # a bad PEM stops the start, not the first request
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -57,12 +63,20 @@ def serve(config_path: Path, workers: int | None, host: str | None, port: int | 
     listen = {
         k: v for k, v in (("workers", workers), ("host", host), ("port", port)) if v is not None
     }
-    settings = _load(config_path, {"listen": listen} if listen else {})
-    configure_logging(settings.log)
+    overrides = {"listen": listen} if listen else {}
+    source = ConfigSource(config_path, overrides)
     try:
-        code = run(settings)
-    except ConfigError as exc:  # found only once binding: e.g. what admin.host resolved to
-        raise click.ClickException(str(exc)) from exc
+        settings = _load(config_path, overrides)
+    except click.ClickException as exc:
+        raise StartupFailed(exc.message) from exc
+    configure_logging(settings.log)
+    for warning in startup_warnings(settings):
+        logger.warning("%s", warning)
+    try:
+        require_extras(settings)
+        code = run(settings, source)
+    except ConfigError as exc:  # found only once binding: a busy port, what a host resolved to
+        raise StartupFailed(str(exc)) from exc
     sys.exit(code)
 
 
@@ -72,6 +86,8 @@ def check_config(config_path: Path) -> None:
     """Validate a settings file and print the resolved settings (secrets masked)."""
     settings = _load(config_path, {})
     click.echo(orjson.dumps(settings.masked(), option=orjson.OPT_INDENT_2).decode())
+    for warning in startup_warnings(settings):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"{config_path}: OK ({len(settings.backends)} backends)", err=True)
 
 
@@ -90,7 +106,13 @@ def demo(port: int, check: bool) -> None:
     """Four simulated regional POPs mid-rollout behind pinproxy; no external services."""
     from proxy.cli.demo import run_demo
 
-    sys.exit(run_demo(port=port, check=check))
+    try:
+        code = run_demo(port=port, check=check)
+    except ConfigError as exc:
+        raise StartupFailed(str(exc)) from exc
+    except OSError as exc:  # a simulated POP's fixed port (18101-18104) is taken
+        raise StartupFailed(f"demo: cannot listen: {exc.strerror or exc}") from exc
+    sys.exit(code)
 
 
 @main.command()
@@ -126,3 +148,20 @@ def session(
         click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
     else:
         click.echo(render_session(document), nl=False)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace files that exist already.")
+def init(directory: Path, force: bool) -> None:
+    """Write the example config, alert rules and Grafana dashboard into DIRECTORY."""
+    from proxy.cli.operator_files import write_operator_files
+
+    try:
+        written = write_operator_files(directory, force=force)
+    except (FileExistsError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"{directory}: {exc.strerror or exc}") from exc
+    for path in written:
+        click.echo(str(path))

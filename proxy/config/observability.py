@@ -7,10 +7,13 @@ routing and transport settings; ``Section`` is the base of every settings sectio
 from __future__ import annotations
 
 import itertools
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 
 class Section(BaseModel):
@@ -60,6 +63,11 @@ class MetricsConfig(Section):
     # GET /metrics on the admin listener (add "/metrics" to admin.public_paths to let a
     # scraper in without the admin token).
     enabled: bool = True
+    # A listener of its own that serves GET /metrics only, without a token (for a
+    # cluster's Prometheus, while the admin API stays on loopback). Unset: off, and
+    # metrics are on the admin listener alone.
+    port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    host: Annotated[str, Field(min_length=1)] = "0.0.0.0"
     duration_buckets: tuple[float, ...] = (
         0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
     )
@@ -71,12 +79,34 @@ class MetricsConfig(Section):
 
 
 class TracingConfig(Section):
-    # OTLP/HTTP traces endpoint, e.g. "http://otel-collector:4318/v1/traces". Unset: no
-    # spans, and OpenTelemetry (the optional "otel" extra) is never imported.
+    # OTLP/HTTP traces endpoint, e.g. "http://otel-collector:4318/v1/traces". Unset:
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT, and with neither
+    # no spans, and OpenTelemetry (the optional "otel" extra) is never imported.
     otlp_endpoint: str | None = None
-    service_name: Annotated[str, Field(min_length=1, max_length=200)] = "pinproxy"
-    # Fraction of requests traced when the client did not sample the trace itself.
-    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+    # Unset: OTEL_SERVICE_NAME (or OTEL_RESOURCE_ATTRIBUTES), else "pinproxy".
+    service_name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    # Fraction of new traces recorded (a client's trace follows its sampled flag).
+    # Unset: OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, else parentbased_always_on.
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] | None = None
+
+    def endpoint(self, environ: Mapping[str, str]) -> str | None:
+        """Where spans go, or None when tracing is off.
+
+        On when ``otlp_endpoint`` or OpenTelemetry's own
+        ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set;
+        ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` turn it off.
+        """
+        if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return None
+        if environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+            return None
+        if self.otlp_endpoint is not None:
+            return self.otlp_endpoint
+        if traces := environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+            return traces
+        if base := environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
+            return base.rstrip("/") + "/v1/traces"  # the exporter's own rule for a base URL
+        return None
 
     @field_validator("otlp_endpoint")
     @classmethod

@@ -26,13 +26,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from proxy.config.env import check_environment
 from proxy.config.listen import AdminConfig as AdminConfig
 from proxy.config.listen import ListenConfig as ListenConfig
 from proxy.config.observability import AuditConfig, LogConfig, MetricsConfig, Section, TracingConfig
 from proxy.config.rollout import RolloutConfig
 from proxy.config.store import StoreConfig
 from proxy.core.errors import ConfigError
-from proxy.core.models import DIMENSIONS, Dimension, VersionSource
+from proxy.core.models import DIMENSIONS, Backend, Dimension, VersionSource
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -304,13 +305,33 @@ class Settings(BaseSettings):
             )
         if self.listen.workers > 1 and self.listen.port == 0:
             raise ValueError("listen.port must be fixed when listen.workers > 1 (they share it)")
+        if self.admin.enabled and self.admin.port != 0 and self.admin.port == self.listen.port:
+            raise ValueError(
+                f"admin.port {self.admin.port} is also listen.port: the admin API and the "
+                "data plane need ports of their own"
+            )
         if self.listen.workers > 1 and self.admin.enabled and self.admin.port == 0:
             raise ValueError("admin.port must be fixed when listen.workers > 1 (they share it)")
+        metrics_port = self.metrics.port
+        if metrics_port is not None:
+            if self.listen.workers > 1 and metrics_port == 0:
+                raise ValueError(
+                    "metrics.port must be fixed when listen.workers > 1 (they share it)")
+            taken = {self.listen.port, *((self.admin.port,) if self.admin.enabled else ())}
+            if metrics_port != 0 and metrics_port in taken:
+                raise ValueError("metrics.port must differ from listen.port and admin.port")
         ids = [b.id for b in self.backends]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"backends: duplicate id(s) {', '.join(duplicates)}")
         return self
+
+    def backend_models(self) -> tuple[Backend, ...]:
+        """The configured backends as the registry's value type."""
+        return tuple(
+            Backend(id=b.id, region=b.region, url=b.url, version_source=b.version_source)
+            for b in self.backends
+        )
 
     def masked(self) -> dict[str, Any]:
         """The resolved settings as plain data, with secrets masked (for check-config)."""
@@ -328,15 +349,24 @@ class Settings(BaseSettings):
         return data
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
+def _describe(exc: ValidationError) -> ConfigError:
+    lines, fields = [], []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        if not err["loc"]:
+            # A rule across sections (Settings._consistent): its message names the fields.
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+            continue
+        where = ".".join(str(p) for p in err["loc"])
         lines.append(f"  {where}: {err['msg']}")
-    return "invalid configuration:\n" + "\n".join(lines)
+        fields.append(where)
+    error = ConfigError("invalid configuration:\n" + "\n".join(lines))
+    error.fields = tuple(dict.fromkeys(fields))  # each once, in order
+    return error
 
 
 def settings_from_mapping(data: dict[str, Any]) -> Settings:
+    # pydantic-settings would ignore a misspelt override; it is an error like a bad field.
+    check_environment(Settings, os.environ)
     token = os.environ.get("PINPROXY_ADMIN_TOKEN")
     if token:
         # The documented short name for the one secret most deployments inject.
@@ -344,7 +374,7 @@ def settings_from_mapping(data: dict[str, Any]) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from exc
+        raise _describe(exc) from exc
 
 
 def load_settings(path: str | Path) -> Settings:

@@ -8,7 +8,8 @@ function accepts all of them and answers None for anything it does not recognise
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Final
 
 import orjson
 
@@ -33,18 +34,47 @@ def delta_text(event: object) -> str | None:
     return None
 
 
-def usage_of_event(payload: bytes) -> Usage | None:
-    """The usage in one SSE data payload (a final chunk, or ``response.completed``)."""
+def facts_of_event(payload: bytes) -> tuple[Usage | None, str | None]:
+    """The usage and the answering model named in one SSE data payload (a final chunk,
+    or the Responses API's ``response.completed``, which nests both in ``response``)."""
     try:
         event = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return None
+        return None, None
     if not isinstance(event, dict):
+        return None, None
+    usage, model = usage_of(event), model_of(event)
+    if isinstance(response := event.get("response"), dict):
+        usage = usage or usage_of(response)
+        model = model or model_of(response)
+    return usage, model
+
+
+def model_of(doc: Mapping[str, object]) -> str | None:
+    """The ``model`` a parsed request or answer names (at most 256 characters)."""
+    model = doc.get("model")
+    return model if isinstance(model, str) and 0 < len(model) <= 256 else None
+
+
+# The first "model" key with a string value; as a key it is followed by ':' (a quote
+# inside a JSON string is escaped, so the bytes '"model"' are a key or the value "model").
+_MODEL_KEY: Final = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
+
+
+def model_in_head(data: bytes) -> str | None:
+    """The answering model of a JSON answer whose start is in ``data``.
+
+    OpenAI-shaped answers name the model near the top, before ``choices``/``output``,
+    whose strings are escaped; the first such key is the top-level one.
+    """
+    match = _MODEL_KEY.search(data)
+    if match is None:
         return None
-    usage = usage_of(event)
-    if usage is None and isinstance(response := event.get("response"), dict):
-        usage = usage_of(response)  # Responses API: response.completed
-    return usage
+    try:
+        value = orjson.loads(b'"' + match.group(1) + b'"')
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def usage_of(doc: Mapping[str, object]) -> Usage | None:

@@ -12,12 +12,30 @@ from typing import Any
 
 import orjson
 
+# The code of an error raised with another status than its class's and no code of its
+# own (e.g. a BadRequest answered as 413): the status's meaning, not the class's.
+_STATUS_CODES: dict[int, str] = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    500: "internal_error",
+    503: "unavailable",
+    504: "timeout",
+}
+
 
 class ProxyError(Exception):
     """Base of every error pinproxy reports; carries the HTTP status and OpenAI error type."""
 
     status: int = 500
     error_type: str = "internal_error"
+    # The body's ``code`` when the raiser names none: every error a client sees has a
+    # stable, non-null code to branch on (tests/unit/core/test_error_codes.py walks them all).
+    default_code: str = "internal_error"
 
     def __init__(
         self,
@@ -30,10 +48,14 @@ class ProxyError(Exception):
         status: int | None = None,
     ) -> None:
         super().__init__(message)
+        if code is None:
+            code = self.default_code
+            if status is not None and status != self.status:
+                code = _STATUS_CODES.get(status, f"http_{status}")
         if status is not None:
             self.status = status
         self.message = message
-        self.code = code
+        self.code: str = code
         self.param = param
         self.headers = headers or {}
         self.extra = extra or {}
@@ -55,6 +77,7 @@ class ProxyError(Exception):
 class BadRequest(ProxyError):
     status = 400
     error_type = "invalid_request_error"
+    default_code = "invalid_request"
 
 
 class MethodNotAllowed(ProxyError):
@@ -74,22 +97,26 @@ class MethodNotAllowed(ProxyError):
 class Unauthorized(ProxyError):
     status = 401
     error_type = "authentication_error"
+    default_code = "unauthorized"
 
 
 class NotFound(ProxyError):
     status = 404
     error_type = "not_found_error"
+    default_code = "not_found"
 
 
 class Conflict(ProxyError):
     status = 409
     error_type = "conflict_error"
+    default_code = "conflict"
 
 
 class RetryLater(ProxyError):
     """A 503 that tells the client when to try again (``Retry-After``)."""
 
     status = 503
+    default_code = "retry_later"
 
     def __init__(
         self, message: str, retry_after_s: int, *, extra: dict[str, Any] | None = None
@@ -101,6 +128,7 @@ class VersionUnavailable(RetryLater):
     """The session's pinned version has no healthy backend (after waiting ``pin_wait_ms``)."""
 
     error_type = "version_unavailable"
+    default_code = "version_unavailable"
 
     def __init__(self, version_key: str, retry_after_s: int, message: str | None = None) -> None:
         super().__init__(
@@ -114,6 +142,7 @@ class VersionUnavailable(RetryLater):
 
 class NoBackends(RetryLater):
     error_type = "no_backends"
+    default_code = "no_backends"
 
     def __init__(self, retry_after_s: int) -> None:
         super().__init__("no healthy backend with a known version is available", retry_after_s)
@@ -133,6 +162,7 @@ class StoreUnavailable(ProxyError):
     error_type = "pin_store_unavailable"
     timed_out = False
     store_answering = False
+    default_code = "pin_store_unavailable"
 
     def __init__(self, message: str, *, code: str = "pin_store_unavailable") -> None:
         super().__init__(message, code=code, headers={"Retry-After": "1"})
@@ -146,6 +176,7 @@ class PinLost(RetryLater):
     """
 
     error_type = "pin_lost"
+    default_code = "pin_lost"
 
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(
@@ -161,6 +192,7 @@ class Overloaded(RetryLater):
     """This proxy is too busy to serve the request in time; another replica may not be."""
 
     error_type = "proxy_overloaded"
+    default_code = "proxy_overloaded"
 
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(
@@ -173,6 +205,7 @@ class TooManyConnections(RetryLater):
     """A connection over ``listen.max_connections`` (or the per-IP cap): answered, closed."""
 
     error_type = "proxy_overloaded"
+    default_code = "too_many_connections"
 
     def __init__(self, retry_after_s: int, *, per_ip: bool) -> None:
         whose = " from your address" if per_ip else ""
@@ -185,6 +218,7 @@ class UpstreamError(ProxyError):
 
     status = 502
     error_type = "upstream_error"
+    default_code = "upstream_error"
 
 
 class UpstreamHeadTooLarge(UpstreamError):
@@ -199,6 +233,7 @@ class UpstreamHeadTooLarge(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     error_type = "upstream_timeout"
+    default_code = "upstream_timeout"
 
 
 class UpstreamConnectError(UpstreamError):
@@ -207,6 +242,8 @@ class UpstreamConnectError(UpstreamError):
     The backend cannot have acted on the request, so it may go to another backend of
     the same version whatever its method (invariant 5); the backend is suspect.
     """
+
+    default_code = "upstream_connect_failed"
 
 
 class UpstreamDropped(UpstreamError):
@@ -221,6 +258,7 @@ class UpstreamDropped(UpstreamError):
     """
 
     status = 503
+    default_code = "upstream_dropped"
 
     def __init__(
         self, message: str, *, reused: bool = False, retry_after_s: int | None = None
@@ -236,6 +274,18 @@ class UpstreamDropped(UpstreamError):
 class UpstreamBodyError(UpstreamError):
     """The backend failed after its response head: the answer is incomplete."""
 
+    default_code = "upstream_body_broken"
+
 
 class ConfigError(Exception):
-    """Invalid configuration; raised at start, never at request time."""
+    """Invalid configuration; raised at start (or by a refused live reload), never at
+    request time. ``fields``: the dotted names of the settings at fault, when known."""
+
+    fields: tuple[str, ...] = ()
+
+
+class StartupError(ConfigError):
+    """Valid settings this process cannot start with: a port in use, a missing extra.
+
+    ``pinproxy serve`` reports it (like any ``ConfigError``) as one line and exit code 2.
+    """

@@ -44,11 +44,21 @@ class RequestEvent:
     usage: Usage | None = None
     # For requests that asked for JSON output: did the answer parse? None: not asked.
     structured_output_valid: bool | None = None
-    # The W3C traceparent sent upstream, and whether the client sent it (else the proxy
-    # started the trace): what a tracing observer needs to place its span.
+    # The W3C traceparent sent upstream and the one the client sent (None: none, or
+    # not a valid one): what a tracing observer needs to place its span.
     traceparent: str | None = None
-    trace_continued: bool = False
+    incoming_traceparent: str | None = None
+    # The held request body (None when it streamed): the tracing observer reads the
+    # requested model from it, only for a span it records.
+    request_body: bytes | None = None
+    response_model: str | None = None  # the model the answer named, when it named one
     client: str | None = None  # the client's address, as resolved (forwarded.py)
+
+    @property
+    def trace_continued(self) -> bool:
+        """Whether the request continued the client's trace (same trace id upstream)."""
+        incoming, sent = self.incoming_traceparent, self.traceparent
+        return incoming is not None and sent is not None and incoming[3:35] == sent[3:35]
 
     @property
     def prompt_version(self) -> str | None:
@@ -79,6 +89,7 @@ class Outcome:
     extra_headers: list[tuple[str, str]] | None = None  # added to the answer (pin token)
     usage: Usage | None = None
     structured_output_valid: bool | None = None
+    response_model: str | None = None
     client: str | None = None
 
     def event(
@@ -112,7 +123,9 @@ class Outcome:
             usage=self.usage,
             structured_output_valid=self.structured_output_valid,
             traceparent=traceparent,
-            trace_continued=incoming_traceparent == traceparent,
+            incoming_traceparent=incoming_traceparent,
+            request_body=self.request_body,
+            response_model=self.response_model,
             client=self.client,
         )
 

@@ -187,8 +187,9 @@ def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
 def ensure_traceparent(value: str | None, rng: random.Random) -> str:
     """``value`` if it is a valid traceparent, else a new one from ``rng``.
 
-    A new trace gets flags ``00`` (not sampled): the proxy records no spans of its own,
-    and marking every trace it invents as sampled would make backends' parent-based
+    What the data plane sends while tracing is off (with tracing on, proxy/telemetry/tracing.py
+    decides). A new trace gets flags ``00`` (not sampled): the proxy records no span for
+    it, and marking every trace it invents as sampled would make backends' parent-based
     samplers record every request that arrived without trace context.
     """
     if parse_traceparent(value) is not None:

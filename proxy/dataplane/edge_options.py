@@ -64,6 +64,11 @@ class EdgeOptions:
             max_body_bytes=0,
         )
 
+    @classmethod
+    def metrics_port(cls, settings: Settings) -> EdgeOptions:
+        """The separate metrics listener (``metrics.port``): the admin listener's limits."""
+        return dataclasses.replace(cls.admin_port(settings), name="metrics")
+
 
 def bannered(make: Any, banner: str, loop: asyncio.AbstractEventLoop) -> Any:
     """``make`` (an aiohttp request factory) giving each response a writer that sets

@@ -47,6 +47,7 @@ class Drain:
 class MethodNotAllowed(ProxyError):
     status = 405
     error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
 
 
 class HealthEndpoints:

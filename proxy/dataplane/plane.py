@@ -40,14 +40,15 @@ from proxy.core.headers import (
     ensure_traceparent,
     forwarding_headers,
     new_request_id,
+    parse_traceparent,
     upstream_request_headers,
     valid_request_id,
 )
 from proxy.core.models import STAMP_HEADERS, Dimension, InvalidVersion, Pin, check_value
-from proxy.dataplane.lost_pin import LostPinPolicy
+from proxy.dataplane.live_policy import LivePolicies
 from proxy.dataplane.pin_token_http import PinTokenHeaders, changed_against_token
 from proxy.dataplane.relay import Served, error_response, relay
-from proxy.dataplane.request_body import RequestBody, SessionBodyReader
+from proxy.dataplane.request_body import RequestBody
 from proxy.policy.lifecycle import (
     CountMismatch,
     CountNewPin,
@@ -60,7 +61,6 @@ from proxy.policy.lifecycle import (
     Fail,
     HeadReceived,
     Lifecycle,
-    LifecyclePolicy,
     LookUpPin,
     MarkSuspect,
     PinIfAbsent,
@@ -78,7 +78,6 @@ from proxy.policy.lifecycle import (
     WaitForRegistry,
     World,
 )
-from proxy.policy.routing import RoutingPolicy
 from proxy.telemetry.usage import TapLimits
 
 T = TypeVar("T")
@@ -93,8 +92,10 @@ if TYPE_CHECKING:
     from proxy.core.clock import Clock
     from proxy.core.events import RequestObserver
     from proxy.core.ewma import LoadTracker
+    from proxy.dataplane.request_body import RequestBody
     from proxy.fleet.registry import Registry
     from proxy.policy.pin_token import TokenCheck
+    from proxy.policy.routing import RoutingPolicy
     from proxy.store import Lookup, PinStore
     from proxy.telemetry.loop_lag import LoopLagMonitor
     from proxy.telemetry.metrics import ProxyMetrics
@@ -123,8 +124,12 @@ class DataPlane:
         observers: Sequence[RequestObserver] = (),
         loop_lag: LoopLagMonitor | None = None,
         probe: Callable[[str], None] = lambda backend_id: None,
+        trace: Callable[[str | None, str], str] | None = None,
     ) -> None:
-        """``probe`` polls one backend's ``/version`` out of turn (Discovery.probe)."""
+        """``probe`` polls one backend's ``/version`` out of turn (Discovery.probe).
+        ``trace`` makes the ``traceparent`` sent upstream from the client's and the
+        method (TracingObserver.upstream_traceparent); without it a valid client
+        ``traceparent`` passes as it came, and a new trace is not sampled."""
         self._settings = settings
         self._observers = tuple(observers)
         self._registry = registry
@@ -136,28 +141,30 @@ class DataPlane:
         self._rng = rng
         self._loop_lag = loop_lag
         self._store_timeout_s = settings.store.op_timeout_ms / 1000
-        self._policy = RoutingPolicy.from_config(settings.routing, settings.versions)
-        self._body_reader = SessionBodyReader(
-            settings.sessions,
-            settings.upstream.max_buffered_body_bytes,
-            settings.listen.max_request_body_bytes,
-        )
-        routing = settings.routing
-        self._lifecycle = LifecyclePolicy(
-            routing=self._policy,
-            pin_wait_s=routing.pin_wait_ms / 1000.0,
-            retry_after_s=routing.retry_after_s,
-            refusal_status=routing.refusal_status or None,
-            max_attempts=routing.max_attempts,
-        )
-        self._budget = RetryBudget(routing.retry_budget_percent, routing.min_retry_concurrency)
-        self._lost_pin = LostPinPolicy(settings.sessions, metrics, settings.routing.retry_after_s)
+        self._live = live = LivePolicies.from_settings(settings, metrics)
+        self._budget = RetryBudget(live.retry_budget_percent, live.min_retry_concurrency)
         tokens = settings.sessions.pin_token
         self._tokens = None if tokens is None else PinTokenHeaders(tokens, metrics)
         self._probe = probe
+        self._trace = trace
         self._trusted = TrustedProxies(settings.listen.trusted_proxies)
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
+
+    @property
+    def routing_policy(self) -> RoutingPolicy:
+        """The routing policy new requests are decided by (the admin API's repins too)."""
+        return self._live.routing
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Swap in the policies of reloaded ``settings`` (see proxy/dataplane/live_policy.py).
+
+        Built whole before the one assignment that publishes them, so a request reads
+        either the old policies or the new ones; requests in flight keep theirs.
+        """
+        live = LivePolicies.from_settings(settings, self._metrics)
+        self._budget.reconfigure(live.retry_budget_percent, live.min_retry_concurrency)
+        self._live = live
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         arrived_at = self._clock.time()
@@ -165,7 +172,14 @@ class DataPlane:
         incoming = request.headers.get("X-Request-ID")
         request_id = incoming if valid_request_id(incoming) else new_request_id(self._rng)
         assert request_id is not None
-        traceparent = ensure_traceparent(request.headers.get("traceparent"), self._rng)
+        incoming_trace = request.headers.get("traceparent")
+        if parse_traceparent(incoming_trace) is None:
+            incoming_trace = None
+        traceparent = (
+            ensure_traceparent(incoming_trace, self._rng)
+            if self._trace is None
+            else self._trace(incoming_trace, request.method)
+        )
         forwarding = self._forwarding(request)
         outcome = Outcome(client=forwarding.client)
         self._budget.active += 1
@@ -182,13 +196,14 @@ class DataPlane:
         finally:
             self._budget.active -= 1
             if self._observers:
-                self._emit(request, request_id, traceparent, arrived_at, arrived, outcome)
+                self._emit(request, request_id, (incoming_trace, traceparent), arrived_at,
+                           arrived, outcome)
 
     def _emit(
         self,
         request: web.BaseRequest,
         request_id: str,
-        traceparent: str,
+        traces: tuple[str | None, str],
         arrived_at: float,
         arrived: float,
         outcome: Outcome,
@@ -196,8 +211,8 @@ class DataPlane:
         event = outcome.event(
             at=arrived_at,
             request_id=request_id,
-            traceparent=traceparent,
-            incoming_traceparent=request.headers.get("traceparent"),
+            traceparent=traces[1],
+            incoming_traceparent=traces[0],
             method=request.method,
             path=request.rel_url.path,
             duration_s=self._clock.monotonic() - arrived,
@@ -218,10 +233,11 @@ class DataPlane:
         outcome: Outcome,
         forwarding: Forwarding,
     ) -> web.StreamResponse:
-        body, session_id = await self._body_reader.read(request)
+        live = self._live  # this request's policies, to its end (see reconfigure)
+        body, session_id = await live.body_reader.read(request)
         outcome.session_id = session_id
         outcome.request_body = body.data
-        pinning = self._settings.routing.pinning and session_id is not None
+        pinning = live.pinning and session_id is not None
         token = None
         if pinning and session_id and self._tokens is not None:
             token = self._tokens.read(
@@ -229,7 +245,7 @@ class DataPlane:
             )
         served = await self._route_and_send(
             request, request_id, traceparent, body, session_id if pinning else None,
-            arrived, outcome, token=token, forwarding=forwarding,
+            arrived, outcome, live, token=token, forwarding=forwarding,
         )
         if self._tokens is not None and pinning and session_id and outcome.version_key:
             served_pin = Pin(outcome.version_key, outcome.backend_id or "", outcome.region or "",
@@ -250,6 +266,7 @@ class DataPlane:
         session_id: str | None,
         arrived: float,
         outcome: Outcome,
+        live: LivePolicies,
         *,
         token: TokenCheck | None = None,
         forwarding: Forwarding,
@@ -259,7 +276,7 @@ class DataPlane:
 
         ``token``: the request's checked pin token, if it had one."""
         machine = Lifecycle(
-            policy=self._lifecycle,
+            policy=live.lifecycle,
             session_id=session_id,
             held=body.replayable,
             idempotent=request.method in _IDEMPOTENT or "Idempotency-Key" in request.headers,
@@ -289,7 +306,7 @@ class DataPlane:
                     outcome.backend_id, outcome.region = backend.id, backend.region
                     outcome.version_key, outcome.ttfb_s = served.served_key, served.ttfb_s
                     if lost_pin:
-                        mark = self._lost_pin.marked(served.served_key, outcome.new_pin)
+                        mark = live.lost_pin.marked(served.served_key, outcome.new_pin)
                     outcome.version_changed = machine.version_changed or mark
                     return served
                 if isinstance(action, Fail):
@@ -300,18 +317,22 @@ class DataPlane:
                 if isinstance(action, LookUpPin):
                     hint = token.pin if token is not None else None
                     with self._metrics.time_store("get"):
-                        found = await self._stored(self._store.lookup(action.session_id, hint))
-                    mark, lost_pin = self._pin_found(found, body, token)  # or raises PinLost
+                        found = await self._stored(
+                            self._store.lookup(action.session_id, hint), live
+                        )
+                    mark, lost_pin = self._pin_found(found, body, token, live)  # or PinLost
                     event = PinLooked(found.pin)
                 elif isinstance(action, PinIfAbsent):
                     with self._metrics.time_store("pin_if_absent"):
                         stored = await self._stored(
-                            self._store.pin_if_absent(action.session_id, action.pin)
+                            self._store.pin_if_absent(action.session_id, action.pin), live
                         )
                     event = PinStored(stored)
                 elif isinstance(action, Repin):
                     with self._metrics.time_store("repin"):
-                        await self._stored(self._store.repin(action.session_id, action.pin))
+                        await self._stored(
+                            self._store.repin(action.session_id, action.pin), live
+                        )
                     event = Repinned()
                 elif isinstance(action, WaitForRegistry):
                     remaining = action.until - self._clock.monotonic()
@@ -329,7 +350,7 @@ class DataPlane:
                 budget.retrying -= 1
 
     def _pin_found(
-        self, found: Lookup, body: RequestBody, token: TokenCheck | None
+        self, found: Lookup, body: RequestBody, token: TokenCheck | None, live: LivePolicies
     ) -> tuple[str | None, bool]:
         """(the answer's X-Prompt-Version-Changed, whether the pin was lost) for a lookup.
 
@@ -341,7 +362,7 @@ class DataPlane:
         if pin is None:
             # An expired token is genuine proof the conversation began before.
             expired = token is not None and token.result == "expired"
-            return None, self._lost_pin.check(found, body.data, expired)
+            return None, live.lost_pin.check(found, body.data, expired)
         if found.changed_from is not None:
             return f"{found.changed_from} -> {pin.version_key}", False
         return changed_against_token(token, pin), False
@@ -456,7 +477,7 @@ class DataPlane:
         served_key = self._apply_stamp(backend.id, response.headers) or forward.version_key
         return Served(response, forward, served_key, ttfb)
 
-    async def _stored(self, operation: Awaitable[T]) -> T:
+    async def _stored(self, operation: Awaitable[T], live: LivePolicies) -> T:
         """A pin-store call, its timeout told apart from a store failure.
 
         A call times out when its answer is not processed in time, and a saturated
@@ -471,13 +492,13 @@ class DataPlane:
         try:
             return await operation
         except StoreUnavailable as exc:
-            exc.headers["Retry-After"] = str(self._settings.routing.retry_after_s)
+            exc.headers["Retry-After"] = str(live.retry_after_s)
             lag = self._loop_lag
             if exc.timed_out and (exc.store_answering or (
                 lag is not None and lag.worst_since(started) >= self._store_timeout_s / 2
             )):
                 self._metrics.overloaded.inc()
-                raise Overloaded(self._settings.routing.retry_after_s) from exc
+                raise Overloaded(live.retry_after_s) from exc
             raise
 
     def _apply_stamp(self, backend_id: str, headers: Mapping[str, str]) -> str | None:
@@ -508,4 +529,4 @@ class DataPlane:
         return forwarding(request.remote, scheme, trusted, headers)
 
     def __repr__(self) -> str:
-        return f"DataPlane(pinning={self._settings.routing.pinning}, registry={self._registry!r})"
+        return f"DataPlane(pinning={self._live.pinning}, registry={self._registry!r})"

@@ -100,6 +100,7 @@ async def relay(
             found = tap.finish()
             outcome.usage = found.usage
             outcome.structured_output_valid = found.structured_output_valid
+            outcome.response_model = found.model
     except UpstreamBodyError as exc:
         # The backend broke mid-body. Ending the response cleanly would pass a
         # truncated answer off as complete; dropping the connection tells the truth.

@@ -73,6 +73,7 @@ class ControlUnavailable(ProxyError):
 
     status = 503
     error_type = "control_plane_unavailable"
+    default_code = "control_plane_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +207,19 @@ class ControlPlane:
         """Read the whole state from the store and apply it (after a notice elsewhere)."""
         async with self._lock:
             self._apply(await self._store.load())
+
+    async def reconfigure(self, configured: Sequence[Backend]) -> None:
+        """Take a reloaded config's backend list and make the registry agree with it.
+
+        Backends whose entry is unchanged keep their state (version, health, latency,
+        load); new ones are added and polled at once, dropped ones removed, and one
+        whose URL, region or version source changed starts afresh. Operator changes
+        (added, removed, drained) still apply on top, as after a restart.
+        """
+        async with self._lock:
+            self._configured = tuple(configured)
+            self._configured_ids = frozenset(b.id for b in configured)
+            self._apply(self._state)
 
     # -- changes (each raises UnknownBackend / BackendExists / ControlUnavailable) --------
 

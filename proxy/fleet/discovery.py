@@ -104,6 +104,7 @@ class Discovery:
     async def poll(self, backend: Backend) -> None:
         """One poll of one backend, applied to the registry."""
         url = backend.url + self._config.path
+        started = self._registry.check_started()
         try:
             async with self._http.get(url, timeout=self._timeout, allow_redirects=False) as resp:
                 if resp.status != 200:
@@ -121,7 +122,7 @@ class Discovery:
             self._registry.report_failure(backend.id, "invalid version report")
             return
         self._registry.report_version(backend.id, bundle, "poll")
-        self._registry.report_success(backend.id)
+        self._registry.report_success(backend.id, started)
 
     async def _loop(self, backend: Backend) -> None:
         interval = self._config.interval_s

@@ -62,6 +62,9 @@ class _Health:
     successes: int = 0
     failures: int = 0
     suspect: bool = False  # marked by a failed connection; a fresh poll readmits it
+    # The registry's check counter when the backend was last marked suspect: only a
+    # check begun after it is fresh (one already in flight may answer from before).
+    suspected_at: int = -1
     outlier: OutlierState = field(default_factory=OutlierState)
     transitions: list[tuple[float, bool, str]] = field(default_factory=list)
 
@@ -86,6 +89,7 @@ class Registry:
         # to count it; it must be cheap and must not raise.
         self._on_health_change = on_health_change
         self._outlier = outlier or OutlierPolicy()
+        self._checks = 0  # health checks begun (see check_started)
         # Told (backend id, region, why) after every ejection; cheap, must not raise.
         self._on_ejection = on_ejection
         self._unhealthy_after = unhealthy_after
@@ -180,10 +184,23 @@ class Registry:
             return None
         return self.report_version(backend_id, bundle, "stamp")
 
-    def report_success(self, backend_id: str) -> None:
-        """A health check (``/version`` poll or push) succeeded."""
+    def check_started(self) -> int:
+        """A token for a health check about to begin; give it to ``report_success``."""
+        self._checks += 1
+        return self._checks
+
+    def report_success(self, backend_id: str, started: int | None = None) -> None:
+        """A health check (``/version`` poll or push) succeeded.
+
+        ``started``: the check's ``check_started`` token. A check that began before the
+        backend was marked suspect says nothing about it now (a POP that died while a
+        poll was in flight may still have answered it), so it neither readmits the
+        backend nor counts towards its health.
+        """
         health = self._health.get(backend_id)
         if health is None:
+            return
+        if health.suspect and started is not None and started <= health.suspected_at:
             return
         health.failures = 0
         health.successes += 1
@@ -207,6 +224,7 @@ class Registry:
             return
         health.successes = 0
         health.suspect = True
+        health.suspected_at = self._checks
         if health.healthy:
             self._set_health(backend_id, health, False, f"passive: {why}")
 

@@ -74,6 +74,7 @@ logger = logging.getLogger(__name__)
 class RolloutUnavailable(ProxyError):
     status = 503
     error_type = "rollout_state_unavailable"
+    default_code = "rollout_state_unavailable"
 
 
 def policy_from(config: RolloutConfig) -> RolloutPolicy:

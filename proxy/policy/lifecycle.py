@@ -535,5 +535,10 @@ class RetryBudget:
     def has_room(self) -> bool:
         return self.retrying < max(self._min, self.active * self._share)
 
+    def reconfigure(self, percent: float, min_concurrency: int) -> None:
+        """New limits (a config reload); the counts of requests in flight carry over."""
+        self._share = percent / 100
+        self._min = min_concurrency
+
     def __repr__(self) -> str:
         return f"RetryBudget(active={self.active}, retrying={self.retrying})"

@@ -1,9 +1,10 @@
 """One running proxy: the services, the data port and the admin port, in one context.
 
 ``running_proxy`` opens the services (:func:`proxy.app.services.open_services`), starts
-the data port and then the admin port, and on exit stops them in reverse: the admin
-listener, then the data listener (which stops accepting, then gives in-flight
-requests ``listen.shutdown_timeout_s`` to finish), then the services. The server
+the data port, the admin port and the optional metrics port, and on exit stops them in
+reverse: the metrics and admin listeners, then the data listener (which stops
+accepting, then gives in-flight requests ``listen.shutdown_timeout_s`` to finish), then
+the services. The server
 process, the demo and the tests all run the proxy through it, so they cannot differ.
 """
 
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from proxy.admin.app import build_admin_app
 from proxy.admin.backend_urls import Resolver, system_resolve
+from proxy.admin.metrics_routes import install_metrics_only
 from proxy.admin.routes import installers
 from proxy.app.dataport import data_port_runner
 from proxy.app.services import Services, open_services
@@ -24,6 +26,7 @@ from proxy.config.listen import is_loopback_address
 from proxy.core.errors import ConfigError
 from proxy.dataplane.edge_options import EdgeOptions
 from proxy.dataplane.listener import EdgeAppRunner
+from proxy.runtime.preflight import bind_error
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -38,7 +41,7 @@ class RunningProxy:
     services: Services
     data_addresses: tuple[tuple[str, int], ...]
     admin_addresses: tuple[tuple[str, int], ...]  # empty when admin.enabled is false
-
+    metrics_addresses: tuple[tuple[str, int], ...] = ()  # the metrics.port listener
     @property
     def url(self) -> str:
         host, port = self.data_addresses[0]
@@ -71,18 +74,24 @@ async def running_proxy(
         data = data_port_runner(services)
         await data.setup()
         stack.push_async_callback(data.cleanup)
-        await web.TCPSite(
-            data, settings.listen.host, settings.listen.port, reuse_port=reuse_port,
-            backlog=1024,
-        ).start()
+        await _listen(
+            web.TCPSite(
+                data, settings.listen.host, settings.listen.port, reuse_port=reuse_port,
+                backlog=1024,
+            ),
+            "listen.port", settings.listen.host, settings.listen.port,
+        )
         admin_addresses: tuple[tuple[str, int], ...] = ()
         if settings.admin.enabled:
             admin = admin_runner(services, admin_resolve)
             await admin.setup()
             stack.push_async_callback(admin.cleanup)
-            await web.TCPSite(
-                admin, settings.admin.host, settings.admin.port, reuse_port=reuse_port
-            ).start()
+            await _listen(
+                web.TCPSite(
+                    admin, settings.admin.host, settings.admin.port, reuse_port=reuse_port
+                ),
+                "admin.port", settings.admin.host, settings.admin.port,
+            )
             exposed = unguarded_addresses(settings.admin.token is not None, admin.addresses)
             if exposed:
                 # admin.host passed the config check by name ("localhost") but
@@ -93,7 +102,26 @@ async def running_proxy(
                     "exposing the admin API"
                 )
             admin_addresses = _addresses(admin.addresses)
-        yield RunningProxy(services, _addresses(data.addresses), admin_addresses)
+        metrics_addresses: tuple[tuple[str, int], ...] = ()
+        if settings.metrics.port is not None and settings.metrics.enabled:
+            scrape = metrics_runner(services)
+            await scrape.setup()
+            stack.push_async_callback(scrape.cleanup)
+            await web.TCPSite(
+                scrape, settings.metrics.host, settings.metrics.port, reuse_port=reuse_port
+            ).start()
+            metrics_addresses = _addresses(scrape.addresses)
+        yield RunningProxy(services, _addresses(data.addresses), admin_addresses,
+                           metrics_addresses)
+
+
+async def _listen(site: web.TCPSite, setting: str, host: str, port: int) -> None:
+    """Start ``site`` (on ``host:port``); a port that cannot be bound is a one-line
+    StartupError naming ``setting`` (busy, privileged, or not an address of this machine)."""
+    try:
+        await site.start()
+    except OSError as exc:
+        raise bind_error(setting, host, port, exc) from exc
 
 
 def admin_runner(services: Services, resolve: Resolver = system_resolve) -> web.AppRunner:
@@ -101,6 +129,16 @@ def admin_runner(services: Services, resolve: Resolver = system_resolve) -> web.
     return EdgeAppRunner(
         build_admin_app(services, installers(resolve)),
         options=EdgeOptions.admin_port(services.settings),
+        metrics=services.metrics,
+        access_log=None,
+    )
+
+
+def metrics_runner(services: Services) -> web.AppRunner:
+    """The separate metrics listener's runner (``metrics.port``): GET /metrics, no token."""
+    return EdgeAppRunner(
+        build_admin_app(services, (install_metrics_only,), guarded=False),
+        options=EdgeOptions.metrics_port(services.settings),
         metrics=services.metrics,
         access_log=None,
     )

@@ -26,6 +26,7 @@ from pydantic import SecretStr
 
 from proxy.runtime.gc_tuning import GcPauses, tune_gc
 from proxy.runtime.instance import running_proxy
+from proxy.runtime.preflight import probe_bind
 from proxy.telemetry.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -39,13 +40,19 @@ logger = logging.getLogger(__name__)
 _RESTARTS_PER_MINUTE = 5
 
 
-def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; return the process exit code."""
+def run(settings: Settings, source: Callable[[], Settings] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; return the process exit code.
+
+    ``source`` re-reads the settings for a live reload (SIGHUP, POST /admin/reload).
+    """
     if settings.listen.workers == 1:
-        _run_loop(settings, reuse_port=False)
+        _run_loop(settings, source, reuse_port=False)
         return 0
+    probe_bind("listen.port", settings.listen.host, settings.listen.port)
+    if settings.admin.enabled:
+        probe_bind("admin.port", settings.admin.host, settings.admin.port)
     with _multiprocess_metrics():
-        return _supervise(_with_session_hash_key(settings))
+        return _supervise(_with_session_hash_key(settings), source)
 
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -83,11 +90,25 @@ def _with_session_hash_key(settings: Settings) -> Settings:
     """
     if settings.log.session_hash_key is not None:
         return settings
-    log = settings.log.model_copy(update={"session_hash_key": SecretStr(secrets.token_hex(32))})
+    key = secrets.token_hex(32)
+    # In the environment too: a reload re-reads the file in each worker, and must find
+    # the same key there or every reload would be refused as changing log.session_hash_key.
+    os.environ[_HASH_KEY_ENV] = key
+    log = settings.log.model_copy(update={"session_hash_key": SecretStr(key)})
     return settings.model_copy(update={"log": log})
 
 
-def _run_loop(settings: Settings, *, reuse_port: bool) -> None:
+_HASH_KEY_ENV = "PINPROXY_LOG__SESSION_HASH_KEY"
+
+
+def _run_loop(
+    settings: Settings,
+    source: Callable[[], Settings] | None,
+    *,
+    reuse_port: bool,
+    supervised: bool = False,
+    reload_at_start: bool = False,
+) -> None:
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
@@ -96,19 +117,42 @@ def _run_loop(settings: Settings, *, reuse_port: bool) -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
         logger.info("uvloop not available; using the default event loop")
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(settings, reuse_port=reuse_port))
+        runner.run(serve(settings, source, reuse_port=reuse_port, supervised=supervised,
+                         reload_at_start=reload_at_start))
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Run one proxy in the current event loop until a stop signal arrives."""
+def _ask_supervisor_to_reload() -> None:
+    # The supervisor answers SIGHUP by signalling every worker (this one included,
+    # whose second reload then finds nothing changed).
+    os.kill(os.getppid(), signal.SIGHUP)
+
+
+async def serve(
+    settings: Settings,
+    source: Callable[[], Settings] | None = None,
+    *,
+    reuse_port: bool = False,
+    supervised: bool = False,
+    reload_at_start: bool = False,
+) -> None:
+    """Run one proxy in the current event loop until a stop signal arrives.
+
+    ``source``: SIGHUP re-reads the settings from it and applies them (proxy/app/reload.py).
+    ``supervised``: a worker of several, whose admin reloads reach its siblings through
+    the supervisor. ``reload_at_start``: a restarted worker catches up with reloads
+    its siblings applied since the supervisor started.
+    """
     multiprocess_dir = os.environ.get(_MULTIPROC_ENV)
     async with running_proxy(
-        settings, reuse_port=reuse_port, metrics_multiprocess_dir=multiprocess_dir
+        settings, reuse_port=reuse_port, metrics_multiprocess_dir=multiprocess_dir,
+        reload_from=source, notify_peers=_ask_supervisor_to_reload if supervised else None,
     ) as proxy:
         for host, port in proxy.data_addresses:
             logger.info("pinproxy listening on http://%s:%s", host, port)
         for host, port in proxy.admin_addresses:
             logger.info("admin API listening on http://%s:%s", host, port)
+        for host, port in proxy.metrics_addresses:
+            logger.info("metrics listening on http://%s:%s/metrics", host, port)
         gc_pauses = GcPauses(proxy.services.metrics.gc_paused)
         gc_pauses.install()
         # Everything start-up allocated now lives as long as the process: freeze it.
@@ -118,6 +162,18 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        reloads: set[asyncio.Task[None]] = set()
+        reloader = proxy.services.reloader
+        if reloader is not None:
+
+            def on_sighup() -> None:
+                task = loop.create_task(reloader.reload_logged(), name="config-reload")
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
+            if reload_at_start:
+                await reloader.reload_logged()
         try:
             await stop.wait()
             # Readiness turns 503 first while requests are still served, so load
@@ -140,30 +196,44 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
                 "stopping: draining in-flight requests (up to %.0fs)",
                 settings.listen.shutdown_timeout_s,
             )
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+            for task in reloads:
+                task.cancel()
     gc_pauses.uninstall()
     logger.info("stopped")
 
 
-def _worker_main(settings: Settings, index: int) -> None:
+def _worker_main(
+    settings: Settings, source: Callable[[], Settings] | None, index: int, restarted: bool
+) -> None:
     configure_logging(settings.log, worker=index)
-    _run_loop(settings, reuse_port=True)
+    _run_loop(settings, source, reuse_port=True, supervised=True,
+              reload_at_start=restarted and source is not None)
 
 
-def _supervise(settings: Settings) -> int:
+def _supervise(settings: Settings, source: Callable[[], Settings] | None) -> int:
     ctx = multiprocessing.get_context("spawn")
     stopping = False
+    reload_asked = False
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
+    def on_sighup(signum: int, _frame: object) -> None:
+        nonlocal reload_asked
+        reload_asked = True
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if source is not None:  # else SIGHUP keeps its default: nothing could re-read it
+        signal.signal(signal.SIGHUP, on_sighup)
+    reloaded = False  # a worker started after a reload must catch up with it
 
     def start(index: int) -> BaseProcess:
-        proc = ctx.Process(target=_worker_main, args=(settings, index), name=f"pinproxy-{index}")
+        proc = ctx.Process(target=_worker_main, args=(settings, source, index, reloaded),
+                           name=f"pinproxy-{index}")
         proc.start()
         return proc
 
@@ -172,6 +242,13 @@ def _supervise(settings: Settings) -> int:
     code = 0
     while not stopping:
         time.sleep(0.2)
+        if reload_asked:
+            # SIGHUP (an operator's, or a worker's after POST /admin/reload): each
+            # worker re-reads and applies the config itself, and logs the outcome.
+            reload_asked, reloaded = False, True
+            for proc in workers.values():
+                if proc.is_alive() and proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGHUP)
         for index, proc in list(workers.items()):
             if proc.is_alive() or stopping:
                 continue

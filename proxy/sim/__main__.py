@@ -61,16 +61,43 @@ async def _serve(pop: SimPop, host: str, port: int) -> None:
 @click.option("--parser", default=None, help="Parser version (omitted when not given).")
 @click.option("--tools", default=None, help="Tools version (omitted when not given).")
 @click.option("--model", default=None, help="Model version (omitted when not given).")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(0, 65535), default=18101, show_default=True)
-@click.option("--ttfb-ms", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--tokens-per-second", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
-    "--completion-tokens", type=click.IntRange(0, 1_000_000), default=8, show_default=True
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=18101,
+    show_default=True,
+    help="Port to listen on (0: any free port, printed when ready).",
+)
+@click.option(
+    "--ttfb-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Time to first byte of every answer, in milliseconds (the POP's latency).",
+)
+@click.option(
+    "--tokens-per-second",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Streaming speed after the first byte (0: every token at once).",
+)
+@click.option(
+    "--completion-tokens",
+    type=click.IntRange(0, 1_000_000),
+    default=8,
+    show_default=True,
+    help="Tokens in every completion (also reported in usage).",
 )
 @click.option("--strict", is_flag=True, help="Answer 409 to requests pinned to another version.")
 @click.option("--no-stamp", is_flag=True, help="Send no version or backend-id headers.")
-@click.option("--fail-status", type=click.IntRange(400, 599), default=None)
+@click.option(
+    "--fail-status",
+    type=click.IntRange(400, 599),
+    default=None,
+    help="Answer every API request with this error status (a failing POP).",
+)
 @click.option(
     "--key-dimensions",
     default=",".join(DIMENSIONS),
@@ -78,7 +105,12 @@ async def _serve(pop: SimPop, host: str, port: int) -> None:
     help="Dimensions the strict check compares, comma separated.",
 )
 @click.option("--access-log", is_flag=True, help="Log every request.")
-@click.option("--uvloop/--no-uvloop", default=True, show_default=True)
+@click.option(
+    "--uvloop/--no-uvloop",
+    default=True,
+    show_default=True,
+    help="Run on uvloop (as pinproxy does) or on asyncio's default loop.",
+)
 def main(
     backend_id: str,
     region: str,

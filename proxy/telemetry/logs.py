@@ -182,6 +182,11 @@ def _text(value: object) -> str:
     return text if text and " " not in text else repr(text)
 
 
+def set_log_level(config: LogConfig) -> None:
+    """Apply ``log.level`` to diagnostic logging (a live reload; the request log keeps its own)."""
+    logging.getLogger().setLevel(config.level.upper())
+
+
 def configure_logging(config: LogConfig, worker: int | None = None) -> None:
     """Send every log record to stderr in the configured format, at the configured level."""
     handler = logging.StreamHandler(sys.stderr)
@@ -191,7 +196,7 @@ def configure_logging(config: LogConfig, worker: int | None = None) -> None:
         handler.setFormatter(TextFormatter(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(config.level.upper())
+    set_log_level(config)
     # The request log is an access log: ``log.request_log`` turns it on or off, whatever
     # the level of diagnostic logging.
     logging.getLogger(REQUEST_LOGGER).setLevel(

@@ -21,7 +21,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -64,6 +70,13 @@ class ProxyMetrics:
         self._multiprocess_dir = multiprocess_dir
         self._scrape_time: list[Collector] = []
         self._store_children: dict[str, tuple[Histogram, Counter]] = {}
+        # process_* (CPU, memory, open fds, start time: what alert rules tell a young
+        # target by) and python_info, of the process that answers the scrape.
+        self._process: tuple[Collector, ...] = (
+            ProcessCollector(registry=None), PlatformCollector(registry=None))
+        if multiprocess_dir is None:
+            for collector in self._process:
+                registry.register(collector)
         self.pins_created = Counter(
             "pinproxy_pins_created",
             "Sessions pinned to a version for the first time.",
@@ -278,7 +291,7 @@ class ProxyMetrics:
         # The fleet gauges are this worker's view only (every worker sees the same fleet).
         merged = CollectorRegistry()
         MultiProcessCollector(merged, self._multiprocess_dir)  # type: ignore[no-untyped-call]
-        for collector in self._scrape_time:
+        for collector in (*self._scrape_time, *self._process):
             merged.register(collector)
         return encoder(merged), content_type
 

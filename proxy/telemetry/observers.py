@@ -8,6 +8,7 @@ the request log's writer thread and the span exporter.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from proxy.telemetry.metrics import MetricsObserver
@@ -25,7 +26,10 @@ logger = logging.getLogger(__name__)
 class Telemetry:
     """Metrics, request log and tracing observers, as the settings ask for them."""
 
-    def __init__(self, settings: Settings, metrics: ProxyMetrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: ProxyMetrics, tracing: TracingObserver | None = None
+    ) -> None:
+        """``tracing``: a ready tracing observer (tests), instead of one from the settings."""
         hasher = SessionHasher.from_config(settings.log)
         observers: list[RequestObserver] = []
         if settings.metrics.enabled:
@@ -34,14 +38,12 @@ class Telemetry:
         if settings.log.request_log:
             self.request_log = RequestLog(hasher)
             observers.append(self.request_log)
-        self.tracing: TracingObserver | None = None
-        if settings.tracing.otlp_endpoint is not None:
-            # Deferred: OpenTelemetry is an optional extra, imported only when configured.
-            from proxy.telemetry.tracing import build_tracing
-
-            self.tracing = build_tracing(settings.tracing, hasher)
+        self.tracing: TracingObserver | None = tracing
+        endpoint = None if tracing is not None else settings.tracing.endpoint(os.environ)
+        if endpoint is not None:
+            self.tracing = _build_tracing(settings, hasher, endpoint)
+        if self.tracing is not None:
             observers.append(self.tracing)
-            logger.info("tracing: OTLP spans to %s", settings.tracing.otlp_endpoint)
         self.observers: tuple[RequestObserver, ...] = tuple(observers)
 
     def start(self) -> None:
@@ -57,3 +59,23 @@ class Telemetry:
 
     def __repr__(self) -> str:
         return f"Telemetry(observers={self.observers!r})"
+
+
+def _build_tracing(
+    settings: Settings, hasher: SessionHasher, endpoint: str
+) -> TracingObserver | None:
+    # Deferred: OpenTelemetry is an optional extra, imported only when tracing is on.
+    try:
+        from proxy.telemetry.tracing import build_tracing
+
+        tracing = build_tracing(settings.tracing, hasher)
+    except ImportError:
+        if settings.tracing.otlp_endpoint is not None:
+            raise
+        # Asked for by OTEL_* variables alone (often set for a whole pod): a warning,
+        # not a proxy that will not start.
+        logger.warning("tracing: OTEL_EXPORTER_OTLP_* is set but the 'otel' extra is not "
+                       "installed (pip install 'pinproxy[otel]'); no spans")
+        return None
+    logger.info("tracing: OTLP spans to %s", endpoint)
+    return tracing

@@ -2,30 +2,45 @@
 
 OpenTelemetry is an optional extra (``pip install 'pinproxy[otel]'``). Nothing in
 this module imports it until ``build_tracing`` is called, which the composition
-root does only when ``tracing.otlp_endpoint`` is configured: without it, no
+root does only when tracing is wanted (``TracingConfig.endpoint``): without it, no
 OpenTelemetry code is loaded, let alone run per request.
 
+Where pinproxy sits in the W3C trace. When a request arrives, ``upstream_traceparent``
+decides with the configured sampler (the SDK's ``OTEL_TRACES_SAMPLER``, or
+``tracing.sample_ratio``) whether pinproxy records a span for it:
+
+* recorded: pinproxy's span gets a fresh span id, and the backend is told that id as
+  its parent with the sampled flag (``01``): the backend's span is the child of
+  pinproxy's, which is the child of the client's span (same trace id) or, without a
+  client trace, the root;
+* not recorded: a client's ``traceparent`` goes upstream unchanged (pinproxy is not
+  in the trace), and a trace pinproxy starts is marked not sampled (``00``).
+
 Spans are made after the fact, from each ``RequestEvent``, with the request's real
-start and end times, so tracing adds no work while a request is in flight. The
-span joins the W3C trace the request carried upstream:
+start and end times and the ids decided on arrival, so tracing adds no work while a
+request is in flight. The span is started with the same sampler and the same inputs
+(trace id, parent), which every built-in sampler decides alike.
 
-* when the client sent a ``traceparent``, the span is its child (the backend got the
-  same ``traceparent``, so its spans are the proxy span's siblings);
-* when the proxy started the trace, the span *is* the parent the backend was told
-  about: it takes the trace id and parent id the proxy sent upstream, so the
-  backend's spans nest under it.
-
-The provider is private to the app (never installed as OpenTelemetry's global one)
-and its batch processor exports from its own thread.
+Configuration is OpenTelemetry's own: the SDK and exporter read ``OTEL_SERVICE_NAME``,
+``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``/``_ARG``,
+``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``/``HEADERS``/``TIMEOUT``/``COMPRESSION`` and
+``OTEL_BSP_*``; a ``[tracing]`` setting, when given, wins over its variable. The
+provider is private to the app (never installed as OpenTelemetry's global one) and its
+batch processor exports from its own thread.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+import orjson
+
+from proxy.core.answers import model_of
 from proxy.core.headers import parse_traceparent
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Tracer
@@ -34,7 +49,24 @@ if TYPE_CHECKING:
     from proxy.core.events import RequestEvent
     from proxy.telemetry.requestlog import SessionHasher
 
+logger = logging.getLogger(__name__)
+
 _SCOPE: Final = "pinproxy"
+# gen_ai.operation.name by the OpenAI-compatible path a request was sent to.
+_OPERATIONS: Final = (
+    ("/chat/completions", "chat"),
+    ("/completions", "text_completion"),
+    ("/embeddings", "embeddings"),
+    ("/responses", "chat"),
+)
+
+
+def operation_name(path: str) -> str | None:
+    """``gen_ai.operation.name`` of a request to ``path``, if it is a GenAI call."""
+    for suffix, name in _OPERATIONS:
+        if path.endswith(suffix):
+            return name
+    return None
 
 
 class _Presets(Protocol):
@@ -46,6 +78,8 @@ class TracingObserver:
 
     def __init__(self, provider: TracerProvider, ids: _Presets, hasher: SessionHasher) -> None:
         from opentelemetry import trace
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+        from opentelemetry.sdk.trace.sampling import Decision
         from opentelemetry.trace import (
             NonRecordingSpan,
             SpanContext,
@@ -57,7 +91,10 @@ class TracingObserver:
 
         self._provider = provider
         self._tracer: Tracer = provider.get_tracer(_SCOPE)
+        self._sampler = provider.sampler
         self._ids = ids  # the provider's id generator
+        self._random = RandomIdGenerator()
+        self._sample = Decision.RECORD_AND_SAMPLE
         self._hasher = hasher
         # Bound once here so observe() does no attribute lookups on modules.
         self._set_span_in_context = trace.set_span_in_context
@@ -67,18 +104,45 @@ class TracingObserver:
         self._server = SpanKind.SERVER
         self._error = Status(StatusCode.ERROR)
 
-    def observe(self, event: RequestEvent) -> None:
-        parsed = parse_traceparent(event.traceparent)
-        context = None
+    def upstream_traceparent(self, incoming: str | None, method: str) -> str:
+        """The ``traceparent`` to send upstream for a request that carried ``incoming``.
+
+        Decides, on arrival, whether this request's span is recorded (see the module
+        docstring); ``observe`` reads the decision back from what was sent.
+        """
+        parsed = parse_traceparent(incoming)
+        context: Context | None = None
         if parsed is not None:
-            trace_id, parent_id, flags = (int(part, 16) for part in parsed)
-            if event.trace_continued:
-                remote = self._context(
-                    trace_id, parent_id, is_remote=True, trace_flags=self._flags(flags)
-                )
-                context = self._set_span_in_context(self._remote(remote))
-            else:
-                self._ids.preset(trace_id, parent_id)
+            trace_id = int(parsed[0], 16)
+            context = self._parent(parsed)
+        else:
+            trace_id = self._random.generate_trace_id()
+        decision = self._sampler.should_sample(
+            context, trace_id, f"pinproxy {method}", self._server
+        )
+        span_id = self._random.generate_span_id()
+        if decision.decision is self._sample:
+            return f"00-{trace_id:032x}-{span_id:016x}-01"
+        if parsed is not None:
+            assert incoming is not None
+            return incoming  # not in the trace: the client's context passes as it came
+        return f"00-{trace_id:032x}-{span_id:016x}-00"
+
+    def observe(self, event: RequestEvent) -> None:
+        sent = parse_traceparent(event.traceparent)
+        # Recorded: sent sampled, with a span id of our own (else the client's went on).
+        if sent is None or not int(sent[2], 16) & 1 or event.traceparent == (
+            event.incoming_traceparent
+        ):
+            return
+        trace_id, span_id = int(sent[0], 16), int(sent[1], 16)
+        context = None
+        incoming = parse_traceparent(event.incoming_traceparent)
+        if incoming is not None and event.trace_continued:
+            context = self._parent(incoming)
+            self._ids.preset(None, span_id)
+        else:
+            self._ids.preset(trace_id, span_id)
         start = int(event.at * 1e9)
         try:
             span = self._tracer.start_span(
@@ -93,6 +157,12 @@ class TracingObserver:
         if event.status >= 500:
             span.set_status(self._error)
         span.end(end_time=start + int(event.duration_s * 1e9))
+
+    def _parent(self, parsed: tuple[str, str, str]) -> Context:
+        trace_id, parent_id, flags = (int(part, 16) for part in parsed)
+        remote = self._context(trace_id, parent_id, is_remote=True,
+                               trace_flags=self._flags(flags & 1))
+        return self._set_span_in_context(self._remote(remote))
 
     def _attributes(self, event: RequestEvent) -> dict[str, str | int | float | bool]:
         values: dict[str, str | int | float | bool | None] = {
@@ -111,6 +181,12 @@ class TracingObserver:
             "pinproxy.structured_output_valid": event.structured_output_valid,
             "error.type": event.error_type,
         }
+        operation = operation_name(event.path)
+        if operation is not None:
+            # OpenTelemetry's GenAI semantic conventions, beside pinproxy's own.
+            values["gen_ai.operation.name"] = operation
+            values["gen_ai.request.model"] = _requested_model(event.request_body)
+            values["gen_ai.response.model"] = event.response_model
         if event.usage is not None:
             values["gen_ai.usage.input_tokens"] = event.usage.prompt_tokens
             values["gen_ai.usage.output_tokens"] = event.usage.completion_tokens
@@ -119,6 +195,7 @@ class TracingObserver:
 
     def close(self) -> None:
         """Export what is buffered and stop the exporter thread."""
+        logger.debug("tracing: flushing spans")
         self._provider.shutdown()
 
     def __repr__(self) -> str:
@@ -140,26 +217,41 @@ def build_tracing(
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     if exporter is None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
+        # endpoint None: the exporter reads OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT itself,
+        # as it reads its headers, timeout, compression and certificates.
         exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint)
-    ratio = TraceIdRatioBased(config.sample_ratio)
-    # A client that sampled its trace gets the proxy's span too; otherwise the ratio.
-    sampler = ParentBased(root=ratio, remote_parent_sampled=ALWAYS_ON,
-                          remote_parent_not_sampled=ratio)
+    # None: TracerProvider reads OTEL_TRACES_SAMPLER / _ARG (default parentbased_always_on).
+    sampler = None if config.sample_ratio is None else ParentBased(
+        root=TraceIdRatioBased(config.sample_ratio))
+    # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; a configured
+    # service_name wins, and "pinproxy" stands in for the SDK's "unknown_service".
+    resource = Resource.create(
+        {} if config.service_name is None else {"service.name": config.service_name})
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "pinproxy"}))
     ids = _preset_ids()
     provider = TracerProvider(
-        sampler=sampler,
-        resource=Resource.create({"service.name": config.service_name}),
-        id_generator=ids,
-        shutdown_on_exit=False,
+        sampler=sampler, resource=resource, id_generator=ids, shutdown_on_exit=False
     )
     processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
     provider.add_span_processor(processor)
     return TracingObserver(provider, ids, hasher)
+
+
+def _requested_model(body: bytes | None) -> str | None:
+    """The ``model`` a held JSON request body asks for (parsed only for recorded spans)."""
+    if not body or b'"model"' not in body:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return model_of(doc) if isinstance(doc, dict) else None
 
 
 def _preset_ids() -> Any:

@@ -63,6 +63,7 @@ class TrafficUnavailable(ProxyError):
 
     status = 503
     error_type = "traffic_store_unavailable"
+    default_code = "traffic_store_unavailable"
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,10 +33,12 @@ import orjson
 from proxy.core.answers import (
     answer_text,
     delta_text,
+    facts_of_event,
+    model_in_head,
+    model_of,
     parses_as_json,
     usage_in_tail,
     usage_of,
-    usage_of_event,
 )
 
 if TYPE_CHECKING:
@@ -64,6 +66,7 @@ class TapResult:
     usage: Usage | None = None
     # None: not asked for JSON output, or the answer could not be judged (over a cap).
     structured_output_valid: bool | None = None
+    model: str | None = None  # the model the answer names (gen_ai.response.model)
 
 
 class ResponseTap(Protocol):
@@ -234,11 +237,11 @@ class SseTap:
                 if self._json_mode and not self._unjudgeable:
                     self._collect(last)
                 self._last = last
-        usage = usage_of_event(self._last) if self._last is not None else None
+        usage, model = facts_of_event(self._last) if self._last is not None else (None, None)
         valid: bool | None = None
         if self._json_mode and not self._unjudgeable and self._content:
             valid = parses_as_json("".join(self._content))
-        return TapResult(usage, valid)
+        return TapResult(usage, valid, model)
 
     def __repr__(self) -> str:
         return (
@@ -283,7 +286,9 @@ class JsonTap:
             return TapResult()
         data = b"".join(self._chunks)
         if not self._json_mode:
-            return TapResult(usage_in_tail(data), None)
+            # The model is named near the start: only when the start is still kept.
+            model = model_in_head(data) if self._kept == self._size else None
+            return TapResult(usage_in_tail(data), None, model)
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -291,7 +296,9 @@ class JsonTap:
         if not isinstance(doc, dict):
             return TapResult()
         text = answer_text(doc)
-        return TapResult(usage_of(doc), None if text is None else parses_as_json(text))
+        return TapResult(
+            usage_of(doc), None if text is None else parses_as_json(text), model_of(doc)
+        )
 
     def __repr__(self) -> str:
         return f"JsonTap(json_mode={self._json_mode}, seen={self._size}B, over={self._over})"

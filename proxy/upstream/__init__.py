@@ -1,2 +1,2 @@
-"""The clients that speak HTTP/1.1 to backends: the lean httptools client and its pool,
-aiohttp's client for streamed bodies, TLS contexts."""
+"""pinproxy's one HTTP/1.1 client to backends: connection (http1.py), its pure decisions
+(state.py), request framing, the keep-alive pool, TLS contexts; ``Upstream`` (client.py)."""

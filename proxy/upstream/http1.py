@@ -1,53 +1,43 @@
-"""A lean HTTP/1.1 client to the backends, for requests whose body is held in memory.
+"""pinproxy's HTTP/1.1 client connection to a backend: one asyncio protocol, llhttp parsing.
 
-Theory of operation. aiohttp's client spends more CPU per request than the rest of
-pinproxy's request path together (per-request timers, trace hooks, cookie handling,
-a writer task, a StreamReader per response). A proxy that already holds the whole
-request body needs none of that. Per backend origin this pool keeps idle keep-alive
-connections; a request is serialised once and written with one ``transport.write``;
-llhttp (httptools) parses the response, and body chunks are handed to the relay as
-they arrive.
+Theory of operation. aiohttp's client spends several times the CPU of this one per
+request (per-request timers, trace hooks, cookie handling, a writer task, a
+StreamReader per response: bench/RESULTS.md). A request with a held body is
+serialised once and written with one ``transport.write``; llhttp (httptools) parses
+the response, and body chunks are handed to the relay as they arrive. The decisions
+(reuse, replay, what a lost connection means) are pure functions in state.py.
 
-- A connection is either idle in its origin's list or owned by one response. It goes
-  back only when that response was read to its end and both sides allow keep-alive;
-  anything else closes it, so a connection never carries a half-read answer.
-- A reused idle connection may have been closed by the backend meanwhile. When it
-  fails before any byte of the response came back, the request is written once more
-  on a fresh connection to the same backend, but only when the caller says it is
-  replayable (idempotent method or an Idempotency-Key): the backend may have read it
-  before closing, and a replayed completion is billed twice (Go's transport rule). Any
-  other failure is the caller's, as ``UpstreamConnectError`` (nothing was written) or
-  ``UpstreamDropped`` (written, no head came back).
-- A connection goes back to the pool only once its response was read to the end and
-  nothing followed it, and it is lent again only after it has stayed quiet for
-  ``reuse_quiet_s`` (oldest idle first): a backend that writes a second, unsolicited
-  response shortly after a complete one has its connection closed while idle (any
-  byte on an idle connection closes it) instead of having that response read as the
-  answer to the next, unrelated request.
-- Backpressure: past ``_HIGH_WATER`` unread bytes the socket stops being read until
-  the relay takes what is buffered (it always takes all of it at once).
+- A connection is in one ``ConnState``. It goes back to the pool only when its
+  response was read to its end, both sides allow keep-alive, its whole request was
+  written and nothing unread is buffered; anything else closes it, so a connection
+  never carries half an exchange into the next request.
+- A streamed request body (one not held in memory) is written while the response is
+  awaited, with write flow control (writer.py). When the client's stream fails before
+  the head came back, that failure is what the request raises; the connection closes.
+- An answer to HEAD has no body, whatever its framing headers say (llhttp is not told
+  the method): it is complete with its head, keep-alive is read off its head, and the
+  next request gets a fresh parser.
+- Interim answers (100 Continue, 103 Early Hints) are skipped; the final head follows.
+- Response heads are bounded (``state.HeadLimits``): bytes received while the head is
+  awaited (interim heads included) beyond ``max_bytes``, or a header beyond
+  ``max_headers``, fail the request with ``UpstreamHeadTooLarge`` and close the
+  connection; nothing of that head is relayed, and at most one read past the cap is
+  buffered.
+- Backpressure on reading: past ``_HIGH_WATER`` unread bytes the socket stops being read
+  until the relay takes what is buffered (it always takes all of it at once).
 - A response ends the connection's business until it is finished: bytes past its end
   (a second response nobody asked for) close the connection rather than join a body.
-- Response heads are bounded (``HeadLimits``): bytes received while the head is
-  awaited (interim 1xx heads included) beyond ``max_bytes``, or a header beyond
-  ``max_headers``, fail the request with ``UpstreamHeadTooLarge`` and close the
-  connection; nothing of that head is relayed, and at most one read past the cap
-  is buffered.
-- Timeouts: connecting is bounded by ``connect_timeout_s``; each silence while the
-  response is awaited (head or body) by ``read_idle_timeout_s``, checked by one timer
-  per connection against the time of the last byte, so reading costs no timer.
-
-The pool of these connections is in http1_pool.py. Streamed (unheld) bodies and HEAD
-requests keep using aiohttp's client (upstream.py).
+- Timeouts: connecting is bounded by ``connect_timeout_s`` (pool.py); each silence
+  while the response is awaited (head or body) by ``read_idle_timeout_s``, checked by
+  one timer per connection against the time of the last byte either way, so reading
+  costs no timer and a slow upload does not count as the backend's silence.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol, cast
-from urllib.parse import urlsplit
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -59,128 +49,31 @@ from proxy.core.errors import (
     UpstreamHeadTooLarge,
     UpstreamTimeout,
 )
+from proxy.upstream.framing import Origin, Target, framed_body, request_bytes
+from proxy.upstream.response import Http1Response
+from proxy.upstream.state import (
+    DEFAULT_HEAD_LIMITS,
+    ConnState,
+    HeadLimits,
+    Lost,
+    keep_alive_of,
+    lost,
+    response_head_size,
+    reusable,
+)
+from proxy.upstream.writer import BodyWriter
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import AsyncIterable
 
-    from proxy.config.settings import UpstreamConfig
-
+__all__ = ["Connection", "ConnectionOwner", "HeadLimits", "Http1Response", "Origin", "Target",
+           "request_bytes"]
 
 _HIGH_WATER: Final = 256 * 1024
-# aiohttp's rule, kept so both clients frame requests alike: methods that anticipate
-# no content send no Content-Length for an empty body; the others send 0.
-_NO_CONTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-
-Origin = tuple[str, str, int]  # scheme, host, port
-_STATUS_LINE_OVERHEAD: Final = len("HTTP/1.1 200 \r\n") + len("\r\n")
-
-
-@dataclass(frozen=True, slots=True)
-class HeadLimits:
-    """How large a response head may be (``upstream.max_response_head_bytes`` and
-    ``max_response_headers``)."""
-
-    max_bytes: int = 64 * 1024
-    max_headers: int = 100
-
-    @classmethod
-    def from_config(cls, config: UpstreamConfig) -> HeadLimits:
-        return cls(config.max_response_head_bytes, config.max_response_headers)
-
-    def exceeded(self, size: int, count: int) -> str | None:
-        """What is wrong with a head of ``size`` bytes and ``count`` headers, if anything."""
-        if size > self.max_bytes:
-            return f"the backend's response head is larger than {self.max_bytes} bytes"
-        if count > self.max_headers:
-            return f"the backend's response has more than {self.max_headers} headers"
-        return None
-
-
-DEFAULT_HEAD_LIMITS: Final = HeadLimits()
-
-
-def response_head_size(reason_bytes: int, raw_headers: Sequence[tuple[bytes, bytes]]) -> int:
-    """The bytes of a parsed response head: status line, header lines, blank line."""
-    size = _STATUS_LINE_OVERHEAD + reason_bytes
-    for name, value in raw_headers:
-        size += len(name) + len(value) + 4  # ": " and CRLF
-    return size
-
-
-class Target:
-    """Where a backend base URL sends requests: origin, Host header and path prefix."""
-
-    __slots__ = ("host_header", "origin", "prefix")
-
-    def __init__(self, base_url: str) -> None:
-        parts = urlsplit(base_url)
-        scheme = parts.scheme
-        host = parts.hostname or ""
-        default = 443 if scheme == "https" else 80
-        port = parts.port or default
-        self.origin: Origin = (scheme, host, port)
-        shown = f"[{host}]" if ":" in host else host
-        self.host_header = shown if port == default else f"{shown}:{port}"
-        self.prefix = parts.path.rstrip("/")
-
-    def __repr__(self) -> str:
-        return f"Target({self.origin!r}, prefix={self.prefix!r})"
-
-
-def request_bytes(
-    method: str, target: str, host: str, headers: Mapping[str, str], body: bytes
-) -> bytes:
-    """The request as written on the wire: head (UTF-8, the client's bytes kept) and body."""
-    parts = [method, " ", target, " HTTP/1.1\r\nHost: ", host, "\r\n"]
-    for name, value in headers.items():
-        parts += (name, ": ", value, "\r\n")
-    if body or method not in _NO_CONTENT_METHODS:
-        parts += ("Content-Length: ", str(len(body)), "\r\n")
-    parts.append("\r\n")
-    # surrogateescape: header bytes that were not UTF-8 go out as they came in.
-    return "".join(parts).encode("utf-8", "surrogateescape") + body
-
-
-class Http1Response:
-    """A response whose head is in; the body is read with ``read_chunk``."""
-
-    __slots__ = ("_conn", "content_type", "headers", "reason", "status")
-
-    def __init__(self, conn: Connection, status: int, reason: str,
-                 headers: CIMultiDictProxy[str]) -> None:
-        self._conn = conn
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        content_type = headers.get("Content-Type")
-        self.content_type = (
-            "application/octet-stream"
-            if content_type is None
-            else content_type.partition(";")[0].strip().lower()
-        )
-
-    async def read_chunk(self) -> bytes:
-        """The next part of the body (all that has arrived); ``b""`` at its end."""
-        return await self._conn.read_chunk()
-
-    def whole_body(self) -> bytes | None:
-        """The whole body when all of it has already arrived (then read), else None."""
-        return self._conn.whole_body()
-
-    def release(self) -> None:
-        """Done with a fully read response: the connection may serve another request."""
-        self._conn.finish(reuse=True)
-
-    def close(self) -> None:
-        """Done before the end (or after an error): the connection is closed."""
-        self._conn.finish(reuse=False)
-
-    def __repr__(self) -> str:
-        return f"Http1Response({self.status}, {self._conn!r})"
 
 
 class ConnectionOwner(Protocol):
-    """What a connection tells its pool (http1_pool.py)."""
+    """What a connection tells its pool (pool.py)."""
 
     def put_idle(self, conn: Connection) -> None:
         """A finished connection may serve another request."""
@@ -210,38 +103,69 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._timer: asyncio.TimerHandle | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self.closed = False
+        self._write_paused = False  # the transport's buffer is over its high-water mark
+        self._writer: BodyWriter | None = None  # of a streamed body
+        self.closed = False  # by either side: never used again
         self.reused = False
         self.pooled = False  # waiting in the pool's idle list
         self.idle_since = 0.0
         self._begin()
 
     def _begin(self) -> None:
-        self._busy = False
-        self._status = 0
+        self.state = ConnState.IDLE
         self._reason: list[bytes] = []
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # received while the head is awaited (interim heads too)
         self._head_size = 0  # of the heads parsed so far (interim ones)
         self._interim = False
+        self._head_only = False  # answering HEAD: no body, whatever the head says
         self._head: Http1Response | None = None
-        self._complete = False
         self._keep_alive = False
         self._until_eof = False
-        self._error: UpstreamError | None = None
+        self._request_sent = False
+        self._error: BaseException | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
         self.got_bytes = False
-        self._last_read = 0.0
+        self._last_io = 0.0
 
     # --- used by the pool and the response -------------------------------------------
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes, *, head_only: bool = False) -> None:
+        """Write a whole request (head and held body). ``head_only``: it is a HEAD."""
+        self._start(payload, head_only)
+        self._request_sent = True
+
+    def send_streamed(self, head: bytes, body: AsyncIterable[bytes], declared: int | None) -> None:
+        """Write a request's head, then its body from ``body`` as it comes (writer.py).
+
+        ``declared``: the body's Content-Length, else it is framed chunked.
+        """
+        self._start(head, head_only=False)
+        self._writer = BodyWriter(self, framed_body(body, declared), paused=self._write_paused)
+
+    def _start(self, payload: bytes, head_only: bool) -> None:
         assert self._transport is not None
-        self._busy = True
-        self._last_read = self._loop.time()
+        self.state = ConnState.AWAITING_HEAD
+        self._head_only = head_only
+        self._last_io = self._loop.time()
         self._transport.write(payload)
+
+    def body_failed(self, exc: Exception) -> None:
+        """The streamed body's writer stopped on ``exc`` (``writer.BodySink``)."""
+        if self.state is ConnState.AWAITING_HEAD:
+            self._error = exc  # what the request raises: the client's own failure
+            self._wake()
+        else:
+            self._fail(UpstreamBodyError("the request body failed mid-exchange"))
+        self.abort()
+
+    def write(self, data: bytes) -> None:
+        """Part of a streamed body, to the transport (``writer.BodySink``)."""
+        if self._transport is not None:
+            self._transport.write(data)
+            self._last_io = self._loop.time()
 
     async def read_head(self) -> Http1Response:
         while self._head is None:
@@ -254,14 +178,16 @@ class Connection(asyncio.Protocol):
         while True:
             if self._chunks:
                 return self._take_buffered()
-            if self._complete:
+            if self.state is ConnState.COMPLETE:
                 return b""
             if self._error is not None:
                 raise self._error
             await self._wait()
 
     def whole_body(self) -> bytes | None:
-        return self._take_buffered() if self._complete else None
+        if self.state is not ConnState.COMPLETE or self._head_only:
+            return None
+        return self._take_buffered()
 
     def _take_buffered(self) -> bytes:
         """Everything buffered, at once; reading resumes if it was paused for it."""
@@ -277,8 +203,16 @@ class Connection(asyncio.Protocol):
     def finish(self, *, reuse: bool) -> None:
         if self.closed:
             return
-        if reuse and self._complete and self._keep_alive and not self._chunks:
+        if reuse and reusable(
+            self.state, keep_alive=self._keep_alive,
+            request_sent=self._request_sent if self._writer is None else self._writer.done,
+            unread=bool(self._chunks),
+        ):
             self._cancel_timer()
+            if self._head_only:
+                # llhttp still expects the body the HEAD answer's head described.
+                self._parser = httptools.HttpResponseParser(self)
+            self._writer = None
             self._begin()
             self.reused = True
             self.idle_since = self._loop.time()
@@ -300,9 +234,7 @@ class Connection(asyncio.Protocol):
         waiter = self._loop.create_future()
         self._waiter = waiter
         if self._timer is None:
-            self._timer = self._loop.call_at(
-                self._last_read + self._idle_timeout_s, self._check_idle
-            )
+            self._timer = self._loop.call_at(self._last_io + self._idle_timeout_s, self._check_idle)
         try:
             await waiter
         finally:
@@ -317,7 +249,7 @@ class Connection(asyncio.Protocol):
         self._timer = None
         if self._waiter is None or self.closed:
             return
-        due = self._last_read + self._idle_timeout_s
+        due = self._last_io + self._idle_timeout_s
         if self._loop.time() < due:
             self._timer = self._loop.call_at(due, self._check_idle)
             return
@@ -334,14 +266,22 @@ class Connection(asyncio.Protocol):
             self._timer = None
 
     def _fail(self, error: UpstreamError) -> None:
-        if self._error is None and not self._complete:
+        if self._error is None and self.state is not ConnState.COMPLETE:
             self._error = error
         self._wake()
 
     def _mark_closed(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.state is not ConnState.COMPLETE:
+                # Whoever waits on this exchange must learn of its end (the cause, if
+                # known, was set first).
+                self._fail(UpstreamBodyError("the connection to the backend closed")
+                           if self._head is not None
+                           else UpstreamDropped("the connection to the backend closed"))
             self._cancel_timer()
+            if self._writer is not None:
+                self._writer.stop()  # the connection it wrote to is gone
             self._pool.forget(self)
 
     # --- asyncio.Protocol --------------------------------------------------------------
@@ -350,10 +290,20 @@ class Connection(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport, but implement it.
         self._transport = cast("asyncio.Transport", transport)
 
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._writer is not None:
+            self._writer.pause()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._writer is not None:
+            self._writer.resume()
+
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
-        self._last_read = self._loop.time()
-        if not self._busy:
+        self._last_io = self._loop.time()
+        if self.state is ConnState.IDLE:
             # Bytes nobody asked for: the connection's framing can no longer be trusted.
             self.abort()
             return
@@ -387,26 +337,26 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        if self._busy and not self._complete:
-            if self._until_eof and self._head is not None and exc is None:
-                self._complete = True  # a body delimited by the end of the connection
-                self._keep_alive = False
-                self._wake()
-            elif self._head is None:
-                # The request was written: the backend may have acted on it.
-                self._fail(UpstreamDropped(
-                    "the backend closed the connection before answering"
-                    if exc is None else f"connection to the backend failed: {exc}",
-                    reused=self.reused,
-                ))
-            else:
-                self._fail(UpstreamBodyError("the backend closed the connection mid-response"))
+        verdict = lost(self.state, until_eof=self._until_eof, clean=exc is None)
+        if verdict is Lost.COMPLETES:
+            self.state = ConnState.COMPLETE
+            self._keep_alive = False
+            self._wake()
+        elif verdict is Lost.DROPPED:
+            # The request was written: the backend may have acted on it.
+            self._fail(UpstreamDropped(
+                "the backend closed the connection before answering"
+                if exc is None else f"connection to the backend failed: {exc}",
+                reused=self.reused,
+            ))
+        elif verdict is Lost.BODY_BROKEN:
+            self._fail(UpstreamBodyError("the backend closed the connection mid-response"))
         self._mark_closed()
 
     # --- llhttp callbacks ------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._complete:
+        if self.state is ConnState.COMPLETE:
             # llhttp would parse on into a second response; raising makes feed_data fail
             # (HttpParserCallbackError), which closes the connection.
             raise UpstreamError("the backend sent more than one response")
@@ -432,17 +382,25 @@ class Connection(asyncio.Protocol):
             [(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
              for n, v in self._raw_headers]
         ))
+        reason = b"".join(self._reason).decode("utf-8", "surrogateescape")
+        self._head = Http1Response(self, status, reason, headers)
+        if self._head_only:
+            self._keep_alive = keep_alive_of(
+                self._parser.get_http_version(), headers.get("Connection")
+            )
+            self._completed()
+            return
+        self.state = ConnState.READING_BODY
         self._until_eof = (
             status not in (204, 304)
             and "Content-Length" not in headers
             and "Transfer-Encoding" not in headers
         )
-        self._head = Http1Response(
-            self, status, b"".join(self._reason).decode("utf-8", "surrogateescape"), headers
-        )
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._head_only:
+            raise UpstreamError("the backend sent a body with its answer to HEAD")
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self._transport is not None:
@@ -456,12 +414,17 @@ class Connection(asyncio.Protocol):
             self._reason.clear()
             self._raw_headers.clear()
             return
-        self._complete = True
+        if self._head_only:
+            return  # complete with its head already (a zero length, or no framing)
         self._keep_alive = self._parser.should_keep_alive() and not self._until_eof
+        self._completed()
+
+    def _completed(self) -> None:
+        self.state = ConnState.COMPLETE
         self._cancel_timer()
         self._wake()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "busy" if self._busy else "idle"
         scheme, host, port = self.origin
+        state = "closed" if self.closed else self.state.value
         return f"Connection({scheme}://{host}:{port}, {state}, reused={self.reused})"

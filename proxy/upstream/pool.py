@@ -1,4 +1,4 @@
-"""The keep-alive connection pool of the lean HTTP/1.1 client (see http1.py).
+"""The keep-alive connection pool of pinproxy's HTTP/1.1 client to backends (http1.py).
 
 Per backend origin, idle connections wait oldest first; a request takes the oldest one
 that has been quiet for ``reuse_quiet_s`` (see http1.py on stray responses) or opens a
@@ -18,17 +18,12 @@ from collections import deque
 from typing import TYPE_CHECKING, Final
 
 from proxy.core.errors import UpstreamConnectError, UpstreamDropped
-from proxy.upstream.http1 import (
-    Connection,
-    HeadLimits,
-    Http1Response,
-    Origin,
-    Target,
-    request_bytes,
-)
+from proxy.upstream.framing import Origin, Target, request_bytes, streamed_head
+from proxy.upstream.http1 import Connection, Http1Response
+from proxy.upstream.state import HeadLimits, IdleVerdict, idle_verdict, may_replay
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import AsyncIterable, Mapping
 
     from proxy.config.settings import UpstreamConfig
 
@@ -68,37 +63,50 @@ class Http1Pool:
         method: str,
         path_qs: str,
         headers: Mapping[str, str],
-        body: bytes,
+        body: bytes | AsyncIterable[bytes] | None,
         *,
         replayable: bool = False,
     ) -> Http1Response:
         """Send one request; return once the response head is in. The caller finishes it.
 
+        ``body``: held (``bytes``; None is an empty one) or streamed from an async
+        iterable (framing.py says how each is framed; http1.py how a stream is written).
         ``replayable``: the request may be written again (idempotent method or an
-        Idempotency-Key), so a pooled connection that turns out closed is retried once
-        on a fresh one; otherwise that is the caller's ``UpstreamDropped``.
+        Idempotency-Key), so a held one that fails on a pooled connection the backend
+        had closed is retried once on a fresh one (``state.may_replay``); otherwise
+        that is the caller's ``UpstreamDropped``. Nothing of a streamed body is read
+        before a connection is established.
         """
-        payload = request_bytes(method, target.prefix + path_qs, target.host_header, headers, body)
+        path = target.prefix + path_qs
+        stream: AsyncIterable[bytes] | None = None
+        declared: int | None = None
+        if isinstance(body, bytes) or body is None:
+            payload = request_bytes(method, path, target.host_header, headers, body or b"")
+        else:
+            stream = body
+            payload, declared = streamed_head(method, path, target.host_header, headers)
         conn = await self._acquire(target.origin)
-        try:
-            conn.send(payload)
-            return await conn.read_head()
-        except UpstreamDropped:
-            conn.abort()
-            if not (replayable and conn.reused and not conn.got_bytes):
+        for fresh in (False, True):
+            try:
+                if stream is None:
+                    conn.send(payload, head_only=method == "HEAD")
+                else:
+                    conn.send_streamed(payload, stream, declared)
+                return await conn.read_head()
+            except UpstreamDropped:
+                conn.abort()
+                if fresh or not may_replay(
+                    replayable=replayable, streamed=stream is not None, reused=conn.reused,
+                    got_bytes=conn.got_bytes,
+                ):
+                    raise
+            except BaseException:
+                conn.abort()
                 raise
-        except BaseException:
-            conn.abort()
-            raise
-        # The backend had most likely closed this idle connection before our request
-        # reached it; it is a replay all the same, hence only for replayable requests.
-        conn = await self._acquire(target.origin, fresh=True)
-        try:
-            conn.send(payload)
-            return await conn.read_head()
-        except BaseException:
-            conn.abort()
-            raise
+            # The backend had most likely closed this idle connection before our request
+            # reached it; it is a replay all the same, hence only for replayable requests.
+            conn = await self._acquire(target.origin, fresh=True)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def close(self) -> None:
         """Close every connection, idle or not; later requests fail."""
@@ -138,16 +146,17 @@ class Http1Pool:
         now = asyncio.get_running_loop().time()
         while idle:
             conn = idle[0]
-            age = now - conn.idle_since
-            if not conn.usable() or age >= self._keepalive_s:
-                idle.popleft()
-                conn.pooled = False
-                conn.abort()
-                continue
-            if age < quiet_s:
+            verdict = idle_verdict(
+                usable=conn.usable(), age_s=now - conn.idle_since,
+                keepalive_s=self._keepalive_s, quiet_s=quiet_s,
+            )
+            if verdict is IdleVerdict.TOO_YOUNG:
                 return None  # the oldest is too young, so are all the others
+            idle.popleft()
             conn.pooled = False
-            return idle.popleft()
+            if verdict is IdleVerdict.LEND:
+                return conn
+            conn.abort()
         return None
 
     def _has_room(self, origin: Origin) -> bool:

@@ -1,4 +1,5 @@
-"""The TLS context both upstream clients verify https backends with (and present for mTLS)."""
+"""The TLS context the upstream client and the /version polls verify https backends with
+(and present for mTLS)."""
 
 from __future__ import annotations
 

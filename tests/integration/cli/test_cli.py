@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+import click
 import orjson
 
 from proxy.cli.demo import demo_settings
 from proxy.config.settings import load_settings
+from tests.fixtures.proxy import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -72,4 +79,78 @@ def test_demo_check_shows_a_session_staying_on_its_version() -> None:
     result = _pinproxy("demo", "--check", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert '"stayed_on_version":true' in result.stdout
-    assert "curl" in result.stdout
+    assert "alice's audit trail (admin API): 10 requests" in result.stdout
+
+
+def test_demo_check_prints_its_report_alone() -> None:
+    """No interactive banner, no request-log lines between the report's lines."""
+    result = _pinproxy("demo", "--check", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "curl" not in result.stdout
+    assert "Ctrl-C" not in result.stdout
+    assert "request_id=" not in result.stdout + result.stderr
+    assert "/v1/chat/completions" not in result.stdout + result.stderr
+
+
+def test_session_command_works_right_after_starting_the_demo() -> None:
+    """`pinproxy demo` serves the admin API on `pinproxy session`'s default address."""
+    port = free_port()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    try:
+        _wait_for(lambda: _chat(port, "alice") == 200, demo)
+        shown = _pinproxy("session", "alice")
+        assert shown.returncode == 0, shown.stderr
+        assert "session    alice" in shown.stdout
+        assert "pinned to  prompt=" in shown.stdout
+    finally:
+        demo.send_signal(signal.SIGINT)
+        out, _ = demo.communicate(timeout=30)
+    assert demo.returncode == 0, out.decode()
+    assert "pinproxy session alice --admin http://127.0.0.1:9901" in out.decode()
+
+
+def _chat(port: int, session: str) -> int:
+    body = b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}'
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=body,
+        headers={"X-Session-ID": session, "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def _wait_for(ready: Callable[[], bool], proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the demo exited with {proc.returncode}"
+        if ready():
+            return
+        time.sleep(0.1)
+    raise AssertionError("the demo did not answer within 30 s")
+
+
+def test_every_command_option_has_help_text() -> None:
+    """`pinproxy ... --help` and `python -m proxy.sim --help` explain every option."""
+    from proxy.cli.main import main
+    from proxy.sim.__main__ import main as sim_main
+
+    commands = [sim_main, *main.commands.values()]
+    for command in commands:
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help, f"{command.name} {param.opts[0]} has no help text"
+    sim_help = subprocess.run(
+        [sys.executable, "-m", "proxy.sim", "--help"],
+        capture_output=True, text=True, timeout=60, check=True, cwd=ROOT,
+    ).stdout
+    for param in sim_main.params:
+        assert param.opts[0] in sim_help

@@ -90,3 +90,18 @@ async def test_session_command_errors_are_one_line_and_never_show_the_token(
     assert code == 1
     assert "cannot reach the admin API" in err
     assert "Traceback" not in err
+
+
+async def test_session_command_against_the_data_port_fails_saying_so(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession,
+) -> None:
+    """The data port proxies /admin/... to a backend: that answer is no session document."""
+    pop = await start_pop()
+    proxy = await start_proxy([pop])
+    await wait_routable(proxy, pop.state.backend_id)
+    await chat(http, proxy.url, "alice")
+    code, out, err = await _pinproxy("session", "alice", "--admin", proxy.url)
+    assert code == 1
+    assert out == ""
+    assert f"{proxy.url}/admin/sessions/alice is pinproxy's data port, not its admin API" in err
+    assert "Traceback" not in err

@@ -58,7 +58,7 @@ async def test_pinned_version_down_gives_503_after_pin_wait_and_recovers(
             "message": body["error"]["message"],  # type: ignore[index]
             "type": "version_unavailable",
             "param": None,
-            "code": None,
+            "code": "version_unavailable",
             "pinned_version": "prompt=v46",
         }
     }

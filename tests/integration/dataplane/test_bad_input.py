@@ -138,7 +138,7 @@ async def test_no_backend_reachable_gives_503_with_retry_after(
         await pop.stop()
     started = time.monotonic()
     async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:
-        await _error(resp, 503, "no_backends", None)
+        await _error(resp, 503, "no_backends", "no_backends")
         assert resp.headers["Retry-After"] == "3"
     assert time.monotonic() - started < 2.0  # waited about pin_wait_ms, not forever
     if kind == "died_after_start":
@@ -146,7 +146,7 @@ async def test_no_backend_reachable_gives_503_with_retry_after(
         # so a new session is not pinned to a backend known to be down.
         async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT,
                              headers={"X-Session-ID": "s1"}) as resp:
-            error = await _error(resp, 503, "no_backends", None)
+            error = await _error(resp, 503, "no_backends", "no_backends")
             assert resp.headers["Retry-After"] == "3"
         assert "pinned_version" not in error
 
@@ -201,7 +201,7 @@ async def test_a_broken_backend_gives_a_json_gateway_error(
     proxy = await start_proxy([], backends=[{"id": "raw", "region": "r1", "url": url}],
                               upstream={"read_idle_timeout_s": 0.3})
     async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:
-        await _error(resp, status, error_type, None)
+        await _error(resp, status, error_type, error_type)
     assert backend.api_requests == 1  # a backend that answered is not asked twice
 
 
@@ -220,7 +220,7 @@ async def test_an_unexpected_exception_becomes_a_json_500_without_details(
 
     monkeypatch.setattr(proxy.services.dataplane, "_proxy", boom)
     async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:
-        error = await _error(resp, 500, "internal_error", None)
+        error = await _error(resp, 500, "internal_error", "internal_error")
     assert "secret-internal-detail" not in error["message"]
     monkeypatch.undo()
     async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:

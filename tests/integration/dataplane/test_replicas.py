@@ -118,7 +118,7 @@ async def test_memory_store_with_several_workers_is_refused(
                            "--workers", "2")
     assert proc.proc is not None
     code = proc.proc.wait(20)
-    assert code == 1
+    assert code == 2  # serve that cannot start exits 2 (README: Commands)
     log = proc.log()
     assert "listen.workers > 1 needs store.kind = 'redis'" in log
     assert "Traceback" not in log

@@ -151,15 +151,18 @@ async def test_exact_samples_after_traffic_through_two_versions(
     assert series(samples, "pinproxy_version_unavailable_responses_total") == {
         L(version_key="prompt=v46"): 1,
     }
+    # Every operation's series exists from the start (app/known_series.py), repin at 0.
     assert series(samples, "pinproxy_pin_store_duration_seconds_count") == {
-        L(operation="get"): 7, L(operation="pin_if_absent"): 2,
+        L(operation="get"): 7, L(operation="pin_if_absent"): 2, L(operation="repin"): 0,
     }
     assert series(samples, "pinproxy_pin_store_errors_total") == {
-        L(operation="get"): 0, L(operation="pin_if_absent"): 0,
+        L(operation="get"): 0, L(operation="pin_if_absent"): 0, L(operation="repin"): 0,
     }
     assert series(samples, "pinproxy_backend_health_transitions_total") == {
         L(backend="us-east-1", region="us-east", to="healthy"): 1,
         L(backend="ap-south-1", region="ap-south", to="healthy"): 1,
+        L(backend="us-east-1", region="us-east", to="unhealthy"): 0,
+        L(backend="ap-south-1", region="ap-south", to="unhealthy"): 0,
     }
 
     # Gauges: the fleet as it is now (v47 in us-east, v45 in ap-south).
@@ -298,10 +301,10 @@ async def test_pin_store_failures_are_counted(
     assert status == 503
     samples = await scrape(http, proxy.admin_url)
     assert series(samples, "pinproxy_pin_store_errors_total") == {
-        L(operation="get"): 1, L(operation="pin_if_absent"): 0,
+        L(operation="get"): 1, L(operation="pin_if_absent"): 0, L(operation="repin"): 0,
     }
     assert series(samples, "pinproxy_pin_store_duration_seconds_count") == {
-        L(operation="get"): 2, L(operation="pin_if_absent"): 1,
+        L(operation="get"): 2, L(operation="pin_if_absent"): 1, L(operation="repin"): 0,
     }
     # A store failure comes before any version is known: the request has no version.
     assert series(samples, "pinproxy_requests_total", lambda s: s["status_class"] == "5xx") == {

@@ -27,11 +27,7 @@ def _log_lines(proxy: ProxyProcess) -> list[dict[str, object]]:
 
 async def _until(check: Callable[[], bool], proxy: ProxyProcess, what: str,
                  timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen in {timeout}s:\n{proxy.log()}")
-        await asyncio.sleep(0.1)
+    await proxy.until(check, what, timeout)
 
 
 async def _scrape(admin_url: str) -> Samples:
@@ -112,6 +108,7 @@ async def test_metrics_are_summed_over_workers_and_gauges_are_not(
         # Each worker judges health on its own, so each counted the backend coming up.
         assert series(samples, "pinproxy_backend_health_transitions_total") == {
             L(backend="us-east-1", region="us-east", to="healthy"): 2,
+            L(backend="us-east-1", region="us-east", to="unhealthy"): 0,  # from the start
         }
         # Each worker's loop-lag timer ticks every 50 ms and the two are summed.
         lag = series(samples, "pinproxy_event_loop_lag_seconds_count")

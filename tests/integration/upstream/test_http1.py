@@ -1,9 +1,6 @@
-"""The lean HTTP/1.1 client (proxy/http1.py) against raw backends on loopback sockets.
-
-Each backend is an ``asyncio.start_server`` running a small per-connection script that
-writes exactly the bytes a test needs (keep-alive answers, a stale close, garbage,
-silence, a flood) and counts what it saw: accepted connections, requests, and
-connections the client closed. No mocks: every promise is checked on the wire.
+"""The upstream client (proxy/upstream/http1.py, pool.py) against raw backends on loopback
+sockets (tests/fixtures/raw_backend.py): held bodies, keep-alive, replays, framing,
+timeouts and the pool's limits. Streamed bodies and HEAD: test_http1_streamed.py.
 """
 
 from __future__ import annotations
@@ -13,12 +10,8 @@ import hashlib
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Protocol
 
 import pytest
-import pytest_asyncio
 
 from proxy.config.settings import UpstreamConfig
 from proxy.core.errors import (
@@ -28,221 +21,23 @@ from proxy.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from proxy.upstream.http1 import Http1Response, Target
-from proxy.upstream.pool import Http1Pool
+from proxy.upstream.framing import Target
+from tests.fixtures.raw_backend import (
+    IDLE_S,
+    QUIET_S,
+    SLOW_S,
+    MakePool,
+    Peer,
+    StartBackend,
+    fetch,
+    keep_alive,
+    read_all,
+    response,
+    until,
+)
 
 # A broken promise must fail the test, not hang it.
 pytestmark = pytest.mark.timeout(15)
-
-IDLE_S = 0.3  # read_idle_timeout_s of the timeout tests
-SLOW_S = 3.0  # upper bound for "promptly": the machine is shared
-QUIET_S = 0.2  # how long something must not happen to count as waiting
-
-# --- a scripted raw backend ---------------------------------------------------------------
-
-
-@dataclass
-class Request:
-    """One request as the backend read it off the wire."""
-
-    head: bytes
-    body: bytes = b""
-
-    @property
-    def line(self) -> bytes:
-        return self.head.split(b"\r\n", 1)[0]
-
-    def header(self, name: str) -> bytes | None:
-        for line in self.head.split(b"\r\n")[1:]:
-            key, sep, value = line.partition(b":")
-            if sep and key.strip().lower() == name.lower().encode():
-                return value.strip()
-        return None
-
-
-class Peer:
-    """The backend's side of one accepted connection (``index`` counts from 1)."""
-
-    def __init__(
-        self, backend: Backend, index: int, reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        self.backend = backend
-        self.index = index
-        self.reader = reader
-        self.writer = writer
-
-    async def request(self) -> Request | None:
-        """The next request; None once the client closed the connection."""
-        try:
-            request = Request(await self.reader.readuntil(b"\r\n\r\n"))
-            length = request.header("Content-Length")
-            if length:
-                request.body = await self.reader.readexactly(int(length))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            self.backend.eofs += 1
-            return None
-        self.backend.requests.append(request)
-        return request
-
-    def send(self, data: bytes | memoryview) -> None:
-        self.writer.write(data)
-
-    async def wait_eof(self) -> None:
-        """Until the client closes the connection; what it sends meanwhile is dropped."""
-        try:
-            while await self.reader.read(65536):
-                pass
-        except ConnectionError:
-            pass
-        self.backend.eofs += 1
-
-
-Script = Callable[[Peer], Awaitable[None]]
-
-
-class Backend:
-    """A raw HTTP/1.1 backend; the connection closes when ``script`` returns."""
-
-    def __init__(self, script: Script) -> None:
-        self._script = script
-        self.accepted = 0  # connections accepted
-        self.eofs = 0  # connections the client closed, as seen by the backend
-        self.requests: list[Request] = []
-        self.port = 0
-        self._host = ""
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self, host: str = "127.0.0.1") -> None:
-        self._server = await asyncio.start_server(self._accept, host, 0)
-        self._host = host
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    @property
-    def url(self) -> str:
-        shown = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{shown}:{self.port}"
-
-    def target(self, prefix: str = "") -> Target:
-        return Target(self.url + prefix)
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.append(writer)
-        self.accepted += 1
-        try:
-            await self._script(Peer(self, self.accepted, reader, writer))
-            await writer.drain()
-        except (asyncio.CancelledError, ConnectionError):
-            pass  # stopped at teardown, or the client went away
-        finally:
-            writer.close()
-
-
-def response(
-    body: bytes = b"ok", *headers: str, status: str = "200 OK", version: str = "HTTP/1.1"
-) -> bytes:
-    """A response framed by Content-Length."""
-    lines = [f"{version} {status}", f"Content-Length: {len(body)}", *headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-async def keep_alive(peer: Peer) -> None:
-    """Answer every request on the connection with 200 ``ok``."""
-    while await peer.request() is not None:
-        peer.send(response())
-
-
-async def until(condition: Callable[[], bool], timeout: float = SLOW_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
-# --- the client side ----------------------------------------------------------------------
-
-
-async def read_all(resp: Http1Response) -> bytes:
-    parts = []
-    while chunk := await resp.read_chunk():
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-async def fetch(
-    pool: Http1Pool, target: Target, method: str = "GET", path: str = "/",
-    headers: Mapping[str, str] | None = None, body: bytes = b"", *, replayable: bool = False,
-) -> tuple[Http1Response, bytes]:
-    """One whole exchange: the response (released) and its body."""
-    resp = await pool.request(target, method, path, headers or {}, body, replayable=replayable)
-    data = await read_all(resp)
-    resp.release()
-    return resp, data
-
-
-class StartBackend(Protocol):
-    async def __call__(self, script: Script, host: str = "127.0.0.1") -> Backend: ...
-
-
-class MakePool(Protocol):
-    def __call__(
-        self, *, idle_timeout_s: float = ..., pool_size: int = ..., per_host: int = ...,
-        keepalive_s: float = ...,
-    ) -> Http1Pool: ...
-
-
-@pytest_asyncio.fixture
-async def start_backend() -> AsyncIterator[StartBackend]:
-    backends: list[Backend] = []
-
-    async def start(script: Script, host: str = "127.0.0.1") -> Backend:
-        backend = Backend(script)
-        await backend.start(host)
-        backends.append(backend)
-        return backend
-
-    yield start
-    for backend in backends:
-        await backend.stop()
-
-
-@pytest_asyncio.fixture
-async def make_pool() -> AsyncIterator[MakePool]:
-    pools: list[Http1Pool] = []
-
-    def make(
-        *, idle_timeout_s: float = SLOW_S, pool_size: int = 100, per_host: int = 0,
-        keepalive_s: float = 15.0, quiet_ms: int = 0,
-    ) -> Http1Pool:
-        # quiet_ms 0 by default: most tests are about reuse itself, not the quiet period.
-        config = UpstreamConfig(
-            connect_timeout_s=SLOW_S, read_idle_timeout_s=idle_timeout_s,
-            pool_size=pool_size, pool_size_per_host=per_host, reuse_quiet_ms=quiet_ms,
-        )
-        pool = Http1Pool(config, keepalive_s=keepalive_s)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        await pool.close()
-    await asyncio.sleep(0)  # let the closed transports finish
-
 
 # --- what goes out, what comes back -------------------------------------------------------
 

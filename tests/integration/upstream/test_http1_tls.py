@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.config.settings import UpstreamConfig
 from proxy.core.errors import UpstreamConnectError
-from proxy.upstream.http1 import Target
+from proxy.upstream.framing import Target
 from proxy.upstream.pool import Http1Pool
 from tests.fixtures.proxy import StartProxy
 
@@ -98,6 +98,37 @@ async def test_a_verified_https_backend_answers_and_keeps_its_connection(
     assert first["host"] == f"localhost:{port}"
     assert first["body"] == "hello"
     assert first["peer_port"] == second["peer_port"]  # one TLS connection, reused
+
+
+async def test_a_streamed_body_and_a_head_go_over_one_verified_tls_connection(
+    ca: trustme.CA, start_tls: StartTls
+) -> None:
+    port = await start_tls(ca.issue_cert("localhost", "127.0.0.1"))
+    pool = Http1Pool(UpstreamConfig(connect_timeout_s=5, reuse_quiet_ms=0), tls=trusting(ca))
+    piece = b"s" * 100_000  # past the TLS transport's write buffer: flow control engages
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(8):  # under the backend's 1 MiB body limit
+            yield piece
+
+    try:
+        target = Target(f"https://localhost:{port}")
+        resp = await pool.request(target, "POST", "/upload", {}, body())  # chunked
+        parts = []
+        while chunk := await resp.read_chunk():
+            parts.append(chunk)
+        resp.release()
+        head = await pool.request(target, "HEAD", "/upload", {}, b"")
+        assert await head.read_chunk() == b""
+        head.release()
+        after = await fetch_json(pool, target)
+    finally:
+        await pool.close()
+    assert resp.status == 200, b"".join(parts)
+    streamed = orjson.loads(b"".join(parts))
+    assert streamed["body"] == (piece * 8).decode()
+    assert head.status == 200
+    assert streamed["peer_port"] == after["peer_port"]  # all three on one connection
 
 
 async def test_an_untrusted_certificate_is_refused(

@@ -1,9 +1,10 @@
 """Backend URL validation, fuzzed against the parsers that later use the URL.
 
-An accepted URL is only as safe as the host the clients then connect to: the lean
-client splits it with ``urlsplit`` (``http1.Target``) and aiohttp with yarl
-(``upstream.upstream_url``). For any text, ``check`` either refuses it or stores a URL
-whose host, for both parsers, is the host that was resolved and checked.
+An accepted URL is only as safe as the host the clients then connect to: the upstream
+client splits it with ``urlsplit`` (``framing.Target``) and the ``/version`` polls'
+aiohttp client with yarl (``URL(backend.url + path)``, fleet/discovery.py). For any
+text, ``check`` either refuses it or stores a URL whose host, for both parsers, is the
+host that was resolved and checked.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from yarl import URL
 
 from proxy.admin.backend_urls import BackendUrlPolicy, BackendUrlRefused
-from proxy.config.settings import AdminConfig, BackendConfig
-from proxy.upstream.client import upstream_url
-from proxy.upstream.http1 import Target
+from proxy.config.settings import AdminConfig, BackendConfig, DiscoveryConfig
+from proxy.upstream.framing import Target
 
 NAMES = {"pop.internal": ["10.1.2.3"], "evil.example": ["169.254.169.254"]}
 DENIED = [ipaddress.ip_network(n) for n in AdminConfig().denied_backend_networks]
@@ -64,7 +65,7 @@ URLS = st.one_of(
 @example(url="http://pop.internal:0")
 @example(url="http://POP.internal./v1")
 # Found a bug: a backslash in the path passed; yarl then refused the URL (a 500 on every
-# streamed request to that backend).
+# streamed request to that backend, when aiohttp's client sent those).
 @example(url="https://5/.]f\\x")
 @example(url="http://pop.internal\\@evil.example/")
 @example(url="http://2852039166/")  # decimal 169.254.169.254
@@ -80,7 +81,7 @@ def test_an_accepted_url_connects_only_where_it_was_checked(url: str) -> None:
     target = Target(stored)
     scheme, host, port = target.origin
     assert scheme in ("http", "https")
-    yarl = upstream_url(stored, "/v1/chat/completions")
+    yarl = URL(stored + DiscoveryConfig().path)  # what aiohttp makes of the poll's URL
     assert yarl.scheme == scheme
     assert yarl.host is not None
     # Both clients connect to the same host and port ...

@@ -237,7 +237,7 @@ def test_duplicate_backend_ids_refused() -> None:
     message = refused(
         {"backends": [backend("b"), backend("a"), backend("b"), backend("a"), backend("c")]}
     )
-    assert message.splitlines()[1] == "  (settings): Value error, backends: duplicate id(s) a, b"
+    assert message.splitlines()[1] == "  backends: duplicate id(s) a, b"
 
 
 # -- environment overrides --------------------------------------------------------------------

@@ -41,6 +41,18 @@ def test_a_suspect_backend_is_readmitted_by_one_fresh_poll_not_by_hysteresis() -
     assert reg.snapshot.by_id["a"].healthy
 
 
+def test_a_poll_already_in_flight_when_the_backend_failed_does_not_readmit_it() -> None:
+    # A POP that dies while a poll is in flight may still have answered that poll: the
+    # answer is from before the failure and must not undo "suspect at once".
+    reg = fleet(ManualClock(T0), "a")
+    before = reg.check_started()
+    reg.mark_suspect("a", "reset")
+    reg.report_success("a", before)
+    assert not reg.snapshot.by_id["a"].healthy
+    reg.report_success("a", reg.check_started())  # a poll begun after the failure
+    assert reg.snapshot.by_id["a"].healthy
+
+
 def test_a_push_mode_backend_cannot_be_polled_so_it_is_ejected_for_a_while() -> None:
     clock = ManualClock(T0)
     reg = fleet(clock, "a", push=("a",))

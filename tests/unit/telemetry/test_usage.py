@@ -48,14 +48,14 @@ RESPONSES_STREAM = sse_body(openai.response_stream(reply(json_mode=True, json_va
 @given(cut_points(CHAT_STREAM))
 def test_usage_from_the_final_chunk_of_a_chat_stream(cuts: list[int]) -> None:
     result = run(SseTap(json_mode=False, limits=LIMITS), CHAT_STREAM, cuts)
-    assert result == TapResult(Usage(11, 5), None)
+    assert result == TapResult(Usage(11, 5), None, "m")
 
 
 @given(cut_points(CHAT_STREAM))
 def test_crlf_streams_read_the_same(cuts: list[int]) -> None:
     body = CHAT_STREAM.replace(b"\n", b"\r\n")
     result = run(SseTap(json_mode=False, limits=LIMITS), body, cuts)
-    assert result == TapResult(Usage(11, 5), None)
+    assert result == TapResult(Usage(11, 5), None, "m")
 
 
 @given(cut_points(JSON_STREAM_BAD), st.booleans())
@@ -63,18 +63,18 @@ def test_streamed_json_content_is_judged(cuts: list[int], valid: bool) -> None:
     body = JSON_STREAM_OK if valid else JSON_STREAM_BAD
     cuts = [c for c in cuts if c <= len(body)]
     result = run(SseTap(json_mode=True, limits=LIMITS), body, cuts)
-    assert result == TapResult(Usage(11, 5), valid)
+    assert result == TapResult(Usage(11, 5), valid, "m")
 
 
 @given(cut_points(RESPONSES_STREAM))
 def test_responses_api_stream(cuts: list[int]) -> None:
     result = run(SseTap(json_mode=True, limits=LIMITS), RESPONSES_STREAM, cuts)
-    assert result == TapResult(Usage(11, 5), False)
+    assert result == TapResult(Usage(11, 5), False, "m")
 
 
 def test_a_stream_without_usage_has_none() -> None:
     body = sse_body(openai.chat_stream(reply(include_usage=False)))
-    assert run(SseTap(json_mode=False, limits=LIMITS), body, []) == TapResult(None, None)
+    assert run(SseTap(json_mode=False, limits=LIMITS), body, []) == TapResult(None, None, "m")
 
 
 def test_an_event_over_the_cap_is_skipped_not_misread() -> None:
@@ -94,7 +94,7 @@ def test_an_event_over_the_cap_is_skipped_not_misread() -> None:
 def test_content_over_the_cap_is_not_judged() -> None:
     limits = TapLimits(max_content_bytes=10)
     result = run(SseTap(json_mode=True, limits=limits), JSON_STREAM_BAD, [])
-    assert result == TapResult(Usage(11, 5), None)
+    assert result == TapResult(Usage(11, 5), None, "m")
 
 
 def test_a_last_event_without_its_blank_line_still_counts() -> None:
@@ -105,20 +105,21 @@ def test_a_last_event_without_its_blank_line_still_counts() -> None:
 @pytest.mark.parametrize(
     ("doc", "json_mode", "expected"),
     [
-        (openai.chat_completion(reply()), False, TapResult(Usage(11, 5), None)),
-        (openai.chat_completion(reply(json_mode=True)), True, TapResult(Usage(11, 5), True)),
+        (openai.chat_completion(reply()), False, TapResult(Usage(11, 5), None, "m")),
+        (openai.chat_completion(reply(json_mode=True)), True,
+         TapResult(Usage(11, 5), True, "m")),
         (
             openai.chat_completion(reply(json_mode=True, json_valid=False)),
             True,
-            TapResult(Usage(11, 5), False),
+            TapResult(Usage(11, 5), False, "m"),
         ),
         (
             openai.response_object(reply(json_mode=True, json_valid=False)),
             True,
-            TapResult(Usage(11, 5), False),
+            TapResult(Usage(11, 5), False, "m"),
         ),
-        (openai.text_completion(reply()), False, TapResult(Usage(11, 5), None)),
-        (openai.embeddings({"input": "a b c"}, "m"), False, TapResult(Usage(3, 0), None)),
+        (openai.text_completion(reply()), False, TapResult(Usage(11, 5), None, "m")),
+        (openai.embeddings({"input": "a b c"}, "e"), False, TapResult(Usage(3, 0), None, "e")),
         ({"object": "list", "data": []}, False, TapResult(None, None)),
         ({"usage": None, "id": "x"}, False, TapResult(None, None)),
     ],
@@ -134,7 +135,9 @@ def test_usage_is_read_from_the_tail_of_a_long_body() -> None:
     doc["choices"][0]["message"]["content"] = "x" * 300_000
     body = orjson.dumps(doc)
     tap = JsonTap(json_mode=False, limits=TapLimits(tail_bytes=1000))
-    assert run(tap, body, list(range(0, len(body), 4096))).usage == Usage(11, 5)
+    found = run(tap, body, list(range(0, len(body), 4096)))
+    assert found.usage == Usage(11, 5)
+    assert found.model is None  # its start was not kept: no model rather than a guess
     assert len(tap._chunks) <= 2  # only the tail is held
 
 
@@ -195,3 +198,17 @@ def test_a_long_event_is_joined_once_not_per_chunk() -> None:
     assert max(held) > 50  # kept as the chunks it came in until its end arrived
     assert held[-1] == 0
     assert tap.finish() == TapResult(Usage(7, 9), None)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"id":"x","model" : "gpt-4o\\u00e9","choices":[]}', "gpt-4o\u00e9"),
+        # An escaped quote inside a string is never a key.
+        (b'{"choices":[{"message":{"content":"say \\"model\\": \\"x\\""}}]}', None),
+        (b'{"role":"model","content":"hi"}', None),
+        (b'{"model":42}', None),
+    ],
+)
+def test_the_answering_model_is_read_from_a_json_answer(body: bytes, expected: str | None) -> None:
+    assert run(JsonTap(json_mode=False, limits=LIMITS), body, [3]).model == expected

@@ -1,4 +1,4 @@
-"""The lean client's response parsing (llhttp callbacks in ``http1.Connection``), fuzzed.
+"""The upstream client's response parsing (llhttp callbacks in ``http1.Connection``), fuzzed.
 
 Each example runs a ``Connection`` on a real socket pair: the response bytes are handed
 to ``data_received`` at exactly the generated split points (TCP would coalesce them),
@@ -53,7 +53,7 @@ def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
-async def _run(data: bytes, cuts: list[int], *, close: bool) -> Outcome:
+async def _run(data: bytes, cuts: list[int], *, close: bool, method: str = "GET") -> Outcome:
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair()
     owner = Owner()
@@ -61,7 +61,8 @@ async def _run(data: bytes, cuts: list[int], *, close: bool) -> Outcome:
         lambda: Connection(owner, ("http", "backend", 80), idle_timeout_s=30.0), ours
     )
     try:
-        conn.send(b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
+        conn.send(f"{method} / HTTP/1.1\r\nHost: backend\r\n\r\n".encode(),
+                  head_only=method == "HEAD")
         for piece in _pieces(data, cuts):
             if conn.closed:
                 break
@@ -69,7 +70,7 @@ async def _run(data: bytes, cuts: list[int], *, close: bool) -> Outcome:
         if close:
             # The backend read the request (closing with it unread would be a reset).
             theirs.settimeout(2)
-            assert theirs.recv(1024).startswith(b"GET / ")
+            assert theirs.recv(1024).startswith(f"{method} / ".encode())
             theirs.close()
         outcome = Outcome()
         try:
@@ -88,8 +89,8 @@ async def _run(data: bytes, cuts: list[int], *, close: bool) -> Outcome:
         theirs.close()
 
 
-def run(data: bytes, cuts: list[int], *, close: bool = True) -> Outcome:
-    return asyncio.run(_run(data, cuts, close=close))
+def run(data: bytes, cuts: list[int], *, close: bool = True, method: str = "GET") -> Outcome:
+    return asyncio.run(_run(data, cuts, close=close, method=method))
 
 
 @st.composite
@@ -155,6 +156,31 @@ def test_a_connection_with_bytes_after_its_response_is_never_reused(
         # Empty lines between messages are skipped by llhttp (RFC 9112 §2.2's
         # robustness rule) and leave nothing behind for the next response.
         assert outcome.reused == (framing != "eof")
+
+
+@settings(max_examples=150, deadline=None)
+@given(framing=st.sampled_from(["Content-Length: 7", "Content-Length: 0",
+                                "Transfer-Encoding: chunked", "Connection: keep-alive", None]),
+       headers=st.lists(st.tuples(TOKEN, VALUE), max_size=3), interim=st.booleans(),
+       extra=st.binary(max_size=30), cuts=st.lists(st.integers(0, 300), max_size=6))
+@example(framing="Content-Length: 0", headers=[], interim=False,
+         extra=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", cuts=[])
+def test_an_answer_to_head_has_no_body_and_is_reused_only_when_nothing_follows(
+    framing: str | None, headers: list[tuple[str, str]], interim: bool, extra: bytes,
+    cuts: list[int],
+) -> None:
+    head = ["HTTP/1.1 200 OK", *(f"{n}: {v}" for n, v in headers), *([framing] if framing else [])]
+    if interim:
+        head = ["HTTP/1.1 103 Early Hints", "Link: </a>", "", *head]
+    raw = ("\r\n".join(head) + "\r\n\r\n").encode()
+    outcome = run(raw + extra, cuts, close=False, method="HEAD")
+    assert (outcome.status, outcome.body) == (200, b"")
+    if not extra:
+        assert outcome.reused  # its framing headers promise a body that never comes
+    elif outcome.reused:
+        # Only empty lines after a zero-length answer are skipped (as after any answer).
+        assert framing == "Content-Length: 0"
+        assert not extra.strip(b"\r\n")
 
 
 def test_empty_lines_after_a_response_leave_the_connection_reusable() -> None:

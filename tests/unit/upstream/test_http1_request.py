@@ -1,11 +1,11 @@
-"""What the lean HTTP/1.1 client writes: ``Target`` (origin, Host, prefix) and ``request_bytes``."""
+"""What the upstream client writes: ``Target`` (origin, Host, prefix) and ``request_bytes``."""
 
 from __future__ import annotations
 
 import pytest
 from multidict import CIMultiDict
 
-from proxy.upstream.http1 import Target, request_bytes
+from proxy.upstream.framing import Target, request_bytes
 
 # --- Target -------------------------------------------------------------------------------
 
