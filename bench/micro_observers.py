@@ -16,8 +16,8 @@ data plane hands them over, and each stage is timed on its own, in µs per event
   spent on Redis's core, not the proxy's, and the longest command call's mean time
   (``INFO commandstats``): how long one call holds Redis for everyone else.
 - request log observe: ``RequestLog.observe`` (the inline part).
-- request log JSON / text: ``RequestLog.flush`` of queued events through the logging
-  set-up ``configure_logging`` makes, with the handler writing to /dev/null.
+- request log JSON / text: ``RequestLog.flush`` of queued events into the line sink
+  ``configure_logging`` makes, writing to /dev/null.
 
 Each stage runs ``rounds`` times over ``events`` events; the table shows the median and
 the best round. The machine may be shared: compare runs from the same sitting.
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import shutil
 import socket
@@ -36,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from proxy.config.observability import AuditConfig
 from proxy.config.settings import StoreConfig
@@ -44,7 +43,7 @@ from proxy.core.events import RequestEvent, Usage
 from proxy.telemetry.audit import AuditObserver
 from proxy.telemetry.audit_redis import RedisAudit
 from proxy.telemetry.logs import JsonFormatter, TextFormatter
-from proxy.telemetry.requestlog import LOGGER_NAME, RequestLog, SessionHasher
+from proxy.telemetry.requestlog import LineSink, RequestLog, SessionHasher
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -213,25 +212,6 @@ async def _audit_write(
 # -- request log -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def logging_to(stream: TextIO, formatter: logging.Formatter) -> Iterator[None]:
-    """The set-up ``configure_logging`` makes, writing to ``stream``; restored after."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    request_logger = logging.getLogger(LOGGER_NAME)
-    saved = root.handlers[:], root.level, request_logger.level
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    request_logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.handlers[:], level, request_level = saved
-        root.setLevel(level)
-        request_logger.setLevel(request_level)
-
-
 def bench_log_observe(events: list[RequestEvent], rounds: int) -> list[float]:
     request_log = RequestLog(SessionHasher(b"key"), max_pending=10_000_000)
     observe = request_log.observe
@@ -244,15 +224,17 @@ def bench_log_observe(events: list[RequestEvent], rounds: int) -> list[float]:
 
 
 def bench_log_lines(
-    events: list[RequestEvent], rounds: int, formatter: logging.Formatter
+    events: list[RequestEvent], rounds: int, formatter: JsonFormatter | TextFormatter
 ) -> list[float]:
-    request_log = RequestLog(SessionHasher(b"key"), max_pending=10_000_000)
+    with open(os.devnull, "w") as devnull:
+        # The sink configure_logging makes, writing to /dev/null.
+        request_log = RequestLog(SessionHasher(b"key"), max_pending=10_000_000,
+                                 sink=LineSink(devnull, formatter))
 
-    def fill() -> None:
-        for event in events:
-            request_log.observe(event)
+        def fill() -> None:
+            for event in events:
+                request_log.observe(event)
 
-    with open(os.devnull, "w") as devnull, logging_to(devnull, formatter):
         return _timed(rounds, fill, request_log.flush)
 
 

@@ -242,11 +242,18 @@ async def _standalone(ctx: RunContext, cfg: StoreFaultsConfig) -> dict[str, Any]
         time.sleep(cfg.outage_s)  # the outage being measured (runs in a thread)
         server.start()
 
+    def pause() -> None:
+        server.signal(signal.SIGSTOP)
+        time.sleep(cfg.pause_s)  # the pause being measured (runs in a thread)
+        server.signal(signal.SIGCONT)
+
+    def flushall() -> None:
+        server.client().flushall()
+
     faults: list[tuple[str, Callable[[], None]]] = [
-        ("pause", lambda: (server.signal(signal.SIGSTOP), time.sleep(cfg.pause_s),
-                           server.signal(signal.SIGCONT))[-1]),
+        ("pause", pause),
         ("kill-restart-empty", restart_empty),
-        ("flushall", lambda: server.client().flushall() and None),
+        ("flushall", flushall),
     ]
     return await _replay(cfg, urls, server.port, faults)
 
@@ -405,7 +412,7 @@ def _summarize(answers: list[Answer], phases: list[Phase]) -> dict[str, Any]:
         recovery = None
         if phase.store_back is not None:
             back = phase.store_back
-            answered = {}
+            answered: dict[str, float] = {}
             for a in sorted(inside, key=lambda a: a.at):
                 if a.status == 200 and a.at >= back:
                     answered.setdefault(a.session, a.at + a.latency_s - back)

@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from proxy.core.errors import BadRequest, ProxyError
+from proxy.core.errors import BadRequest, ProxyError, refusal_for_status
 
 if TYPE_CHECKING:
     from proxy.config.settings import Settings
@@ -149,4 +149,4 @@ def http_error(exc: web.HTTPException) -> ProxyError:
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(exc.allowed_methods))
         message = f"{exc.method} is not served here; allowed: {allowed}"
-    return BadRequest(message, code=_CODES.get(exc.status), status=exc.status, headers=headers)
+    return refusal_for_status(exc.status, message, code=_CODES.get(exc.status), headers=headers)

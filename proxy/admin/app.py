@@ -18,7 +18,8 @@ from aiohttp import web
 
 from proxy.admin.api import http_error, with_code
 from proxy.app.services import Services
-from proxy.core.errors import ProxyError, Unauthorized
+from proxy.core.errors import Unauthorized
+from proxy.dataplane.boundary import ErrorBoundary
 from proxy.dataplane.relay import error_response
 
 logger = logging.getLogger(__name__)
@@ -46,22 +47,19 @@ def build_admin_app(
         if config.token is not None and guarded else None
     )
     public = frozenset(config.public_paths)
+    boundary = ErrorBoundary("admin", where="the admin API", translate=http_error)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The admin port's error boundary: every failure is a JSON answer."""
         try:
             if token is not None and request.path not in public:
                 _check_token(request, token)
             return await handler(request)
-        except ProxyError as exc:
-            return error_response(with_code(exc))
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return error_response(http_error(exc))
-        except Exception:
-            logger.exception("admin: unexpected error on %s %s", request.method, request.path)
-            return error_response(with_code(ProxyError("internal error in the admin API")))
+        except Exception as exc:
+            if isinstance(exc, web.HTTPException) and exc.status < 400:
+                raise  # a redirect is an answer, not a failure
+            return error_response(with_code(boundary.error_for(exc, request)))
 
     app = web.Application(middlewares=[guard], client_max_size=1024**2)
     app[SERVICES] = services

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 from yarl import URL
 
-from proxy.core.errors import BadRequest
+from proxy.core.errors import BadRequest, Forbidden
 
 if TYPE_CHECKING:
     from proxy.config.settings import AdminConfig
@@ -60,12 +60,14 @@ _URL: Final = re.compile(URL_PATTERN)
 
 
 class BackendUrlRefused(BadRequest):
-    """An added backend's URL is malformed (400) or points somewhere the policy forbids
-    (``forbidden``: 403)."""
+    """An added backend's URL is malformed (400)."""
 
-    def __init__(self, message: str, *, forbidden: bool = False) -> None:
-        super().__init__(f"url: {message}", code="backend_url_refused", param="url",
-                         status=403 if forbidden else 400)
+    def __init__(self, message: str) -> None:
+        super().__init__(f"url: {message}", code="backend_url_refused", param="url")
+
+
+class BackendUrlForbidden(BackendUrlRefused, Forbidden):
+    """An added backend's URL points somewhere the policy forbids (403)."""
 
 
 async def system_resolve(host: str, port: int) -> list[str]:
@@ -96,8 +98,8 @@ class BackendUrlPolicy:
         """The URL as stored (no trailing slash); raises ``BackendUrlRefused`` naming why."""
         host, port = _parse(url)
         if host in self._denied_hosts:
-            raise BackendUrlRefused(
-                f"host {host!r} is a denied host (admin.denied_backend_hosts)", forbidden=True
+            raise BackendUrlForbidden(
+                f"host {host!r} is a denied host (admin.denied_backend_hosts)"
             )
         literal = _ip(host)
         if literal is not None:
@@ -113,27 +115,25 @@ class BackendUrlPolicy:
             async with asyncio.timeout(self._timeout_s):
                 found = await self._resolve(host, port)
         except (OSError, UnicodeError) as exc:  # socket.gaierror and TimeoutError included
-            raise BackendUrlRefused(f"host {host!r} cannot be resolved", forbidden=True) from exc
+            raise BackendUrlForbidden(f"host {host!r} cannot be resolved") from exc
         addresses = [a for a in (_ip(raw) for raw in found) if a is not None]
         if not addresses:
-            raise BackendUrlRefused(f"host {host!r} resolves to no IP address", forbidden=True)
+            raise BackendUrlForbidden(f"host {host!r} resolves to no IP address")
         return addresses
 
     def _check_address(self, host: str, address: IPAddress) -> None:
         shown = host if host == str(address) else f"{host!r} ({address})"
         for network in self._denied:
             if address.version == network.version and address in network:
-                raise BackendUrlRefused(
+                raise BackendUrlForbidden(
                     f"{shown} is in denied network {network} "
-                    "(link-local or cloud metadata; see admin.denied_backend_networks)",
-                    forbidden=True,
+                    "(link-local or cloud metadata; see admin.denied_backend_networks)"
                 )
         if self._allowed is not None and not any(
             address.version == n.version and address in n for n in self._allowed
         ):
-            raise BackendUrlRefused(
-                f"{shown} is outside the allowed networks (admin.backend_networks)",
-                forbidden=True,
+            raise BackendUrlForbidden(
+                f"{shown} is outside the allowed networks (admin.backend_networks)"
             )
 
     def __repr__(self) -> str:
@@ -150,7 +150,7 @@ def _parse(url: str) -> tuple[str, int]:
         port = parts.port
     except ValueError as exc:
         # The pattern matched, so this is a bracketed host that is no IPv6 address.
-        raise BackendUrlRefused(f"not an IP address: {exc}", forbidden=True) from exc
+        raise BackendUrlForbidden(f"not an IP address: {exc}") from exc
     assert parts.hostname is not None  # the pattern requires a host
     default = 443 if parts.scheme == "https" else 80
     host, port = parts.hostname.lower().rstrip("."), port if port is not None else default

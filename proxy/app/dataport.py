@@ -1,25 +1,26 @@
 """The data port: one handler for every request, served by aiohttp's low-level server.
 
 Every data-port request goes to the same handler, so aiohttp's URL dispatcher, match
-info and middleware chain would only cost time (skipping them saved about 10% of the
-CPU per request: bench/RESULTS.md). The port is therefore served by aiohttp's public
+info and middleware chain would only cost time (what skipping them saved:
+bench/RESULTS.md). The port is therefore served by aiohttp's public
 low-level server (``web.Server`` — here :class:`~proxy.dataplane.listener.EdgeServer`,
 which adds the edge's limits — run by ``web.ServerRunner``), not by an application.
 
-The handler is the port's one error boundary: whatever it raises is answered in the
-OpenAI error shape, never with a traceback.
+The port has one error boundary (proxy/dataplane/boundary.py), the data plane's: it
+answers whatever the data plane raises, and whatever the front door here raises (an
+unknown ``Expect``, a target that is no path, a bug in a health check), in the OpenAI
+error shape, never with a traceback.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import HttpVersion11, web
 
 from proxy.core.edge_limits import method_refusal, target_refusal
-from proxy.core.errors import BadRequest, ProxyError
+from proxy.core.errors import ExpectationFailed, PathNotServed, ProxyError
 from proxy.dataplane.edge_options import EdgeOptions
 from proxy.dataplane.health import HealthEndpoints
 from proxy.dataplane.listener import EdgeServer
@@ -27,8 +28,6 @@ from proxy.dataplane.relay import error_response
 
 if TYPE_CHECKING:
     from proxy.app.services import Services
-
-logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -44,6 +43,7 @@ def data_port_handler(services: Services) -> Handler:
     health_path, ready_path = settings.listen.health_path, settings.listen.ready_path
     listen_host = settings.listen.host
     dataplane = services.dataplane
+    boundary = dataplane.boundary
 
     async def serve(request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -60,21 +60,14 @@ def data_port_handler(services: Services) -> Handler:
             if not path.startswith("/"):
                 # Asterisk form (OPTIONS *) and authority form (CONNECT host:port) name
                 # no resource to proxy, and a CONNECT must never open a tunnel.
-                raise BadRequest(
-                    f"{request.method} {path!r}: only a path can be proxied",
-                    code="404",
-                    status=404,
+                raise PathNotServed(
+                    f"{request.method} {path!r}: only a path can be proxied", code="404"
                 )
-            return await dataplane.handle(request)
-        except ProxyError as exc:
-            return error_response(exc)
-        except web.HTTPException as exc:
-            # aiohttp's own refusals (e.g. 413) in the OpenAI error shape.
-            return error_response(_http_error(exc))
-        except Exception:
-            # No traceback ever reaches a client: anything unexpected is a JSON 500.
-            logger.exception("unexpected error handling %s %s", request.method, request.path)
-            return error_response(ProxyError("internal error in pinproxy"))
+        except Exception as exc:
+            # The data plane's boundary, which answers (and records) everything past
+            # this point.
+            return error_response(boundary.error_for(exc, request))
+        return await dataplane.handle(request)
 
     return serve
 
@@ -127,13 +120,7 @@ async def _expect(request: web.BaseRequest) -> None:
     if request.version != HttpVersion11:
         return  # HTTP/1.0 has no interim answers; the client sends its body anyway
     if expect.lower() != "100-continue":
-        raise BadRequest(f"unknown expectation {expect!r}", code="417", status=417)
+        raise ExpectationFailed(f"unknown expectation {expect!r}", code="417")
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0  # the interim answer is not part of the response
     await request.writer.drain()
-
-
-def _http_error(exc: web.HTTPException) -> ProxyError:
-    if exc.status < 500:
-        return BadRequest(exc.reason, code=str(exc.status), status=exc.status)
-    return ProxyError(exc.reason, code=str(exc.status), status=exc.status)

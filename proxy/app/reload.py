@@ -37,13 +37,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 class ReloadRefused(ProxyError):
-    """A reload that changed nothing: the new config is invalid or needs a restart."""
+    """A reload that changed nothing: the new config is invalid (``ReloadInvalid``) or
+    needs a restart (``ReloadNeedsRestart``)."""
 
+    status = 422
     error_type = "invalid_request_error"
+    default_code = "invalid_config"
 
-    def __init__(self, message: str, *, code: str, status: int, fields: Sequence[str]) -> None:
-        super().__init__(message, code=code, status=status,
-                         param=", ".join(fields) or None, extra={"fields": list(fields)})
+    def __init__(self, message: str, *, fields: Sequence[str]) -> None:
+        super().__init__(message, param=", ".join(fields) or None,
+                         extra={"fields": list(fields)})
+
+
+class ReloadInvalid(ReloadRefused):
+    """The new config does not validate: 422 ``invalid_config``."""
+
+
+class ReloadNeedsRestart(ReloadRefused):
+    """The new config changes settings that cannot change live: 409 ``restart_required``."""
+
+    status = 409
+    default_code = "restart_required"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,16 +129,15 @@ class Reloader:
             new = await asyncio.to_thread(self._load)
         except ConfigError as exc:
             text = str(exc)
-            raise ReloadRefused(
-                f"the new config is invalid; the running one stays: {text}",
-                code="invalid_config", status=422, fields=exc.fields,
+            raise ReloadInvalid(
+                f"the new config is invalid; the running one stays: {text}", fields=exc.fields,
             ) from exc
         plan = plan_reload(self._current, new)
         if not plan.allowed:
-            raise ReloadRefused(
+            raise ReloadNeedsRestart(
                 "these settings cannot change while pinproxy runs (restart to apply them); "
                 f"the running config stays: {', '.join(plan.fixed)}",
-                code="restart_required", status=409, fields=plan.fixed,
+                fields=plan.fixed,
             )
         if plan.unchanged:
             return ReloadResult("unchanged", plan)

@@ -42,7 +42,8 @@ class AuditConfig(Section):
 class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
-    # One line per proxied request (logger "pinproxy.requests"), whatever ``level`` is.
+    # One line per proxied request on stderr (shown as logger "pinproxy.requests"), whatever
+    # ``level`` is.
     request_log: bool = True
     # Session ids appear in log lines and spans as a keyed hash unless this is set.
     raw_session_ids: bool = False

@@ -44,14 +44,13 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 class RuntimeConfig(Section):
     # Python's cyclic collector stops the event loop while it runs, and a full (gen 2)
-    # collection walks every live container: with 2,000 streams in flight that measured
-    # 45-96 ms, a stall every stream in flight sees. Freezing what start-up allocated
-    # (config, metrics, imported modules) takes it out of every later walk, and a high
-    # third threshold makes full collections rare; reference counting still frees
-    # almost everything a request allocates. (700, 10, 10) is Python's default; a
-    # larger first threshold promotes fewer short-lived objects into generation 1,
-    # whose collections were the remaining stalls (bench streaming: 2,000 streams,
-    # added TTFT p99 1.1-7.2 ms over six runs, against 1.6-8.8 ms with 700).
+    # collection walks every live container: with thousands of streams in flight, a
+    # stall every stream in flight sees. Freezing what start-up allocated (config,
+    # metrics, imported modules) takes it out of every later walk, and a high third
+    # threshold makes full collections rare; reference counting still frees almost
+    # everything a request allocates. (700, 10, 10) is Python's default; a larger first
+    # threshold promotes fewer short-lived objects into generation 1, whose collections
+    # were the remaining stalls. Measured: bench/RESULTS.md, the GC row.
     gc_freeze_after_start: bool = True
     gc_thresholds: tuple[
         Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]

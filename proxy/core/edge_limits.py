@@ -15,7 +15,15 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
-from proxy.core.errors import BadRequest, MethodNotAllowed, ProxyError, TooManyConnections
+from proxy.core.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    MethodNeverProxied,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    TooManyConnections,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -81,18 +89,15 @@ def connection_refusal(reason: str, retry_after_s: int) -> ProxyError:
 
 
 def head_timeout_error(timeout_s: float) -> ProxyError:
-    return BadRequest(
-        f"the request head did not arrive within {timeout_s:g}s",
-        code="request_head_timeout",
-        status=408,
+    return RequestTimeout(
+        f"the request head did not arrive within {timeout_s:g}s", code="request_head_timeout"
     )
 
 
 def head_too_large_error(limit: int) -> ProxyError:
-    return BadRequest(
+    return HeadersTooLarge(
         f"the request head (request line and headers) is larger than {limit} bytes",
         code="request_head_too_large",
-        status=431,
     )
 
 
@@ -107,10 +112,9 @@ def request_head_size(method: str, target: str, raw_headers: Sequence[tuple[byte
 
 
 def body_too_large_error(limit: int) -> ProxyError:
-    return BadRequest(
+    return PayloadTooLarge(
         f"the request body is larger than {limit} bytes (listen.max_request_body_bytes)",
         code="request_body_too_large",
-        status=413,
     )
 
 
@@ -126,7 +130,7 @@ def declared_body_too_large(content_length: str | None, limit: int) -> bool:
 def method_refusal(method: str) -> ProxyError | None:
     """The 405 for a method that is never proxied (TRACE, TRACK), else None."""
     if method in REFUSED_METHODS:
-        return MethodNotAllowed(method, ALLOWED_METHODS)
+        return MethodNeverProxied(method, ALLOWED_METHODS)
     return None
 
 
@@ -137,7 +141,7 @@ def unparsed_method_refusal(kinds: Sequence[str], message: str) -> ProxyError | 
     if "BadHttpMethod" in kinds:
         for method in REFUSED_METHODS:
             if f"b'{method} " in message:
-                return MethodNotAllowed(method, ALLOWED_METHODS)
+                return MethodNeverProxied(method, ALLOWED_METHODS)
     return None
 
 
@@ -284,6 +288,6 @@ def malformed_error(reason: str) -> ProxyError:
     """The JSON answer to a malformed request: 431 for an oversized head, else 400."""
     description = MALFORMED_DESCRIPTIONS.get(reason, MALFORMED_DESCRIPTIONS["other"])
     if reason == "head_too_large":
-        return BadRequest(f"malformed request: {description}", code="request_head_too_large",
-                          status=431)
+        return HeadersTooLarge(f"malformed request: {description}",
+                               code="request_head_too_large")
     return BadRequest(f"malformed request: {description}", code="bad_http_request")

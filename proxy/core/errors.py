@@ -1,9 +1,11 @@
 """The one error hierarchy: every failure a client can see is a ``ProxyError``.
 
 Library exceptions (aiohttp, redis, pydantic) are translated into these at the one
-boundary that talks to that library, with ``raise ... from exc``. The data plane turns
-any ``ProxyError`` into an OpenAI-shaped JSON body; anything else becomes a bare 500
-with no traceback.
+boundary that talks to that library, with ``raise ... from exc``. Each port has
+one error boundary (proxy/dataplane/boundary.py) that turns any ``ProxyError`` into an
+OpenAI-shaped JSON body and anything else into ``InternalError``'s JSON 500, with no
+traceback. An error's HTTP status is its class's: a different status is a different
+(narrow) class, never an argument.
 """
 
 from __future__ import annotations
@@ -11,21 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-
-# The code of an error raised with another status than its class's and no code of its
-# own (e.g. a BadRequest answered as 413): the status's meaning, not the class's.
-_STATUS_CODES: dict[int, str] = {
-    400: "invalid_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    409: "conflict",
-    413: "request_too_large",
-    500: "internal_error",
-    503: "unavailable",
-    504: "timeout",
-}
 
 
 class ProxyError(Exception):
@@ -45,15 +32,10 @@ class ProxyError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
-        status: int | None = None,
     ) -> None:
         super().__init__(message)
         if code is None:
             code = self.default_code
-            if status is not None and status != self.status:
-                code = _STATUS_CODES.get(status, f"http_{status}")
-        if status is not None:
-            self.status = status
         self.message = message
         self.code: str = code
         self.param = param
@@ -74,17 +56,53 @@ class ProxyError(Exception):
         return f"{type(self).__name__}(status={self.status}, message={self.message!r})"
 
 
+class InternalError(ProxyError):
+    """A bug in pinproxy: the boundary's answer to any exception that is no ProxyError.
+
+    Its message is fixed, so nothing of the failure (a traceback, a secret) reaches the
+    client; the boundary logs the traceback instead.
+    """
+
+    def __init__(self, where: str = "pinproxy") -> None:
+        super().__init__(f"internal error in {where}", code="internal_error")
+
+
+class HandlerTimeout(ProxyError):
+    """The request was not finished within the listener's handler deadline."""
+
+    status = 504
+    default_code = "timeout"
+
+
 class BadRequest(ProxyError):
     status = 400
     error_type = "invalid_request_error"
     default_code = "invalid_request"
 
 
-class MethodNotAllowed(ProxyError):
-    """A method pinproxy never proxies (TRACE, TRACK): 405 with ``Allow``."""
+# The 4xx refusals below are client errors of the same OpenAI type as BadRequest, each
+# with its own status: code that catches BadRequest catches them all.
 
+
+class Forbidden(BadRequest):
+    status = 403
+    default_code = "forbidden"
+
+
+class PathNotServed(BadRequest):
+    """No route serves this request target (aiohttp's 404, a data-port asterisk form)."""
+
+    status = 404
+    default_code = "not_found"
+
+
+class MethodNotAllowed(BadRequest):
     status = 405
-    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class MethodNeverProxied(MethodNotAllowed):
+    """A method pinproxy never proxies (TRACE, TRACK): 405 with ``Allow``."""
 
     def __init__(self, method: str, allowed: str) -> None:
         super().__init__(
@@ -92,6 +110,47 @@ class MethodNotAllowed(ProxyError):
             code="method_not_allowed",
             headers={"Allow": allowed},
         )
+
+
+class RequestTimeout(BadRequest):
+    status = 408
+    default_code = "request_timeout"
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+    default_code = "request_too_large"
+
+
+class ExpectationFailed(BadRequest):
+    status = 417
+    default_code = "expectation_failed"
+
+
+class HeadersTooLarge(BadRequest):
+    status = 431
+    default_code = "request_head_too_large"
+
+
+_REFUSALS: dict[int, type[BadRequest]] = {
+    cls.status: cls
+    for cls in (BadRequest, Forbidden, PathNotServed, MethodNotAllowed, RequestTimeout,
+                PayloadTooLarge, ExpectationFailed, HeadersTooLarge)
+}
+
+
+def refusal_for_status(
+    status: int, message: str, *, code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> ProxyError:
+    """The narrow error class for an HTTP status a library refused a request with.
+
+    For translating a library's refusal (aiohttp's 404, 405, 413...) only; a 4xx
+    without a class of its own is a 400, and any 5xx an internal error, keeping ``code``.
+    """
+    if status >= 500:
+        return ProxyError(message, code=code, headers=headers)
+    return _REFUSALS.get(status, BadRequest)(message, code=code, headers=headers)
 
 
 class Unauthorized(ProxyError):

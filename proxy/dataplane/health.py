@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from proxy.core.errors import ProxyError
+from proxy.core.errors import MethodNotAllowed, ProxyError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -42,12 +42,6 @@ class Drain:
 
     def __repr__(self) -> str:
         return f"Drain(draining={self._draining})"
-
-
-class MethodNotAllowed(ProxyError):
-    status = 405
-    error_type = "invalid_request_error"
-    default_code = "method_not_allowed"
 
 
 class HealthEndpoints:

@@ -66,7 +66,7 @@ from proxy.core.edge_limits import (
     request_head_size,
     unparsed_method_refusal,
 )
-from proxy.core.errors import ProxyError
+from proxy.core.errors import HandlerTimeout, InternalError, ProxyError
 from proxy.dataplane.edge_options import EdgeOptions, bannered
 from proxy.dataplane.relay import error_response
 
@@ -324,10 +324,10 @@ class EdgeProtocol(RequestHandler):
                 exc, in_body=False
             )
         elif status == 504:
-            error = ProxyError("pinproxy did not finish the request in time", status=504)
+            error = HandlerTimeout("pinproxy did not finish the request in time")
         else:
             self._edge.unexpected(exc)
-            error = ProxyError("internal error in pinproxy")
+            error = InternalError()
         response = error_response(error)
         response.force_close()
         return response

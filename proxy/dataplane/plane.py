@@ -24,9 +24,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, TypeVar
 
+from aiohttp import web
+
 from proxy.core.errors import (
     Overloaded,
-    ProxyError,
     StoreUnavailable,
     UpstreamConnectError,
     UpstreamDropped,
@@ -45,6 +46,7 @@ from proxy.core.headers import (
     valid_request_id,
 )
 from proxy.core.models import STAMP_HEADERS, Dimension, InvalidVersion, Pin, check_value
+from proxy.dataplane.boundary import ErrorBoundary, response_started
 from proxy.dataplane.live_policy import LivePolicies
 from proxy.dataplane.pin_token_http import PinTokenHeaders, changed_against_token
 from proxy.dataplane.relay import Served, error_response, relay
@@ -86,8 +88,6 @@ if TYPE_CHECKING:
     import random
     from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-    from aiohttp import web
-
     from proxy.config.settings import Settings
     from proxy.core.clock import Clock
     from proxy.core.events import RequestObserver
@@ -125,12 +125,15 @@ class DataPlane:
         loop_lag: LoopLagMonitor | None = None,
         probe: Callable[[str], None] = lambda backend_id: None,
         trace: Callable[[str | None, str], str] | None = None,
+        boundary: ErrorBoundary | None = None,
     ) -> None:
         """``probe`` polls one backend's ``/version`` out of turn (Discovery.probe).
         ``trace`` makes the ``traceparent`` sent upstream from the client's and the
         method (TracingObserver.upstream_traceparent); without it a valid client
-        ``traceparent`` passes as it came, and a new trace is not sampled."""
+        ``traceparent`` passes as it came, and a new trace is not sampled.
+        ``boundary``: the data port's error boundary (one of its own if not given)."""
         self._settings = settings
+        self._boundary = boundary or ErrorBoundary("data")
         self._observers = tuple(observers)
         self._registry = registry
         self._store = store
@@ -150,6 +153,11 @@ class DataPlane:
         self._trusted = TrustedProxies(settings.listen.trusted_proxies)
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
+
+    @property
+    def boundary(self) -> ErrorBoundary:
+        """The data port's error boundary (its front door answers through it too)."""
+        return self._boundary
 
     @property
     def routing_policy(self) -> RoutingPolicy:
@@ -187,12 +195,22 @@ class DataPlane:
             return await self._proxy(
                 request, request_id, traceparent, arrived, outcome, forwarding
             )
-        except ProxyError as exc:
-            if isinstance(exc, VersionUnavailable):
-                self._metrics.unavailable.labels(exc.version_key).inc()
-                outcome.version_key = exc.version_key
-            outcome.status, outcome.error_type = exc.status, exc.error_type
-            return error_response(exc, request_id)
+        except Exception as exc:
+            # The data plane's error boundary: everything is answered, and recorded
+            # as what was answered (a bug as 500, not as the 499 of a client gone).
+            error = self._boundary.error_for(exc, request)
+            if isinstance(error, VersionUnavailable):
+                self._metrics.unavailable.labels(error.version_key).inc()
+                outcome.version_key = error.version_key
+            outcome.error_type = error.error_type
+            if response_started(request):
+                # The head is out (its status recorded by relay): the answer can
+                # only be cut off, which tells the client it is incomplete.
+                if request.transport is not None:
+                    request.transport.close()
+                return web.Response(status=outcome.status)
+            outcome.status = error.status
+            return error_response(error, request_id)
         finally:
             self._budget.active -= 1
             if self._observers:
@@ -220,9 +238,9 @@ class DataPlane:
         for observer in self._observers:
             try:
                 observer.observe(event)
-            except Exception:
+            except Exception as exc:
                 # An observer bug must never turn a served answer into an error.
-                logger.exception("request observer %r failed", observer)
+                self._boundary.observer_failed(exc, observer)
 
     async def _proxy(
         self,

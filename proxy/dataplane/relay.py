@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -86,6 +87,7 @@ async def relay(
     completed = False
     try:
         await out.prepare(request)
+        outcome.status = upstream.status  # the status sent, whatever befalls the body
         if whole is None:
             while chunk := await upstream.read_chunk():
                 await out.write(chunk)
@@ -95,7 +97,6 @@ async def relay(
         if whole and tap is not None:
             tap.feed(whole)
         completed = True
-        outcome.status = upstream.status
         if tap is not None:
             found = tap.finish()
             outcome.usage = found.usage
@@ -105,10 +106,15 @@ async def relay(
         # The backend broke mid-body. Ending the response cleanly would pass a
         # truncated answer off as complete; dropping the connection tells the truth.
         logger.warning("backend %s failed mid-response: %r", backend.id, exc)
+        outcome.error_type = exc.error_type
         if request.transport is not None:
             request.transport.close()
     except ConnectionResetError:
         logger.debug("client went away mid-response (request %s)", request_id)
+        outcome.status = 499  # nginx's "client closed request": nobody read the answer
+    except asyncio.CancelledError:
+        outcome.status = 499  # the client hung up (with handler cancellation on)
+        raise
     finally:
         if completed:
             upstream.release()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from proxy.core.edge_limits import body_too_large_error
-from proxy.core.errors import BadRequest
+from proxy.core.errors import BadRequest, PayloadTooLarge
 from proxy.core.json_body import PENDING, BodyKind, HeldJson, Pending, body_kind
 from proxy.core.json_scan import PathScanner
 from proxy.policy.sessions import BodyLookup, no_json_body, resolve_session_id
@@ -132,12 +132,11 @@ class SessionBodyReader:
                 stream = _chain(parts, request.content, self._cap)
                 return RequestBody(None, stream, request.content_length), session
             if size > self._scan_limit:
-                raise BadRequest(
+                raise PayloadTooLarge(
                     f"the session id could not be settled within the first {self._scan_limit}"
                     " bytes of the body (sessions.max_scan_bytes); send it in a header or"
                     " nearer the start of the body",
                     code="session_id_beyond_scan_limit",
-                    status=413,
                 )
 
     def _resolve(self, request: web.BaseRequest, lookup: BodyLookup) -> str | Pending | None:

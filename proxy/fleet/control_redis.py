@@ -29,7 +29,7 @@ import orjson
 from proxy.core.models import Backend, InvalidVersion, VersionBundle
 from proxy.core.outage import OutageLog
 from proxy.fleet.control import ControlState, ControlUnavailable, PushedReport
-from proxy.redis.client import REDIS_FAILURES
+from proxy.redis.call import RedisCall, RedisFailure
 from proxy.redis.pubsub import Subscriber
 
 if TYPE_CHECKING:
@@ -52,6 +52,12 @@ KINDS = ("backends", "removed", "drained", "blocked", "intents", "pushes")
 Entries = dict[str, dict[str, bytes]]
 
 
+def _unavailable(failure: RedisFailure) -> ControlUnavailable:
+    return ControlUnavailable(
+        f"control state {failure.what} failed: {failure.kind}", code="control_plane_unavailable"
+    )
+
+
 class RedisControlStore:
     """``ControlStore`` in Redis hashes; ``start`` subscribes and reloads on every notice."""
 
@@ -67,6 +73,7 @@ class RedisControlStore:
         self._redis = redis
         self._clock = clock
         self._op_timeout_s = op_timeout_s
+        self._call = RedisCall(op_timeout_s, _unavailable, clock=clock.monotonic)
         # On a cluster (``sharded``: opens a channel's sharded subscription) every hash
         # and the channel share the {control} slot, so a load or a save is one MULTI.
         self._cluster = sharded is not None
@@ -187,19 +194,6 @@ class RedisControlStore:
             return
         self._retry = False
         self._last_sync = self._clock.monotonic()
-
-    async def _call(self, what: str, operation: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self._op_timeout_s):
-                return await operation
-        except REDIS_FAILURES as exc:  # OSError covers asyncio's TimeoutError
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError from exc
-            raise ControlUnavailable(
-                f"control state {what} failed: {type(exc).__name__}",
-                code="control_plane_unavailable",
-            ) from exc
 
     def __repr__(self) -> str:
         return (

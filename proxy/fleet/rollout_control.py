@@ -33,7 +33,7 @@ import logging
 import random
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 from prometheus_client import Counter, Gauge
@@ -54,7 +54,7 @@ from proxy.core.rollout import (
     roll_back,
     with_rollback,
 )
-from proxy.redis.client import REDIS_FAILURES
+from proxy.redis.call import RedisCall, RedisFailure
 from proxy.redis.pubsub import Subscriber
 
 if TYPE_CHECKING:
@@ -184,6 +184,14 @@ return 1
 """
 
 
+def _unavailable(failure: RedisFailure) -> RolloutUnavailable:
+    # The exception's class only: its text could carry connection details.
+    return RolloutUnavailable(
+        f"the shared rollout state is unavailable ({failure.what}): {failure.kind}",
+        code="rollout_state_unavailable",
+    )
+
+
 class RedisRolloutStore:
     """The state as one JSON document in Redis, swapped by a Lua compare-and-set."""
 
@@ -193,18 +201,19 @@ class RedisRolloutStore:
         self._channel = f"{key_prefix}rollout:changed"
         self._clock = clock
         self._timeout = op_timeout_s
+        self._call = RedisCall(op_timeout_s, _unavailable, clock=clock.monotonic)
         self._swap = redis.register_script(_SWAP)
         self._subscriber: Subscriber | None = None
         self._task: asyncio.Task[None] | None = None
         self._outage = OutageLog(logger, "rollout subscription")
 
     async def load(self) -> RolloutState:
-        raw = await self._call(self._redis.get(self._key))
+        raw = await self._call("load", self._redis.get(self._key))
         return RolloutState() if raw is None else state_from_json(raw)
 
     async def swap(self, expected_rev: int, state: RolloutState) -> bool:
         written = await self._call(
-            self._swap(keys=[self._key], args=[expected_rev, state_to_json(state),
+            "swap", self._swap(keys=[self._key], args=[expected_rev, state_to_json(state),
                                                  self._channel])
         )
         return bool(written)
@@ -232,14 +241,6 @@ class RedisRolloutStore:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-    async def _call(self, operation: Awaitable[Any]) -> Any:
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await operation
-        except REDIS_FAILURES as exc:  # redis-py on uvloop can raise RuntimeError too
-            raise RolloutUnavailable(f"the shared rollout state is unavailable: {exc!r}",
-                                     code="rollout_state_unavailable") from exc
 
     def __repr__(self) -> str:
         return f"RedisRolloutStore(key={self._key!r})"

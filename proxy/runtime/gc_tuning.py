@@ -3,7 +3,7 @@
 The collector runs inside whatever allocation trips its threshold, holding the event
 loop for as long as it walks the generation: every request in flight waits. A full
 collection walks every live container, so its pause grows with the number of streams
-in flight (45-96 ms measured at 2,000 streams with Python's defaults). ``tune_gc``
+in flight (measured: bench/RESULTS.md, the GC row). ``tune_gc``
 freezes what start-up allocated (it lives as long as the process and would be walked
 by every full collection) and applies the configured thresholds; ``GcPauses`` reports
 each collection's duration, so a tail-latency spike can be told from a GC pause.

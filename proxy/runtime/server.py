@@ -143,6 +143,12 @@ async def serve(
     its siblings applied since the supervisor started.
     """
     multiprocess_dir = os.environ.get(_MULTIPROC_ENV)
+    # Until the loop's SIGHUP handler is installed below, a SIGHUP (the supervisor
+    # relaying a sibling's reload to a worker that is still starting) must neither kill
+    # the process, SIGHUP's default, nor be lost: it is noted and applied once ready.
+    early_sighup: list[int] = []
+    if source is not None:
+        signal.signal(signal.SIGHUP, lambda signum, frame: early_sighup.append(signum))
     async with running_proxy(
         settings, reuse_port=reuse_port, metrics_multiprocess_dir=multiprocess_dir,
         reload_from=source, notify_peers=_ask_supervisor_to_reload if supervised else None,
@@ -172,7 +178,7 @@ async def serve(
                 task.add_done_callback(reloads.discard)
 
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
-            if reload_at_start:
+            if reload_at_start or early_sighup:
                 await reloader.reload_logged()
         try:
             await stop.wait()

@@ -28,7 +28,7 @@ session's version. Cache hits cost no round trip; their TTL refreshes are batche
 TTLs go in milliseconds (PX / PEXPIRE) so fractional ``pin_ttl_s`` works. Keys are bytes
 (see redis_wire.py: no session id can collide with another or break its key). Each
 call is bounded by ``op_timeout_ms`` whatever the injected client's settings
-(redis_call.py).
+(proxy/redis/call.py, via redis_call.py).
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ from proxy.redis.client import REDIS_FAILURES, sharded_pubsub_opener
 from proxy.redis.pubsub import Subscriber
 from proxy.store.base import Lookup
 from proxy.store.cache import PinCache
-from proxy.store.redis_call import BoundedCall, decoded, replaced_pin
+from proxy.store.redis_call import decoded, replaced_pin, store_call
 from proxy.store.redis_sync import PinSync, announce
 from proxy.store.redis_touch import Touches
-from proxy.store.redis_wire import StoreKeys, encode_pin, member
+from proxy.store.redis_wire import StoreKeys, encode_pin, member, scrub, secrets_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -97,7 +97,8 @@ class RedisPinStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._writing_back: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._call = BoundedCall(config, clock)
+        self._call = store_call(config, clock)
+        self._secrets = secrets_of(config)
         self._sync = PinSync(
             client, self._keys, self._cache, config, clock, self._call, on_conflict=on_conflict
         )
@@ -400,7 +401,7 @@ class RedisPinStore:
             _log.warning(
                 "pin invalidation subscription lost; serving cached pins until it is back "
                 "and the repin log is replayed: %s",
-                self._call.scrub(reason),
+                scrub(reason, self._secrets),
             )
         self._subscribed.clear()
 

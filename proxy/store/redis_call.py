@@ -1,77 +1,47 @@
-"""The pin store's one boundary with redis-py: bounded calls, errors as StoreUnavailable.
+"""The pin store's errors from Redis: its calls through ``RedisCall``, as StoreUnavailable.
 
-Each call is bounded by ``op_timeout_ms`` whatever the injected client's settings, and
-every failure redis-py can raise becomes ``StoreUnavailable`` with the store's masked
-location, secrets scrubbed from the message. The call also keeps what the store needs
-to judge a failure: whether other calls answered meanwhile (then this process, not
-Redis, is slow: ``store_answering``), and whether the last call failed (``failing``:
-serve cached copies without asking first).
+Each call is bounded by ``op_timeout_ms`` whatever the injected client's settings
+(proxy/redis/call.py), and every failure redis-py can raise becomes ``StoreUnavailable``
+with the store's masked location, secrets scrubbed from the message. The failure says
+what the store needs to judge it: whether other calls answered meanwhile (then this
+process, not Redis, is slow: ``store_answering``); the call, whether the last one
+failed (``failing``: serve cached copies without asking first).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import TYPE_CHECKING, TypeVar
-
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from typing import TYPE_CHECKING
 
 from proxy.core.errors import StoreUnavailable
-from proxy.redis.client import REDIS_FAILURES
+from proxy.redis.call import RedisCall, RedisFailure
 from proxy.store.redis_wire import decode_pin, scrub, secrets_of
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
-
     from proxy.config.store import StoreConfig
     from proxy.core.clock import Clock
     from proxy.core.models import Pin
 
-T = TypeVar("T")
-
 _log = logging.getLogger(__name__)
 
 
-class BoundedCall:
-    """``await call(what, operation)``: one Redis operation, bounded and translated."""
+def store_call(config: StoreConfig, clock: Clock) -> RedisCall:
+    """The pin store's bounded call, its failures as ``StoreUnavailable``."""
+    secrets = secrets_of(config)
 
-    def __init__(self, config: StoreConfig, clock: Clock) -> None:
-        self._config = config
-        self._clock = clock
-        self._timeout_s = config.op_timeout_ms / 1000
-        self._secrets = secrets_of(config)
-        self.failing = False  # the last call failed (and not because this process lagged)
-        self._answered_at = float("-inf")  # when a call last succeeded (monotonic)
+    def unavailable(failure: RedisFailure) -> StoreUnavailable:
+        detail = scrub(f"{failure.kind}: {failure.exc}", secrets)
+        error = StoreUnavailable(
+            f"pin store {failure.what} failed at {config.describe()}: {detail}",
+            code="pin_store_unavailable",
+        )
+        error.timed_out = failure.timed_out
+        # Other calls answered while this one waited (for a pooled connection, or for
+        # the event loop): Redis works, this process is what is slow.
+        error.store_answering = failure.others_answered
+        return error
 
-    def scrub(self, text: str) -> str:
-        return scrub(text, self._secrets)
-
-    async def __call__(self, what: str, operation: Awaitable[T]) -> T:
-        started = self._clock.monotonic()
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                result = await operation
-        except REDIS_FAILURES as exc:  # OSError covers TimeoutError from asyncio
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py can turn a cancellation that lands in its own timeout or
-                # reconnect handling into an error; the caller asked to stop, so stop.
-                raise asyncio.CancelledError from exc
-            detail = self.scrub(f"{type(exc).__name__}: {exc}")
-            error = StoreUnavailable(
-                f"pin store {what} failed at {self._config.describe()}: {detail}",
-                code="pin_store_unavailable",
-            )
-            error.timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
-            # Other calls answered while this one waited (for a pooled connection, or
-            # for the event loop): Redis works, this process is what is slow.
-            error.store_answering = self._answered_at > started
-            if not error.store_answering:
-                self.failing = True
-            raise error from exc
-        self._answered_at = self._clock.monotonic()
-        self.failing = False
-        return result
+    return RedisCall(config.op_timeout_ms / 1000, unavailable, clock=clock.monotonic)
 
 
 def decoded(session_id: str, raw: object) -> Pin:

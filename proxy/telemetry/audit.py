@@ -74,8 +74,8 @@ class AuditRecord:
         # orjson writes a dataclass's fields in order, as asdict would give them, without
         # asdict's recursive copy. The copy to exact size is cheaper than what it saves:
         # orjson's bytes keep the heap block of its larger buffer, and a batch of them held
-        # until sent makes glibc grow and trim the heap each batch (page faults: ~1 µs per
-        # record in bench.micro_observers).
+        # until sent makes glibc grow and trim the heap each batch, in page faults
+        # (bench/RESULTS.md, "Numbers behind choices in the code").
         return memoryview(orjson.dumps(self)).tobytes()
 
     @classmethod

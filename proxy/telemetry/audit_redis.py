@@ -27,7 +27,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from proxy.core.errors import StoreUnavailable
-from proxy.redis.client import REDIS_FAILURES
+from proxy.redis.call import RedisCall, RedisFailure
 from proxy.telemetry.audit import AuditRecord, by_arrival
 
 if TYPE_CHECKING:
@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _FIELD = b"r"  # the one field of each stream entry: the record as JSON
-# A script holds Redis while it runs: a call of 100 records takes ~0.25 ms there, so pin
-# reads from any replica wait at most about that long behind an audit write.
+# A script holds Redis while it runs, so pin reads from any replica wait behind an audit
+# write for as long as one call takes: 100 records keep that well under a millisecond
+# (bench/RESULTS.md, "Numbers behind choices in the code").
 _RECORDS_PER_CALL = 100
 # KEYS: each record's stream; ARGV: MAXLEN, TTL in ms, the entry's field, then the
 # records as JSON in the order of KEYS.
@@ -87,6 +88,16 @@ class RedisAudit:
         self._cluster = store.topology == "cluster"
         self._ttl_ms = max(1, round(store.pin_ttl_s * 1000))
         self._op_timeout_s = store.op_timeout_ms / 1000
+        masked = store.masked_url()
+
+        def unavailable(failure: RedisFailure) -> StoreUnavailable:
+            # The exception's class only: its text could carry connection details.
+            return StoreUnavailable(
+                f"audit trail {failure.what} failed at {masked}: {failure.kind}",
+                code="audit_unavailable",
+            )
+
+        self._call = RedisCall(self._op_timeout_s, unavailable)
         self._queue_size, self._batch_size = config.queue_size, config.batch_size
         self._script_args = (
             str(config.records_per_session).encode(), str(self._ttl_ms).encode(), _FIELD)
@@ -153,15 +164,8 @@ class RedisAudit:
         count = min(limit, self.records_per_session)
         if count <= 0:
             return []
-        try:
-            async with asyncio.timeout(self._op_timeout_s):
-                entries = await self._client.xrevrange(self.key(session_id), count=count)
-        except REDIS_FAILURES as exc:  # OSError covers asyncio's TimeoutError
-            # The exception text is left out: it could carry connection details.
-            raise StoreUnavailable(
-                f"audit trail read failed at {self._store.masked_url()}: {type(exc).__name__}",
-                code="audit_unavailable",
-            ) from exc
+        entries = await self._call("read", self._client.xrevrange(self.key(session_id),
+                                                                  count=count))
         records = []
         for _entry_id, fields in reversed(entries or []):
             raw = fields.get(_FIELD) if fields else None
@@ -191,15 +195,11 @@ class RedisAudit:
             return
         batch = [self._queue.popleft() for _ in range(size)]
         try:
-            async with asyncio.timeout(self._op_timeout_s):
-                await self._send(batch)
-        except REDIS_FAILURES as exc:
+            await self._call("write", self._send(batch))
+        except StoreUnavailable as exc:
             self._lost("write_failed", size)
             if not self._failing:
-                logger.warning(
-                    "audit: writes to %s failing (%s); records are dropped and counted",
-                    self._store.masked_url(), type(exc).__name__,
-                )
+                logger.warning("audit: %s; records are dropped and counted", exc.message)
             self._failing = True
             return
         if self._failing:

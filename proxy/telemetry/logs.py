@@ -5,8 +5,8 @@ the request log does): the JSON format puts them at the top level of the line, t
 text format appends them as ``key=value`` pairs.
 
 Both formatters also format many lines of one logger at once (``format_lines``), the
-same lines ``format`` would make of the records: the request log writes its lines in
-batches that way instead of one logging record per line (see requestlog.py).
+same lines ``format`` would make of the records: the request log, a line sink of its
+own rather than a logger, writes its lines in batches that way (see requestlog.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final, final
 
 import orjson
 
-from proxy.telemetry.requestlog import LOGGER_NAME as REQUEST_LOGGER
+from proxy.telemetry.requestlog import LineSink, route_request_log
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -190,15 +190,14 @@ def set_log_level(config: LogConfig) -> None:
 def configure_logging(config: LogConfig, worker: int | None = None) -> None:
     """Send every log record to stderr in the configured format, at the configured level."""
     handler = logging.StreamHandler(sys.stderr)
-    if config.format == "json":
-        handler.setFormatter(JsonFormatter(worker))
-    else:
-        handler.setFormatter(TextFormatter(worker))
+    formatter = JsonFormatter(worker) if config.format == "json" else TextFormatter(worker)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     set_log_level(config)
     # The request log is an access log: ``log.request_log`` turns it on or off, whatever
-    # the level of diagnostic logging.
-    logging.getLogger(REQUEST_LOGGER).setLevel(
-        logging.INFO if config.request_log else logging.WARNING
+    # the level of diagnostic logging. Its lines go to stderr beside the log's, in the
+    # same format, under the handler's lock so that the two never interleave.
+    route_request_log(
+        LineSink(sys.stderr, formatter, handler.lock) if config.request_log else None
     )

@@ -1,17 +1,12 @@
 """The request log: one structured line per proxied request, written off the hot path.
 
 ``observe`` only appends the event to a bounded in-memory queue. A writer thread
-drains it every ``interval_s`` and writes the lines of the ``pinproxy.requests``
-logger to the handlers that logger's records reach (stderr, JSON or text; see
-logs.py), so a slow terminal or log pipe never stalls the event loop. When the queue
-is full, new lines are dropped and counted rather than waited for.
-
-A logging record per line costs about as much again as the line itself (the record,
-the logger and handler machinery, a write and a flush each), so a plain
-``StreamHandler`` with one of pinproxy's formatters gets the lines of a batch formatted
-at once (``format_lines``) and written in one ``write``: the same lines its formatter
-makes of records. Any other handler (a file, a test's capture, a filter anywhere on
-the way) still gets one record per line through ``logging``.
+drains it every ``interval_s`` and writes the lines to a ``LineSink``: stderr in the
+log format (JSON or text, the lines logs.py's formatters make of a ``pinproxy.requests``
+record), a batch of lines per write, so a slow terminal or log pipe never stalls the
+event loop. When the queue is full, new lines are dropped and counted rather than
+waited for. The request log is a sink of its own, not a logger: a logging record per
+line would cost about as much again as the line itself.
 
 Session ids are never logged raw unless ``log.raw_session_ids`` says so: the line
 carries a keyed BLAKE2b hash, equal for equal ids under the same key, so one
@@ -25,7 +20,7 @@ import logging
 import secrets
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Final, Protocol, TextIO, TypeAlias
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +37,6 @@ _LINES_PER_WRITE: Final = 256
 _MESSAGE: Final = "request"
 
 
-@runtime_checkable
 class LineFormatter(Protocol):
     """A formatter that formats many lines of one logger at once (logs.py has two)."""
 
@@ -108,19 +102,74 @@ def event_fields(event: RequestEvent, hasher: SessionHasher) -> dict[str, object
     }
 
 
+class Sink(Protocol):
+    """Where the request log's lines go (a ``LineSink``, or a test's fan-out)."""
+
+    def write(self, lines: Sequence[Line]) -> None:
+        """Write a batch of lines; never raise (the writer thread must go on)."""
+        ...
+
+
+class LineSink:
+    """Where the request log's lines go: a text stream, a batch of lines per write.
+
+    ``formatter`` makes the lines (logs.py's JSON or text, the same lines it makes of
+    logging records); ``lock`` is held around each write, so lines written under the
+    same lock (``configure_logging`` passes its stderr handler's) never interleave.
+    """
+
+    def __init__(
+        self, stream: TextIO, formatter: LineFormatter, lock: threading.RLock | None = None
+    ) -> None:
+        self._stream = stream
+        self._formatter = formatter
+        self._lock = lock or threading.RLock()
+        self.failures = 0  # writes the stream refused (their lines are lost)
+
+    def write(self, lines: Sequence[Line]) -> None:
+        """Write ``lines``; a stream that refuses (a closed pipe) loses them, counted,
+        and is reported once, rather than stopping the request log."""
+        text = self._formatter.format_lines(LOGGER_NAME, logging.INFO, _MESSAGE, lines)
+        try:
+            with self._lock:
+                self._stream.write("\n".join(text) + "\n")
+                self._stream.flush()
+        except (OSError, ValueError) as exc:  # ValueError: the stream is closed
+            self.failures += 1
+            if self.failures == 1:
+                logging.getLogger(__name__).error(
+                    "request log lines cannot be written (%r); they are dropped", exc)
+
+    def __repr__(self) -> str:
+        return f"LineSink({self._formatter!r}, failures={self.failures})"
+
+
+# The process's sink, set by logs.configure_logging; None: request lines go nowhere.
+_configured: Sink | None = None
+
+
+def route_request_log(sink: Sink | None) -> None:
+    """Send every ``RequestLog`` without a sink of its own to ``sink`` (None: nowhere)."""
+    global _configured
+    _configured = sink
+
+
 class RequestLog:
-    """A ``RequestObserver`` that logs every request from a background thread."""
+    """A ``RequestObserver`` that writes a line per request from a background thread."""
 
     def __init__(
         self,
         hasher: SessionHasher,
         *,
+        sink: Sink | None = None,
         max_pending: int = 10_000,
         interval_s: float = 0.1,
         on_drop: Callable[[int], None] | None = None,
     ) -> None:
+        """``sink``: where lines go; by default the process's (``route_request_log``),
+        looked up at each write."""
         self._hasher = hasher
-        self._logger = logging.getLogger(LOGGER_NAME)
+        self._sink = sink
         self._pending: deque[RequestEvent] = deque()
         self._max_pending = max_pending
         self._interval_s = interval_s
@@ -157,72 +206,24 @@ class RequestLog:
 
     def flush(self) -> None:
         """Write every queued line now, in the calling thread."""
-        logger = self._logger
-        if not logger.isEnabledFor(logging.INFO) or logger.disabled:
+        sink = self._sink or _configured
+        if sink is None:
             self._pending.clear()
             return
         with self._drain_lock:
             pending, hasher = self._pending, self._hasher
-            handlers = _handlers_of(logger)
             while pending:
                 count = min(len(pending), _LINES_PER_WRITE)
                 events = [pending.popleft() for _ in range(count)]
                 # A line is dated when its request finished, not when the thread got to it.
-                lines = [(e.at + e.duration_s, event_fields(e, hasher)) for e in events]
-                self._write(lines, handlers)
+                sink.write([(e.at + e.duration_s, event_fields(e, hasher)) for e in events])
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             try:
                 self.flush()
-            except Exception:  # pragma: no cover - a handler bug must not end logging
+            except Exception:  # pragma: no cover - a sink bug must not end logging
                 logging.getLogger(__name__).exception("request log writer failed")
-
-    def _write(self, lines: Sequence[Line], handlers: list[logging.Handler]) -> None:
-        logger = self._logger
-        if logger.filters:  # a filter may drop or change records: logging applies it
-            for line in lines:
-                logger.handle(self._record(line))
-            return
-        records: list[logging.LogRecord] | None = None
-        for handler in handlers:
-            formatter = handler.formatter
-            if (type(handler) is logging.StreamHandler and not handler.filters
-                    and isinstance(formatter, LineFormatter)):
-                text = formatter.format_lines(logger.name, logging.INFO, _MESSAGE, lines)
-                self._emit(handler, text, lines)
-                continue
-            if records is None:  # built once, shared by the handlers, as logging does
-                records = [self._record(line) for line in lines]
-            for record in records:
-                handler.handle(record)
-
-    def _emit(self, handler: logging.StreamHandler[Any], text: list[str],
-              lines: Sequence[Line]) -> None:
-        """``StreamHandler.emit`` of many lines: one write and one flush, under the
-        handler's lock like every emit, so other threads' lines never land inside."""
-        terminator = handler.terminator
-        handler.acquire()
-        try:
-            handler.stream.write(terminator.join(text) + terminator)
-            handler.flush()
-        except RecursionError:  # as StreamHandler.emit does
-            raise
-        except Exception:
-            handler.handleError(self._record(lines[0]))
-        finally:
-            handler.release()
-
-    def _record(self, line: Line) -> logging.LogRecord:
-        created, fields = line
-        logger = self._logger
-        record = logger.makeRecord(
-            logger.name, logging.INFO, __file__, 0, _MESSAGE, (), None,
-            extra={"fields": fields},
-        )
-        record.created = created
-        record.msecs = (created * 1000) % 1000
-        return record
 
     @property
     def dropped(self) -> int:
@@ -235,20 +236,3 @@ class RequestLog:
             f"running={running}, hasher={self._hasher!r})"
         )
 
-
-def _handlers_of(logger: logging.Logger) -> list[logging.Handler]:
-    """The handlers an INFO record of ``logger`` reaches, as ``Logger.callHandlers`` finds
-    them (with ``logging.lastResort`` when there are none at all)."""
-    reached: list[logging.Handler] = []
-    found = 0
-    current: logging.Logger | None = logger
-    while current is not None:
-        found += len(current.handlers)
-        reached.extend(h for h in current.handlers if h.level <= logging.INFO)
-        if not current.propagate:
-            break
-        current = current.parent
-    last_resort = logging.lastResort
-    if found == 0 and last_resort is not None and last_resort.level <= logging.INFO:
-        reached.append(last_resort)
-    return reached

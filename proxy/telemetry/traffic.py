@@ -31,21 +31,20 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from proxy.core.errors import ProxyError
 from proxy.core.outage import OutageLog
-from proxy.redis.client import REDIS_FAILURES
+from proxy.redis.call import RedisCall, RedisFailure
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Iterable, Mapping
+    from collections.abc import Iterable, Mapping
 
     from redis.asyncio import Redis
 
     from proxy.core.clock import Clock
     from proxy.core.events import RequestEvent
 
-T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +63,10 @@ class TrafficUnavailable(ProxyError):
     status = 503
     error_type = "traffic_store_unavailable"
     default_code = "traffic_store_unavailable"
+
+
+def _unavailable(failure: RedisFailure) -> TrafficUnavailable:
+    return TrafficUnavailable(f"traffic counts unavailable: {failure.kind}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,7 @@ class TrafficCounter:
         self._redis = redis
         self._prefix = f"{key_prefix}traffic:"
         self._op_timeout_s = op_timeout_s
+        self._call = RedisCall(op_timeout_s, _unavailable, clock=clock.monotonic)
         self._flush_interval_s = flush_interval_s
         self._retention_s = retention_s
         retention_minutes = math.ceil(retention_s / MINUTE_S)
@@ -214,7 +218,7 @@ class TrafficCounter:
             if not taken:
                 return
             try:
-                await self._call(self._send(taken))
+                await self._call("flush", self._send(taken))
             except BaseException:
                 # Failed or cancelled mid-send: keep the counts for the next flush. (A
                 # timeout after Redis applied them double-counts one batch; losing
@@ -247,7 +251,7 @@ class TrafficCounter:
                 return await pipe.execute()
 
         out: dict[Cell, int] = {}
-        for fields in await self._call(fetch()):
+        for fields in await self._call("read", fetch()):
             for raw_field, raw_n in fields.items():
                 name = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
                 region, sep, version_key = name.partition(_SEP)
@@ -269,17 +273,6 @@ class TrafficCounter:
                 self._outage.failed(f"{exc.message} (counts kept for later)")
             except Exception:
                 logger.exception("traffic flush failed unexpectedly")
-
-    async def _call(self, operation: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self._op_timeout_s):
-                return await operation
-        except REDIS_FAILURES as exc:  # OSError covers asyncio's TimeoutError
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py can turn a cancellation into its own error; honour the cancel.
-                raise asyncio.CancelledError from exc
-            raise TrafficUnavailable(f"traffic counts unavailable: {type(exc).__name__}") from exc
 
     def __repr__(self) -> str:
         mode = "redis" if self._redis is not None else "memory"

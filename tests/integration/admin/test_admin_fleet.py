@@ -131,8 +131,13 @@ async def test_added_backend_is_polled_and_routed_then_removed(
     assert await admin.backend_ids() == ["a"]
     assert (await admin.call("GET", "/admin/backends/extra"))[0] == 404
     assert (await admin.call("DELETE", "/admin/backends/extra"))[0] == 404
-    polls = extra.counters.version_requests
-    await asyncio.sleep(0.5)  # five poll intervals: a removed backend is not polled
+    # While the remaining backend is polled five more times, the removed one is not.
+    polls, a_polls = extra.counters.version_requests, a.counters.version_requests
+
+    async def a_polled_five_times() -> bool:
+        return a.counters.version_requests >= a_polls + 5
+
+    await eventually(a_polled_five_times, within_s=5.0, what="five polls of a")
     assert extra.counters.version_requests <= polls + 1  # one poll may have been under way
     await admin.ok("DELETE", "/admin/backends/a/drain")
     assert {s.backend for s in await new_sessions(http, proxy.url, "after-rm", 5)} == {"a"}
@@ -446,7 +451,9 @@ async def test_fleet_admin_works_with_the_memory_store(
     served = await new_sessions(http, proxy.url, "m", 4)
     assert {s.backend for s in served} == {"b"}
     assert (await admin.version("prompt=v2") or {})["pinned_sessions"] == 4
-    traffic = await admin.ok("GET", "/admin/traffic?window_s=60")
+    # Two minutes: counts are kept per wall-clock minute, and the four requests may
+    # straddle a minute's end (a 60 s window is the current minute alone).
+    traffic = await admin.ok("GET", "/admin/traffic?window_s=120")
     assert traffic["versions"] == {"prompt=v2": {"requests": 4, "share": 1.0}}
     rollback = await admin.ok("GET", "/admin/versions/v2/rollback")
     assert (rollback["regions"], rollback["pinned_sessions"]) == (["r2"], 4)

@@ -95,10 +95,11 @@ async def test_the_document_lists_exactly_the_routes_that_are_served(
         url = proxy.admin_url + re.sub(r"\{[^}]+\}", "no-such-id", path)
         allowed = sorted(method.upper() for method in ops)
         for method in METHODS:
-            body = {} if "requestBody" in ops.get(method.lower(), {}) else None
+            body: dict[str, Any] | None = (
+                {} if "requestBody" in ops.get(method.lower(), {}) else None)
             async with http.request(method, url, headers=AUTH, json=body) as resp:
                 json_body = resp.content_type == "application/json" and method != "HEAD"
-                answer = await resp.json() if json_body else None
+                answer: Any = await resp.json() if json_body else None
                 if method.lower() in ops:
                     assert resp.status != 405, (method, path, answer)
                     routed = resp.status != 404 or answer["error"]["code"] != "not_found"

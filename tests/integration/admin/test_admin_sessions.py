@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from tests.fixtures.proxy import ProxyProcess, StartProxy, free_port
 from tests.fixtures.sim import StartPop
@@ -160,7 +161,7 @@ async def test_session_ids_are_percent_decoded_and_validated_like_the_data_plane
     for raw in ("x%01y", "%7F", "%C2%85", "%ff", "a" * 17, "%C3%BC" * 9):
         url = f"{proxy.admin_url}/admin/sessions/{raw}"
         for method, suffix in (("GET", ""), ("DELETE", "/pin"), ("PUT", "/pin")):
-            target = aiohttp.client.URL(url + suffix, encoded=True)
+            target = URL(url + suffix, encoded=True)
             async with http.request(method, target, json={"fresh": True}) as resp:
                 assert resp.status == 400, (raw, method)
                 error = (await resp.json())["error"]

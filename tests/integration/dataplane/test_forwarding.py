@@ -22,6 +22,7 @@ import pytest_asyncio
 from aiohttp import web
 from yarl import URL
 
+from proxy.core.events import RequestEvent
 from tests.fixtures.proxy import RunningProxy, StartProxy
 from tests.fixtures.raw_http import port_of, send_raw
 from tests.fixtures.sim import StartPop
@@ -532,7 +533,14 @@ async def _read_into(http: aiohttp.ClientSession, url: URL, received: list[bytes
 async def test_a_backend_breaking_mid_body_is_not_passed_off_as_complete(
     path: str, tiny: Tiny, start_proxy: StartProxy, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await _tiny_proxy(start_proxy, tiny)
+    events: list[RequestEvent] = []
+
+    class Recorder:
+        def observe(self, event: RequestEvent) -> None:
+            events.append(event)
+
+    proxy = await start_proxy([], backends=[{"id": "tiny", "region": "r1", "url": tiny.url}],
+                              observers=[Recorder()])
     sent = b"a" * 200 + b"b" * 300
     for _ in range(2):
         received: list[bytes] = []
@@ -543,3 +551,6 @@ async def test_a_backend_breaking_mid_body_is_not_passed_off_as_complete(
         # The proxy keeps working.
         async with http.get(_url(proxy, "/fine")) as resp:
             assert (resp.status, await resp.text()) == (200, "tiny ok")
+    # Recorded as the status that was sent, with what cut the body: not as a 499.
+    assert [(e.path, e.status, e.error_type) for e in events] == [
+        (path, 200, "upstream_error"), ("/fine", 200, None)] * 2

@@ -51,7 +51,7 @@ async def test_readyz_is_503_until_a_backend_reports_a_version(
 ) -> None:
     pop = await start_pop(version_endpoint_ok=False)
     proxy = await start_proxy([pop])
-    await asyncio.sleep(0.3)  # several failed polls
+    await eventually(lambda: pop.counters.version_requests >= 3, what="three failed polls")
     assert (await _get(http, proxy.url + HEALTH))[0] == 200
     status, body = await _get(http, proxy.url + READY)
     assert (status, body["status"]) == (503, "not_ready")

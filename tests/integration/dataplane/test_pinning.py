@@ -45,7 +45,7 @@ async def _session_survives_latency_shift(
     results = [await _ask(http, url, "alice") for _ in range(25)]
     assert {(status, prompt) for status, prompt, _, _ in results} == {(200, pinned)}
     # The answers really came from that version's POPs, and only those saw alice.
-    assert all(pinned in str(body["choices"]) for _, _, _, body in results)  # type: ignore[index]
+    assert all(pinned in str(body["choices"]) for _, _, _, body in results)
     for pop in pops:
         alice = [r for r in pop.requests if r.session_id == "alice"]
         if pop.state.version.prompt != pinned:

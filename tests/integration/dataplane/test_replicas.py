@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,13 +12,14 @@ import orjson
 import redis.asyncio as aioredis
 
 from proxy.sim import SimPop
-from tests.fixtures.proxy import ProxyProcess
+from tests.fixtures.proxy import ProxyProcess, free_port
 from tests.fixtures.sim import StartPop
+from tests.integration.telemetry.test_metrics import parse_samples
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hello"}]}
 
 
-def _toml(pops: list[SimPop], redis_url: str, prefix: str) -> str:
+def _toml(pops: list[SimPop], redis_url: str, prefix: str, admin_port: int) -> str:
     backends = "\n".join(
         f'[[backends]]\nid = "{p.state.backend_id}"\nregion = "{p.state.region}"\nurl = "{p.url}"\n'
         for p in pops
@@ -29,12 +31,15 @@ host = "127.0.0.1"
 kind = "redis"
 url = "{redis_url}"
 key_prefix = "{prefix}"
+# Generous: on a loaded test machine a pin-store call that waited on the event loop
+# is answered 503 proxy_overloaded, which this test is not about.
+op_timeout_ms = 2000
 [discovery]
 interval_s = 0.2
 [log]
 level = "warning"
 [admin]
-enabled = false
+port = {admin_port}
 {backends}
 """
 
@@ -52,9 +57,9 @@ async def test_two_proxy_processes_racing_first_requests_agree_on_every_pin(
         await start_pop("ap-south-1", "ap-south", "v46", ttfb_ms=2),
         await start_pop("ap-northeast-1", "ap-northeast", "v46", ttfb_ms=2),
     ]
-    config = _toml(pops, redis_url, "race:")
-    one = proxy_processes(config, "--workers", "2")
-    two = proxy_processes(config)
+    admin_ports = (free_port(), free_port())
+    one = proxy_processes(_toml(pops, redis_url, "race:", admin_ports[0]), "--workers", "2")
+    two = proxy_processes(_toml(pops, redis_url, "race:", admin_ports[1]))
     await one.wait_listening()
     await two.wait_listening()
 
@@ -66,13 +71,10 @@ async def test_two_proxy_processes_racing_first_requests_agree_on_every_pin(
             assert resp.status == 200, body
             return resp.status, resp.headers["X-Prompt-Version"]
 
-    # Wait until both replicas have discovered the fleet.
+    # Wait until both replicas (each worker of ``one``: a connection per request) have
+    # discovered the whole fleet, or the race would be between fewer choices.
     for proxy in (one, two):
-        for _ in range(100):
-            async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as resp:
-                if resp.status == 200:
-                    break
-            await asyncio.sleep(0.1)
+        await _until_fleet_known(proxy, len(pops))
 
     sessions = [f"race-{i}" for i in range(60)]
     answers = await asyncio.gather(
@@ -91,10 +93,13 @@ async def test_two_proxy_processes_racing_first_requests_agree_on_every_pin(
             assert orjson.loads(stored)["version_key"] == f"prompt={versions.pop()}"
     finally:
         await client.aclose()
-    # The race was real: both versions won some sessions.
+    # The race was real: both versions won some sessions, and replicas that had chosen
+    # the other version for a session lost its pin race (and followed the winner).
     pinned = [orjson.loads(p)["version_key"] for p in await _pins(redis_url, "race:pin:*")]
     assert len(pinned) == len(sessions)
     assert {"prompt=v46", "prompt=v47"} == set(pinned)
+    lost = [await _races_lost(port) for port in admin_ports]
+    assert sum(lost) > 0, lost
     # Every session's requests went only to POPs of its version.
     for pop in pops:
         for record in pop.requests:
@@ -102,7 +107,35 @@ async def test_two_proxy_processes_racing_first_requests_agree_on_every_pin(
                 assert record.pinned_version == pop.state.version_key
 
 
-async def _pins(redis_url: str, pattern: str) -> list[bytes]:
+async def _until_fleet_known(proxy: ProxyProcess, backends: int, timeout: float = 20.0) -> None:
+    """Until a few fresh connections in a row all find every backend routable."""
+    deadline = time.monotonic() + timeout
+    in_a_row = 0
+    while in_a_row < 6:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{proxy.url} never knew all {backends} backends:\n"
+                                 f"{proxy.log()}")
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as fresh, fresh.get(
+            f"{proxy.url}/_pinproxy/readyz"
+        ) as resp:
+            checks = (await resp.json())["checks"]
+            ready = resp.status == 200 and checks["backends"]["routable"] == backends
+        in_a_row = in_a_row + 1 if ready else 0
+        if not ready:
+            await asyncio.sleep(0.1)
+
+
+async def _races_lost(admin_port: int) -> float:
+    async with aiohttp.ClientSession() as fresh, fresh.get(
+        f"http://127.0.0.1:{admin_port}/metrics"
+    ) as resp:
+        assert resp.status == 200
+        samples = parse_samples(await resp.text())
+    return sum(samples.get("pinproxy_pin_races_lost_total", {}).values())
+
+
+async def _pins(redis_url: str, pattern: str) -> list[bytes | str]:
     client = aioredis.from_url(redis_url)
     try:
         keys = [k async for k in client.scan_iter(pattern)]

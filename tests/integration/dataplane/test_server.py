@@ -54,14 +54,8 @@ async def test_sigterm_lets_an_inflight_stream_finish_then_exits_cleanly(
         first = await resp.content.readline()
         assert first.startswith(b"data:")
         proxy.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
-        # Draining: the listener is closed, so new connections are refused...
-        try:
-            async with aiohttp.ClientSession() as fresh, fresh.get(f"{proxy.url}/x") as r:
-                refused = r.status >= 500
-        except aiohttp.ClientConnectionError:
-            refused = True
-        assert refused
+        # Draining: the listener closes, so new connections are refused...
+        await _until_refused(proxy)
         # ...while the stream already in flight runs to its end.
         rest = await resp.read()
     events = [first, *[line for line in rest.split(b"\n") if line.startswith(b"data:")]]
@@ -69,6 +63,22 @@ async def test_sigterm_lets_an_inflight_stream_finish_then_exits_cleanly(
     assert len(events) == 12 + 2
     assert await asyncio.to_thread(proxy.proc.wait, 15) == 0
     assert pop.counters.streams_completed == 1
+
+
+async def _until_refused(proxy: ProxyProcess, timeout: float = 10.0) -> None:
+    """Until a new connection to ``proxy`` is refused (or answered 5xx)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with aiohttp.ClientSession() as fresh, fresh.get(f"{proxy.url}/x") as r:
+                refused = r.status >= 500
+        except aiohttp.ClientConnectionError:
+            refused = True
+        if refused:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still accepting {timeout}s after SIGTERM:\n{proxy.log()}")
+        await asyncio.sleep(0.05)
 
 
 def _children(pid: int) -> set[int]:

@@ -136,7 +136,7 @@ def image_python() -> str:
     its user cannot reach would not start at all.
     """
     candidates = [
-        Path(sys._base_executable),
+        Path(sys._base_executable),  # type: ignore[attr-defined]  # CPython-private
         Path("/usr/bin/python3"),
         Path("/usr/local/bin/python3"),
     ]

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from proxy.config.settings import StoreConfig
+from proxy.config.store import StoreConfig
 from proxy.core.clock import ManualClock, SystemClock
 from proxy.core.errors import StoreUnavailable
 from proxy.core.models import Pin

@@ -122,7 +122,7 @@ def test_topology_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="need topology 'sentinel'"):
         StoreConfig(kind="redis", sentinel_master="m")
     with pytest.raises(ValueError, match="need a rediss:// url"):
-        StoreConfig(kind="redis", ca_file=__file__)  # type: ignore[arg-type]
+        StoreConfig(kind="redis", ca_file=__file__)
     with pytest.raises(ValueError, match="hash tags"):
         StoreConfig(kind="redis", key_prefix="{p}:")
     config = StoreConfig(kind="redis", topology="sentinel", sentinel_master="m",

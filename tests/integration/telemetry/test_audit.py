@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.config.observability import AuditConfig
-from proxy.config.settings import StoreConfig
+from proxy.config.store import StoreConfig
 from proxy.telemetry.audit import AuditRecord
 from proxy.telemetry.audit_redis import RedisAudit
 from tests.fixtures.proxy import StartProxy

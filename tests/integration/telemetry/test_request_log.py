@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
@@ -12,34 +12,38 @@ import pytest
 
 from proxy.core.events import RequestEvent
 from proxy.telemetry.logs import JsonFormatter, TextFormatter
-from proxy.telemetry.requestlog import LOGGER_NAME, RequestLog, SessionHasher
+from proxy.telemetry.requestlog import LineSink, RequestLog, SessionHasher, route_request_log
 from tests.fixtures.proxy import RunningProxy, StartProxy
 from tests.fixtures.sim import StartPop
 from tests.integration.telemetry.test_metrics import wait_for
+
+if TYPE_CHECKING:
+    from proxy.telemetry.requestlog import Line
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hello"}],
         "stream": True, "stream_options": {"include_usage": True}}
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
+class Both:
+    """The process's request-log sink, written as JSON and as text at once."""
+
+    def __init__(self, *sinks: LineSink) -> None:
+        self._sinks = sinks
+
+    def write(self, lines: Sequence[Line]) -> None:
+        for sink in self._sinks:
+            sink.write(lines)
+
+
 @pytest.fixture
 def log_lines() -> Iterator[tuple[io.StringIO, io.StringIO]]:
-    """What the request logger writes, as JSON and as text."""
-    logger = logging.getLogger(LOGGER_NAME)
+    """What the request log writes, as JSON and as text."""
     as_json, as_text = io.StringIO(), io.StringIO()
-    handlers = [logging.StreamHandler(as_json), logging.StreamHandler(as_text)]
-    handlers[0].setFormatter(JsonFormatter(worker=3))
-    handlers[1].setFormatter(TextFormatter(worker=3))
-    level, propagate = logger.level, logger.propagate
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    for handler in handlers:
-        logger.addHandler(handler)
+    route_request_log(Both(LineSink(as_json, JsonFormatter(worker=3)),
+                           LineSink(as_text, TextFormatter(worker=3))))
     yield as_json, as_text
-    for handler in handlers:
-        logger.removeHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = propagate
+    route_request_log(None)
 
 
 def _request_log(proxy: RunningProxy) -> RequestLog:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.core.errors import BadRequest
+from proxy.core.errors import BadRequest, PayloadTooLarge
 from tests.fixtures.raw_backend import (
     MakePool,
     Peer,
@@ -106,7 +106,7 @@ async def test_a_client_stream_failing_before_the_head_raises_its_own_error_and_
 ) -> None:
     backend = await start_backend(keep_alive)
     pool, target = make_pool(), backend.target()
-    refused = BadRequest("the body is too large", code="request_body_too_large", status=413)
+    refused = PayloadTooLarge("the body is too large", code="request_body_too_large")
 
     async def failing() -> AsyncIterator[bytes]:
         yield b"partial"

@@ -54,7 +54,7 @@ ERRORS = _all_error_classes()
 def test_the_walk_finds_the_errors_of_every_layer() -> None:
     names = {cls.__name__ for cls in ERRORS}
     assert {"VersionUnavailable", "StoreUnavailable", "UpstreamDropped", "BadRequest"} <= names
-    assert {"ControlUnavailable", "BackendUrlRefused", "MethodNotAllowed"} <= names
+    assert {"ControlUnavailable", "BackendUrlRefused", "MethodNeverProxied"} <= names
 
 
 @pytest.mark.parametrize("cls", ERRORS, ids=lambda c: c.__name__)
@@ -89,9 +89,11 @@ def test_pin_store_unavailable_carries_retry_after_and_its_code() -> None:
     assert orjson.loads(error.body())["error"]["code"] == "pin_store_unavailable"
 
 
-def test_a_status_override_without_a_code_gets_the_status_code() -> None:
-    from proxy.core.errors import BadRequest
+def test_a_narrow_class_without_a_code_gets_its_status_code() -> None:
+    # A status other than BadRequest's is a class of its own (no status argument).
+    from proxy.core.errors import BadRequest, PayloadTooLarge
 
-    assert BadRequest("too big", status=413).code == "request_too_large"
+    assert (PayloadTooLarge("too big").status, PayloadTooLarge("too big").code) == (
+        413, "request_too_large")
     assert BadRequest("bad").code == "invalid_request"
     assert BadRequest("bad", code="invalid_session_id").code == "invalid_session_id"

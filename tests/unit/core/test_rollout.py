@@ -42,7 +42,7 @@ def steady(**regions: str) -> RolloutState:
                         rev=1)
 
 
-def kinds(events: list) -> list[tuple[str, str, str]]:  # type: ignore[type-arg]
+def kinds(events: list) -> list[tuple[str, str, str]]:
     return [(e.kind, e.region, e.version) for e in events]
 
 

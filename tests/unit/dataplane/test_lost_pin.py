@@ -41,6 +41,6 @@ def test_mark_never_refuses() -> None:
 
 def test_the_policy_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="on_lost_pin"):
-        SessionsConfig(on_lost_pin="guess")  # type: ignore[arg-type]
+        SessionsConfig(on_lost_pin="guess")
     with pytest.raises(ValueError, match="lost_pin_refuse_s"):
         SessionsConfig(lost_pin_refuse_s=0)

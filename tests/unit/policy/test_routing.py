@@ -120,7 +120,7 @@ _ADMITTED = st.one_of(
     st.none(), st.frozensets(st.sampled_from((*KEYS, "v1", "v2", "v3", "unknown")))
 )
 # The operator's kill switch: usually nothing blocked, else full keys or bare prompts.
-_BLOCKED = st.one_of(
+_BLOCKED: st.SearchStrategy[frozenset[str]] = st.one_of(
     st.just(frozenset()),
     st.frozensets(st.sampled_from((*KEYS, GONE_KEY, "v1", "v2", "v3", "unknown")), max_size=3),
 )

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, TypeVar
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config.settings import StoreConfig
+from proxy.config.store import StoreConfig
 from proxy.core.clock import ManualClock
 from proxy.core.models import Pin
 from proxy.store.memory import MemoryPinStore
@@ -35,7 +35,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         coro.send(None)
     except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+        return done.value
     coro.close()
     raise AssertionError("the memory store suspended inside an operation")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.config.settings import StoreConfig
+from proxy.config.store import StoreConfig
 from proxy.core.clock import ManualClock
 from proxy.core.models import Pin
 from proxy.store.memory import MemoryPinStore

@@ -13,7 +13,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from proxy.config.settings import StoreConfig
+from proxy.config.store import StoreConfig
 from proxy.core.clock import SystemClock
 from proxy.core.errors import StoreUnavailable
 from proxy.store.redis import RedisPinStore
@@ -27,7 +27,7 @@ def store() -> RedisPinStore:
 async def test_a_timeout_while_other_calls_succeed_says_the_store_is_answering() -> None:
     pins = store()
     stuck = asyncio.create_task(pins._call("get", asyncio.sleep(10)))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # one step: the stuck call has started (and waits)
     assert await pins._call("get", asyncio.sleep(0.01, result="answer")) == "answer"
     with pytest.raises(StoreUnavailable) as info:
         await stuck
@@ -37,7 +37,7 @@ async def test_a_timeout_while_other_calls_succeed_says_the_store_is_answering()
 async def test_a_timeout_with_nothing_answering_is_the_store() -> None:
     pins = store()
     assert await pins._call("get", asyncio.sleep(0, result="early")) == "early"
-    await asyncio.sleep(0.01)  # that answer came before the next call started
+    # That answer came before the next call started.
     with pytest.raises(StoreUnavailable) as info:
         await pins._call("get", asyncio.sleep(10))
     assert (info.value.timed_out, info.value.store_answering) == (True, False)

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.config.observability import AuditConfig
-from proxy.config.settings import StoreConfig
+from proxy.config.store import StoreConfig
 from proxy.core.clock import ManualClock
 from proxy.core.events import RequestEvent
 from proxy.telemetry.audit import AuditObserver, AuditRecord, DisabledAudit, MemoryAudit

@@ -1,8 +1,9 @@
 """Log formats: a batch of request log lines is exactly what logging makes of records.
 
-The request log writes its lines in batches (``format_lines``, one write per batch)
-instead of one logging record per line; these tests pin that both give the same text,
-and that the JSON and text lines are still the ones the formats always made.
+The request log is a line sink that writes its lines in batches (``format_lines``, one
+write per batch) instead of one logging record per line; these tests pin that both
+give the same text, that the JSON and text lines are still the ones the formats always
+made, and that ``configure_logging`` sends them to stderr beside the log.
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ from typing import TYPE_CHECKING
 import orjson
 import pytest
 
+from proxy.config.observability import LogConfig
 from proxy.core.events import RequestEvent, Usage
-from proxy.telemetry.logs import JsonFormatter, TextFormatter
-from proxy.telemetry.requestlog import LOGGER_NAME, RequestLog, SessionHasher, event_fields
+from proxy.telemetry.logs import JsonFormatter, TextFormatter, configure_logging
+from proxy.telemetry.requestlog import (
+    LOGGER_NAME,
+    LineSink,
+    RequestLog,
+    SessionHasher,
+    event_fields,
+    route_request_log,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -122,112 +131,79 @@ def _event(i: int, session: str | None = "alice") -> RequestEvent:
     )
 
 
-class Captured(logging.Handler):
-    """A handler that is not a plain StreamHandler: it gets one record per line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def request_logger() -> Iterator[logging.Logger]:
-    logger = logging.getLogger(LOGGER_NAME)
-    saved = logger.handlers[:], logger.level, logger.propagate, logger.filters[:]
-    logger.handlers[:] = []
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    yield logger
-    logger.handlers[:], level, logger.propagate, logger.filters[:] = saved
-    logger.setLevel(level)
+def _lines_of(events: list[RequestEvent], hasher: SessionHasher,
+              formatter: logging.Formatter) -> list[str]:
+    """What the formatter makes of a record per event: the lines the log must write."""
+    return [formatter.format(_record(e.at + e.duration_s, event_fields(e, hasher)))
+            for e in events]
 
 
 @pytest.mark.parametrize("formatter", [JsonFormatter(2), TextFormatter(2)])
-def test_written_in_batches_or_as_records_the_lines_are_the_same(
-    request_logger: logging.Logger, formatter: logging.Formatter,
+def test_the_sinks_lines_are_the_formatters_lines_of_records(
+    formatter: JsonFormatter | TextFormatter,
 ) -> None:
-    fast, plain = io.StringIO(), io.StringIO()
-    batched = logging.StreamHandler(fast)
-
-    class Subclassed(logging.StreamHandler[io.StringIO]):  # not batched: any subclass
-        pass
-
-    per_record = Subclassed(plain)
-    captured = Captured()
-    for handler in (batched, per_record, captured):
-        handler.setFormatter(formatter)
-        request_logger.addHandler(handler)
+    stream = io.StringIO()
     hasher = SessionHasher(b"key")
-    request_log = RequestLog(hasher)
+    request_log = RequestLog(hasher, sink=LineSink(stream, formatter))
     events = [_event(i, None if i == 3 else "alice") for i in range(600)]  # > one write
     for event in events:
         request_log.observe(event)
     request_log.flush()
-    lines = fast.getvalue().splitlines()
-    assert len(lines) == 600
-    assert lines == plain.getvalue().splitlines()
-    assert lines == [formatter.format(record) for record in captured.records]
-    assert [r.fields for r in captured.records] == [  # type: ignore[attr-defined]
-        event_fields(e, hasher) for e in events]
-    assert [r.created for r in captured.records] == [e.at + e.duration_s for e in events]
-    assert "alice" not in fast.getvalue()
+    assert stream.getvalue().splitlines() == _lines_of(events, hasher, formatter)
+    assert "alice" not in stream.getvalue()
 
 
-def test_a_logger_filter_still_applies(request_logger: logging.Logger) -> None:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter(None))
-    request_logger.addHandler(handler)
-    request_logger.addFilter(lambda record: record.fields["request_id"] != "req-1")  # type: ignore[attr-defined]
-    request_log = RequestLog(SessionHasher(b"key"))
-    for i in range(3):
-        request_log.observe(_event(i))
-    request_log.flush()
-    assert [orjson.loads(line)["request_id"] for line in stream.getvalue().splitlines()] == [
-        "req-0", "req-2"]
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    yield
+    root.handlers[:], level = saved
+    root.setLevel(level)
+    route_request_log(None)
 
 
-def test_propagates_to_the_root_handlers_unless_told_not_to(
-    request_logger: logging.Logger,
+@pytest.mark.parametrize(("log_format", "formatter"), [
+    ("json", JsonFormatter(1)), ("text", TextFormatter(1))])
+def test_configure_logging_sends_request_lines_to_stderr_in_the_log_format(
+    restored_logging: None, capsys: pytest.CaptureFixture[str], log_format: str,
+    formatter: logging.Formatter,
 ) -> None:
-    root, own = io.StringIO(), io.StringIO()
-    root_handler, own_handler = logging.StreamHandler(root), logging.StreamHandler(own)
-    quiet = logging.StreamHandler(io.StringIO())
-    quiet.setLevel(logging.WARNING)
-    for handler in (root_handler, own_handler, quiet):
-        handler.setFormatter(TextFormatter(None))
-    logging.getLogger().addHandler(root_handler)
-    request_logger.addHandler(own_handler)
-    request_logger.addHandler(quiet)
+    configure_logging(LogConfig(format=log_format, level="error"), worker=1)
+    hasher = SessionHasher(b"key")
+    request_log = RequestLog(hasher)  # the process's sink
+    events = [_event(i) for i in range(3)]
+    for event in events:
+        request_log.observe(event)
+    request_log.flush()
+    # Whatever the diagnostic level: the request log is an access log.
+    assert capsys.readouterr().err.splitlines() == _lines_of(events, hasher, formatter)
+
+
+def test_no_request_lines_when_the_request_log_is_off(
+    restored_logging: None, capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(LogConfig(request_log=False))
     request_log = RequestLog(SessionHasher(b"key"))
-    try:
-        request_logger.propagate = True
-        request_log.observe(_event(0))
-        request_log.flush()
-        request_logger.propagate = False
-        request_log.observe(_event(1))
-        request_log.flush()
-    finally:
-        logging.getLogger().removeHandler(root_handler)
-    assert root.getvalue().count("\n") == 1
-    assert own.getvalue().count("\n") == 2
-    assert quiet.stream.getvalue() == ""
+    request_log.observe(_event(0))
+    request_log.flush()
+    assert capsys.readouterr().err == ""
+    assert "pending=0" in repr(request_log)  # dropped, not kept for later
 
 
-def test_a_broken_stream_is_reported_like_logging_does(
-    request_logger: logging.Logger, capsys: pytest.CaptureFixture[str],
+def test_a_broken_stream_loses_its_lines_counted_and_reported_once(
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     class Broken(io.StringIO):
         def write(self, text: str) -> int:
             raise OSError("pipe gone")
 
-    handler = logging.StreamHandler(Broken())
-    handler.setFormatter(JsonFormatter(None))
-    request_logger.addHandler(handler)
-    request_log = RequestLog(SessionHasher(b"key"))
-    request_log.observe(_event(0))
-    request_log.flush()  # does not raise: the handler reports the error
-    assert "pipe gone" in capsys.readouterr().err
+    sink = LineSink(Broken(), JsonFormatter(None))
+    request_log = RequestLog(SessionHasher(b"key"), sink=sink)
+    with caplog.at_level(logging.ERROR):
+        for i in range(2):
+            request_log.observe(_event(i))
+            request_log.flush()  # does not raise
+    assert sink.failures == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "request log lines cannot be written (OSError('pipe gone')); they are dropped"]

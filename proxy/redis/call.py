@@ -1,0 +1,91 @@
+"""The one way pinproxy calls Redis: bounded, and redis-py's failures as a narrow error.
+
+Every component that talks to Redis (pin store, audit trail, traffic counts, control
+plane, rollout state) awaits its operations through a ``RedisCall``: each call is
+bounded by the operation timeout whatever the client's own settings, and every failure
+redis-py can raise (``REDIS_FAILURES``) becomes the component's own error (the pin
+store's ``StoreUnavailable``, the control plane's ``ControlUnavailable``...), built by
+the factory the component passes in from a ``RedisFailure``. A cancellation that
+redis-py turned into one of its errors is a cancellation again: the caller asked to
+stop.
+
+A call also remembers what a component needs to judge a failure: whether any call
+answered while this one waited (then this process, not Redis, is slow) and whether
+the last call failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from proxy.redis.client import REDIS_FAILURES
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisFailure:
+    """One failed call, for the component's error factory."""
+
+    what: str  # the operation, as the component named it ("get", "sync", ...)
+    exc: BaseException  # redis-py's (or asyncio's) exception; its text may hold secrets
+    timed_out: bool  # no answer within the timeout (not a refusal or a broken connection)
+    others_answered: bool  # another call through this helper succeeded meanwhile
+
+    @property
+    def kind(self) -> str:
+        """The exception's class name: safe to show, unlike its text."""
+        return type(self.exc).__name__
+
+
+class RedisCall:
+    """``await call(what, operation)``: one Redis operation, bounded and translated."""
+
+    __slots__ = ("_answered_at", "_clock", "_error", "_timeout_s", "failing")
+
+    def __init__(
+        self,
+        timeout_s: float,
+        error: Callable[[RedisFailure], Exception],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``error``: the component's narrow error for a failure (raised ``from`` it)."""
+        self._timeout_s = timeout_s
+        self._error = error
+        self._clock = clock
+        self._answered_at = float("-inf")  # when a call last succeeded
+        self.failing = False  # the last call failed, and no other answered meanwhile
+
+    async def __call__(self, what: str, operation: Awaitable[T]) -> T:
+        started = self._clock()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                result = await operation
+        except REDIS_FAILURES as exc:  # OSError covers asyncio's TimeoutError
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancellation that lands in its own timeout or
+                # reconnect handling into an error; the caller asked to stop, so stop.
+                raise asyncio.CancelledError from exc
+            failure = RedisFailure(
+                what, exc, isinstance(exc, TimeoutError | RedisTimeoutError),
+                self._answered_at > started,
+            )
+            if not failure.others_answered:
+                self.failing = True
+            raise self._error(failure) from exc
+        self._answered_at = self._clock()
+        self.failing = False
+        return result
+
+    def __repr__(self) -> str:
+        return f"RedisCall(timeout={self._timeout_s:g}s, failing={self.failing})"
