@@ -193,7 +193,11 @@ async def test_pooled_connections_share_one_driver_info_read_once(redis_url: str
     pool = client.connection_pool
     try:
         await asyncio.gather(*(client.ping() for _ in range(8)))
-        connections = [await pool.get_connection() for _ in range(8)]
+        # redis-py leaves get_connection unannotated (it is wrapped by deprecated_args).
+        connections = [
+            await pool.get_connection()  # type: ignore[no-untyped-call]
+            for _ in range(8)
+        ]
         try:
             infos = {id(c.driver_info): c.driver_info for c in connections}
         finally:
