@@ -1,8 +1,8 @@
 """``python -m bench <scenario> [options]``: run one benchmark, write its report.
 
-Scenarios: overhead, throughput, streaming, incident, kill-switch, store-faults (see
-bench/README.md). Run from
-the repository root; results go to bench/results/<scenario>-<timestamp>/.
+Scenarios: overhead, throughput, streaming, sse, incident, kill-switch, store-faults,
+profile (see bench/README.md). Run from the repository root; results go to
+bench/results/<scenario>-<timestamp>/.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = subs.add_parser("throughput", parents=[common], help="ceiling and latency at fixed rates")
     p.add_argument("--duration", type=float, default=2.0, help="seconds per measured run")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="closed-loop rounds, the targets interleaved"
+    )
     p.add_argument("--concurrency", type=int, default=64, help="closed-loop connections")
     p.add_argument(
         "--levels",
@@ -60,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--targets",
-        default="direct,pinproxy-1w,pinproxy-2w,nginx",
-        help="comma-separated subset of direct,pinproxy-1w,pinproxy-2w,nginx",
+        default="direct,pinproxy-1w,pinproxy-2w,nginx,vllm-router",
+        help="comma-separated subset of direct,pinproxy-1w,pinproxy-2w,nginx,vllm-router",
     )
     p.add_argument(
         "--backend",
@@ -77,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--store", choices=("redis", "memory"), default="redis")
     p.add_argument("--sessions", type=int, default=1000)
+    p.add_argument(
+        "--turns", type=int, default=1, help="consecutive requests per session id (1: round robin)"
+    )
+    p.add_argument(
+        "--same-sessions",
+        action="store_true",
+        help="every run on the same session ids (cache hits only after the warm-up)",
+    )
 
     p = subs.add_parser("streaming", parents=[common], help="many concurrent SSE streams")
     p.add_argument("--streams", type=_ints, default=(100, 1000, 2000))
@@ -84,6 +95,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--completion-tokens", type=int, default=6)
     p.add_argument("--ramp", type=float, default=3.0, help="seconds over which streams start")
     p.add_argument("--ttfb-ms", type=float, default=5.0)
+    p.add_argument("--store", choices=("redis", "memory"), default="redis")
+
+    p = subs.add_parser(
+        "sse", parents=[common], help="SSE at LLM rates: CPU per chunk, gaps, vs baselines"
+    )
+    p.add_argument(
+        "--levels",
+        default="200,1000@25,2000@12.5",
+        help="concurrent streams per level, N or N@tokens_per_second (comma-separated)",
+    )
+    p.add_argument("--tokens-per-second", type=float, default=50.0)
+    p.add_argument("--completion-tokens", type=int, default=200)
+    p.add_argument("--ramp", type=float, default=2.0, help="seconds over which streams start")
+    p.add_argument(
+        "--targets",
+        default="direct,pinproxy,nginx,vllm-router",
+        help="comma-separated subset of direct,pinproxy,nginx,vllm-router",
+    )
     p.add_argument("--store", choices=("redis", "memory"), default="redis")
 
     p = subs.add_parser("incident", parents=[common], help="replay of the 67%% rollout incident")
@@ -121,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--store", choices=("redis", "memory"), default="redis")
+    p.add_argument("--turns", type=int, default=1, help="consecutive requests per session id")
     return parser
 
 
@@ -150,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         report = throughput.run(
             throughput.ThroughputConfig(
                 duration_s=args.duration,
+                rounds=args.rounds,
                 concurrency=args.concurrency,
                 levels=args.levels,
                 targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
@@ -157,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 generator=args.generator,
                 store=args.store,
                 sessions=args.sessions,
+                turns=args.turns,
+                fresh_sessions=not args.same_sessions,
                 pin=pin,
                 out_root=args.out,
                 proxy_set=tuple(args.proxy_set),
@@ -172,6 +205,22 @@ def main(argv: list[str] | None = None) -> int:
                 completion_tokens=args.completion_tokens,
                 ramp_s=args.ramp,
                 ttfb_ms=args.ttfb_ms,
+                store=args.store,
+                pin=pin,
+                out_root=args.out,
+                proxy_set=tuple(args.proxy_set),
+            )
+        )
+    elif args.scenario == "sse":
+        from bench import sse
+
+        report = sse.run(
+            sse.SseConfig(
+                levels=tuple(x.strip() for x in args.levels.split(",") if x.strip()),
+                tokens_per_second=args.tokens_per_second,
+                completion_tokens=args.completion_tokens,
+                ramp_s=args.ramp,
+                targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                 store=args.store,
                 pin=pin,
                 out_root=args.out,
@@ -204,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate_hz=args.rate,
                 concurrency=args.concurrency,
                 store=args.store,
+                turns=args.turns,
                 pin=pin,
                 out_root=args.out,
                 proxy_set=tuple(args.proxy_set),

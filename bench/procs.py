@@ -198,6 +198,16 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy since boot (not idle or iowait,
+    steal excluded): the delta over a run, divided by its wall time, is how many cores
+    were busy, ours and the other tenants' together."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    # user nice system idle iowait irq softirq steal ...
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
 def rss_bytes(pids: Sequence[int]) -> int:
     """Resident memory of these processes (VmRSS), summed."""
     total = 0
@@ -559,10 +569,13 @@ def _nginx_common(workdir: Path, name: str) -> str:
 
 
 def nginx_proxy_conf(workdir: Path, name: str, port: int, upstream_url: str) -> str:
-    """nginx as a plain reverse proxy: one worker, keep-alive upstream, no buffering."""
+    """nginx as a session-affine reverse proxy: one worker, upstream chosen by a consistent
+    hash of ``X-Session-ID`` (what a hash router does instead of pinning), keep-alive
+    upstream, no buffering."""
     host = upstream_url.split("//", 1)[1]
     return _nginx_common(workdir, name) + (
-        f"  upstream backend {{ server {host}; keepalive 256; }}\n"
+        "  upstream backend {\n    hash $http_x_session_id consistent;\n"
+        f"    server {host};\n    keepalive 256;\n  }}\n"
         f"  server {{\n    listen 127.0.0.1:{port};\n"
         "    location / {\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n"
         '      proxy_set_header Connection "";\n      proxy_buffering off;\n    }\n  }\n}\n'
@@ -599,3 +612,39 @@ def start_nginx(
     cmd = [binary, "-p", str(procs.workdir), "-c", str(path)]
     # SIGQUIT is nginx's graceful stop; SIGTERM is its fast one, either is fine here.
     return procs.start(name, layout.wrap(cmd, cpus), port=port)
+
+
+# -- vllm-router ----------------------------------------------------------------------------
+
+VLLM_ROUTER_VERSION = "0.1.17"
+
+
+def find_vllm_router() -> str | None:
+    """The ``vllm-router`` launcher (PyPI ``vllm-router``, the ``bench`` extra): next to
+    this interpreter first, so the venv's copy wins over anything else on PATH."""
+    here = Path(sys.executable).parent / "vllm-router"
+    if os.access(here, os.X_OK):
+        return str(here)
+    return shutil.which("vllm-router")
+
+
+def start_vllm_router(
+    procs: Procs, name: str, port: int, backend_url: str, cpus: str | None, layout: Layout
+) -> Proc:
+    """vllm-router (Rust, axum/hyper) with ``consistent_hash`` on the session header, in
+    front of one backend: the compiled session-affine router pinproxy is measured against.
+
+    Its per-request INFO lines ("Consistent hash routing: ...") go to the log unless
+    RUST_LOG says otherwise; ``warn`` keeps its logging as quiet as pinproxy's bench config
+    (level warning), so neither pays for log lines the other does not write.
+    """
+    binary = find_vllm_router()
+    if binary is None:
+        raise BenchError("vllm-router is not installed (pip install -e '.[bench]')")
+    cmd = [
+        binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", backend_url,
+        "--policy", "consistent_hash", "--log-level", "warning",
+    ]
+    return procs.start(
+        name, layout.wrap(cmd, cpus), port=port, timeout_s=60.0, env={"RUST_LOG": "warn"}
+    )

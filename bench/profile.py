@@ -42,6 +42,9 @@ class ProfileConfig:
     rate_hz: int = 250
     concurrency: int = 32
     store: Literal["redis", "memory"] = "redis"
+    # Consecutive requests per session id (1: every request on the next of 1,000 ids,
+    # so the first pass creates a pin per request; 8: mostly cache hits).
+    turns: int = 1
     top: int = 30
     proxy_set: tuple[str, ...] = ()  # pinproxy config overrides, section.key=value
     pin: bool = True
@@ -113,11 +116,14 @@ def run(cfg: ProfileConfig) -> dict[str, Any]:
                     duration_s=seconds,
                     sessions=1000,
                     prefix="prof-",
+                    turns=cfg.turns,
                     cpus=layout.load_cpus,
                     taskset=layout.taskset,
                 )
             else:
-                reqs = session_requests("127.0.0.1", port_of(url), PATH, 1000, "prof-", turns=8)
+                reqs = session_requests(
+                    "127.0.0.1", port_of(url), PATH, 1000, "prof-", turns=cfg.turns
+                )
                 res = run_async(
                     closed_loop(
                         "127.0.0.1",
@@ -133,26 +139,29 @@ def run(cfg: ProfileConfig) -> dict[str, Any]:
         thread.start()
         try:
             cpu0 = proxy.cpu_seconds()
-            subprocess.run(
-                [
-                    spy,
-                    "record",
-                    "-p",
-                    str(proxy.pid),
-                    "-d",
-                    str(int(cfg.duration_s)),
-                    "-r",
-                    str(cfg.rate_hz),
-                    "-f",
-                    "raw",
-                    "-o",
-                    str(raw_path),
-                    "--nonblocking",
-                ],
-                capture_output=True,
-                timeout=cfg.duration_s + 60,
-                check=True,
+
+            def spy_cmd(fmt: str, out: Path) -> list[str]:
+                return [
+                    spy, "record", "-p", str(proxy.pid), "-d", str(int(cfg.duration_s)),
+                    "-r", str(cfg.rate_hz), "-f", fmt, "-o", str(out), "--nonblocking",
+                ]
+
+            # A second sampler writes the flame graph (SVG) over the same window; both
+            # read the process's memory from outside, so the proxy pays for neither.
+            flame = subprocess.Popen(
+                spy_cmd("flamegraph", ctx.out / "flamegraph.svg"),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
+            try:
+                subprocess.run(
+                    spy_cmd("raw", raw_path),
+                    capture_output=True,
+                    timeout=cfg.duration_s + 60,
+                    check=True,
+                )
+            finally:
+                flame.wait(cfg.duration_s + 60)
             cpu = proxy.cpu_seconds() - cpu0
         finally:
             thread.join(cfg.duration_s + 60)

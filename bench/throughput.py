@@ -1,8 +1,16 @@
 """Scenario ``throughput``: each target's ceiling, then its latency at fixed offered rates.
 
 Targets, in one run and against one backend: ``direct`` (the backend itself),
-``pinproxy-1w`` and ``pinproxy-2w`` (1 and 2 worker processes, Redis pins), and
-``nginx`` as a plain reverse proxy (the compiled reference, when nginx is installed).
+``pinproxy-1w`` and ``pinproxy-2w`` (1 and 2 worker processes, Redis pins), ``nginx``
+(one worker, upstream chosen by a consistent hash of the session header: the compiled
+floor, when nginx is installed) and ``vllm-router`` (Rust, ``consistent_hash`` policy:
+the session-affine router pinproxy's CPU per request is judged against, when the
+``bench`` extra is installed).
+
+The session mix is the issue's harder case by default: 64 connections, 1,000 session
+ids, one request per session in turn (``turns``), and every measured run on session
+ids of its own (``fresh_sessions``), so a run pays for creating its 1,000 pins as a
+real population of new conversations does, not only for cache hits.
 
 For each target: a closed-loop run finds the ceiling (requests/s with ``concurrency``
 connections, wrk when installed); then open-loop runs offer constant rates at
@@ -18,6 +26,8 @@ so a slow mock can never pass for a slow proxy.
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,13 +39,16 @@ from bench.procs import (
     PopSpec,
     Proc,
     find_nginx,
+    find_vllm_router,
     free_port,
+    machine_busy_seconds,
     nginx_proxy_conf,
     nginx_static_pop_conf,
     start_nginx,
     start_pinproxy_in_front,
     start_redis,
     start_sim_pop,
+    start_vllm_router,
 )
 from bench.report import bar_plot, cdf_plot, md_header, verdict, write_json
 from bench.stats import as_us, fmt, subsample, table
@@ -43,14 +56,19 @@ from bench.stats import as_us, fmt, subsample, table
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-TARGETS = ("direct", "pinproxy-1w", "pinproxy-2w", "nginx")
+TARGETS = ("direct", "pinproxy-1w", "pinproxy-2w", "nginx", "vllm-router")
 MIN_SHARE_OF_NGINX = 0.20
+# Issue 14: pinproxy's CPU per request at most twice the Rust router's, same run.
+MAX_CPU_VS_VLLM_ROUTER = 2.0
 PATH = "/v1/chat/completions"
 
 
 @dataclass(frozen=True, slots=True)
 class ThroughputConfig:
     duration_s: float = 2.0
+    # Closed-loop ceilings are measured in this many rounds, the targets' order flipping
+    # each round, so a noisy neighbour lands on every target alike; ratios are per round.
+    rounds: int = 1
     warmup_s: float = 0.5
     concurrency: int = 64
     levels: tuple[float, ...] = (0.5, 0.8, 0.95)
@@ -59,7 +77,10 @@ class ThroughputConfig:
     generator: Literal["auto", "wrk", "builtin"] = "auto"
     store: Literal["redis", "memory"] = "redis"
     sessions: int = 1000
-    turns: int = 8
+    # Consecutive requests per session id; 1 = each request on the next of `sessions` ids.
+    turns: int = 1
+    # Each measured run on session ids no earlier run used: its first pass creates pins.
+    fresh_sessions: bool = True
     pop_ceiling: bool = True
     proxy_set: tuple[str, ...] = ()  # pinproxy config overrides, section.key=value
     pin: bool = True
@@ -74,20 +95,49 @@ class _Target:
     note: str = ""
 
 
+def redis_commands(url: str | None) -> int | None:
+    """Commands the private Redis has executed so far (``INFO commandstats``, summed):
+    its delta over a run, per answer, does not move with the machine's load."""
+    if url is None:
+        return None
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(int(v["calls"]) for v in stats.values())
+
+
 class _Runner:
     def __init__(
-        self, ctx: RunContext, cfg: ThroughputConfig, backend: Proc, generator: str
+        self,
+        ctx: RunContext,
+        cfg: ThroughputConfig,
+        backend: Proc,
+        generator: str,
+        redis_url: str | None = None,
     ) -> None:
+        self.redis_url = redis_url
         self.ctx = ctx
         self.cfg = cfg
         self.backend = backend
         self.generator = generator
         self.raw: dict[str, dict[str, list[float]]] = {}
+        self._runs = 0
+
+    def _prefix(self, base: str) -> str:
+        """The session-id prefix of the next run: its own when sessions are fresh."""
+        self._runs += 1
+        return f"{base}{self._runs}-" if self.cfg.fresh_sessions else base
 
     def closed(self, name: str, url: str, sut: Proc | None, duration_s: float) -> dict[str, Any]:
         port = port_of(url)
-        prefix = f"{name}-c-"
+        prefix = self._prefix(f"{name}-c-")
         before = self._cpu(sut)
+        commands = redis_commands(self.redis_url) if name.startswith("pinproxy") else None
+        busy = machine_busy_seconds()
         started = time.monotonic()
         if self.generator == "wrk":
             result = run_wrk(
@@ -114,14 +164,23 @@ class _Runner:
                 )
             )
         wall = time.monotonic() - started
-        return self._row(result, before, self._cpu(sut), wall)
+        row = self._row(result, before, self._cpu(sut), wall)
+        row["machine_busy_cores"] = round((machine_busy_seconds() - busy) / wall, 2)
+        row["loadavg_1m"] = round(os.getloadavg()[0], 2)
+        if commands is not None:
+            after = redis_commands(self.redis_url) or 0
+            # INFO itself counts twice a run: noise below a thousandth per request.
+            served = max(result.completed, 1)
+            row["redis_commands_per_request"] = round((after - commands) / served, 3)
+        return row
 
     def open(
         self, name: str, url: str, sut: Proc | None, rate: float, level: float
     ) -> dict[str, Any]:
         port = port_of(url)
+        prefix = self._prefix(f"{name}-o{level}-")
         requests = session_requests(
-            "127.0.0.1", port, PATH, self.cfg.sessions, f"{name}-o{level}-", turns=self.cfg.turns
+            "127.0.0.1", port, PATH, self.cfg.sessions, prefix, turns=self.cfg.turns
         )
         before = self._cpu(sut)
         started = time.monotonic()
@@ -179,7 +238,17 @@ def _start_target(
         conf = nginx_proxy_conf(ctx.work, "nginx-proxy", port, backend_url)
         proc = start_nginx(ctx.procs, "nginx-proxy", conf, port, layout.sut_cpus, layout)
         return _Target(
-            name, f"http://127.0.0.1:{port}", proc, "nginx, 1 worker, keep-alive upstream"
+            name,
+            f"http://127.0.0.1:{port}",
+            proc,
+            "nginx, 1 worker, consistent hash on X-Session-ID, keep-alive upstream",
+        )
+    if name == "vllm-router":
+        if find_vllm_router() is None:
+            return "vllm-router is not installed (pip install -e '.[bench]')"
+        proc = start_vllm_router(ctx.procs, name, port, backend_url, layout.sut_cpus, layout)
+        return _Target(
+            name, f"http://127.0.0.1:{port}", proc, "vllm-router, consistent_hash on X-Session-ID"
         )
     workers = 2 if name == "pinproxy-2w" else 1
     if workers > 1 and redis_url is None:
@@ -216,7 +285,7 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
             backend, backend_url = start_sim_pop(
                 ctx.procs, PopSpec(backend_id, "bench", "v47"), layout.load_cpus, layout
             )
-        runner = _Runner(ctx, cfg, backend, generator)
+        runner = _Runner(ctx, cfg, backend, generator, redis_url)
         results: dict[str, Any] = {}
         skipped: dict[str, str] = {}
 
@@ -231,35 +300,74 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
             pop_ceiling = runner.closed("sim-pop", pop_url, pop, cfg.duration_s)
             ctx.procs.stop(pop)
 
+        live: dict[str, _Target] = {}
         for name in cfg.targets:
             started = _start_target(ctx, cfg, name, backend_url, backend_id, redis_url)
             if isinstance(started, str):
                 skipped[name] = started
                 continue
-            try:
-                run_async(wait_ready("127.0.0.1", port_of(started.url)))
-                if cfg.warmup_s > 0:
-                    runner.closed(name, started.url, started.proc, cfg.warmup_s)
-                ceiling = runner.closed(name, started.url, started.proc, cfg.duration_s)
-                levels = [
-                    runner.open(name, started.url, started.proc, level * ceiling["rps"], level)
-                    for level in cfg.levels
-                    if ceiling["rps"] > 0
-                ]
-                rss = started.proc.rss_bytes() if started.proc else 0
-                results[name] = {
-                    "note": started.note,
-                    "ceiling": ceiling,
-                    "open_loop": levels,
-                    "rss_mb": round(rss / 2**20, 1),
-                }
-            finally:
-                if started.proc is not None:
-                    ctx.procs.stop(started.proc)
+            live[name] = started
+            run_async(wait_ready("127.0.0.1", port_of(started.url)))
+            if cfg.warmup_s > 0:
+                runner.closed(name, started.url, started.proc, cfg.warmup_s)
+        # Every target is up (the idle ones cost nothing measurable), so the rounds can
+        # interleave them: a neighbour's burst then lands on each target alike.
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in live}
+        for r in range(max(1, cfg.rounds)):
+            order = list(live) if r % 2 == 0 else list(reversed(live))
+            for name in order:
+                t = live[name]
+                row = runner.closed(name, t.url, t.proc, cfg.duration_s)
+                rounds[name].append(row | {"round": r})
+        for name, t in live.items():
+            ceiling = _median_row(rounds[name])
+            levels = [
+                runner.open(name, t.url, t.proc, level * ceiling["rps"], level)
+                for level in cfg.levels
+                if ceiling["rps"] > 0
+            ]
+            rss = t.proc.rss_bytes() if t.proc else 0
+            results[name] = {
+                "note": t.note,
+                "ceiling": ceiling,
+                "rounds": rounds[name],
+                "open_loop": levels,
+                "rss_mb": round(rss / 2**20, 1),
+            }
+        for t in live.values():
+            if t.proc is not None:
+                ctx.procs.stop(t.proc)
 
         report = _report(ctx, cfg, generator, backend_kind, results, skipped, pop_ceiling)
         _write(ctx, report, runner.raw)
         return report
+
+
+def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median CPU per request (a real run, not a blend of several);
+    for the direct target, which has no proxy CPU, the one with the median rate."""
+    key = "rps" if not any(r["proxy_cpu_s"] for r in rows) else "proxy_cpu_us_per_request"
+    ranked = sorted(rows, key=lambda r: r[key])
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def _round_ratios(
+    results: dict[str, Any], a: str, b: str, key: str = "proxy_cpu_us_per_request"
+) -> dict[str, Any] | None:
+    """``a``'s value over ``b``'s in each round (the two measured back to back), and the
+    median, minimum and maximum of those ratios."""
+    if a not in results or b not in results:
+        return None
+    pairs = zip(results[a]["rounds"], results[b]["rounds"], strict=True)
+    per_round = [round(x[key] / y[key], 3) for x, y in pairs if y[key]]
+    if not per_round:
+        return None
+    return {
+        "median": round(statistics.median(per_round), 3),
+        "min": min(per_round),
+        "max": max(per_round),
+        "rounds": per_round,
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -289,6 +397,10 @@ def _report(
         "pinproxy-2w/direct": _ratio(rps("pinproxy-2w"), rps("direct")),
         "pinproxy-2w/nginx": _ratio(rps("pinproxy-2w"), rps("nginx")),
         "cpu_per_request pinproxy-1w/nginx": _ratio(cpu_us("pinproxy-1w"), cpu_us("nginx")),
+        "cpu_per_request pinproxy-1w/vllm-router": _ratio(
+            cpu_us("pinproxy-1w"), cpu_us("vllm-router")
+        ),
+        "pinproxy-1w/vllm-router": _ratio(rps("pinproxy-1w"), rps("vllm-router")),
         # What share of nginx's requests/s pinproxy would reach if each had a core to
         # itself: robust when the shared load core, not nginx, capped nginx's ceiling.
         "cpu_normalized_share pinproxy-1w/nginx": _ratio(cpu_us("nginx"), cpu_us("pinproxy-1w")),
@@ -297,9 +409,20 @@ def _report(
         run["errors"]
         for name in ("pinproxy-1w", "pinproxy-2w")
         if name in results
-        for run in [results[name]["ceiling"], *results[name]["open_loop"]]
+        for run in [*results[name]["rounds"], *results[name]["open_loop"]]
     )
+    # Each round measures the targets back to back, so the ratio within a round is what
+    # a neighbour's load disturbs least; the verdict reads their median.
+    per_round = {
+        "cpu_per_request pinproxy-1w/vllm-router": _round_ratios(
+            results, "pinproxy-1w", "vllm-router"
+        ),
+        "cpu_per_request pinproxy-1w/nginx": _round_ratios(results, "pinproxy-1w", "nginx"),
+        "cpu_per_request vllm-router/nginx": _round_ratios(results, "vllm-router", "nginx"),
+    }
     share = ratios["pinproxy-1w/nginx"]
+    by_round = per_round["cpu_per_request pinproxy-1w/vllm-router"]
+    vs_router = by_round["median"] if by_round else None
     targets: dict[str, Any] = {
         "pinproxy_1w_share_of_nginx": {
             "target": MIN_SHARE_OF_NGINX,
@@ -315,9 +438,14 @@ def _report(
         },
         "pinproxy_errors": {"target": 0, "value": pin_errors, "ok": pin_errors == 0},
         "pinproxy_1w_cpu_us_per_request": {
-            "target": "reported (nginx ~42, Rust router ~150)",
+            "target": "reported",
             "value": cpu_us("pinproxy-1w"),
             "ok": None,
+        },
+        "pinproxy_1w_cpu_vs_vllm_router": {
+            "target": MAX_CPU_VS_VLLM_ROUTER,
+            "value": vs_router,
+            "ok": None if vs_router is None else vs_router <= MAX_CPU_VS_VLLM_ROUTER,
         },
     }
     mock_ok = None
@@ -338,6 +466,7 @@ def _report(
         "results": results,
         "skipped": skipped,
         "ratios": ratios,
+        "ratios_per_round": per_round,
         "targets": targets,
     }
 
@@ -401,13 +530,25 @@ def _markdown(report: dict[str, Any]) -> str:
     md += (
         f"Backend: **{report['backend']}** POP; pins in **{report['store']}**; closed loop: "
         f"**{gen['closed_loop']}** with {report['config']['concurrency']} connections; open loop: "
-        f"{gen['open_loop']}; {report['config']['duration_s']} s per run.\n\n"
+        f"{gen['open_loop']}; {report['config']['duration_s']} s per run. Sessions: "
+        f"{report['config']['sessions']:,} ids, {report['config']['turns']} consecutive "
+        "request(s) per id, "
+        + (
+            "each run on ids of its own (its first pass creates the pins)"
+            if report["config"]["fresh_sessions"]
+            else "the same ids in every run (after the warm-up, cache hits only)"
+        )
+        + ".\n\n"
     )
     rows = []
     for name, res in report["results"].items():
-        for run in [res["ceiling"], *res["open_loop"]]:
+        for run in [*res["rounds"], *res["open_loop"]]:
             lat = run["latency"]
-            label = "ceiling (closed)" if run["mode"] == "closed" else f"open {run['level']:.0%}"
+            if run["mode"] == "closed":
+                label = f"closed, round {run['round'] + 1}"
+                label += " (median)" if run == res["ceiling"] else ""
+            else:
+                label = f"open {run['level']:.0%}"
             if run.get("generator_limited"):
                 label += " ⚠ generator-limited"
             rows.append(
@@ -419,10 +560,12 @@ def _markdown(report: dict[str, Any]) -> str:
                     lat.get("p50_ms"),
                     lat.get("p99_ms"),
                     run["errors"],
-                    run["proxy_cpu_s_per_1k"] if name != "direct" else None,
+                    run["proxy_cpu_us_per_request"] if name != "direct" else None,
                     run["proxy_cpu_util"] if name != "direct" else None,
                     run["backend_cpu_util"],
                     run["generator_cpu_util"],
+                    run.get("machine_busy_cores"),
+                    run.get("redis_commands_per_request"),
                 ]
             )
     md += table(
@@ -434,17 +577,21 @@ def _markdown(report: dict[str, Any]) -> str:
             "p50 ms",
             "p99 ms",
             "errors",
-            "proxy CPU s/1k req",
+            "proxy CPU µs/req",
             "proxy core util",
             "backend util",
             "generator util",
+            "machine busy cores",
+            "Redis cmds/req",
         ],
         rows,
     )
     md += (
         '\n\n"proxy core util" near 1.0 means the proxy was the bottleneck; when it is well '
         "below, the load side (generator + backend on the shared core) was. Rows marked "
-        "generator-limited fell behind their schedule by > 5 ms at p99.\n\n"
+        "generator-limited fell behind their schedule by > 5 ms at p99. "
+        '"machine busy cores": every core\'s busy time over the run\'s wall time, other '
+        "tenants included (2.0 = a 2-core machine fully busy).\n\n"
     )
     if report["skipped"]:
         md += "Skipped: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items()) + "\n\n"
@@ -456,6 +603,13 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{report['sim_pop_faster_than_pinproxy_1w']}.\n\n"
         )
     md += "Ratios: " + ", ".join(f"{k} = {fmt(v, 3)}" for k, v in report["ratios"].items()) + "\n\n"
+    for key, value in report["ratios_per_round"].items():
+        if value is not None:
+            md += (
+                f"- {key}, per round (back to back): median **{value['median']:.2f}** "
+                f"[{value['min']:.2f}, {value['max']:.2f}] over {len(value['rounds'])} round(s)\n"
+            )
+    md += "\n"
     t = report["targets"]
     md += table(
         ["target", "goal", "measured", "verdict"],
@@ -483,6 +637,12 @@ def _markdown(report: dict[str, Any]) -> str:
                 t["pinproxy_1w_cpu_us_per_request"]["target"],
                 fmt(t["pinproxy_1w_cpu_us_per_request"]["value"], 1),
                 "reported",
+            ],
+            [
+                "pinproxy 1 worker CPU per request ÷ vllm-router's",
+                f"≤ {MAX_CPU_VS_VLLM_ROUTER:g}",
+                fmt(t["pinproxy_1w_cpu_vs_vllm_router"]["value"], 2),
+                verdict(t["pinproxy_1w_cpu_vs_vllm_router"]["ok"]),
             ],
         ],
     )

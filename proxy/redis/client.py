@@ -26,6 +26,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -48,6 +49,11 @@ REDIS_FAILURES = (RedisError, RedisClusterException, OSError, AttributeError, Ru
 
 _HEALTH_CHECK_INTERVAL_S = 15
 _MAX_CONNECTIONS = 64  # per process (per node on a cluster); one is the subscription
+# redis-py builds a DriverInfo for every new connection, and without one given reads its
+# own version from the installed package's metadata each time: ~1 ms of event-loop time
+# per connection, paid 64 times in the burst after a start or a failover. The same name
+# and version, read once, go to CLIENT SETINFO as before.
+_DRIVER_INFO = DriverInfo()
 
 
 def _retry() -> Retry:
@@ -92,6 +98,7 @@ def redis_client_from_config(config: StoreConfig) -> Redis:
         "socket_connect_timeout": timeout_s,
         "retry": _retry(),
         "decode_responses": False,
+        "driver_info": _DRIVER_INFO,
         **_tls(config),
     }
     if config.topology == "sentinel":

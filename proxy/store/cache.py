@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from proxy.core.clock import Clock
     from proxy.core.models import Pin
 
+# How many recent evictions the cache remembers by session (see PinCache.put). A read
+# that began before the oldest remembered one is fenced whatever its session: past the
+# bound the cache cannot tell whose eviction it forgot, so it assumes the worst.
+_EVICTIONS_KEPT = 4096
+
 
 class _Entry:
     __slots__ = ("last_used", "pin", "verified_until")
@@ -38,7 +43,10 @@ class PinCache:
     ``size`` 0 disables the cache (nothing is ever kept). ``generation`` increases on
     every eviction by ``evict`` and every ``clear``; a caller that read a pin from the
     store passes the generation it saw before the read to ``put``, which then drops the
-    pin if an invalidation happened meanwhile (the read may predate the invalidation).
+    pin if that session was evicted, or the cache cleared, meanwhile (the read may
+    predate the invalidation). Another session's eviction fences nothing: under
+    concurrent load every new session's miss evicts, and a global fence then kept
+    almost every read pin out of the cache, so hits went to Redis.
     ``idle_s``: keep expired entries as stale copies while used within this long
     (None: an expired entry is dropped when read).
     """
@@ -58,6 +66,10 @@ class PinCache:
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._generation = 0
+        self._cleared_at = 0  # the generation the last clear() made
+        # session -> generation its last eviction made, oldest first, bounded.
+        self._evicted: OrderedDict[str, int] = OrderedDict()
+        self._forgotten_upto = 0  # evictions up to this generation are no longer known
 
     @property
     def generation(self) -> int:
@@ -98,7 +110,7 @@ class PinCache:
         """
         if self._size == 0:
             return False
-        if generation is not None and generation != self._generation:
+        if generation is not None and self._fenced(session_id, generation):
             return False
         now = self._clock.monotonic()
         self._entries[session_id] = _Entry(pin, now + self._ttl_s, now - idle_for_s)
@@ -118,13 +130,30 @@ class PinCache:
         return out
 
     def evict(self, session_id: str) -> None:
-        """Forget the session and fence off reads that started before this call."""
+        """Forget the session and fence off its reads that started before this call."""
         self._generation += 1
         self._entries.pop(session_id, None)
+        evicted = self._evicted
+        evicted[session_id] = self._generation
+        evicted.move_to_end(session_id)
+        if len(evicted) > _EVICTIONS_KEPT:
+            self._forgotten_upto = evicted.popitem(last=False)[1]
 
     def clear(self) -> None:
+        """Forget every session and fence off every read that started before this call."""
         self._generation += 1
+        self._cleared_at = self._generation
         self._entries.clear()
+        self._evicted.clear()  # the clear fences everything they would have
+
+    def _fenced(self, session_id: str, generation: int) -> bool:
+        """An invalidation of ``session_id`` may have happened since ``generation``."""
+        if generation == self._generation:
+            return False
+        if generation < self._cleared_at or generation < self._forgotten_upto:
+            return True
+        evicted_at = self._evicted.get(session_id)
+        return evicted_at is not None and evicted_at > generation
 
     def _used(self, session_id: str, *, verified: bool) -> _Entry | None:
         entry = self._entries.get(session_id)

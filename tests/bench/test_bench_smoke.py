@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bench import incident, kill_switch, overhead, store_faults, streaming, throughput
+from bench import incident, kill_switch, overhead, sse, store_faults, streaming, throughput
 from bench.procs import find_nginx
 
 pytestmark = pytest.mark.skipif(
@@ -58,6 +58,7 @@ def test_throughput_reports_ceilings_open_loop_cpu_and_ratios(tmp_path: Path) ->
             warmup_s=0.2,
             concurrency=8,
             levels=(0.5,),
+            rounds=2,
             sessions=50,
             targets=("direct", "pinproxy-1w", "nginx"),
             out_root=tmp_path,
@@ -71,6 +72,9 @@ def test_throughput_reports_ceilings_open_loop_cpu_and_ratios(tmp_path: Path) ->
     else:
         assert "nginx" in results
     for res in results.values():
+        assert [r["round"] for r in res["rounds"]] == [0, 1]
+        assert res["ceiling"] in res["rounds"]
+        assert all(r["machine_busy_cores"] > 0 for r in res["rounds"])
         ceiling = res["ceiling"]
         assert ceiling["rps"] > 0
         assert ceiling["errors"] == 0
@@ -85,6 +89,11 @@ def test_throughput_reports_ceilings_open_loop_cpu_and_ratios(tmp_path: Path) ->
     assert on_disk["generator"]["closed_loop"] in ("wrk", "builtin")
     assert on_disk["sim_pop_ceiling"]["rps"] > 0
     assert on_disk["targets"]["pinproxy_errors"]["value"] == 0
+    # vllm-router is not a target here (CI does not install it): its ratio is absent.
+    assert on_disk["ratios_per_round"]["cpu_per_request pinproxy-1w/vllm-router"] is None
+    if "nginx" in results:
+        per_round = on_disk["ratios_per_round"]["cpu_per_request pinproxy-1w/nginx"]
+        assert len(per_round["rounds"]) == 2
 
 
 def test_streaming_reports_ttft_gaps_completion_and_rss(tmp_path: Path) -> None:
@@ -177,3 +186,32 @@ def test_store_faults_replay_reports_every_phase_and_changes_no_session(
     for phase in run["phases"][2:]:
         assert phase["recovery_s"] is not None, phase
     assert on_disk["targets"]["mixed_sessions"]["ok"] is True
+
+
+def test_sse_reports_cpu_per_event_gaps_and_whether_direct_keeps_up(tmp_path: Path) -> None:
+    # pinproxy-only mode: CI installs neither nginx nor vllm-router for this.
+    report = sse.run(
+        sse.SseConfig(
+            levels=("8", "6@25"),
+            completion_tokens=5,
+            ramp_s=0.2,
+            targets=("direct", "pinproxy"),
+            out_root=tmp_path,
+        )
+    )
+    on_disk = _written(report, "inter-chunk-cdf.png")
+    first, second = on_disk["levels"]
+    assert (first["streams"], first["tokens_per_second"], first["lowered"]) == (8, 50.0, False)
+    assert (second["streams"], second["tokens_per_second"], second["lowered"]) == (6, 25.0, True)
+    for level in (first, second):
+        for name in ("direct", "pinproxy"):
+            side = level[name]
+            assert side["completed"] == level["streams"], side["failed"]
+            # 5 tokens, then the usage event and [DONE], on every stream.
+            assert side["events"] == side["events_expected"] == level["streams"] * 7
+            assert side["inter_chunk"]["count"] > 0
+        assert level["pinproxy"]["cpu_us_per_event"] is not None
+        assert level["pinproxy"]["added_gap_p99_ms"] is not None
+        assert isinstance(level["direct_keeps_up"], bool)
+    assert on_disk["targets"]["pinproxy_streams_lost"]["value"] == 0
+    assert "cpu_per_event_vs_vllm_router" not in on_disk["targets"]

@@ -179,3 +179,36 @@ async def test_a_cluster_master_killed_under_traffic_changes_no_session_version(
     assert recovery_s < 5.0
     assert set(answers.statuses) <= {"200", "503 pin_store_unavailable", "503 pin_lost"}, answers
     await check_replicas(http, replicas)
+
+
+async def test_pooled_connections_share_one_driver_info_read_once(redis_url: str) -> None:
+    # redis-py reads its version from package metadata for each new connection unless
+    # given one (~1 ms each, 64 times in the burst after a start or a failover): the
+    # client passes one DriverInfo, built at import, to every connection it opens.
+    import asyncio
+
+    import redis
+
+    client = redis_client_from_config(StoreConfig(kind="redis", url=redis_url))
+    pool = client.connection_pool
+    try:
+        await asyncio.gather(*(client.ping() for _ in range(8)))
+        # redis-py leaves get_connection unannotated (it is wrapped by deprecated_args).
+        connections = [
+            await pool.get_connection()  # type: ignore[no-untyped-call]
+            for _ in range(8)
+        ]
+        try:
+            infos = {id(c.driver_info): c.driver_info for c in connections}
+        finally:
+            for connection in connections:
+                await pool.release(connection)
+        [info] = infos.values()
+        assert (info.name, info.lib_version) == ("redis-py", redis.__version__)
+        again = redis_client_from_config(StoreConfig(kind="redis", url=redis_url))
+        try:
+            assert again.connection_pool.connection_kwargs["driver_info"] is info
+        finally:
+            await again.aclose()
+    finally:
+        await client.aclose()

@@ -61,6 +61,39 @@ def test_put_is_fenced_by_an_invalidation_since_the_read() -> None:
     assert cache.put("s", pin(1), cache.generation) is True
 
 
+def test_another_sessions_eviction_does_not_fence_a_read() -> None:
+    # Under load every new session's miss evicts; the pins read meanwhile must still be
+    # cached, or every later request of those sessions goes to the store.
+    cache = PinCache(10, 60.0, ManualClock())
+    seen = cache.generation
+    cache.evict("other")
+    assert cache.put("s", pin(1), seen) is True
+    assert cache.get("s") == pin(1)
+    assert cache.put("other", pin(2), seen) is False
+
+
+def test_an_eviction_before_the_read_does_not_fence_it() -> None:
+    cache = PinCache(10, 60.0, ManualClock())
+    cache.evict("s")
+    seen = cache.generation
+    cache.evict("other")
+    assert cache.put("s", pin(1), seen) is True
+
+
+def test_reads_older_than_the_remembered_evictions_are_fenced() -> None:
+    # Past the bound the cache no longer knows whose eviction it forgot: it refuses.
+    cache = PinCache(10, 60.0, ManualClock())
+    seen = cache.generation
+    cache.evict("s")
+    for i in range(5000):
+        cache.evict(f"other-{i}")
+    assert cache.put("s", pin(1), seen) is False
+    assert cache.put("unrelated", pin(1), seen) is False
+    recent = cache.generation
+    cache.evict("other-x")
+    assert cache.put("unrelated", pin(1), recent) is True
+
+
 def test_clear_drops_everything_and_fences_reads() -> None:
     cache = PinCache(10, 60.0, ManualClock())
     cache.put("a", pin(1))
