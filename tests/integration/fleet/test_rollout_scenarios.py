@@ -5,7 +5,9 @@ a v47 as good as v46 soaks through without tripping."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from collections import defaultdict
 from itertools import pairwise
 from typing import Any
@@ -161,3 +163,37 @@ async def test_a_version_as_good_as_the_previous_soaks_through_without_tripping(
     assert "soak_passed" in kinds
     assert all(current(p, "eu") == V47 for p in replicas)
     assert not any(p.registry.snapshot.blocks(V47) for p in replicas)
+
+
+async def test_eval_scores_pushed_through_the_admin_api_alone_trip_the_kill_switch(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    # The answers of v47 parse as well as v46's: only the eval system sees the regression.
+    eu, _us, replicas, _old = await _soak_setup(start_pop, start_proxy, redis_url, http,
+                                                soak_s=60)
+    eu.flip(VersionBundle(prompt="v47"))
+    await until(lambda: all(current(p, "eu") == V47 and state(p, "eu").soaking
+                            for p in replicas))
+    judge = replicas[0]
+    headers = judge.admin_headers
+
+    async def push(version: str, region: str, passed: int, failed: int) -> None:
+        async with http.post(f"{judge.admin_url}/admin/versions/{version}/evals/{region}",
+                             json={"passed": passed, "failed": failed},
+                             headers=headers) as resp:
+            assert resp.status == 202, await resp.text()
+
+    # An eval system reports in batches while the soak runs (results from before the
+    # judge's soak began are its baseline, not its evidence, so one early batch may not
+    # count): the baseline fails 1% of evals, the new version 20% in the soaking region.
+    deadline = time.monotonic() + 20
+    while not all(state(p, "eu").halted == V47 for p in replicas):
+        assert time.monotonic() < deadline, "eval scores never tripped the kill switch"
+        await push("v46", "us", 99, 1)
+        await push("v47", "eu", 80, 20)
+        await asyncio.sleep(0.1)
+    trips = [e for p in replicas for e in p.services.rollout.events() if e.kind == "regression"]
+    assert len(trips) == 1
+    assert trips[0].detail["signal"] == "evals"
+    assert all(current(p, "eu") == V46 for p in replicas)
+    assert all(p.registry.snapshot.blocks(V47) for p in replicas)
