@@ -96,8 +96,13 @@ async def test_a_pop_going_down_under_pinned_traffic_never_gives_a_502(
     # suspect before any request tried to connect, depends on timing under load; the
     # retry itself is pinned deterministically by
     # test_availability.py::test_refused_connection_is_retried_once_on_the_same_version.
-    # Suspect at once (not after three failed polls, a second apart):
-    assert not proxy.registry.snapshot.by_id["a1"].healthy, proxy.registry.health_history("a1")
+    # Out of rotation at once, not after three failed polls a second apart: suspect when a
+    # connection to it was refused or a fresh one reset, or ejected as an outlier when the
+    # requests it had already read dropped on pooled connections (which alone may be a
+    # benign keep-alive race, so they count as failures rather than as a verdict).
+    a1_state = proxy.registry.snapshot.by_id["a1"]
+    assert not a1_state.healthy or a1_state.ejected_until > time.time(), (
+        a1_state, proxy.registry.health_history("a1"))
 
     # The version's last POP dies too: each session waits pin_wait_ms, then 503.
     await a2.stop()
