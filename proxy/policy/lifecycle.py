@@ -10,7 +10,8 @@ synchronous *effects* (count this, mark that backend suspect, close that respons
 unseen) and exactly one *action*, the next thing to await (look the pin up, write
 it if absent, send to backend X, wait for the registry until T) or a terminal one
 (relay the response just received, answer error E). ``DataPlane`` is the loop that
-executes actions and feeds their results back as events (see dataplane.py); tests
+executes actions and feeds their results back as events (proxy/dataplane/plane.py);
+the messages themselves are in lifecycle_messages.py; tests
 drive the machine directly as transcripts (tests/unit/policy/test_lifecycle.py).
 
 Every event carries a ``World``: the registry snapshot current when it happened,
@@ -63,204 +64,81 @@ from proxy.core.errors import (
     VersionUnavailable,
 )
 from proxy.core.models import Forward, Pin, RequestFacts, Unavailable
+from proxy.policy.lifecycle_messages import (
+    Action,
+    CountMismatch,
+    CountNewPin,
+    CountRaceLost,
+    CountRefusal,
+    CountRepin,
+    CountRetry,
+    Discard,
+    Effect,
+    Event,
+    Fail,
+    HeadReceived,
+    LookUpPin,
+    MarkSuspect,
+    PinIfAbsent,
+    PinLooked,
+    PinStored,
+    Relay,
+    Repin,
+    Repinned,
+    ReportResult,
+    Reprobe,
+    RetryReason,
+    Send,
+    SendFailed,
+    SendFailure,
+    Step,
+    Waited,
+    WaitForRegistry,
+    World,
+)
 from proxy.policy.routing import choose
+
+__all__ = [
+    "Action",
+    "CountMismatch",
+    "CountNewPin",
+    "CountRaceLost",
+    "CountRefusal",
+    "CountRepin",
+    "CountRetry",
+    "Discard",
+    "Effect",
+    "Event",
+    "Fail",
+    "HeadReceived",
+    "Lifecycle",
+    "LifecycleError",
+    "LifecyclePolicy",
+    "LookUpPin",
+    "MarkSuspect",
+    "PinIfAbsent",
+    "PinLooked",
+    "PinStored",
+    "Relay",
+    "Repin",
+    "Repinned",
+    "ReportResult",
+    "Reprobe",
+    "RetryBudget",
+    "RetryReason",
+    "Send",
+    "SendFailed",
+    "SendFailure",
+    "Step",
+    "WaitForRegistry",
+    "Waited",
+    "World",
+]
 
 if TYPE_CHECKING:
     import random
 
-    from proxy.core.models import Snapshot
     from proxy.policy.routing import LoadView, RoutingPolicy
-
-
-# --- the world an event happens in ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class World:
-    snapshot: Snapshot
-    now: float  # wall clock, seconds (pins and retirement are in wall time)
-    mono: float  # monotonic, seconds (deadlines)
-    retry_budget_left: bool = True
-
-
-# --- events ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PinLooked:
-    pin: Pin | None
-
-
-@dataclass(frozen=True, slots=True)
-class PinStored:
-    """The answer of pin-if-absent: the pin the store holds now (ours or a winner's)."""
-
-    stored: Pin
-
-
-@dataclass(frozen=True, slots=True)
-class Repinned:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Waited:
-    """The registry published a new snapshot, or the wait's deadline passed."""
-
-
-@dataclass(frozen=True, slots=True)
-class HeadReceived:
-    status: int
-    served_key: str  # the stamp's version key, else the version the backend was chosen for
-
-
-SendFailure = Literal["connect", "dropped", "timeout", "invalid"]
-
-
-@dataclass(frozen=True, slots=True)
-class SendFailed:
-    kind: SendFailure
-    message: str
-    reused: bool = False  # a "dropped" on a pooled keep-alive connection
-    code: str | None = None  # the answer's error code for an "invalid" head (e.g. too large)
-
-
-Event = PinLooked | PinStored | Repinned | Waited | HeadReceived | SendFailed
-
-
-# --- actions (one to await per step) -----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LookUpPin:
-    session_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class PinIfAbsent:
-    session_id: str
-    pin: Pin
-
-
-@dataclass(frozen=True, slots=True)
-class Repin:
-    session_id: str
-    pin: Pin
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    forward: Forward
-    pinned_version: str | None  # sent as X-Pinned-Version
-    replayable: bool  # the pool may retry a closed pooled connection
-
-
-@dataclass(frozen=True, slots=True)
-class WaitForRegistry:
-    until: float  # monotonic
-
-
-@dataclass(frozen=True, slots=True)
-class Relay:
-    """Terminal: relay the response just received. ``failed``: it was a 5xx."""
-
-    forward: Forward
-    served_key: str
-    failed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Fail:
-    """Terminal: answer ``error``; nothing was relayed."""
-
-    error: ProxyError
-
-
-Action = LookUpPin | PinIfAbsent | Repin | Send | WaitForRegistry | Relay | Fail
-
-
-# --- effects (synchronous, applied before the action) ------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Discard:
-    """Close the response just received, unseen by the client."""
-
-    backend_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class MarkSuspect:
-    """Passive health: take the backend out of routing until a fresh poll readmits it."""
-
-    backend_id: str
-    why: str
-
-
-@dataclass(frozen=True, slots=True)
-class Reprobe:
-    """Poll the backend's ``/version`` now."""
-
-    backend_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReportResult:
-    """Feed outlier detection: ``ok`` is False for a 5xx, a timeout or a broken head."""
-
-    backend_id: str
-    ok: bool
-
-
-RetryReason = Literal["connect", "dropped", "version_mismatch", "refused"]
-
-
-@dataclass(frozen=True, slots=True)
-class CountRetry:
-    reason: RetryReason
-    budgeted: bool  # counts against the global retry budget
-
-
-@dataclass(frozen=True, slots=True)
-class CountMismatch:
-    backend_id: str
-    pinned: str
-    served: str
-
-
-@dataclass(frozen=True, slots=True)
-class CountRefusal:
-    backend_id: str
-    pinned: str
-
-
-@dataclass(frozen=True, slots=True)
-class CountRaceLost:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class CountNewPin:
-    version_key: str
-
-
-@dataclass(frozen=True, slots=True)
-class CountRepin:
-    from_key: str
-    to_key: str
-    reason: str = "retired"  # or "rollback"
-
-
-Effect = (
-    Discard | MarkSuspect | Reprobe | ReportResult | CountRetry | CountMismatch | CountRefusal
-    | CountRaceLost | CountNewPin | CountRepin
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    action: Action
-    effects: tuple[Effect, ...] = ()
 
 
 # --- the machine -------------------------------------------------------------------------------
