@@ -81,7 +81,9 @@ class Discovery:
         state = self._registry.snapshot.by_id.get(backend_id)
         if state is None or state.backend.version_source != "poll":
             return
-        task = asyncio.create_task(self.poll(state.backend), name=f"probe:{backend_id}")
+        task = asyncio.create_task(
+            self.poll(state.backend, out_of_turn=True), name=f"probe:{backend_id}"
+        )
         self._probes[backend_id] = task
         task.add_done_callback(lambda _: self._probes.pop(backend_id, None))
 
@@ -101,8 +103,14 @@ class Discovery:
         ]
         await asyncio.gather(*(self.poll(b) for b in backends))
 
-    async def poll(self, backend: Backend) -> None:
-        """One poll of one backend, applied to the registry."""
+    async def poll(self, backend: Backend, *, out_of_turn: bool = False) -> None:
+        """One poll of one backend, applied to the registry.
+
+        ``out_of_turn``: a probe asked for by a failed or dropped request. Its
+        connection refused is a verdict (the POP is gone), so the backend is marked
+        suspect at once; a scheduled poll's failure only counts towards
+        ``unhealthy_after``, so one lost poll does not flap a backend.
+        """
         url = backend.url + self._config.path
         started = self._registry.check_started()
         try:
@@ -115,7 +123,10 @@ class Discovery:
                 body = await resp.read()
             bundle = parse_version_report(body)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self._registry.report_failure(backend.id, f"poll failed: {type(exc).__name__}")
+            why = f"poll failed: {type(exc).__name__}"
+            if out_of_turn and isinstance(exc, aiohttp.ClientConnectorError):
+                self._registry.mark_suspect(backend.id, f"probe refused: {type(exc).__name__}")
+            self._registry.report_failure(backend.id, why)
             return
         except InvalidVersion as exc:
             logger.warning("backend %s sent an unusable version report: %s", backend.id, exc)

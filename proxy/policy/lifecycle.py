@@ -331,6 +331,12 @@ class Lifecycle:
             # Refused, reset or closed unanswered on a fresh connection: the backend
             # is down or broken, not merely done with an idle connection.
             effects = (MarkSuspect(backend_id, event.message), *effects)
+        else:
+            # Dropped on a pooled connection: a keep-alive race or a POP dying. Not a
+            # verdict, but a question asked at once (a poll out of turn, whose refused
+            # connection marks the backend suspect), so a dead POP leaves rotation now,
+            # not after the polls or a request that happens to pick it again.
+            effects = (Reprobe(backend_id), *effects)
         self.exclude.add(backend_id)
         if event.kind == "connect":
             may_retry = self.held and self.attempts < self.policy.max_attempts

@@ -314,6 +314,58 @@ async def test_an_idempotent_request_is_replayed_a_bounded_number_of_times(
     assert proxy.metric("pinproxy_upstream_retries_total", reason="dropped") == sent - 1
 
 
+async def test_a_pop_that_dies_with_a_request_in_flight_leaves_rotation_at_once(
+    start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    # The race the POP-going-down test meets only sometimes, made certain: a POP answers
+    # one request on a kept-alive connection, then dies while reading the next one on
+    # it (stops listening, hangs up). A drop on a pooled connection is not a verdict
+    # alone (a keep-alive race looks the same), so the proxy asks at once, out of turn:
+    # the probe's refused connection marks the POP suspect. No poll could tell: they
+    # are an hour apart.
+    server: asyncio.Server | None = None
+    api_requests: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                if head.startswith(b"GET /version "):
+                    HangUp._send(writer, b'{"prompt": "v1"}', close=True)
+                    return
+                api_requests.append(head)
+                if len(api_requests) > 1:
+                    assert server is not None
+                    server.close()  # the POP is gone: nothing listens any more
+                    return
+                HangUp._send(writer, b'{"ok": true}')
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        proxy = await start_proxy([], backends=[{"id": "dying", "region": "r1", "url": url}],
+                                  discovery={"interval_s": 3600},
+                                  # reuse the kept-alive connection at once
+                                  upstream={"reuse_quiet_ms": 0})
+        assert (await ask(http, proxy.url, "s"))[0] == 200
+        status, _, body = await ask(http, proxy.url, "s")
+        assert (status, body["error"]["code"]) == (503, "upstream_dropped")
+        assert len(api_requests) == 2, "the POST was replayed"
+        await until(lambda: not proxy.registry.snapshot.by_id["dying"].healthy)
+        healthy, why = proxy.registry.health_history("dying")[-1][1:]
+        assert (healthy, why.startswith("passive: probe refused")) == (False, True), why
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 # --- a stray response -------------------------------------------------------------------------
 
 

@@ -289,6 +289,9 @@ def test_a_dropped_post_on_a_reused_connection_is_not_a_suspect_backend() -> Non
     step = m.step(SendFailed("dropped", "closed", reused=True), world())
     assert isinstance(step.action, Fail)
     assert MarkSuspect(tried, "closed") not in step.effects
+    # ...but it is asked at once whether it is still there (a dying POP drops its
+    # pooled connections first; its refused probe then marks it suspect).
+    assert Reprobe(tried) in step.effects
 
 
 def test_an_idempotent_request_is_replayed_within_the_budget_only() -> None:
