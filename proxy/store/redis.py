@@ -27,8 +27,8 @@ session's version. Cache hits cost no round trip; their TTL refreshes are batche
 
 TTLs go in milliseconds (PX / PEXPIRE) so fractional ``pin_ttl_s`` works. Keys are bytes
 (see redis_wire.py: no session id can collide with another or break its key). Each
-call is bounded by ``op_timeout_ms`` whatever the injected client's settings
-(proxy/redis/call.py, via redis_call.py).
+call is bounded by ``op_timeout_ms`` whatever the injected client's settings and
+measured (proxy/redis/call.py; the store's errors: redis_errors.py).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from proxy.redis.client import REDIS_FAILURES, sharded_pubsub_opener
 from proxy.redis.pubsub import Subscriber
 from proxy.store.base import Activity, Lookup
 from proxy.store.cache import PinCache
-from proxy.store.redis_call import decoded, replaced_pin, store_call
+from proxy.store.redis_errors import decoded, replaced_pin, store_call
 from proxy.store.redis_sync import PinSync, announce
 from proxy.store.redis_touch import Touches
 from proxy.store.redis_wire import StoreKeys, encode_pin, member, scrub, secrets_of
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from proxy.config.store import StoreConfig
     from proxy.core.clock import Clock
     from proxy.core.models import Pin
+    from proxy.redis.metrics import RedisMetrics
     from proxy.store.redis_sync import ConflictHook
 
 _log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class RedisPinStore:
         *,
         owns_client: bool = True,
         on_conflict: ConflictHook = _no_conflict_hook,
+        metrics: RedisMetrics | None = None,
     ) -> None:
+        """``metrics``: where its Redis calls are measured (None: not measured)."""
         self._config = config
         self._client = client
         self._owns_client = owns_client  # False: the composition root shares and closes it
@@ -97,7 +100,7 @@ class RedisPinStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._writing_back: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._call = store_call(config, clock)
+        self._call = store_call(config, clock, metrics)
         self._secrets = secrets_of(config)
         self._sync = PinSync(
             client, self._keys, self._cache, config, clock, self._call, on_conflict=on_conflict
