@@ -76,12 +76,15 @@ if TYPE_CHECKING:
 
     from proxy.core.events import RequestObserver
     from proxy.core.models import Backend, Pin
+    from proxy.redis.metrics import RedisMetrics
     from proxy.store.redis_sync import ConflictHook
     from proxy.telemetry.tracing import TracingObserver
 
 logger = logging.getLogger(__name__)
 
-StoreFactory = Callable[[Settings, Clock, "Redis | None", "ConflictHook"], PinStore]
+StoreFactory = Callable[
+    [Settings, Clock, "Redis | None", "ConflictHook", "RedisMetrics"], PinStore
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,11 +121,16 @@ class Services:
 
 
 def default_store(
-    settings: Settings, clock: Clock, redis: Redis | None, on_conflict: ConflictHook
+    settings: Settings,
+    clock: Clock,
+    redis: Redis | None,
+    on_conflict: ConflictHook,
+    redis_metrics: RedisMetrics,
 ) -> PinStore:
     if redis is not None:
         return RedisPinStore(
-            settings.store, redis, clock, owns_client=False, on_conflict=on_conflict
+            settings.store, redis, clock, owns_client=False, on_conflict=on_conflict,
+            metrics=redis_metrics,
         )
     return MemoryPinStore(settings.store, clock)
 
@@ -138,7 +146,9 @@ def default_audit(
         def dropped(reason: str, count: int) -> None:
             metrics.audit_dropped.labels(reason).inc(count)
 
-        return RedisAudit(settings.audit, settings.store, redis, on_drop=dropped)
+        return RedisAudit(
+            settings.audit, settings.store, redis, on_drop=dropped, redis_metrics=metrics.redis
+        )
     return MemoryAudit(settings.audit, settings.store.pin_ttl_s, clock)
 
 
@@ -245,6 +255,7 @@ async def open_services(
             settings, clock, redis,
             conflict_reporter(metrics, lambda: opened_audit[0] if opened_audit else None,
                               clock),
+            metrics.redis,
         )
         await store.start()
         stack.push_async_callback(store.close)
@@ -258,6 +269,7 @@ async def open_services(
             TrafficCounter(
                 clock, redis=redis, key_prefix=settings.store.key_prefix, name=name,
                 evals=evals, op_timeout_s=settings.store.op_timeout_ms / 1000,
+                redis_metrics=metrics.redis,
             )
             for name, evals in (("traffic", False), ("traffic-evals", True))
         )
@@ -293,6 +305,7 @@ async def open_services(
                 redis, settings.store.key_prefix, clock, settings.store.op_timeout_ms / 1000,
                 sharded=partial(sharded_pubsub_opener, settings.store, redis)
                 if settings.store.topology == "cluster" else None,
+                redis_metrics=metrics.redis,
             )
         )
         control = ControlPlane(
@@ -308,7 +321,8 @@ async def open_services(
         # 10.
         rollout_store: RolloutStore = (
             LocalRolloutStore() if redis is None else RedisRolloutStore(
-                redis, settings.store.key_prefix, clock, settings.store.op_timeout_ms / 1000
+                redis, settings.store.key_prefix, clock, settings.store.op_timeout_ms / 1000,
+                redis_metrics=metrics.redis,
             )
         )
         rollout = RolloutController(

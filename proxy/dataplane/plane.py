@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import web
 
+from proxy.core.continuation import continues_conversation
 from proxy.core.errors import (
     Overloaded,
     StoreUnavailable,
@@ -336,12 +337,13 @@ class DataPlane:
                     raise action.error
                 if isinstance(action, LookUpPin):
                     hint = token.pin if token is not None else None
+                    propose = None if hint is not None else self._proposal(machine, body, token)
                     with self._metrics.time_store("get"):
                         found = await self._stored(
-                            self._store.lookup(action.session_id, hint), live
+                            self._store.lookup(action.session_id, hint, propose), live
                         )
                     mark, lost_pin = self._pin_found(found, body, token, live)  # or PinLost
-                    event = PinLooked(found.pin)
+                    event = PinLooked(found.pin, found.created)
                 elif isinstance(action, PinIfAbsent):
                     with self._metrics.time_store("pin_if_absent"):
                         stored = await self._stored(
@@ -368,6 +370,25 @@ class DataPlane:
         finally:
             if retrying:
                 budget.retrying -= 1
+
+    def _proposal(
+        self, machine: Lifecycle, body: RequestBody, token: TokenCheck | None
+    ) -> Callable[[], Pin | None]:
+        """The new-session pin a store may write with its lookup (one round trip).
+
+        Only for what would be an ordinary new session if no pin is found: a continuing
+        conversation (or an expired token) without a pin is a lost pin, whose rules
+        need the lookup's answer first (proxy/dataplane/lost_pin.py).
+        """
+
+        def propose() -> Pin | None:
+            if token is not None and token.result == "expired":
+                return None
+            if continues_conversation(body.data):
+                return None
+            return machine.propose(self._world())
+
+        return propose
 
     def _pin_found(
         self, found: Lookup, body: RequestBody, token: TokenCheck | None, live: LivePolicies

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from redis.asyncio.client import PubSub
 
     from proxy.core.clock import Clock
+    from proxy.redis.metrics import RedisMetrics
 
 T = TypeVar("T")
 
@@ -69,11 +70,15 @@ class RedisControlStore:
         op_timeout_s: float,
         *,
         sharded: Callable[[bytes], Callable[[], Awaitable[PubSub]]] | None = None,
+        redis_metrics: RedisMetrics | None = None,
     ) -> None:
         self._redis = redis
         self._clock = clock
         self._op_timeout_s = op_timeout_s
-        self._call = RedisCall(op_timeout_s, _unavailable, clock=clock.monotonic)
+        self._call = RedisCall(
+            op_timeout_s, _unavailable, clock=clock.monotonic, metrics=redis_metrics,
+            component="control", operations=("load", "save"),
+        )
         # On a cluster (``sharded``: opens a channel's sharded subscription) every hash
         # and the channel share the {control} slot, so a load or a save is one MULTI.
         self._cluster = sharded is not None

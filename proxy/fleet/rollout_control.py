@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from proxy.core.clock import Clock
     from proxy.core.events import RequestEvent
     from proxy.fleet.registry import Registry
+    from proxy.redis.metrics import RedisMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -197,13 +198,17 @@ def _unavailable(failure: RedisFailure) -> RolloutUnavailable:
 class RedisRolloutStore:
     """The state as one JSON document in Redis, swapped by a Lua compare-and-set."""
 
-    def __init__(self, redis: Redis, key_prefix: str, clock: Clock, op_timeout_s: float) -> None:
+    def __init__(self, redis: Redis, key_prefix: str, clock: Clock, op_timeout_s: float,
+                 *, redis_metrics: RedisMetrics | None = None) -> None:
         self._redis = redis
         self._key = f"{key_prefix}rollout"
         self._channel = f"{key_prefix}rollout:changed"
         self._clock = clock
         self._timeout = op_timeout_s
-        self._call = RedisCall(op_timeout_s, _unavailable, clock=clock.monotonic)
+        self._call = RedisCall(
+            op_timeout_s, _unavailable, clock=clock.monotonic, metrics=redis_metrics,
+            component="rollout", operations=("load", "swap"),
+        )
         self._swap = redis.register_script(_SWAP)
         self._subscriber: Subscriber | None = None
         self._task: asyncio.Task[None] | None = None

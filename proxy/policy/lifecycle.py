@@ -23,6 +23,11 @@ The rules, as transitions (the issue numbers of the bugs they fix are in the tes
 - Pin lookup, pin-if-absent, pin races and retirement repins are as in routing.py:
   a new session is pinned before anything is sent; when another replica's pin won
   with another version, the choice is made again among the winner's backends.
+- One round trip for a new session: while the lookup is under way, ``propose`` makes
+  the choice an unpinned session would get, so a store can look the pin up and write
+  that one if none is held, in one call (``PinLooked(created=True)``: pinned, send).
+  A proposal that finds another version's pin written within ``RACE_WINDOW_S`` of it
+  lost a race (counted); an older pin is simply the session's pin.
 - ``HeadReceived`` whose version stamp disagrees with the pin: the mismatch guard
   closes the response unseen and asks the next backend of the pinned version.
 - ``HeadReceived`` with the refusal status (409 by default) to a request that
@@ -155,6 +160,10 @@ class LifecyclePolicy:
     max_attempts: int = 5
 
 
+# A found pin of another version chosen this close to our proposal was a concurrent
+# first turn on another replica (a race), not a session pinned long before.
+RACE_WINDOW_S = 1.0
+
 Phase = Literal["start", "lookup", "pinning", "repinning", "sending", "waiting", "done"]
 
 
@@ -178,6 +187,7 @@ class Lifecycle:
     phase: Phase = "start"
     pin: Pin | None = None
     proposed: Pin | None = None  # the pin this request offered with pin-if-absent
+    offer: Forward | None = None  # the choice behind a proposal made during the lookup
     forward: Forward | None = None
     exclude: set[str] = field(default_factory=set)
     attempts: int = 0
@@ -199,8 +209,7 @@ class Lifecycle:
         """Apply ``event`` (the result of the last action) and say what to do next."""
         if isinstance(event, PinLooked):
             self._expect("lookup")
-            self.pin = event.pin
-            return self._route(world, ())
+            return self._looked(event, world)
         if isinstance(event, PinStored):
             return self._pin_stored(event, world)
         if isinstance(event, Repinned):
@@ -223,7 +232,52 @@ class Lifecycle:
             return self.forward.version_key
         return None if self.pin is None else self.pin.version_key
 
+    def propose(self, world: World) -> Pin | None:
+        """During the lookup: the pin to write if the store holds none, or None.
+
+        The choice ``PinLooked(None)`` would lead to, made now, so that a store can
+        look up and pin-if-absent in one round trip. Called at most once, only when
+        the store must ask (a cached pin needs no proposal).
+        """
+        self._expect("lookup")
+        assert self.session_id is not None
+        facts = RequestFacts(session_id=self.session_id, exclude=frozenset(self.exclude))
+        decision = choose(
+            facts, None, world.snapshot, self.policy.routing, self.loads, self.rng, world.now
+        )
+        if isinstance(decision, Unavailable) or not decision.new_pin:
+            return None
+        self.offer = decision
+        self.proposed = Pin(
+            decision.version_key, decision.backend.id, decision.backend.region, world.now
+        )
+        return self.proposed
+
     # -- transitions ----------------------------------------------------------------------
+
+    def _looked(self, event: PinLooked, world: World) -> Step:
+        offer, proposed = self.offer, self.proposed
+        self.offer = None
+        self.pin = event.pin
+        if event.created:
+            # The store wrote our proposal: pinned before anything is sent.
+            if offer is None or event.pin != proposed:
+                raise LifecycleError("a pin created from no proposal, or not from ours")
+            self.forward = offer
+            self.new_pin = True
+            return self._send((CountNewPin(offer.version_key),))
+        self.proposed = None
+        effects: tuple[Effect, ...] = ()
+        found = event.pin
+        if (
+            proposed is not None and found is not None
+            and found.version_key != proposed.version_key
+            and found.pinned_at > proposed.pinned_at - RACE_WINDOW_S
+        ):
+            # Another replica pinned this new session while we were choosing.
+            effects = (CountRaceLost(),)
+        return self._route(world, effects)
+
 
     def _route(self, world: World, effects: tuple[Effect, ...]) -> Step:
         decision = choose(

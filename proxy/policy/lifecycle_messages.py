@@ -31,7 +31,11 @@ class World:
 
 @dataclass(frozen=True, slots=True)
 class PinLooked:
+    """The lookup's answer. ``created``: the store wrote the machine's proposal
+    (``Lifecycle.propose``) because no pin was held: the session is pinned now."""
+
     pin: Pin | None
+    created: bool = False
 
 
 @dataclass(frozen=True, slots=True)

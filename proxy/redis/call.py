@@ -12,6 +12,11 @@ stop.
 A call also remembers what a component needs to judge a failure: whether any call
 answered while this one waited (then this process, not Redis, is slow) and whether
 the last call failed.
+
+Each call is measured here too, so no component can forget to (proxy/redis/metrics.py):
+its duration per (component, operation), and each failure by kind. The children of the
+operations a component declares are bound when the helper is built; a call under an
+undeclared name binds its own on first use (names are literals in the code: bounded).
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ from typing import TYPE_CHECKING, TypeVar
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.redis.client import REDIS_FAILURES
+from proxy.redis.metrics import error_kind
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterable
+
+    from proxy.redis.metrics import BoundCall, RedisMetrics
 
 T = TypeVar("T")
 
@@ -49,7 +57,8 @@ class RedisFailure:
 class RedisCall:
     """``await call(what, operation)``: one Redis operation, bounded and translated."""
 
-    __slots__ = ("_answered_at", "_clock", "_error", "_timeout_s", "failing")
+    __slots__ = ("_answered_at", "_bound", "_clock", "_component", "_error", "_metrics",
+                 "_timeout_s", "failing")
 
     def __init__(
         self,
@@ -57,15 +66,31 @@ class RedisCall:
         error: Callable[[RedisFailure], Exception],
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: RedisMetrics | None = None,
+        component: str = "other",
+        operations: Iterable[str] = (),
     ) -> None:
-        """``error``: the component's narrow error for a failure (raised ``from`` it)."""
+        """``error``: the component's narrow error for a failure (raised ``from`` it).
+
+        ``metrics``: where the calls are measured, as ``component`` (None: unmeasured,
+        for tests of a component alone); ``operations``: the names it calls under.
+        """
         self._timeout_s = timeout_s
         self._error = error
         self._clock = clock
+        self._metrics = metrics
+        self._component = component
+        self._bound: dict[str, BoundCall] = {}
+        if metrics is not None:
+            for name in operations:
+                self._bound[name] = metrics.bind(component, name)
         self._answered_at = float("-inf")  # when a call last succeeded
         self.failing = False  # the last call failed, and no other answered meanwhile
 
     async def __call__(self, what: str, operation: Awaitable[T]) -> T:
+        bound = self._bound.get(what)
+        if bound is None and self._metrics is not None:
+            bound = self._bound[what] = self._metrics.bind(self._component, what)
         started = self._clock()
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -80,10 +105,15 @@ class RedisCall:
                 what, exc, isinstance(exc, TimeoutError | RedisTimeoutError),
                 self._answered_at > started,
             )
+            if bound is not None:
+                bound.errors[error_kind(exc, failure.timed_out)].inc()
+                bound.observe(self._clock() - started)
             if not failure.others_answered:
                 self.failing = True
             raise self._error(failure) from exc
-        self._answered_at = self._clock()
+        answered = self._answered_at = self._clock()
+        if bound is not None:
+            bound.observe(answered - started)
         self.failing = False
         return result
 

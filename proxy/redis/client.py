@@ -1,11 +1,20 @@
 """The one Redis client of a process, for each topology: standalone, Sentinel, Cluster.
 
-Every client gets the same discipline whatever the topology: socket timeouts of
+Every client gets the same discipline whatever the topology: calls bounded by
 ``op_timeout_ms``, one retry on a broken connection only (after a restart or a
 failover every pooled connection is dead, and the first command on each would
 otherwise fail although Redis is back; a timeout is never retried, so the op timeout
 still bounds a call), a bounded pool, the ACL user and password, and TLS with the
 configured CA and client certificate for ``rediss://``.
+
+The bound is the call helper's (proxy/redis/call.py: every call goes through it, and
+redis-py closes a connection whose command was cancelled mid-way). Standalone and
+Sentinel connections therefore get no socket timeout of their own: redis-py would put a
+second timer on every command, and on Python 3.11 a task per write (``wait_for`` around
+the drain), about 50 µs of CPU per call measured by bench/micro_store.py. Connecting
+keeps its timeout, and so do the sentinels' own connections and the cluster client,
+whose slot-map refresh after a failover is driven by its own timeouts. Pub/sub reads
+pass their own timeouts (proxy/redis/pubsub.py).
 
 - Standalone: a blocking pool on ``url`` (a burst, such as a cold start or every
   connection dropped by a restart, queues on a few connections instead of opening one
@@ -94,7 +103,7 @@ def redis_client_from_config(config: StoreConfig) -> Redis:
     """
     timeout_s = config.op_timeout_ms / 1000
     common: dict[str, Any] = {
-        "socket_timeout": timeout_s,
+        "socket_timeout": None,  # bounded per call by RedisCall (see the module docstring)
         "socket_connect_timeout": timeout_s,
         "retry": _retry(),
         "decode_responses": False,
@@ -110,7 +119,8 @@ def redis_client_from_config(config: StoreConfig) -> Redis:
             port=parts.port or 6379,
             ssl=config.tls,
             max_connections=_MAX_CONNECTIONS,
-            **{k: v for k, v in common.items() if k != "retry"},
+            **{k: v for k, v in common.items() if k not in ("retry", "socket_timeout")},
+            socket_timeout=timeout_s,
             **_credentials(config),
         )
         return cast("Redis", cluster)
@@ -134,7 +144,7 @@ def _sentinel_master(config: StoreConfig, common: dict[str, Any]) -> Redis:
     parts = urlsplit(config.url)
     db = int(parts.path.strip("/") or 0) if parts.path.strip("/").isdigit() else 0
     sentinel_kwargs: dict[str, Any] = {
-        "socket_timeout": common["socket_timeout"],
+        "socket_timeout": common["socket_connect_timeout"],  # the sentinels' own queries
         "socket_connect_timeout": common["socket_connect_timeout"],
         **_tls(config),
     }

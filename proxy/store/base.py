@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from proxy.core.models import Pin
+
+    # The pin a lookup may write if the store holds none (None: write nothing).
+    Propose = Callable[[], Pin | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +37,7 @@ class Lookup:
     pin: Pin | None
     changed_from: str | None = None
     lost_data_s_ago: float = math.inf
+    created: bool = False  # ``pin`` is the lookup's proposal, written now: none was held
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +60,18 @@ class PinStore(Protocol):
         """The session's pin, or None. A hit slides the pin's TTL (possibly batched later)."""
         ...
 
-    async def lookup(self, session_id: str, hint: Pin | None = None) -> Lookup:
+    async def lookup(
+        self, session_id: str, hint: Pin | None = None, propose: Propose | None = None
+    ) -> Lookup:
         """``get`` for the data plane: the pin and what the answer must say about it.
 
         ``hint``: the pin of a valid pin token. A store that holds no copy may answer
         with it at once and write it back with pin-if-absent later; a copy it holds
         (which reflects any repin) wins over the hint.
+        ``propose``: called at most once, only if the store must ask its backend, for
+        the pin a new session would get; a store may then look up and pin-if-absent
+        in one step (``Lookup.created``). A store that does not leaves it to
+        ``pin_if_absent``.
         """
         ...
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from proxy.config.store import StoreConfig
     from proxy.core.clock import Clock
     from proxy.core.models import Pin
+    from proxy.store.base import Propose
 
 
 class MemoryPinStore:
@@ -46,8 +47,11 @@ class MemoryPinStore:
         self._store(session_id, entry[0], now)
         return entry[0]
 
-    async def lookup(self, session_id: str, hint: Pin | None = None) -> Lookup:
-        # One process, one dict: nothing else can lose, replace or re-assert a pin.
+    async def lookup(
+        self, session_id: str, hint: Pin | None = None, propose: Propose | None = None
+    ) -> Lookup:
+        # One process, one dict: nothing else can lose, replace or re-assert a pin. A
+        # proposal would save no round trip here: pin_if_absent does the same.
         pin = await self.get(session_id)
         if pin is None and hint is not None:
             pin = await self.pin_if_absent(session_id, hint)

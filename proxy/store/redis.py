@@ -2,16 +2,17 @@
 
 Theory of operation
 -------------------
-Why the local cache is safe: a pin is written once (``SET NX``, atomic across every
-replica) and afterwards changes only through ``repin``/``unpin``. Those write the pin,
-append the session to the repin log and PUBLISH it on ``<prefix>invalidate`` inside
-one MULTI/EXEC, so whenever the change is applied the broadcast goes out and the log
-holds it; every process subscribes to that channel and evicts the session. While the
-subscription is down (a Redis restart, a network cut) the cached copies stay in use:
-they are still the pins, unless a repin happened meanwhile, and a replica that
-reconnects replays the log past its last position before anything else (see
-redis_sync.py), so no change made while it was cut off survives its return. Reads
-that raced an invalidation are fenced by the cache generation (see ``PinCache.put``).
+Why the local cache is safe: a pin is written once (pin-if-absent, atomic across every
+replica) and afterwards changes only through ``repin``/``unpin`` (redis_changes.py).
+Those write the pin, append the session to the repin log and PUBLISH it on
+``<prefix>invalidate`` inside one MULTI/EXEC, so whenever the change is applied the
+broadcast goes out and the log holds it; every process subscribes to that channel and
+evicts the session. While the subscription is down (a Redis restart, a network cut)
+the cached copies stay in use: they are still the pins, unless a repin happened
+meanwhile, and a replica that reconnects replays the log past its last position
+before anything else (see redis_sync.py), so no change made while it was cut off
+survives its return. Reads that raced an invalidation are fenced by the cache
+generation (see ``PinCache.put``).
 
 Every entry is re-read after ``local_cache_ttl_s``, unless the store cannot be reached:
 then the copy is served as it is, as long as its session was used within
@@ -20,15 +21,16 @@ A session this process holds no copy of cannot be served during an outage: its
 lookup fails with ``StoreUnavailable`` (503 ``pin_store_unavailable``).
 
 A cache miss reads the pin, the epoch key and the session's conflict mark in one
-round trip (GETEX slides the TTL). The epoch tells a pin that expired from a store
-that lost every pin; the mark reports, once, that a re-assertion conflict changed the
-session's version. Cache hits cost no round trip; their TTL refreshes are batched
-(redis_touch.py).
+round trip (GETEX slides the TTL), and for a new session writes the pin the data
+plane proposes in the same call (redis_lookup.py). The epoch tells a pin that expired
+from a store that lost every pin; the mark reports, once, that a re-assertion conflict
+changed the session's version. Cache hits cost no round trip; their TTL refreshes are
+batched (redis_touch.py).
 
 TTLs go in milliseconds (PX / PEXPIRE) so fractional ``pin_ttl_s`` works. Keys are bytes
 (see redis_wire.py: no session id can collide with another or break its key). Each
-call is bounded by ``op_timeout_ms`` whatever the injected client's settings
-(proxy/redis/call.py, via redis_call.py).
+call is bounded by ``op_timeout_ms`` whatever the injected client's settings and
+measured (proxy/redis/call.py; the store's errors: redis_errors.py).
 """
 
 from __future__ import annotations
@@ -44,20 +46,23 @@ from proxy.redis.client import REDIS_FAILURES, sharded_pubsub_opener
 from proxy.redis.pubsub import Subscriber
 from proxy.store.base import Activity, Lookup
 from proxy.store.cache import PinCache
-from proxy.store.redis_call import decoded, replaced_pin, store_call
-from proxy.store.redis_sync import PinSync, announce
+from proxy.store.redis_changes import PinChanges
+from proxy.store.redis_errors import decoded, store_call
+from proxy.store.redis_invalidate import Invalidations
+from proxy.store.redis_lookup import PinReader
+from proxy.store.redis_sync import PinSync
 from proxy.store.redis_touch import Touches
-from proxy.store.redis_wire import StoreKeys, encode_pin, member, scrub, secrets_of
+from proxy.store.redis_wire import StoreKeys, encode_pin, secrets_of
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
 
     from redis.asyncio import Redis
-    from redis.asyncio.client import Pipeline
 
     from proxy.config.store import StoreConfig
     from proxy.core.clock import Clock
     from proxy.core.models import Pin
+    from proxy.redis.metrics import RedisMetrics
+    from proxy.store.base import Propose
     from proxy.store.redis_sync import ConflictHook
 
 _log = logging.getLogger(__name__)
@@ -81,7 +86,9 @@ class RedisPinStore:
         *,
         owns_client: bool = True,
         on_conflict: ConflictHook = _no_conflict_hook,
+        metrics: RedisMetrics | None = None,
     ) -> None:
+        """``metrics``: where its Redis calls are measured (None: not measured)."""
         self._config = config
         self._client = client
         self._owns_client = owns_client  # False: the composition root shares and closes it
@@ -97,8 +104,9 @@ class RedisPinStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._writing_back: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._call = store_call(config, clock)
-        self._secrets = secrets_of(config)
+        self._call = store_call(config, clock, metrics)
+        self._reader = PinReader(client, self._keys, self._ttl_ms)
+        self._changes = PinChanges(client, self._keys, config, clock, self._call, self._ttl_ms)
         self._sync = PinSync(
             client, self._keys, self._cache, config, clock, self._call, on_conflict=on_conflict
         )
@@ -107,6 +115,9 @@ class RedisPinStore:
             epoch_ok=self._sync.epoch_seen,
             periodic=self._sync.watch_servers if self._keys.cluster else None,
         )  # fmt: skip
+        invalidations = Invalidations(
+            self._cache, self._sync, self._subscribed, self._forget, secrets_of(config)
+        )
         self._subscriber = Subscriber(
             client,
             self._keys.channel,
@@ -114,10 +125,10 @@ class RedisPinStore:
             rng=random.Random(),
             op_timeout_s=self._op_timeout_s,
             poll_s=_POLL_S,
-            on_subscribed=self._on_subscribed,
-            on_messages=self._on_invalidations,
-            on_lost=self._on_subscription_lost,
-            on_quiet=self._on_quiet,
+            on_subscribed=invalidations.on_subscribed,
+            on_messages=invalidations.on_messages,
+            on_lost=invalidations.on_lost,
+            on_quiet=invalidations.on_quiet,
             open_pubsub=sharded_pubsub_opener(config, client, self._keys.channel)
             if self._keys.cluster else None,
         )
@@ -156,11 +167,18 @@ class RedisPinStore:
     async def get(self, session_id: str) -> Pin | None:
         return (await self._find(session_id, consume_mark=False)).pin
 
-    async def lookup(self, session_id: str, hint: Pin | None = None) -> Lookup:
-        return await self._find(session_id, consume_mark=True, hint=hint)
+    async def lookup(
+        self, session_id: str, hint: Pin | None = None, propose: Propose | None = None
+    ) -> Lookup:
+        return await self._find(session_id, consume_mark=True, hint=hint, propose=propose)
 
     async def _find(
-        self, session_id: str, *, consume_mark: bool, hint: Pin | None = None
+        self,
+        session_id: str,
+        *,
+        consume_mark: bool,
+        hint: Pin | None = None,
+        propose: Propose | None = None,
     ) -> Lookup:
         self._check_open()
         cache = self._cache
@@ -177,8 +195,15 @@ class RedisPinStore:
             self._write_back(session_id, hint)
             return Lookup(hint)
         generation = cache.generation
+        # A held copy must be re-asserted if the store lost data: read before writing.
+        offer = propose() if propose is not None and cache.stale(session_id) is None else None
         try:
-            raw, epoch, mark = await self._call("get", self._read(session_id, consume_mark))
+            raw, mark, epoch, created = await self._call(
+                "get",
+                self._reader.read(
+                    session_id, consume_mark, None if offer is None else encode_pin(offer)
+                ),
+            )
         except StoreUnavailable:
             # Pins are immutable until an explicit repin: a copy beats a refusal.
             pin = cache.stale(session_id)
@@ -186,6 +211,12 @@ class RedisPinStore:
                 raise
             self._touches.add(session_id, pin.version_key)
             return Lookup(pin)
+        if created:
+            assert offer is not None
+            self._sync.epoch_seen(epoch)  # only to notice a loss: the new pin stands
+            self._touches.add(session_id, offer.version_key)
+            self._remember(session_id, offer, generation)
+            return Lookup(offer, created=True)
         held = cache.stale(session_id)
         if not self._sync.epoch_seen(epoch) and held is not None:
             # The store lost data and this process holds the pin: write it back first.
@@ -201,17 +232,6 @@ class RedisPinStore:
         if isinstance(mark, bytes) and mark.decode() != pin.version_key:
             return Lookup(pin, changed_from=mark.decode())
         return Lookup(pin)
-
-    async def _read(self, session_id: str, consume_mark: bool) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.getex(self._keys.pin(session_id), px=self._ttl_ms)
-            pipe.get(self._keys.epoch)
-            mark = self._keys.changed(session_id)
-            if consume_mark:
-                pipe.getdel(mark)
-            else:
-                pipe.get(mark)
-            return await pipe.execute()
 
     async def _reasserted(self, session_id: str, held: Pin) -> Lookup:
         pin = await self.pin_if_absent(session_id, held)
@@ -253,50 +273,18 @@ class RedisPinStore:
 
     async def repin(self, session_id: str, pin: Pin) -> Pin | None:
         self._check_open()
-
-        def write(pipe: Pipeline) -> None:
-            pipe.set(self._keys.pin(session_id), encode_pin(pin), px=self._ttl_ms, get=True)
-            pipe.zadd(self._keys.pinned(pin.version_key), {member(session_id): self._clock.time()})
-
         try:
-            results = await self._call("repin", self._change(session_id, write))
+            return await self._changes.repin(session_id, pin)
         finally:
             # Even a failed write may have been applied (a timeout after sending).
             self._forget(session_id)
-        previous = replaced_pin(session_id, results[0])
-        if previous is not None and previous.version_key != pin.version_key:
-            await self._uncount(session_id, previous)
-        return previous
 
     async def unpin(self, session_id: str) -> Pin | None:
         self._check_open()
-        key = self._keys.pin(session_id)
         try:
-            results = await self._call("unpin", self._change(session_id, lambda p: p.getdel(key)))
+            return await self._changes.unpin(session_id)
         finally:
             self._forget(session_id)
-        previous = replaced_pin(session_id, results[0])
-        if previous is not None:
-            await self._uncount(session_id, previous)
-        return previous
-
-    async def _change(self, session_id: str, write: Callable[[Pipeline], object]) -> list[Any]:
-        """Apply ``write`` and log and broadcast the change: one MULTI, or on a cluster
-        (where a MULTI stays in one slot) the write first, then the log and broadcast,
-        so a replica that replays the entry reads the new pin."""
-        log_size = self._config.repin_log_size
-        if not self._keys.cluster:
-            async with self._client.pipeline(transaction=True) as pipe:
-                write(pipe)
-                announce(pipe, self._keys, session_id, log_size)
-                return await pipe.execute()
-        async with self._client.pipeline(transaction=False) as pipe:
-            write(pipe)
-            results = await pipe.execute()
-        async with self._client.pipeline(transaction=True) as pipe:
-            announce(pipe, self._keys, session_id, log_size)
-            await pipe.execute()
-        return results
 
     def _forget(self, session_id: str) -> None:
         self._cache.evict(session_id)
@@ -329,16 +317,6 @@ class RedisPinStore:
 
         active, newest = await self._call("activity", read())
         return Activity(active=int(active), last_used_at=float(newest[0][1]) if newest else None)
-
-    async def _uncount(self, session_id: str, pin: Pin) -> None:
-        # A repin/unpin is rare (admin, retirement): one more round trip is fine, and a
-        # failure only leaves a count high until the entry ages out of the TTL window.
-        try:
-            await self._call(
-                "uncount", self._client.zrem(self._keys.pinned(pin.version_key), member(session_id))
-            )
-        except StoreUnavailable as exc:
-            _log.warning("pinned-session count not updated: %s", exc.message)
 
     async def ping(self) -> None:
         self._check_open()
@@ -391,52 +369,6 @@ class RedisPinStore:
     async def flush_touches(self) -> None:
         """Send the pending TTL refreshes now; evict local copies whose key is gone."""
         await self._touches.flush()
-
-    async def _on_subscribed(self) -> None:
-        # Changes published while we were not subscribed are in the repin log: apply
-        # them before trusting the subscription (a failure retries on the next poll).
-        self._sync.stale = True
-        try:
-            await self._sync.catch_up(check_server=True)
-        except StoreUnavailable as exc:
-            _log.warning("repin log replay failed, will retry: %s", exc.message)
-        self._subscribed.set()
-
-    async def _on_invalidations(self, batch: list[object]) -> None:
-        for data in batch:
-            self._invalidate(data)
-        # Advance this replica's log position, so a later reconnection replays little.
-        self._sync.stale = True
-
-    async def _on_quiet(self, now: float) -> None:
-        if not self._sync.stale:
-            return
-        try:
-            await self._sync.catch_up()
-        except StoreUnavailable as exc:
-            _log.warning("repin log replay failed, will retry: %s", exc.message)
-
-    def _on_subscription_lost(self, reason: str) -> None:
-        if self._subscribed.is_set():
-            # One line per outage: the cached pins stay in use, nothing else to report.
-            _log.warning(
-                "pin invalidation subscription lost; serving cached pins until it is back "
-                "and the repin log is replayed: %s",
-                scrub(reason, self._secrets),
-            )
-        self._subscribed.clear()
-
-    def _invalidate(self, data: object) -> None:
-        try:
-            if isinstance(data, bytes):
-                data = data.decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            data = None
-        if isinstance(data, str):
-            self._forget(data)
-        else:
-            # Not a session id we could have published: evict everything to be safe.
-            self._cache.clear()
 
     def _remember(self, session_id: str, pin: Pin, generation: int) -> None:
         self._cache.put(session_id, pin, generation)

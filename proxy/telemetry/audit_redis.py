@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from proxy.config.observability import AuditConfig
     from proxy.config.store import StoreConfig
+    from proxy.redis.metrics import RedisMetrics
 
     DropHook = Callable[[str, int], None]  # (reason, how many records)
 
@@ -77,6 +78,7 @@ class RedisAudit:
         client: Redis,
         *,
         on_drop: DropHook = _ignore_drops,
+        redis_metrics: RedisMetrics | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -97,7 +99,10 @@ class RedisAudit:
                 code="audit_unavailable",
             )
 
-        self._call = RedisCall(self._op_timeout_s, unavailable)
+        self._call = RedisCall(
+            self._op_timeout_s, unavailable, metrics=redis_metrics, component="audit",
+            operations=("read", "write"),
+        )
         self._queue_size, self._batch_size = config.queue_size, config.batch_size
         self._script_args = (
             str(config.records_per_session).encode(), str(self._ttl_ms).encode(), _FIELD)

@@ -34,6 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from proxy.config.observability import MetricsConfig
 from proxy.core.errors import StoreUnavailable
 from proxy.core.models import prompt_of
+from proxy.redis.metrics import RedisMetrics
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -70,6 +71,8 @@ class ProxyMetrics:
         self._multiprocess_dir = multiprocess_dir
         self._scrape_time: list[Collector] = []
         self._store_children: dict[str, tuple[Histogram, Counter]] = {}
+        # Every Redis call, measured by the one call helper (proxy/redis/call.py).
+        self.redis = RedisMetrics(registry)
         # process_* (CPU, memory, open fds, start time: what alert rules tell a young
         # target by) and python_info, of the process that answers the scrape.
         self._process: tuple[Collector, ...] = (

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     from proxy.core.clock import Clock
     from proxy.core.events import RequestEvent
+    from proxy.redis.metrics import RedisMetrics
 
 
 logger = logging.getLogger(__name__)
@@ -149,13 +150,17 @@ class TrafficCounter:
         op_timeout_s: float = 0.5,
         flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
         retention_s: float = DEFAULT_RETENTION_S,
+        redis_metrics: RedisMetrics | None = None,
     ) -> None:
         self._clock = clock
         self._redis = redis
         self._prefix = f"{key_prefix}{name}:"
         self._evals = evals  # counts eval requests only (else production only)
         self._op_timeout_s = op_timeout_s
-        self._call = RedisCall(op_timeout_s, _unavailable, clock=clock.monotonic)
+        self._call = RedisCall(
+            op_timeout_s, _unavailable, clock=clock.monotonic, metrics=redis_metrics,
+            component=name, operations=("flush", "read"),
+        )
         self._flush_interval_s = flush_interval_s
         self._retention_s = retention_s
         retention_minutes = math.ceil(retention_s / MINUTE_S)

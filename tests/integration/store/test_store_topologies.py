@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
+import redis as sync_redis
 import trustme
 from pydantic import SecretStr
 
@@ -155,6 +156,17 @@ async def test_on_a_cluster_a_sessions_keys_share_a_slot_and_repins_reach_every_
         assert len(slots) == 1
         # The 20 sessions spread over the three masters.
         assert len({redis_cluster.master_of(keys.pin(f"s{n}")).port for n in range(20)}) == 3
+        # A new session in one call: the script on the session's slot, the epoch beside
+        # it; then again after the script cache is flushed everywhere (NOSCRIPT).
+        found = await one.lookup("new", propose=lambda: pin(3))
+        assert (found.pin, found.created) == (pin(3), True)
+        found = await two.lookup("new", propose=lambda: pin(4))
+        assert (found.pin, found.created) == (pin(3), False)
+        for node in redis_cluster.nodes:
+            with sync_redis.Redis(port=node.port, socket_timeout=1.0) as client:
+                client.script_flush()
+        found = await two.lookup("newer", propose=lambda: pin(4))
+        assert (found.pin, found.created) == (pin(4), True)
         await one.flush_touches()  # pipelined over the three masters
         assert await two.count_pinned(pin(1).version_key) == 19
         assert await two.count_pinned(pin(2).version_key) == 1

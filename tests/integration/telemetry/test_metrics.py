@@ -303,9 +303,23 @@ async def test_pin_store_failures_are_counted(
     assert series(samples, "pinproxy_pin_store_errors_total") == {
         L(operation="get"): 1, L(operation="pin_if_absent"): 0, L(operation="repin"): 0,
     }
+    # erin's first turn was looked up and pinned in one call (proxy/store/redis_lookup.py).
     assert series(samples, "pinproxy_pin_store_duration_seconds_count") == {
-        L(operation="get"): 2, L(operation="pin_if_absent"): 1, L(operation="repin"): 0,
+        L(operation="get"): 2, L(operation="pin_if_absent"): 0, L(operation="repin"): 0,
     }
+    # The same two calls, one answered and one timed out, as the Redis call helper saw them.
+    redis_calls = series(samples, "pinproxy_redis_call_duration_seconds_count",
+                         lambda s: s["component"] == "store" and s["operation"] == "get")
+    assert redis_calls == {L(component="store", operation="get"): 2}
+    assert series(samples, "pinproxy_redis_call_errors_total",
+                  lambda s: s["component"] == "store" and s["operation"] == "get") == {
+        L(component="store", operation="get", kind=kind): int(kind == "timeout")
+        for kind in ("timeout", "connection", "response", "other")
+    }
+    # Every component that speaks to Redis is measured by the helper.
+    components = {dict(labels)["component"] for labels in
+                  series(samples, "pinproxy_redis_call_duration_seconds_count")}
+    assert {"store", "audit", "traffic", "control", "rollout"} <= components
     # A store failure comes before any version is known: the request has no version.
     assert series(samples, "pinproxy_requests_total", lambda s: s["status_class"] == "5xx") == {
         L(prompt_version="", version_key="", region="", backend="", status_class="5xx"): 1,

@@ -158,6 +158,74 @@ def test_a_lost_pin_race_sends_to_the_winners_version() -> None:
     assert not m.new_pin
 
 
+def test_a_proposal_written_with_the_lookup_sends_at_once_as_a_new_pin() -> None:
+    # One round trip for a new session: the store wrote the machine's proposal.
+    m = machine()
+    w = world()
+    assert m.start(w) == Step(LookUpPin("s1"))
+    offered = m.propose(w)
+    assert offered is not None
+    step = m.step(PinLooked(offered, created=True), w)
+    assert isinstance(step.action, Send)
+    assert step.action.pinned_version == offered.version_key
+    assert step.action.forward.backend.id == offered.backend_id
+    assert step.effects == (CountNewPin(offered.version_key),)
+    assert m.new_pin
+    assert m.pin == offered
+
+
+def proposing(m: Lifecycle, w: World) -> tuple[Pin, str]:
+    """start, then the proposal made during the lookup: (it, the other version)."""
+    m.start(w)
+    offered = m.propose(w)
+    assert offered is not None
+    return offered, V2 if offered.version_key == V1 else V1
+
+
+def test_a_proposal_that_meets_a_fresh_pin_of_another_version_lost_a_race() -> None:
+    m = machine()
+    w = world()
+    _, theirs = proposing(m, w)
+    winner = Pin(theirs, "elsewhere", "r9", NOW - 0.2)  # chosen while we were choosing
+    step = m.step(PinLooked(winner), w)
+    assert step.effects == (CountRaceLost(),)
+    assert isinstance(step.action, Send)
+    assert step.action.pinned_version == theirs
+    assert not m.new_pin
+
+
+def test_a_proposal_that_finds_an_old_pin_follows_it_without_a_race() -> None:
+    m = machine()
+    w = world()
+    _, theirs = proposing(m, w)
+    step = m.step(PinLooked(pin(theirs, "b1" if theirs == V2 else "a1")), w)  # an hour old
+    assert step.effects == ()
+    assert isinstance(step.action, Send)
+    assert step.action.pinned_version == theirs
+    assert not m.new_pin
+
+
+def test_a_proposal_the_store_did_not_write_falls_back_to_pin_if_absent() -> None:
+    m = machine()
+    w = world()
+    m.start(w)
+    assert m.propose(w) is not None
+    step = m.step(PinLooked(None), w)  # e.g. the memory store, or a held copy to re-assert
+    assert isinstance(step.action, PinIfAbsent)
+    step = m.step(PinStored(step.action.pin), w)
+    assert isinstance(step.action, Send)
+    assert CountNewPin in effects(step)
+
+
+def test_no_proposal_without_a_routable_backend_and_no_creation_without_one() -> None:
+    m = machine()
+    empty = world(fleet())
+    m.start(empty)
+    assert m.propose(empty) is None
+    with pytest.raises(LifecycleError, match="no proposal"):
+        m.step(PinLooked(pin(), created=True), empty)
+
+
 def test_a_request_without_a_session_is_routed_unpinned() -> None:
     m = machine(None)
     step = m.start(world())
@@ -480,3 +548,49 @@ def test_a_pinned_session_is_only_ever_answered_by_its_version(
     else:
         pytest.fail("the lifecycle did not end")
     assert isinstance(step.action, (Fail, Relay))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    healthy=st.lists(st.booleans(), min_size=4, max_size=4),
+    answer=st.sampled_from(["created", "declined", "theirs_fresh", "theirs_old", "ours_too"]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_new_session_is_sent_only_to_the_version_the_store_holds(
+    healthy: list[bool], answer: str, seed: int
+) -> None:
+    """However the one-round-trip lookup answers, nothing is sent before the session's
+    pin is in the store, and the send goes to that pin's version; a race is counted
+    only for a fresh pin of another version."""
+    states = [state("a1", V1), state("a2", V1), state("b1", V2), state("b2", V2)]
+    snap = fleet(*(replace(s, healthy=h) for s, h in zip(states, healthy, strict=True)))
+    w = world(snap)
+    m = machine(seed=seed)
+    m.start(w)
+    offered = m.propose(w)
+    if offered is None:
+        assert not any(healthy)
+        assert isinstance(m.step(PinLooked(None), w).action, WaitForRegistry)
+        return
+    other = V2 if offered.version_key == V1 else V1
+    held: Pin | None = {
+        "created": offered,
+        "declined": None,
+        "theirs_fresh": Pin(other, "elsewhere", "r9", offered.pinned_at),
+        "theirs_old": Pin(other, "elsewhere", "r9", offered.pinned_at - 3600),
+        "ours_too": Pin(offered.version_key, "elsewhere", "r9", offered.pinned_at),
+    }[answer]
+    step = m.step(PinLooked(held, created=answer == "created"), w)
+    assert (CountRaceLost in effects(step)) == (answer == "theirs_fresh")
+    if isinstance(step.action, PinIfAbsent):
+        held = step.action.pin
+        step = m.step(PinStored(held), w)
+    assert held is not None
+    if isinstance(step.action, WaitForRegistry):
+        # The winner's version has no healthy backend here: wait for it, never re-pin.
+        assert not any(h for s, h in zip(states, healthy, strict=True)
+                       if s.version_key == held.version_key)
+        return
+    assert isinstance(step.action, Send)
+    assert step.action.pinned_version == held.version_key
+    assert m.new_pin == (answer in ("created", "declined"))

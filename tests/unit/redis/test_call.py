@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from proxy.core.errors import ProxyError
 from proxy.redis.call import RedisCall, RedisFailure
+from proxy.redis.metrics import ERROR_KINDS, RedisMetrics, error_kind
 from tests.fixtures.redis_server import RedisServer
 
 
@@ -21,12 +24,18 @@ class Narrow(ProxyError):
     error_type = "narrow_unavailable"
 
 
-def narrow(seen: list[RedisFailure], timeout_s: float = 0.3) -> RedisCall:
+def narrow(
+    seen: list[RedisFailure], timeout_s: float = 0.3, metrics: RedisMetrics | None = None
+) -> RedisCall:
     def error(failure: RedisFailure) -> Narrow:
         seen.append(failure)
         return Narrow(f"{failure.what} failed: {failure.kind}")
 
-    return RedisCall(timeout_s, error)
+    return RedisCall(timeout_s, error, metrics=metrics, component="test", operations=("ping",))
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, {"component": "test", **labels})
 
 
 async def test_an_answer_passes_and_a_refusal_is_the_callers_error(
@@ -89,3 +98,47 @@ async def test_a_cancelled_call_is_cancelled_not_a_failure(private_redis: RedisS
     finally:
         private_redis.resume()
         await client.aclose()
+
+
+async def test_every_call_is_timed_and_each_failure_counted_by_kind(
+    private_redis: RedisServer,
+) -> None:
+    client = Redis.from_url(private_redis.url, socket_timeout=30)
+    registry = CollectorRegistry()
+    call = narrow([], timeout_s=0.3, metrics=RedisMetrics(registry))
+    count = "pinproxy_redis_call_duration_seconds_count"
+    errors = "pinproxy_redis_call_errors_total"
+    # Declared operations are exported at 0 before their first call.
+    assert sample(registry, count, operation="ping") == 0
+    assert {k: sample(registry, errors, operation="ping", kind=k) for k in ERROR_KINDS} == {
+        k: 0 for k in ERROR_KINDS}
+    try:
+        assert await call("ping", client.ping()) is True
+        with pytest.raises(Narrow):
+            await call("incr", client.incr("not-a-number-key", 1.5))  # type: ignore[arg-type]
+        private_redis.pause()
+        with pytest.raises(Narrow):
+            await call("get", client.get("k"))
+        private_redis.resume()
+        private_redis.stop()
+        with pytest.raises(Narrow):
+            await call("ping", client.ping())
+    finally:
+        if not private_redis.running:
+            private_redis.start()
+        await client.aclose()
+    assert sample(registry, count, operation="ping") == 2
+    assert sample(registry, count, operation="get") == 1  # an undeclared name binds its own
+    assert sample(registry, errors, operation="incr", kind="response") == 1
+    assert sample(registry, errors, operation="get", kind="timeout") == 1
+    assert sample(registry, errors, operation="ping", kind="connection") == 1
+    timed = sample(registry, "pinproxy_redis_call_duration_seconds_sum", operation="get")
+    assert timed is not None
+    assert 0.3 <= timed < 2.0  # the timeout's wait is in the histogram too
+
+
+def test_error_kinds() -> None:
+    assert error_kind(TimeoutError(), False) == "timeout"
+    assert error_kind(ResponseError("READONLY"), False) == "response"
+    assert error_kind(ConnectionRefusedError(), False) == "connection"
+    assert error_kind(RuntimeError("x"), False) == "other"

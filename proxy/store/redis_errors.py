@@ -1,17 +1,19 @@
-"""The pin store's errors from Redis: its calls through ``RedisCall``, as StoreUnavailable.
+"""How the pin store fails: Redis errors and unreadable pins, as ``StoreUnavailable``.
 
-Each call is bounded by ``op_timeout_ms`` whatever the injected client's settings
-(proxy/redis/call.py), and every failure redis-py can raise becomes ``StoreUnavailable``
-with the store's masked location, secrets scrubbed from the message. The failure says
-what the store needs to judge it: whether other calls answered meanwhile (then this
-process, not Redis, is slow: ``store_answering``); the call, whether the last one
-failed (``failing``: serve cached copies without asking first).
+The bounded, measured call itself is the shared helper (proxy/redis/call.py); this
+module is the pin store's side of it: the error factory it hands the helper, so every
+failure redis-py can raise becomes ``StoreUnavailable`` with the store's masked
+location and secrets scrubbed from the message, and the refusal of a stored document
+that is not a pin. The failure says what the store needs to judge it: whether other
+calls answered meanwhile (then this process, not Redis, is slow: ``store_answering``);
+the call, whether the last one failed (``failing``: serve cached copies without
+asking first).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.core.errors import StoreUnavailable
 from proxy.redis.call import RedisCall, RedisFailure
@@ -21,11 +23,18 @@ if TYPE_CHECKING:
     from proxy.config.store import StoreConfig
     from proxy.core.clock import Clock
     from proxy.core.models import Pin
+    from proxy.redis.metrics import RedisMetrics
 
 _log = logging.getLogger(__name__)
 
+# The pin store's calls, by the name they are measured under (component "store").
+STORE_OPERATIONS: Final = ("get", "pin", "repin", "unpin", "count", "activity", "uncount",
+                           "ping", "touch", "epoch", "sync", "reassert")
 
-def store_call(config: StoreConfig, clock: Clock) -> RedisCall:
+
+def store_call(
+    config: StoreConfig, clock: Clock, metrics: RedisMetrics | None = None
+) -> RedisCall:
     """The pin store's bounded call, its failures as ``StoreUnavailable``."""
     secrets = secrets_of(config)
 
@@ -41,7 +50,10 @@ def store_call(config: StoreConfig, clock: Clock) -> RedisCall:
         error.store_answering = failure.others_answered
         return error
 
-    return RedisCall(config.op_timeout_ms / 1000, unavailable, clock=clock.monotonic)
+    return RedisCall(
+        config.op_timeout_ms / 1000, unavailable, clock=clock.monotonic,
+        metrics=metrics, component="store", operations=STORE_OPERATIONS,
+    )
 
 
 def decoded(session_id: str, raw: object) -> Pin:
