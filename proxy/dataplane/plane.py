@@ -28,6 +28,7 @@ from aiohttp import web
 
 from proxy.core.errors import (
     Overloaded,
+    ProxyError,
     StoreUnavailable,
     UpstreamConnectError,
     UpstreamDropped,
@@ -175,7 +176,11 @@ class DataPlane:
         self._budget.reconfigure(live.retry_budget_percent, live.min_retry_concurrency)
         self._live = live
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(
+        self, request: web.BaseRequest, refusal: ProxyError | None = None
+    ) -> web.StreamResponse:
+        """Proxy ``request``; or, given a ``refusal`` (admission shed it), answer that
+        without reading the body or routing, recorded like any other answer."""
         arrived_at = self._clock.time()
         arrived = self._clock.monotonic()
         incoming = request.headers.get("X-Request-ID")
@@ -193,6 +198,8 @@ class DataPlane:
         outcome = Outcome(client=forwarding.client)
         self._budget.active += 1
         try:
+            if refusal is not None:
+                raise refusal
             return await self._proxy(
                 request, request_id, traceparent, arrived, outcome, forwarding
             )
@@ -518,6 +525,7 @@ class DataPlane:
                 lag is not None and lag.worst_since(started) >= self._store_timeout_s / 2
             )):
                 self._metrics.overloaded.inc()
+                self._metrics.shed.labels("store_timeout").inc()
                 raise Overloaded(live.retry_after_s) from exc
             raise
 

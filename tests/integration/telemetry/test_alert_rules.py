@@ -36,7 +36,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_promtool_checks_the_rules() -> None:
     done = _promtool("check", "rules", str(RULES))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 17 rules found" in done.stdout
+    assert "SUCCESS: 18 rules found" in done.stdout
 
 
 def test_rule_unit_tests_fire_and_stay_quiet() -> None:
@@ -60,6 +60,7 @@ def test_every_alerted_kind_is_covered() -> None:
         "PinproxyPinStoreErrors",
         "PinproxyAuditRecordsDropped",
         "PinproxyEventLoopStalled",
+        "PinproxyShedding",
         "PinproxyKillSwitchTripped",
         "PinproxyRolloutHalted",
         "PinproxyRolloutHeldBack",
