@@ -209,6 +209,7 @@ class LoadResult:
     # generator, not the target, could not keep the offered rate.
     tick_lateness: array[float] = field(default_factory=lambda: array("d"))
     summary_override: dict[str, float] | None = None  # wrk reports percentiles itself
+    peak_connections: int = 0  # open loop: the most connections open at once
 
     @property
     def error_count(self) -> int:
@@ -235,6 +236,7 @@ class LoadResult:
             "error_reasons": dict(self.errors),
             "latency": lat,
             "generator_cpu_s": round(self.generator_cpu_s, 3),
+            "peak_connections": self.peak_connections,
         } | self._lateness()
 
     def _lateness(self) -> dict[str, Any]:
@@ -417,6 +419,7 @@ async def open_loop(
         finally:
             state["opening"] -= 1
         state["conns"] += 1
+        result.peak_connections = max(result.peak_connections, state["conns"])
         conns.append(conn)
         dispatch(conn)
 

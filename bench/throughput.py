@@ -339,7 +339,7 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
             if t.proc is not None:
                 ctx.procs.stop(t.proc)
         # Issue 14: how pins stay consistent across workers, shown (not only claimed).
-        pins = (check_pins_across_workers(ctx, redis_url)
+        pins = (check_pins_across_workers(ctx, redis_url, proxy_set=cfg.proxy_set)
                 if "pinproxy-2w" in live and redis_url and backend_kind == "static" else None)
 
         report = _report(ctx, cfg, generator, backend_kind, results, skipped, pop_ceiling)

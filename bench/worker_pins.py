@@ -24,6 +24,7 @@ from bench.procs import (
     cpu_seconds,
     free_port,
     nginx_static_pop_conf,
+    parse_overrides,
     process_tree,
     proxy_toml,
     start_nginx,
@@ -31,6 +32,8 @@ from bench.procs import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from bench.common import RunContext
 
 PATH = "/v1/chat/completions"
@@ -39,9 +42,10 @@ BODY = b'{"model":"sim","messages":[{"role":"user","content":"hi"}]}'
 
 def check_pins_across_workers(
     ctx: RunContext, redis_url: str, *, sessions: int = 400, turns: int = 4,
-    concurrency: int = 128,
+    concurrency: int = 128, proxy_set: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run the check; its verdict and counts (see the module docstring)."""
+    """Run the check; its verdict and counts (see the module docstring). ``proxy_set``:
+    the run's pinproxy overrides (``section.key=value``)."""
     layout = ctx.layout
     backends = []
     for backend_id, prompt in (("pop-v46a", "v46"), ("pop-v46b", "v46"),
@@ -54,7 +58,8 @@ def check_pins_across_workers(
         backends.append((backend_id, f"bench-{prompt}", f"http://127.0.0.1:{port}"))
     port = free_port()
     prefix = f"bench-pins-{port}:"
-    toml = proxy_toml(port=port, backends=backends, redis_url=redis_url, key_prefix=prefix)
+    toml = proxy_toml(port=port, backends=backends, redis_url=redis_url, key_prefix=prefix,
+                      sections=parse_overrides(proxy_set))
     proxy = start_pinproxy(ctx.procs, "pinproxy-pins", toml, port, cpus=layout.all_cpus,
                            layout=layout, workers=2)
     url = f"http://127.0.0.1:{port}"
