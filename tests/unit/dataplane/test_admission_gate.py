@@ -106,7 +106,7 @@ async def test_a_waiter_cancelled_as_its_slot_arrives_passes_the_slot_on() -> No
     assert "b" not in backend.running
     for name in ("a", "c"):
         backend.running[name].set()
-    assert await asyncio.gather(first, third) == ["served a", "served c"]
+    assert list(await asyncio.gather(first, third)) == ["served a", "served c"]
     assert (g.in_flight, g.queued) == (0, 0)
 
 
@@ -117,4 +117,4 @@ async def test_a_reload_with_more_room_admits_waiters_at_once() -> None:
     await backend.until_running("b")
     for name in ("a", "b"):
         backend.running[name].set()
-    assert await asyncio.gather(first, second) == ["served a", "served b"]
+    assert list(await asyncio.gather(first, second)) == ["served a", "served b"]
