@@ -16,7 +16,10 @@ Theory of operation, in request order:
 4. Stream the body back chunk by chunk (relay.py); record the time to first byte.
 
 A pin-store call that times out while the event loop itself ran late is this
-process's overload, not the store's failure: it is answered ``proxy_overloaded``.
+process's overload, not the store's failure: it is answered ``proxy_overloaded``
+(counted as a shed, reason ``store_timeout``). It is the backstop of admission control
+(admission_gate.py), which refuses at the door, before this handler runs, what the
+process cannot take on; a refusal it decided comes in as ``handle``'s ``refusal``.
 """
 
 from __future__ import annotations
