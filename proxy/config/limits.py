@@ -18,8 +18,9 @@ from proxy.core.admission import AdmissionLimits
 
 
 class LimitsConfig(Section):
-    # Requests running the data plane's handler at once (a stream counts until its
-    # end, and is never cut by admission); 0: no limit. Health and readiness checks
+    # Requests running the data plane's handler at once, per process (each worker
+    # has its own) (a stream counts until its end, and is never cut by admission);
+    # 0: no limit. Health and readiness checks
     # and the admin listener are never counted nor shed.
     max_in_flight: Annotated[int, Field(ge=0, le=1_000_000)] = 4096
     # Arrivals that wait, first come first served, for a slot while max_in_flight are
