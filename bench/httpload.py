@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
+# An error answer's OpenAI-shaped body: its code, and pinproxy's shed reason if any.
+_ERROR_CODE = re.compile(rb'"code":\s*"([^"]+)"')
+_SHED_REASON = re.compile(rb'"reason":\s*"([^"]+)"')
 _DRAIN_S = 5.0  # after the last scheduled request, how long stragglers may take
 _TICK_S = 0.001
 GENERATOR_LAG_LIMIT_S = 0.005
@@ -98,6 +101,11 @@ class HttpConn(asyncio.Protocol):
         self._remaining = -1  # body bytes still expected; -1: reading the head
         self._chunked = False
         self._clock = time.perf_counter
+
+    @property
+    def status(self) -> int:
+        """The status of the response being read (or the last one)."""
+        return self._status
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
@@ -201,6 +209,7 @@ class LoadResult:
     # generator, not the target, could not keep the offered rate.
     tick_lateness: array[float] = field(default_factory=lambda: array("d"))
     summary_override: dict[str, float] | None = None  # wrk reports percentiles itself
+    peak_connections: int = 0  # open loop: the most connections open at once
 
     @property
     def error_count(self) -> int:
@@ -227,6 +236,7 @@ class LoadResult:
             "error_reasons": dict(self.errors),
             "latency": lat,
             "generator_cpu_s": round(self.generator_cpu_s, 3),
+            "peak_connections": self.peak_connections,
         } | self._lateness()
 
     def _lateness(self) -> dict[str, Any]:
@@ -320,6 +330,17 @@ async def closed_loop(
     return result
 
 
+def error_kind(status: int, body: bytes) -> str:
+    """``status_503_proxy_overloaded_queue_full``: an error answer by status, the code of
+    its JSON body and pinproxy's shed reason, so sheds and store errors count apart."""
+    kind = f"status_{status}"
+    for pattern in (_ERROR_CODE, _SHED_REASON):
+        match = pattern.search(body)
+        if match:
+            kind += "_" + match.group(1).decode("ascii", "replace")
+    return kind
+
+
 async def open_loop(
     host: str,
     port: int,
@@ -359,13 +380,19 @@ async def open_loop(
         elif not conn.closed:
             idle.append(conn)
 
+    error_bodies: dict[HttpConn, bytearray] = {}
+
+    def on_body(conn: HttpConn, data: bytes, now: float) -> None:
+        if not 200 <= conn.status < 300:
+            error_bodies.setdefault(conn, bytearray()).extend(data[:1024])
+
     def on_done(conn: HttpConn, status: int, now: float) -> None:
         state["finished"] += 1
         if 200 <= status < 300:
             result.completed += 1
             lat.append(now - conn.token)
         else:
-            result.count_error(f"status_{status}")
+            result.count_error(error_kind(status, bytes(error_bodies.pop(conn, b""))))
         dispatch(conn)
         check_done()
 
@@ -385,13 +412,14 @@ async def open_loop(
         if not counted:
             state["opening"] += 1
         try:
-            conn = await _connect(host, port, on_done, on_lost)
+            conn = await _connect(host, port, on_done, on_lost, on_body)
         except OSError:
             result.count_error("connect_failed")
             return
         finally:
             state["opening"] -= 1
         state["conns"] += 1
+        result.peak_connections = max(result.peak_connections, state["conns"])
         conns.append(conn)
         dispatch(conn)
 

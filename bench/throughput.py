@@ -52,6 +52,7 @@ from bench.procs import (
 )
 from bench.report import bar_plot, cdf_plot, md_header, verdict, write_json
 from bench.stats import as_us, fmt, subsample, table
+from bench.worker_pins import check_pins_across_workers
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -337,8 +338,12 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
         for t in live.values():
             if t.proc is not None:
                 ctx.procs.stop(t.proc)
+        # Issue 14: how pins stay consistent across workers, shown (not only claimed).
+        pins = (check_pins_across_workers(ctx, redis_url, proxy_set=cfg.proxy_set)
+                if "pinproxy-2w" in live and redis_url and backend_kind == "static" else None)
 
         report = _report(ctx, cfg, generator, backend_kind, results, skipped, pop_ceiling)
+        report["pins_across_workers"] = pins
         _write(ctx, report, runner.raw)
         return report
 
@@ -593,6 +598,19 @@ def _markdown(report: dict[str, Any]) -> str:
         '"machine busy cores": every core\'s busy time over the run\'s wall time, other '
         "tenants included (2.0 = a 2-core machine fully busy).\n\n"
     )
+    errors = [f"{name} {run.get('level', 'closed')}: {run['error_reasons']}"
+              for name, res in report["results"].items()
+              for run in [*res["rounds"], *res["open_loop"]] if run["error_reasons"]]
+    md += ("Errors by kind (status, code, shed reason): " + "; ".join(errors)
+           if errors else "Errors by kind: none") + "\n\n"
+    pins = report.get("pins_across_workers")
+    if pins is not None:
+        md += (f"Pins across 2 workers (bench/worker_pins.py): {pins['sessions']} sessions x "
+               f"{pins['requests'] // pins['sessions']} requests, a connection each: "
+               f"{pins['sessions_answered_by_two_versions']} answered by two versions, "
+               f"{pins['sessions_with_an_error']} with an error, {pins['pins_in_redis']} pins "
+               f"in Redis, sessions by version {pins['sessions_by_version']}, worker CPU s "
+               f"{pins['worker_cpu_s']}: consistent = **{pins['consistent']}**\n\n")
     if report["skipped"]:
         md += "Skipped: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items()) + "\n\n"
     pc = report["sim_pop_ceiling"]

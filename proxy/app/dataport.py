@@ -42,7 +42,7 @@ def data_port_handler(services: Services) -> Handler:
     )
     health_path, ready_path = settings.listen.health_path, settings.listen.ready_path
     listen_host = settings.listen.host
-    dataplane = services.dataplane
+    dataplane, admission = services.dataplane, services.admission
     boundary = dataplane.boundary
 
     async def serve(request: web.BaseRequest) -> web.StreamResponse:
@@ -67,7 +67,8 @@ def data_port_handler(services: Services) -> Handler:
             # The data plane's boundary, which answers (and records) everything past
             # this point.
             return error_response(boundary.error_for(exc, request))
-        return await dataplane.handle(request)
+        # Admission control (limits.*): only proxied requests queue or are shed.
+        return await admission.run(request, dataplane.handle, dataplane.handle)
 
     return serve
 

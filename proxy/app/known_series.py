@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final, get_args
 
+from proxy.core.admission import SHED_REASONS
 from proxy.core.edge_limits import MALFORMED_DESCRIPTIONS
 from proxy.dataplane.lost_pin import Action
 from proxy.policy.lifecycle import RetryReason
@@ -48,6 +49,8 @@ def export_known_series(
             metrics.lost_pins.labels(action)
     for result in (*get_args(Result), "issued"):
         metrics.pin_tokens.labels(result)
+    for reason in (*SHED_REASONS, "store_timeout"):
+        metrics.shed.labels(reason)
     for reason in AUDIT_DROP_REASONS:
         metrics.audit_dropped.labels(reason)
     for operation in STORE_OPERATIONS:

@@ -38,9 +38,11 @@ from prometheus_client import CollectorRegistry
 from proxy.app.known_series import export_backend_series, export_known_series
 from proxy.app.reload import Reloader
 from proxy.config.settings import Settings
+from proxy.core.admission import SHED_REASONS
 from proxy.core.clock import Clock, SystemClock
 from proxy.core.ewma import LoadTracker
 from proxy.core.outlier import OutlierPolicy
+from proxy.dataplane.admission_gate import AdmissionGate
 from proxy.dataplane.health import Drain
 from proxy.dataplane.plane import DataPlane
 from proxy.fleet.control import ControlPlane, ControlStore, LocalControlStore
@@ -82,6 +84,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# How far back admission looks for event-loop lag (limits.max_loop_lag_ms): a few of
+# the monitor's 50 ms ticks.
+LOOP_LAG_WINDOW_S = 0.25
+
 StoreFactory = Callable[
     [Settings, Clock, "Redis | None", "ConflictHook", "RedisMetrics"], PinStore
 ]
@@ -115,9 +121,32 @@ class Services:
     eval_traffic: TrafficCounter  # requests marked as eval traffic (evals.header)
     discovery: Discovery
     dataplane: DataPlane
+    admission: AdmissionGate  # in front of the data plane's handler (limits.*)
     control: ControlPlane  # operators' fleet changes, shared by replicas
     rollout: RolloutController  # region cutover, soak, kill switch
     reloader: Reloader | None  # live config reload; None when there is nothing to re-read
+
+
+def admission_gate(
+    settings: Settings, metrics: ProxyMetrics, loop_lag: LoopLagMonitor, clock: Clock
+) -> AdmissionGate:
+    """The data port's admission control, its sheds counted by reason."""
+    shed = {reason: metrics.shed.labels(reason) for reason in SHED_REASONS}
+    return AdmissionGate(
+        settings.limits.admission(),
+        clock=clock.monotonic,
+        # The worst lateness over the last few ticks, an overdue one included: one
+        # tick's would forget a stall as soon as the loop caught up.
+        loop_lag=loop_lag.worst_since, lag_window_s=LOOP_LAG_WINDOW_S,
+        on_shed=lambda reason: shed[reason].inc(),
+        retry_after_s=settings.routing.retry_after_s,
+    )
+
+
+def reconfigure_dataplane(dataplane: DataPlane, admission: AdmissionGate, new: Settings) -> None:
+    """A reload's new policies for the data plane and its admission control."""
+    dataplane.reconfigure(new)
+    admission.reconfigure(new.limits.admission(), new.routing.retry_after_s)
 
 
 def default_store(
@@ -297,6 +326,7 @@ async def open_services(
             observers=request_observers,
             trace=None if telemetry.tracing is None else telemetry.tracing.upstream_traceparent,
         )
+        admission = admission_gate(settings, metrics, loop_lag, clock)
         # 9.
         control_store: ControlStore = (
             LocalControlStore()
@@ -340,7 +370,8 @@ async def open_services(
             await control.reconfigure(backends)
 
         reloader = None if reload_from is None else Reloader(
-            settings, reload_from, reconfigure_dataplane=dataplane.reconfigure,
+            settings, reload_from,
+            reconfigure_dataplane=lambda new: reconfigure_dataplane(dataplane, admission, new),
             reconfigure_backends=reconfigure_backends, notify_peers=notify_peers,
         )
         # Last: its exporters start once everything they observe exists.
@@ -351,5 +382,6 @@ async def open_services(
             loads=loads, drain=Drain(), soak=soak, loop_lag=loop_lag, http=http,
             http1=http1, redis=redis, store=store, audit=audit, traffic=traffic,
             eval_traffic=eval_traffic, discovery=discovery, dataplane=dataplane,
+            admission=admission,
             control=control, rollout=rollout, reloader=reloader,
         )

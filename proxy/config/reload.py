@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 # level.
 LIVE: Final = frozenset({
     "backends",
+    "limits",
     "routing.pinning",
     "routing.pin_wait_ms",
     "routing.retry_after_s",

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from proxy.config.env import check_environment
+from proxy.config.limits import LimitsConfig
 from proxy.config.listen import AdminConfig as AdminConfig
 from proxy.config.listen import ListenConfig as ListenConfig
 from proxy.config.observability import AuditConfig, LogConfig, MetricsConfig, Section, TracingConfig
@@ -271,6 +272,7 @@ class Settings(BaseSettings):
     )
 
     listen: ListenConfig = ListenConfig()
+    limits: LimitsConfig = LimitsConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     store: StoreConfig = StoreConfig()
     sessions: SessionsConfig = SessionsConfig()

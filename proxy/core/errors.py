@@ -260,6 +260,19 @@ class Overloaded(RetryLater):
         )
 
 
+class Shedding(Overloaded):
+    """Admission control shed the request before the handler ran (proxy/core/admission.py):
+    nothing was sent upstream, nothing pinned. ``reason`` (queue_full, queue_timeout,
+    loop_lag) is in the body, beside ``code: proxy_overloaded``."""
+
+    def __init__(self, retry_after_s: int, reason: str) -> None:
+        RetryLater.__init__(
+            self, f"pinproxy is at capacity ({reason}); retry later", retry_after_s,
+            extra={"reason": reason},
+        )
+        self.reason = reason
+
+
 class TooManyConnections(RetryLater):
     """A connection over ``listen.max_connections`` (or the per-IP cap): answered, closed."""
 

@@ -16,7 +16,10 @@ Theory of operation, in request order:
 4. Stream the body back chunk by chunk (relay.py); record the time to first byte.
 
 A pin-store call that times out while the event loop itself ran late is this
-process's overload, not the store's failure: it is answered ``proxy_overloaded``.
+process's overload, not the store's failure: it is answered ``proxy_overloaded``
+(counted as a shed, reason ``store_timeout``). It is the backstop of admission control
+(admission_gate.py), which refuses at the door, before this handler runs, what the
+process cannot take on; a refusal it decided comes in as ``handle``'s ``refusal``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from aiohttp import web
 from proxy.core.continuation import continues_conversation
 from proxy.core.errors import (
     Overloaded,
+    ProxyError,
     StoreUnavailable,
     UpstreamConnectError,
     UpstreamDropped,
@@ -176,7 +180,11 @@ class DataPlane:
         self._budget.reconfigure(live.retry_budget_percent, live.min_retry_concurrency)
         self._live = live
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(
+        self, request: web.BaseRequest, refusal: ProxyError | None = None
+    ) -> web.StreamResponse:
+        """Proxy ``request``; or, given a ``refusal`` (admission shed it), answer that
+        without reading the body or routing, recorded like any other answer."""
         arrived_at = self._clock.time()
         arrived = self._clock.monotonic()
         incoming = request.headers.get("X-Request-ID")
@@ -194,6 +202,8 @@ class DataPlane:
         outcome = Outcome(client=forwarding.client)
         self._budget.active += 1
         try:
+            if refusal is not None:
+                raise refusal
             return await self._proxy(
                 request, request_id, traceparent, arrived, outcome, forwarding
             )
@@ -539,6 +549,7 @@ class DataPlane:
                 lag is not None and lag.worst_since(started) >= self._store_timeout_s / 2
             )):
                 self._metrics.overloaded.inc()
+                self._metrics.shed.labels("store_timeout").inc()
                 raise Overloaded(live.retry_after_s) from exc
             raise
 

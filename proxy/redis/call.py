@@ -2,7 +2,8 @@
 
 Every component that talks to Redis (pin store, audit trail, traffic counts, control
 plane, rollout state) awaits its operations through a ``RedisCall``: each call is
-bounded by the operation timeout whatever the client's own settings, and every failure
+bounded by the operation timeout whatever the client's own settings (counted in time
+the process could run: see ``LagTolerantDeadline``), and every failure
 redis-py can raise (``REDIS_FAILURES``) becomes the component's own error (the pin
 store's ``StoreUnavailable``, the control plane's ``ControlUnavailable``...), built by
 the factory the component passes in from a ``RedisFailure``. A cancellation that
@@ -54,6 +55,43 @@ class RedisFailure:
         return type(self.exc).__name__
 
 
+class LagTolerantDeadline:
+    """Expires an ``asyncio.timeout`` after ``timeout_s`` of time this process could run.
+
+    A Redis answer that arrives while the event loop is held (more work than the core
+    can do, a long collection, a process the machine did not schedule) is read only
+    when the loop runs again, and then the overdue timer runs in the same loop turn,
+    before the task the answer would wake: the call would fail on time the store did
+    not take. So a timer that runs late by a tenth of the timeout or more waits once
+    more, as long as it was late (a timeout more in all at most), for answers already
+    there to be read. A store that does not answer still fails the call, a little
+    later; one answering on time on a loop running on time is unaffected.
+    """
+
+    __slots__ = ("_due", "_grace_s", "_handle", "_loop", "_timeout")
+
+    def __init__(self, timeout: asyncio.Timeout, timeout_s: float) -> None:
+        self._loop = loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._grace_s = timeout_s
+        self._due = loop.time() + timeout_s
+        self._handle = loop.call_at(self._due, self._fire)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        late = now - self._due
+        if late >= self._grace_s / 10 > 0:
+            extra = min(late, self._grace_s)
+            self._grace_s = 0.0  # once
+            self._due = now + extra
+            self._handle = self._loop.call_at(self._due, self._fire)
+            return
+        self._timeout.reschedule(now)  # expire now: the awaited call is cancelled
+
+
 class RedisCall:
     """``await call(what, operation)``: one Redis operation, bounded and translated."""
 
@@ -93,8 +131,12 @@ class RedisCall:
             bound = self._bound[what] = self._metrics.bind(self._component, what)
         started = self._clock()
         try:
-            async with asyncio.timeout(self._timeout_s):
-                result = await operation
+            async with asyncio.timeout(None) as timeout:
+                deadline = LagTolerantDeadline(timeout, self._timeout_s)
+                try:
+                    result = await operation
+                finally:
+                    deadline.cancel()
         except REDIS_FAILURES as exc:  # OSError covers asyncio's TimeoutError
             task = asyncio.current_task()
             if task is not None and task.cancelling():

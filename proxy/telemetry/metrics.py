@@ -170,6 +170,15 @@ class ProxyMetrics:
             "the event loop itself ran late (this process was saturated, not the store).",
             registry=registry,
         )
+        self.shed = Counter(
+            "pinproxy_shed_requests",
+            "Requests answered 503 proxy_overloaded for this process's own overload, by "
+            "reason: shed by admission control before the handler ran (queue_full, "
+            "queue_timeout, loop_lag), or a pin-store call that timed out while the event "
+            "loop ran late (store_timeout).",
+            ["reason"],
+            registry=registry,
+        )
         self.loop_lag = Histogram(
             "pinproxy_event_loop_lag_seconds",
             "How late a 50 ms timer ran: every request in flight waited as long for the loop.",

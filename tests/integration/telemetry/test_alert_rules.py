@@ -61,6 +61,7 @@ def test_every_alerted_kind_is_covered() -> None:
         "PinproxyRedisCallErrors",
         "PinproxyAuditRecordsDropped",
         "PinproxyEventLoopStalled",
+        "PinproxyShedding",
         "PinproxyKillSwitchTripped",
         "PinproxyRolloutHalted",
         "PinproxyRolloutHeldBack",

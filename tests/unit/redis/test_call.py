@@ -1,12 +1,14 @@
 """The one Redis call helper: bounded, each failure as the caller's own error.
 
 Against a real redis-server of the test's own: answered, stopped (refused), frozen
-(timed out), and a cancellation that stays a cancellation.
+(timed out), answered while the event loop was held past the deadline (not a
+timeout), and a cancellation that stays a cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -142,3 +144,34 @@ def test_error_kinds() -> None:
     assert error_kind(ResponseError("READONLY"), False) == "response"
     assert error_kind(ConnectionRefusedError(), False) == "connection"
     assert error_kind(RuntimeError("x"), False) == "other"
+
+
+async def test_an_answer_that_arrived_while_the_loop_was_held_is_not_a_timeout(
+    private_redis: RedisServer,
+) -> None:
+    """The loaded machine's case: the answer is in the socket when the loop runs again,
+    past the deadline; the overdue timer must not win over it."""
+    client = Redis.from_url(private_redis.url, socket_timeout=30)
+    seen: list[RedisFailure] = []
+    call = narrow(seen, timeout_s=0.2)
+    try:
+        assert await call("ping", client.ping()) is True
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(call("ping", client.ping()))
+        # Runs after the task sent its command: the loop is held (a saturated core, a
+        # process not scheduled) while the answer arrives and the deadline passes.
+        loop.call_soon(time.sleep, 0.6)
+        assert await task is True
+        assert seen == []
+        # A server that does not answer still fails the call, held loop or not.
+        private_redis.pause()
+        started = loop.time()
+        frozen = asyncio.create_task(call("get", client.get("k")))
+        loop.call_soon(time.sleep, 0.6)
+        with pytest.raises(Narrow):
+            await frozen
+        assert loop.time() - started < 0.6 + 2 * 0.2 + 1.0
+        assert [(f.what, f.timed_out) for f in seen] == [("get", True)]
+    finally:
+        private_redis.resume()
+        await client.aclose()
