@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from proxy.core.errors import StoreUnavailable
 from proxy.redis.call import RedisCall, RedisFailure
-from proxy.telemetry.audit import AuditRecord, by_arrival
+from proxy.telemetry.audit import AuditRecord, by_arrival, entry_json
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from proxy.config.observability import AuditConfig
     from proxy.config.store import StoreConfig
+    from proxy.telemetry.audit import AuditEntry
 
     DropHook = Callable[[str, int], None]  # (reason, how many records)
 
@@ -101,7 +102,7 @@ class RedisAudit:
         self._queue_size, self._batch_size = config.queue_size, config.batch_size
         self._script_args = (
             str(config.records_per_session).encode(), str(self._ttl_ms).encode(), _FIELD)
-        self._queue: deque[tuple[str, AuditRecord]] = deque()
+        self._queue: deque[tuple[str, AuditEntry]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -123,7 +124,7 @@ class RedisAudit:
         raw = session_id.encode("utf-8", "surrogatepass")
         return self._key_prefix + (b"{" + raw + b"}" if self._cluster else raw)
 
-    def offer(self, session_id: str, record: AuditRecord) -> None:
+    def offer(self, session_id: str, record: AuditEntry) -> None:
         queue = self._queue
         if self._closed or len(queue) >= self._queue_size:
             self.dropped += 1
@@ -207,7 +208,7 @@ class RedisAudit:
         self._failing = False
         self.written += size
 
-    async def _send(self, batch: list[tuple[str, AuditRecord]]) -> None:
+    async def _send(self, batch: list[tuple[str, AuditEntry]]) -> None:
         if self._cluster:
             await self._send_plain(batch)
             return
@@ -215,16 +216,16 @@ class RedisAudit:
             for start in range(0, len(batch), _RECORDS_PER_CALL):
                 chunk = batch[start:start + _RECORDS_PER_CALL]
                 keys = [self.key(session_id) for session_id, _ in chunk]
-                records = [record.to_json() for _, record in chunk]
+                records = [entry_json(entry) for _, entry in chunk]
                 pipe.eval(_APPEND, len(keys), *keys, *self._script_args, *records)
             await pipe.execute()
 
-    async def _send_plain(self, batch: list[tuple[str, AuditRecord]]) -> None:
+    async def _send_plain(self, batch: list[tuple[str, AuditEntry]]) -> None:
         maxlen = self._config.records_per_session
         async with self._client.pipeline(transaction=False) as pipe:
             for session_id, record in batch:
                 key = self.key(session_id)
-                pipe.xadd(key, {_FIELD: record.to_json()}, maxlen=maxlen, approximate=True)
+                pipe.xadd(key, {_FIELD: entry_json(record)}, maxlen=maxlen, approximate=True)
                 pipe.pexpire(key, self._ttl_ms)
             await pipe.execute()
 
