@@ -49,12 +49,17 @@ _FIELD = b"r"  # the one field of each stream entry: the record as JSON
 # (bench/RESULTS.md, "Numbers behind choices in the code").
 _RECORDS_PER_CALL = 100
 # KEYS: each record's stream; ARGV: MAXLEN, TTL in ms, the entry's field, then the
-# records as JSON in the order of KEYS.
+# records as JSON in the order of KEYS, joined by "\n" into one argument: a command
+# argument costs redis-py more to pack than the script costs Redis to split, and
+# orjson never writes a raw newline (bench/RESULTS.md, issue 14 telemetry round).
 _APPEND = """
-local maxlen, ttl, field = ARGV[1], ARGV[2], ARGV[3]
+local maxlen, ttl, field, records = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local streams = {}
-for i, key in ipairs(KEYS) do
-  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', field, ARGV[i + 3])
+local at = 1
+for _, key in ipairs(KEYS) do
+  local stop = string.find(records, '\\n', at, true) or (#records + 1)
+  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', field, string.sub(records, at, stop - 1))
+  at = stop + 1
   streams[key] = true
 end
 for key in pairs(streams) do
@@ -216,8 +221,8 @@ class RedisAudit:
             for start in range(0, len(batch), _RECORDS_PER_CALL):
                 chunk = batch[start:start + _RECORDS_PER_CALL]
                 keys = [self.key(session_id) for session_id, _ in chunk]
-                records = [entry_json(entry) for _, entry in chunk]
-                pipe.eval(_APPEND, len(keys), *keys, *self._script_args, *records)
+                records = b"\n".join([entry_json(entry) for _, entry in chunk])
+                pipe.eval(_APPEND, len(keys), *keys, *self._script_args, records)
             await pipe.execute()
 
     async def _send_plain(self, batch: list[tuple[str, AuditEntry]]) -> None:
