@@ -45,10 +45,15 @@ from proxy.fleet.rollout_control import SoakCounter
 from proxy.telemetry.audit import AuditObserver
 from proxy.telemetry.audit_redis import RedisAudit
 from proxy.telemetry.logs import JsonFormatter
-from proxy.telemetry.metrics import MetricsObserver, ProxyMetrics
+from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.requestlog import LineSink, RequestLog, SessionHasher
 from proxy.telemetry.traffic import TrafficCounter
 from proxy.telemetry.usage import TapLimits, new_tap
+
+try:
+    from proxy.telemetry.request_metrics import MetricsObserver
+except ImportError:  # a tree from before metrics.py was split
+    from proxy.telemetry.metrics import MetricsObserver  # type: ignore[attr-defined,no-redef]
 
 if TYPE_CHECKING:
     from collections.abc import Callable
