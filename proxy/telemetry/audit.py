@@ -86,8 +86,9 @@ class AuditRecord:
 
 
 # What the data plane offers per request: the record's fields as they are on the event,
-# unrounded and untruncated, in AuditRecord's order (the tuple is built in one step;
-# the record and its rounding wait until a batch is written or a trail is read).
+# in AuditRecord's order, unrounded (the tuple is built in one step; the record and its
+# rounding wait until a batch is written or a trail is read). The path is truncated
+# already: MemoryAudit keeps up to 100 entries for each of 10,000 sessions.
 RawRecord: TypeAlias = tuple[
     float, str, str, str, str, int, "str | None", "str | None", "str | None", float,
     "float | None", "str | None", "str | None",
@@ -97,9 +98,10 @@ AuditEntry: TypeAlias = "AuditRecord | RawRecord"  # what the log is offered
 
 def raw_record(event: RequestEvent) -> RawRecord:
     """The audit fields of ``event``: no copy of its body, cheap enough to queue."""
-    return (event.at, event.request_id, event.trace_id, event.method, event.path,
-            event.status, event.backend_id, event.region, event.version_key,
-            event.duration_s, event.ttfb_s, event.version_changed, event.error_type)
+    return (event.at, event.request_id, event.trace_id, event.method,
+            event.path[:_MAX_PATH], event.status, event.backend_id, event.region,
+            event.version_key, event.duration_s, event.ttfb_s, event.version_changed,
+            event.error_type)
 
 
 def record_of(entry: AuditEntry) -> AuditRecord:
@@ -109,7 +111,7 @@ def record_of(entry: AuditEntry) -> AuditRecord:
     (at, request_id, trace_id, method, path, status, backend_id, region, version_key,
      duration_s, ttfb_s, version_changed, error_type) = entry
     return AuditRecord(
-        at, request_id, trace_id, method, path[:_MAX_PATH], status, backend_id, region,
+        at, request_id, trace_id, method, path, status, backend_id, region,
         version_key, round(duration_s * 1000.0, 3),
         None if ttfb_s is None else round(ttfb_s * 1000.0, 3), version_changed, error_type,
     )
@@ -130,7 +132,7 @@ def entry_json(entry: AuditEntry) -> bytes:
         "request_id": request_id,
         "trace_id": trace_id,
         "method": method,
-        "path": path[:_MAX_PATH],
+        "path": path,
         "status": status,
         "backend_id": backend_id,
         "region": region,

@@ -122,13 +122,15 @@ class RawSink:
         self.entries.append(record)
 
 
-def test_the_queued_entry_holds_no_request_body() -> None:
-    # A queue of events would hold every request body until written: 10,000 of them.
+def test_the_queued_entry_holds_no_request_body_and_no_long_path() -> None:
+    # A queue of events would hold every request body until written: 10,000 of them;
+    # the memory log keeps 100 entries a session for 10,000 sessions.
     sink = RawSink()
-    AuditObserver(sink).observe(_event(request_body=b"x" * 100_000))
+    AuditObserver(sink).observe(_event(request_body=b"x" * 100_000, path="/" + "p" * 8000))
     [entry] = sink.entries
     assert isinstance(entry, tuple)
     assert not any(isinstance(field, bytes) for field in entry)
+    assert max(len(field) for field in entry if isinstance(field, str)) <= 200  # the path
 
 
 def test_observer_records_only_requests_with_a_session() -> None:
