@@ -5,8 +5,8 @@
 No HTTP, no proxy process: the observers are fed ready-made ``RequestEvent`` s, as the
 data plane hands them over, and each stage is timed on its own, in µs per event:
 
-- audit observe: ``AuditObserver.observe`` into a ``RedisAudit`` queue (record built,
-  queued; what runs inline on the request path).
+- audit observe: ``AuditObserver.observe`` into a ``RedisAudit`` queue (the record's
+  fields taken, queued; what runs inline on the request path).
 - audit record JSON: the per-record serialization and key of a batch write, no Redis
   (held for a whole batch, as a batch write holds them until it sends).
 - audit batch write: ``RedisAudit.flush`` of the queued records into a private
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.config.observability import AuditConfig
 from proxy.config.settings import StoreConfig
 from proxy.core.events import RequestEvent, Usage
-from proxy.telemetry.audit import AuditObserver
+from proxy.telemetry.audit import AuditObserver, entry_json
 from proxy.telemetry.audit_redis import RedisAudit
 from proxy.telemetry.logs import JsonFormatter, TextFormatter
 from proxy.telemetry.requestlog import LineSink, RequestLog, SessionHasher
@@ -122,8 +122,8 @@ def bench_audit_json(events: list[RequestEvent], rounds: int) -> list[float]:
 
     def run() -> None:
         for start in range(0, len(queued), size):
-            batch = [(key(session_id), record.to_json())
-                     for session_id, record in queued[start:start + size]]
+            batch = [(key(session_id), entry_json(entry))
+                     for session_id, entry in queued[start:start + size]]
             del batch
 
     return _timed(rounds, lambda: None, run)

@@ -98,13 +98,26 @@ def _count(value: object) -> int | None:
 
 
 def usage_in_tail(data: bytes) -> Usage | None:
-    """The last ``"usage": {...}`` object in ``data``, parsed on its own."""
-    at = data.rfind(b'"usage"')
-    if at < 0:
-        return None
-    start = data.find(b"{", at + 7)
-    if start < 0 or data[at + 7 : start].strip() != b":":
-        return None
+    """The last ``"usage": {...}`` object in ``data``, parsed on its own.
+
+    The bytes ``"usage"`` are the key only when their opening quote is not escaped and a
+    ``:`` follows; anywhere else they end a string value (``"system_fingerprint":
+    "usage"`` after the usage object), and the search goes on before them.
+    """
+    end = len(data)
+    while True:
+        at = data.rfind(b'"usage"', 0, end)
+        if at < 0:
+            return None
+        if _unescaped(data, at) and data[at + 7 : at + 71].lstrip()[:1] == b":":
+            break
+        end = at
+    colon = data.find(b":", at + 7)
+    start = colon + 1
+    while data[start : start + 1] in _JSON_SPACE:
+        start += 1
+    if data[start : start + 1] != b"{":
+        return None  # "usage": null, or not an object: no usage
     end = _object_end(data, start)
     if end < 0:
         return None
@@ -113,6 +126,17 @@ def usage_in_tail(data: bytes) -> Usage | None:
     except orjson.JSONDecodeError:
         return None
     return _usage_from(raw) if isinstance(raw, dict) else None
+
+
+_JSON_SPACE: Final = (b" ", b"\n", b"\r", b"\t")
+
+
+def _unescaped(data: bytes, quote: int) -> bool:
+    """Whether the quote at ``quote`` is not escaped (an even run of backslashes before it)."""
+    i = quote
+    while i > 0 and data[i - 1] == 0x5C:  # backslash
+        i -= 1
+    return (quote - i) % 2 == 0
 
 
 def _object_end(data: bytes, start: int) -> int:

@@ -68,31 +68,42 @@ _ZERO_PARENT: Final = "0" * 16
 _UPSTREAM_DROP: Final = HOP_BY_HOP | _REPLACED_UPSTREAM
 _DOWNSTREAM_DROP: Final = HOP_BY_HOP | _REPLACED_DOWNSTREAM
 
-_Item = tuple[str, str, str]  # (name as sent, value, lowercased name)
 
+def _scan(
+    headers: Mapping[str, str], drop: frozenset[str]
+) -> tuple[CIMultiDict[str], list[str]]:
+    """The headers minus ``drop`` and whatever Connection lists, and the values of the
+    dropped ``traceparent`` headers.
 
-def _scan(headers: Mapping[str, str], drop: frozenset[str]) -> tuple[CIMultiDict[str], list[_Item]]:
-    """The headers minus ``drop`` and whatever Connection lists, plus every item lowered.
-
-    One pass to lower the names, then one to filter (a Connection header may come after
-    the headers it names): this runs twice per proxied request, so it avoids re-walking
-    the headers once per special name. items() (not get) so a multidict yields every
+    One pass that lowers each name once and keeps what is not in ``drop``; only a
+    message whose Connection header lists names (rare: HTTP/1.1 keep-alive needs none)
+    is filtered again, since a Connection header may come after the headers it names.
+    This runs twice per proxied request. items() (not get) so a multidict yields every
     duplicate; comparing lowered names keeps this right for a plain dict too.
     """
-    items = [(name, value, name.lower()) for name, value in headers.items()]
-    listed = _connection_listed(items)
-    dropped = drop | listed if listed else drop
-    return CIMultiDict(
-        [(name, value) for name, value, lowered in items if lowered not in dropped]
-    ), items
+    kept: list[tuple[str, str]] = []
+    traceparents: list[str] = []
+    connection: list[str] = []
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered not in drop:
+            kept.append((name, value))
+        elif lowered == "connection":
+            connection.append(value)
+        elif lowered == "traceparent":
+            traceparents.append(value)
+    # "Connection: keep-alive" names only what is dropped anyway: no second pass.
+    listed = _listed(connection) - drop if connection else None
+    if listed:
+        kept = [(name, value) for name, value in kept if name.lower() not in listed]
+    return CIMultiDict(kept), traceparents
 
 
-def _connection_listed(items: list[_Item]) -> set[str]:
-    """The (lowered) names a Connection header lists: hop-by-hop for this message."""
+def _listed(connection_values: list[str]) -> set[str]:
+    """The (lowered) names Connection headers list: hop-by-hop for this message."""
     return {
         token
-        for _, value, lowered in items
-        if lowered == "connection"
+        for value in connection_values
         for raw in value.split(",")
         if (token := raw.strip().lower())
     }
@@ -101,9 +112,9 @@ def _connection_listed(items: list[_Item]) -> set[str]:
 def forwarding_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     """(lowered name, value) of the forwarding headers received, in order, minus any a
     Connection header names: those were for the hop that sent them, not for us."""
-    items = [(name, value, name.lower()) for name, value in headers.items()]
-    listed = _connection_listed(items)
-    return [(low, value) for _, value, low in items if low in FORWARDING and low not in listed]
+    items = [(name.lower(), value) for name, value in headers.items()]
+    listed = _listed([value for low, value in items if low == "connection"])
+    return [(low, value) for low, value in items if low in FORWARDING and low not in listed]
 
 
 def upstream_request_headers(
@@ -124,7 +135,7 @@ def upstream_request_headers(
     trace id); when the trace was restarted it describes a trace that no longer applies
     and is dropped, as W3C Trace Context's processing model says.
     """
-    out, items = _scan(client, _UPSTREAM_DROP)
+    out, incoming = _scan(client, _UPSTREAM_DROP)
     if forwarding.chain is not None:
         out["X-Forwarded-For"] = forwarding.chain
     if forwarding.client is not None:
@@ -133,7 +144,6 @@ def upstream_request_headers(
     if forwarding.host is not None:
         out["X-Forwarded-Host"] = forwarding.host
     out["X-Request-ID"] = request_id
-    incoming = [v for _, v, low in items if low == "traceparent"]
     parent = parse_traceparent(incoming[0]) if len(incoming) == 1 else None
     if parent is None:
         out.popall("tracestate", None)

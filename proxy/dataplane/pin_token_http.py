@@ -44,7 +44,7 @@ class PinTokenHeaders:
         if not token:
             return None
         check = self._tokens.verify(token.strip(), session_id, now)
-        self._metrics.pin_tokens.labels(check.result).inc()
+        self._metrics.pin_tokens_for(check.result).inc()
         return check
 
     def answer_headers(
@@ -60,7 +60,7 @@ class PinTokenHeaders:
         ):
             return []
         token = self._tokens.issue(session_id, served, now)
-        self._metrics.pin_tokens.labels("issued").inc()
+        self._metrics.pin_tokens_for("issued").inc()
         out = []
         if self._config.header is not None:
             out.append((self._config.header, token))

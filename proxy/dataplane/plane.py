@@ -473,7 +473,7 @@ class DataPlane:
             metrics.pin_races_lost.inc()
         elif isinstance(effect, CountNewPin):
             outcome.new_pin = True
-            metrics.pins_created.labels(effect.version_key).inc()
+            metrics.pins_created_for(effect.version_key).inc()
         else:
             metrics.version_switches.labels(effect.reason, effect.from_key, effect.to_key).inc()
             logger.warning("session repinned from %s to %s (%s)", effect.from_key,

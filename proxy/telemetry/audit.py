@@ -3,10 +3,17 @@
 Theory of operation
 -------------------
 The data plane hands every finished request to its observers (``proxy.events``);
-``AuditObserver`` turns those that carry a session id into an ``AuditRecord`` and
-offers it to the audit log. Offering is O(1) and never awaits or raises, because it
-runs inline on the request path (invariant 4: nothing on the hot path waits on work
-that can happen later).
+``AuditObserver`` offers those that carry a session id to the audit log. Offering is
+O(1) and never awaits or raises, because it runs inline on the request path
+(invariant 4: nothing on the hot path waits on work that can happen later).
+
+The log is offered a tuple of the event's audit fields (``raw_record``), not a record:
+the record's JSON is made straight from the tuple when a batch is written
+(``entry_json``), and in memory an ``AuditRecord`` is made only when a trail is read
+(``record_of``). A request pays for a tuple and a queue append; most records are
+written and never read back as objects (bench/RESULTS.md, issue 14 telemetry round).
+The tuple, unlike the event, holds no request body. Records made elsewhere (a repin
+from the admin API, a pin conflict) are offered as ``AuditRecord`` s.
 
 With Redis (``RedisAudit``, in audit_redis.py) an offered record goes into a bounded
 queue that a background task writes in batches; see that module.
@@ -21,12 +28,11 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import orjson
 
 if TYPE_CHECKING:
-
     from proxy.config.observability import AuditConfig
     from proxy.core.clock import Clock
     from proxy.core.events import RequestEvent
@@ -54,21 +60,7 @@ class AuditRecord:
 
     @classmethod
     def from_event(cls, event: RequestEvent) -> AuditRecord:
-        return cls(
-            at=event.at,
-            request_id=event.request_id,
-            trace_id=event.trace_id,
-            method=event.method,
-            path=event.path[:_MAX_PATH],
-            status=event.status,
-            backend_id=event.backend_id,
-            region=event.region,
-            version_key=event.version_key,
-            latency_ms=round(event.duration_s * 1000.0, 3),
-            ttfb_ms=None if event.ttfb_s is None else round(event.ttfb_s * 1000.0, 3),
-            version_changed=event.version_changed,
-            error_type=event.error_type,
-        )
+        return record_of(raw_record(event))
 
     def to_json(self) -> bytes:
         # orjson writes a dataclass's fields in order, as asdict would give them, without
@@ -93,6 +85,65 @@ class AuditRecord:
         return record
 
 
+# What the data plane offers per request: the record's fields as they are on the event,
+# in AuditRecord's order, unrounded (the tuple is built in one step; the record and its
+# rounding wait until a batch is written or a trail is read). The path is truncated
+# already: MemoryAudit keeps up to 100 entries for each of 10,000 sessions.
+RawRecord: TypeAlias = tuple[
+    float, str, str, str, str, int, "str | None", "str | None", "str | None", float,
+    "float | None", "str | None", "str | None",
+]
+AuditEntry: TypeAlias = "AuditRecord | RawRecord"  # what the log is offered
+
+
+def raw_record(event: RequestEvent) -> RawRecord:
+    """The audit fields of ``event``: no copy of its body, cheap enough to queue."""
+    return (event.at, event.request_id, event.trace_id, event.method,
+            event.path[:_MAX_PATH], event.status, event.backend_id, event.region,
+            event.version_key, event.duration_s, event.ttfb_s, event.version_changed,
+            event.error_type)
+
+
+def record_of(entry: AuditEntry) -> AuditRecord:
+    """The audit record of an offered entry."""
+    if not isinstance(entry, tuple):
+        return entry
+    (at, request_id, trace_id, method, path, status, backend_id, region, version_key,
+     duration_s, ttfb_s, version_changed, error_type) = entry
+    return AuditRecord(
+        at, request_id, trace_id, method, path, status, backend_id, region,
+        version_key, round(duration_s * 1000.0, 3),
+        None if ttfb_s is None else round(ttfb_s * 1000.0, 3), version_changed, error_type,
+    )
+
+
+def entry_json(entry: AuditEntry) -> bytes:
+    """``record_of(entry).to_json()``, made without the record.
+
+    The same bytes (tests/unit/telemetry/test_audit.py holds them equal): orjson writes
+    a dict in insertion order, and the keys here are AuditRecord's fields in order.
+    """
+    if not isinstance(entry, tuple):
+        return entry.to_json()
+    (at, request_id, trace_id, method, path, status, backend_id, region, version_key,
+     duration_s, ttfb_s, version_changed, error_type) = entry
+    return memoryview(orjson.dumps({
+        "at": at,
+        "request_id": request_id,
+        "trace_id": trace_id,
+        "method": method,
+        "path": path,
+        "status": status,
+        "backend_id": backend_id,
+        "region": region,
+        "version_key": version_key,
+        "latency_ms": round(duration_s * 1000.0, 3),
+        "ttfb_ms": None if ttfb_s is None else round(ttfb_s * 1000.0, 3),
+        "version_changed": version_changed,
+        "error_type": error_type,
+    })).tobytes()  # exact size: see AuditRecord.to_json
+
+
 class AuditTrail(Protocol):
     """Reading a session's trail (writes go through ``AuditObserver``)."""
 
@@ -108,8 +159,9 @@ class AuditTrail(Protocol):
 
 
 class AuditSink(Protocol):
-    def offer(self, session_id: str, record: AuditRecord) -> None:
-        """Take the record or drop and count it; O(1), never awaits, never raises."""
+    def offer(self, session_id: str, record: AuditEntry) -> None:
+        """Take the record (or the event it is made of) or drop and count it; O(1),
+        never awaits, never raises."""
         ...
 
 
@@ -137,7 +189,7 @@ class AuditObserver:
     def observe(self, event: RequestEvent) -> None:
         if event.session_id is None:
             return
-        self._sink.offer(event.session_id, AuditRecord.from_event(event))
+        self._sink.offer(event.session_id, raw_record(event))  # the record: when needed
 
     def __repr__(self) -> str:
         return f"AuditObserver(sink={self._sink!r})"
@@ -145,7 +197,7 @@ class AuditObserver:
 
 @dataclass(slots=True)
 class _Trail:
-    records: deque[AuditRecord]
+    records: deque[AuditEntry]
     expires_at: float  # monotonic
 
 
@@ -170,7 +222,7 @@ class MemoryAudit:
         self._sweep(self._clock.monotonic())
         return len(self._trails)
 
-    def offer(self, session_id: str, record: AuditRecord) -> None:
+    def offer(self, session_id: str, record: AuditEntry) -> None:
         now = self._sweep(self._clock.monotonic())
         trail = self._trails.get(session_id)
         if trail is None:
@@ -189,7 +241,7 @@ class MemoryAudit:
         count = min(limit, self.records_per_session)
         if trail is None or count <= 0:
             return []
-        return by_arrival(list(trail.records)[-count:])
+        return by_arrival([record_of(entry) for entry in list(trail.records)[-count:]])
 
     async def start(self) -> None:
         return None
@@ -232,7 +284,7 @@ class DisabledAudit:
     def records_per_session(self) -> int:
         return self._config.records_per_session
 
-    def offer(self, session_id: str, record: AuditRecord) -> None:
+    def offer(self, session_id: str, record: AuditEntry) -> None:
         return None
 
     async def trail(self, session_id: str, limit: int) -> list[AuditRecord]:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from proxy.core.errors import StoreUnavailable
 from proxy.redis.call import RedisCall, RedisFailure
-from proxy.telemetry.audit import AuditRecord, by_arrival
+from proxy.telemetry.audit import AuditRecord, by_arrival, entry_json
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from proxy.config.observability import AuditConfig
     from proxy.config.store import StoreConfig
     from proxy.redis.metrics import RedisMetrics
+    from proxy.telemetry.audit import AuditEntry
 
     DropHook = Callable[[str, int], None]  # (reason, how many records)
 
@@ -49,12 +50,17 @@ _FIELD = b"r"  # the one field of each stream entry: the record as JSON
 # (bench/RESULTS.md, "Numbers behind choices in the code").
 _RECORDS_PER_CALL = 100
 # KEYS: each record's stream; ARGV: MAXLEN, TTL in ms, the entry's field, then the
-# records as JSON in the order of KEYS.
+# records as JSON in the order of KEYS, joined by "\n" into one argument: a command
+# argument costs redis-py more to pack than the script costs Redis to split, and
+# orjson never writes a raw newline (bench/RESULTS.md, issue 14 telemetry round).
 _APPEND = """
-local maxlen, ttl, field = ARGV[1], ARGV[2], ARGV[3]
+local maxlen, ttl, field, records = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local streams = {}
-for i, key in ipairs(KEYS) do
-  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', field, ARGV[i + 3])
+local at = 1
+for _, key in ipairs(KEYS) do
+  local stop = string.find(records, '\\n', at, true) or (#records + 1)
+  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', field, string.sub(records, at, stop - 1))
+  at = stop + 1
   streams[key] = true
 end
 for key in pairs(streams) do
@@ -106,7 +112,7 @@ class RedisAudit:
         self._queue_size, self._batch_size = config.queue_size, config.batch_size
         self._script_args = (
             str(config.records_per_session).encode(), str(self._ttl_ms).encode(), _FIELD)
-        self._queue: deque[tuple[str, AuditRecord]] = deque()
+        self._queue: deque[tuple[str, AuditEntry]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -128,7 +134,7 @@ class RedisAudit:
         raw = session_id.encode("utf-8", "surrogatepass")
         return self._key_prefix + (b"{" + raw + b"}" if self._cluster else raw)
 
-    def offer(self, session_id: str, record: AuditRecord) -> None:
+    def offer(self, session_id: str, record: AuditEntry) -> None:
         queue = self._queue
         if self._closed or len(queue) >= self._queue_size:
             self.dropped += 1
@@ -212,7 +218,7 @@ class RedisAudit:
         self._failing = False
         self.written += size
 
-    async def _send(self, batch: list[tuple[str, AuditRecord]]) -> None:
+    async def _send(self, batch: list[tuple[str, AuditEntry]]) -> None:
         if self._cluster:
             await self._send_plain(batch)
             return
@@ -220,16 +226,16 @@ class RedisAudit:
             for start in range(0, len(batch), _RECORDS_PER_CALL):
                 chunk = batch[start:start + _RECORDS_PER_CALL]
                 keys = [self.key(session_id) for session_id, _ in chunk]
-                records = [record.to_json() for _, record in chunk]
-                pipe.eval(_APPEND, len(keys), *keys, *self._script_args, *records)
+                records = b"\n".join([entry_json(entry) for _, entry in chunk])
+                pipe.eval(_APPEND, len(keys), *keys, *self._script_args, records)
             await pipe.execute()
 
-    async def _send_plain(self, batch: list[tuple[str, AuditRecord]]) -> None:
+    async def _send_plain(self, batch: list[tuple[str, AuditEntry]]) -> None:
         maxlen = self._config.records_per_session
         async with self._client.pipeline(transaction=False) as pipe:
             for session_id, record in batch:
                 key = self.key(session_id)
-                pipe.xadd(key, {_FIELD: record.to_json()}, maxlen=maxlen, approximate=True)
+                pipe.xadd(key, {_FIELD: entry_json(record)}, maxlen=maxlen, approximate=True)
                 pipe.pexpire(key, self._ttl_ms)
             await pipe.execute()
 

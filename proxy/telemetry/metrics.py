@@ -3,12 +3,15 @@
 Three kinds of metric live here:
 * counters the data plane increments where a decision is made (pins, switches,
   mismatch guard, 503s, retries, pin-store timing, health transitions, audit drops);
-* per-request counters and histograms filled by ``MetricsObserver`` from each
-  ``RequestEvent`` (requests, latency, tokens, structured-output errors);
+* per-request counters and histograms filled by ``MetricsObserver``
+  (request_metrics.py) from each ``RequestEvent`` (requests, latency, tokens,
+  structured-output errors);
 * gauges computed from the fleet's state at scrape time (``FleetCollector``).
 
 Labels are bounded: version keys, prompt versions, regions, backend ids, status
 classes and fixed reasons; never session ids, paths or other unbounded values.
+A child counted on the request path is bound (``labels()``) once per label values and
+kept (``Children``): ``labels()`` costs three times the increment itself.
 
 With several worker processes, prometheus-client's multiprocess mode keeps the
 counters and histograms in per-process files under ``PROMETHEUS_MULTIPROC_DIR``
@@ -33,7 +36,6 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.config.observability import MetricsConfig
 from proxy.core.errors import StoreUnavailable
-from proxy.core.models import prompt_of
 from proxy.redis.metrics import RedisMetrics
 
 if TYPE_CHECKING:
@@ -41,17 +43,39 @@ if TYPE_CHECKING:
 
     from prometheus_client.registry import Collector
 
-    from proxy.core.events import RequestEvent
-
 # Pin-store operations: a cached pin costs microseconds, a Redis round trip milliseconds.
 STORE_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                         0.5, 1.0)
 
 GC_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
-_STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # Label combinations are bounded by design; the cache bound is a backstop only.
-_MAX_CACHED_SERIES: Final = 10_000
+MAX_CACHED_SERIES: Final = 10_000
+
+
+class Children:
+    """One metric's children, each bound (``labels()``) on first use and kept.
+
+    prometheus-client never drops a child it made (pinproxy removes no series), so a
+    kept child is the one ``labels()`` would return again.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Counter) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Counter] = {}
+
+    def __call__(self, *labels: str) -> Counter:
+        child = self._children.get(labels)
+        if child is None:
+            if len(self._children) >= MAX_CACHED_SERIES:
+                self._children.clear()
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+    def __repr__(self) -> str:
+        return f"Children({self._metric!r}, bound={len(self._children)})"
 
 
 class ProxyMetrics:
@@ -271,6 +295,10 @@ class ProxyMetrics:
             ["operation"],
             registry=registry,
         )
+        # The counters the request path labels per request, bound once per label values.
+        self.pins_created_for = Children(self.pins_created)
+        self.pin_tokens_for = Children(self.pin_tokens)
+        self.eval_requests_for = Children(self.eval_requests)
 
     @property
     def multiprocess(self) -> bool:
@@ -345,112 +373,3 @@ class StoreTimer:
 
     def __repr__(self) -> str:
         return f"StoreTimer({self._operation!r})"
-
-
-class _Series:
-    """The children one label combination writes to, each bound (``labels()``) once.
-
-    Token, time-to-first-byte and structured-output children are bound on first use,
-    so a label combination that never sees them (e.g. 503s) exports no empty series.
-    """
-
-    __slots__ = (
-        "_metrics",
-        "_prompt_version",
-        "completion",
-        "duration",
-        "prompt",
-        "region",
-        "requests",
-        "so_errors",
-        "so_total",
-        "ttfb",
-    )
-
-    def __init__(
-        self, metrics: ProxyMetrics, version_key: str, region: str, backend: str, status: str
-    ) -> None:
-        self._metrics = metrics
-        self._prompt_version = prompt = prompt_of(version_key)  # "" (no version) stays ""
-        self.region = region
-        self.requests = metrics.requests.labels(prompt, version_key, region, backend, status)
-        self.duration = metrics.request_duration.labels(prompt, region)
-        self.ttfb: Histogram | None = None
-        self.prompt: Counter | None = None
-        self.completion: Counter | None = None
-        self.so_total: Counter | None = None
-        self.so_errors: Counter | None = None
-
-    def bind_ttfb(self) -> Histogram:
-        self.ttfb = self._metrics.ttfb.labels(self._prompt_version, self.region)
-        return self.ttfb
-
-    def bind_tokens(self) -> tuple[Counter, Counter]:
-        tokens = self._metrics.tokens
-        self.prompt = tokens.labels(self._prompt_version, self.region, "prompt")
-        self.completion = tokens.labels(self._prompt_version, self.region, "completion")
-        return self.prompt, self.completion
-
-    def bind_structured(self) -> tuple[Counter, Counter]:
-        # Both at once: an error rate needs its zero-error series too.
-        metrics = self._metrics
-        self.so_total = metrics.structured_outputs.labels(self._prompt_version, self.region)
-        self.so_errors = metrics.structured_output_errors.labels(self._prompt_version,
-                                                                 self.region)
-        return self.so_total, self.so_errors
-
-
-class MetricsObserver:
-    """Turns each finished request into counter and histogram updates (in memory only)."""
-
-    def __init__(self, metrics: ProxyMetrics) -> None:
-        self._metrics = metrics
-        self._series: dict[tuple[str, str, str, int], _Series] = {}
-
-    def observe(self, event: RequestEvent) -> None:
-        # Unknown values ("no backend answered") are empty labels, which PromQL treats
-        # like an absent label.
-        key = (event.version_key or "", event.region or "", event.backend_id or "",
-               event.status // 100)
-        series = self._series.get(key)
-        if series is None:
-            series = self._new_series(key)
-        series.requests.inc()
-        if event.eval_run and event.version_key is not None and event.backend_id is not None:
-            self._metrics.eval_requests.labels(
-                event.prompt_version, event.version_key, event.region or ""
-            ).inc()
-        series.duration.observe(event.duration_s)
-        if event.ttfb_s is not None:
-            (series.ttfb or series.bind_ttfb()).observe(event.ttfb_s)
-        usage = event.usage
-        if usage is not None:
-            prompt, completion = (
-                (series.prompt, series.completion)
-                if series.prompt is not None and series.completion is not None
-                else series.bind_tokens()
-            )
-            prompt.inc(usage.prompt_tokens)
-            completion.inc(usage.completion_tokens)
-        valid = event.structured_output_valid
-        if valid is not None:
-            total, errors = (
-                (series.so_total, series.so_errors)
-                if series.so_total is not None and series.so_errors is not None
-                else series.bind_structured()
-            )
-            total.inc()
-            if not valid:
-                errors.inc()
-
-    def _new_series(self, key: tuple[str, str, str, int]) -> _Series:
-        if len(self._series) >= _MAX_CACHED_SERIES:
-            self._series.clear()
-        version_key, region, backend, status_hundreds = key
-        status = _STATUS_CLASSES[status_hundreds - 1] if 1 <= status_hundreds <= 5 else "other"
-        series = _Series(self._metrics, version_key, region, backend, status)
-        self._series[key] = series
-        return series
-
-    def __repr__(self) -> str:
-        return f"MetricsObserver(series={len(self._series)})"

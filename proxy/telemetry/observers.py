@@ -11,7 +11,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from proxy.telemetry.metrics import MetricsObserver
+from proxy.telemetry.request_metrics import MetricsObserver
 from proxy.telemetry.requestlog import RequestLog, SessionHasher
 
 if TYPE_CHECKING:

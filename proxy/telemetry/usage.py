@@ -61,7 +61,7 @@ class TapLimits:
     max_body_bytes: int = 2 * 1024 * 1024  # whole JSON body kept to validate its content
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per response, never changed (see core/events.py)
 class TapResult:
     usage: Usage | None = None
     # None: not asked for JSON output, or the answer could not be judged (over a cap).

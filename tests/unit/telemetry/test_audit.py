@@ -6,13 +6,24 @@ from dataclasses import asdict, replace
 
 import orjson
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from proxy.config.observability import AuditConfig
 from proxy.config.store import StoreConfig
 from proxy.core.clock import ManualClock
 from proxy.core.events import RequestEvent
-from proxy.telemetry.audit import AuditObserver, AuditRecord, DisabledAudit, MemoryAudit
+from proxy.telemetry.audit import (
+    AuditEntry,
+    AuditObserver,
+    AuditRecord,
+    DisabledAudit,
+    MemoryAudit,
+    entry_json,
+    raw_record,
+    record_of,
+)
 from proxy.telemetry.audit_redis import RedisAudit
 
 
@@ -39,8 +50,8 @@ class Sink:
     def __init__(self) -> None:
         self.offers: list[tuple[str, AuditRecord]] = []
 
-    def offer(self, session_id: str, record: AuditRecord) -> None:
-        self.offers.append((session_id, record))
+    def offer(self, session_id: str, record: AuditEntry) -> None:
+        self.offers.append((session_id, record_of(record)))
 
 
 def test_record_from_event_and_json_round_trip() -> None:
@@ -61,6 +72,65 @@ def test_record_json_is_what_it_always_was() -> None:
             error_type="service_unavailable", version_changed="a -> b", path="/é\n\"x"))):
         assert record.to_json() == orjson.dumps(asdict(record))
     assert _record(0).to_json().startswith(b'{"at":1700000000.0,"request_id":"r-0",')
+
+
+_text = st.text(max_size=300)
+_maybe_text = st.none() | _text
+_seconds = st.floats(min_value=0, max_value=1e6, allow_nan=False)
+
+
+@given(
+    at=st.floats(min_value=0, max_value=4e9, allow_nan=False), request_id=_text,
+    method=_text, path=_text, status=st.integers(100, 599), backend_id=_maybe_text,
+    region=_maybe_text, version_key=_maybe_text, duration_s=_seconds,
+    ttfb_s=st.none() | _seconds, version_changed=_maybe_text, error_type=_maybe_text,
+)
+@example(at=1.5, request_id="r", method="GET", path="/" + "é" * 300, status=200,
+         backend_id=None, region=None, version_key=None, duration_s=0.0012345,
+         ttfb_s=0.0000005, version_changed="a -> b", error_type=None)
+def test_the_lazy_record_is_the_record_made_at_once(
+    at: float, request_id: str, method: str, path: str, status: int, backend_id: str | None,
+    region: str | None, version_key: str | None, duration_s: float, ttfb_s: float | None,
+    version_changed: str | None, error_type: str | None,
+) -> None:
+    # What the observer queues (a tuple) must come out as the record, and as its JSON,
+    # that building the record from the event at once would have given.
+    event = _event(at=at, request_id=request_id, method=method, path=path, status=status,
+                   backend_id=backend_id, region=region, version_key=version_key,
+                   duration_s=duration_s, ttfb_s=ttfb_s, version_changed=version_changed,
+                   error_type=error_type)
+    eager = AuditRecord(
+        at=event.at, request_id=event.request_id, trace_id=event.trace_id,
+        method=event.method, path=event.path[:200], status=event.status,
+        backend_id=event.backend_id, region=event.region, version_key=event.version_key,
+        latency_ms=round(event.duration_s * 1000.0, 3),
+        ttfb_ms=None if event.ttfb_s is None else round(event.ttfb_s * 1000.0, 3),
+        version_changed=event.version_changed, error_type=event.error_type,
+    )
+    raw = raw_record(event)
+    assert record_of(raw) == eager == AuditRecord.from_event(event)
+    assert entry_json(raw) == eager.to_json() == orjson.dumps(asdict(eager))
+    assert entry_json(eager) == eager.to_json()
+    assert record_of(eager) is eager
+
+
+class RawSink:
+    def __init__(self) -> None:
+        self.entries: list[AuditEntry] = []
+
+    def offer(self, session_id: str, record: AuditEntry) -> None:
+        self.entries.append(record)
+
+
+def test_the_queued_entry_holds_no_request_body_and_no_long_path() -> None:
+    # A queue of events would hold every request body until written: 10,000 of them;
+    # the memory log keeps 100 entries a session for 10,000 sessions.
+    sink = RawSink()
+    AuditObserver(sink).observe(_event(request_body=b"x" * 100_000, path="/" + "p" * 8000))
+    [entry] = sink.entries
+    assert isinstance(entry, tuple)
+    assert not any(isinstance(field, bytes) for field in entry)
+    assert max(len(field) for field in entry if isinstance(field, str)) <= 200  # the path
 
 
 def test_observer_records_only_requests_with_a_session() -> None:

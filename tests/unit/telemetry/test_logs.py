@@ -207,3 +207,24 @@ def test_a_broken_stream_loses_its_lines_counted_and_reported_once(
     assert sink.failures == 2
     assert [r.getMessage() for r in caplog.records] == [
         "request log lines cannot be written (OSError('pipe gone')); they are dropped"]
+
+
+def test_the_session_hash_is_the_keyed_blake2b_and_its_memo_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hashlib
+
+    from proxy.telemetry import requestlog
+
+    monkeypatch.setattr(requestlog, "_CACHED_HASHES", 4)
+    hasher = SessionHasher(b"k3y")
+
+    def keyed(session_id: str) -> str:
+        return hashlib.blake2b(session_id.encode(), key=b"k3y", digest_size=8).hexdigest()
+
+    ids = [f"s{i}" for i in range(10)] * 2  # every id twice: once hashed, once remembered
+    assert [hasher(sid) for sid in ids] == [keyed(sid) for sid in ids]
+    assert len(hasher._cache) <= 4
+    assert SessionHasher(b"other")("s1") != hasher("s1")
+    assert SessionHasher(None, raw=True)("s1") == "s1"
+    assert hasher(None) is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.core.events import Usage
@@ -212,3 +212,85 @@ def test_a_long_event_is_joined_once_not_per_chunk() -> None:
 )
 def test_the_answering_model_is_read_from_a_json_answer(body: bytes, expected: str | None) -> None:
     assert run(JsonTap(json_mode=False, limits=LIMITS), body, [3]).model == expected
+
+
+# -- the tail scan against a full parse -----------------------------------------------------
+# A JSON answer's usage is read from its tail without parsing the body (answers.py's
+# usage_in_tail); it must say what a full parse of an OpenAI-shaped answer says, whatever
+# the content holds and however the body is spaced and cut.
+
+# Strings made of the pieces that could fool a byte scan: quotes, backslashes, braces
+# and the keys it looks for.
+_TRICKY = st.lists(
+    st.sampled_from(['"', "\\", "{", "}", ":", ",", " ", "\n", "x", "é", "\u2028", "usage",
+                     '"usage"', '"usage":{', '"usage": {"prompt_tokens": 1}', '"model"',
+                     '\\"', "model", '"model":"fake"']),
+    max_size=12,
+).map("".join)
+_COUNT = st.integers(0, 10**6)
+
+
+@st.composite
+def openai_answers(draw: st.DrawFn) -> dict[str, object]:
+    """A chat completion or Responses API object, usage last, content of any text."""
+    usage: dict[str, object] = {
+        ("input_tokens" if draw(st.booleans()) else "prompt_tokens"): draw(_COUNT),
+        "completion_tokens": draw(_COUNT),
+        "total_tokens": draw(_COUNT),
+    }
+    if draw(st.booleans()):  # newer servers nest details in usage
+        usage["prompt_tokens_details"] = {"cached_tokens": draw(_COUNT)}
+        usage["completion_tokens_details"] = {"reasoning_tokens": draw(_COUNT)}
+    content = draw(_TRICKY) + "x" * draw(st.sampled_from([0, 3000]))  # past a short tail
+    doc: dict[str, object] = {"id": draw(_TRICKY), "object": "chat.completion",
+                              "model": draw(st.text(min_size=1, max_size=20))}
+    if draw(st.booleans()):
+        doc["choices"] = [{"index": 0, "message": {"role": "assistant", "content": content},
+                           "finish_reason": "stop"}]
+    else:
+        doc["output"] = [{"type": "message", "content": [{"type": "output_text",
+                                                          "text": content}]}]
+    doc["usage"] = draw(st.none() | st.just(usage))
+    if draw(st.booleans()):  # vLLM writes a few scalar fields after usage
+        doc["prompt_logprobs"] = None
+        doc["system_fingerprint"] = draw(_TRICKY)
+    return doc
+
+
+def _spaced(doc: dict[str, object], style: int) -> bytes:
+    import json
+
+    if style == 0:
+        return orjson.dumps(doc)
+    if style == 1:
+        return json.dumps(doc).encode()  # ", " and ": ", ASCII escapes
+    return json.dumps(doc, ensure_ascii=False, indent=2).encode()
+
+
+def _after_usage(fingerprint: str) -> dict[str, object]:
+    return {"id": "x", "model": "m", "choices": [],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+            "system_fingerprint": fingerprint}
+
+
+@given(openai_answers(), st.integers(0, 2), st.lists(st.integers(0, 4096), max_size=8),
+       st.sampled_from([64 * 1024, 1024]))
+# Found by this test: the bytes "usage" ending a string after the usage object were
+# taken for its key, and the answer's usage was lost.
+@example(_after_usage("usage"), 0, [], 64 * 1024)
+@example(_after_usage('x"usage'), 1, [], 64 * 1024)
+@example(_after_usage('x\\'), 0, [], 64 * 1024)  # a string ending in a backslash
+@example({"usage": None, "model": "m", "x": "usage"}, 2, [], 64 * 1024)
+def test_the_tail_scan_agrees_with_a_full_parse(
+    doc: dict[str, object], style: int, cuts: list[int], tail_bytes: int,
+) -> None:
+    from proxy.core.answers import model_of, usage_of
+
+    body = _spaced(doc, style)
+    parsed = orjson.loads(body)
+    tap = JsonTap(json_mode=False, limits=TapLimits(tail_bytes=tail_bytes))
+    found = run(tap, body, [c % (len(body) + 1) for c in cuts])
+    assert found.usage == usage_of(parsed)
+    # The model is read from the head, only while the head is still kept.
+    if len(body) <= tail_bytes:
+        assert found.model == model_of(parsed)
