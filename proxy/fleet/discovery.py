@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from proxy.core.models import Backend, InvalidVersion, VersionBundle
+from proxy.core.tasks import stop_tasks
 
 if TYPE_CHECKING:
     import random
@@ -89,9 +90,8 @@ class Discovery:
         tasks = [*self._tasks.values(), *self._probes.values()]
         self._tasks.clear()
         self._probes.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # A poll under way ends within its own timeout once cancelled.
+        await stop_tasks(tasks, timeout_s=1.0 + 2 * self._config.timeout_s, what="discovery")
 
     async def poll_all(self) -> None:
         backends = [
