@@ -90,7 +90,7 @@ class Discovery:
         tasks = [*self._tasks.values(), *self._probes.values()]
         self._tasks.clear()
         self._probes.clear()
-        # A poll under way ends within its own timeout once cancelled.
+        # A cancelled poll ends at once; the deadline bounds one that swallowed it.
         await stop_tasks(tasks, timeout_s=1.0 + 2 * self._config.timeout_s, what="discovery")
 
     async def poll_all(self) -> None:
