@@ -1,7 +1,7 @@
 """``python -m bench <scenario> [options]``: run one benchmark, write its report.
 
 Scenarios: overhead, throughput, streaming, sse, incident, kill-switch, store-faults,
-profile (see bench/README.md). Run from the repository root; results go to
+profile, ab (see bench/README.md). Run from the repository root; results go to
 bench/results/<scenario>-<timestamp>/.
 """
 
@@ -145,6 +145,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--new-sessions", type=int, default=200)
     p.add_argument("--no-sentinel", action="store_true", help="skip the Sentinel failover run")
 
+    p = subs.add_parser(
+        "ab", parents=[common], help="two trees' CPU per request as paired same-run ratios"
+    )
+    p.add_argument("--a", type=Path, required=True, help="tree A (holds a proxy/ package)")
+    p.add_argument("--b", type=Path, required=True, help="tree B, reported as B/A")
+    p.add_argument("--pairs", type=int, default=10, help="A/B pairs, run A B, B A, A B, ...")
+    p.add_argument("--store", choices=("redis", "memory"), default="redis")
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per measured run")
+    p.add_argument(
+        "--levels", type=_floats, default=(0.5,), help="open-loop rates, fractions of ceiling"
+    )
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--sessions", type=int, default=1000)
+
     p = subs.add_parser("profile", parents=[common], help="py-spy profile of pinproxy under load")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -254,6 +268,24 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=args.concurrency,
                 store=args.store,
                 turns=args.turns,
+                pin=pin,
+                out_root=args.out,
+                proxy_set=tuple(args.proxy_set),
+            )
+        )
+    elif args.scenario == "ab":
+        from bench import ab
+
+        report = ab.run(
+            ab.AbConfig(
+                a=args.a,
+                b=args.b,
+                pairs=args.pairs,
+                store=args.store,
+                duration_s=args.duration,
+                levels=args.levels,
+                concurrency=args.concurrency,
+                sessions=args.sessions,
                 pin=pin,
                 out_root=args.out,
                 proxy_set=tuple(args.proxy_set),

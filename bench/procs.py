@@ -496,20 +496,58 @@ def start_pinproxy(
     cpus: str | None,
     layout: Layout,
     workers: int = 1,
+    src: Path | None = None,
 ) -> Proc:
     """``python -m proxy serve`` with a generated config; returns once it listens.
 
-    ``BENCH_PROXY_SRC=<dir holding a proxy/ package>`` runs that copy of pinproxy instead
-    (e.g. ``git archive HEAD proxy | tar -x -C /tmp/head``), for before/after numbers.
+    ``src`` (default: ``BENCH_PROXY_SRC``, else this checkout), a directory holding a
+    ``proxy/`` package, is the copy of pinproxy that runs (e.g. a ``git worktree`` of an
+    older commit), for before/after numbers. Where the child will import ``proxy`` from
+    is checked before it starts: the bench's own interpreter has this checkout
+    installed, and a tree that silently lost to it would compare a tree with itself.
     """
-    src = os.environ.get(PROXY_SRC_ENV)
-    env, cwd = ({"PYTHONPATH": src}, Path(src)) if src else (None, REPO_ROOT)
+    tree = proxy_tree(src)
+    env, cwd = proxy_env(tree)
     config = procs.workdir / f"{name}.toml"
     config.write_text(toml)
     cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     if workers > 1:
         cmd += ["--workers", str(workers)]
     return procs.start(name, layout.wrap(cmd, cpus), port=port, timeout_s=60.0, env=env, cwd=cwd)
+
+
+def proxy_tree(src: Path | None = None) -> Path:
+    """The tree whose ``proxy/`` package the bench runs: ``src``, else ``BENCH_PROXY_SRC``,
+    else this checkout."""
+    chosen = src if src is not None else os.environ.get(PROXY_SRC_ENV)
+    return Path(chosen).resolve() if chosen else REPO_ROOT
+
+
+def proxy_env(tree: Path) -> tuple[dict[str, str] | None, Path]:
+    """Environment additions and working directory that make ``python -m proxy`` import
+    ``tree/proxy``: ``-m`` puts the working directory first on ``sys.path``, ahead of the
+    editable install, and ``PYTHONPATH`` covers imports made before that."""
+    return ({"PYTHONPATH": str(tree)}, tree) if tree != REPO_ROOT else (None, REPO_ROOT)
+
+
+def proxy_source(src: Path | None = None) -> Path:
+    """The ``proxy/`` package directory a pinproxy child started from ``src`` imports,
+    asked of the same interpreter with the same environment and working directory (so
+    the same ``sys.path``); a ``BenchError`` when it is not the one inside the tree."""
+    tree = proxy_tree(src)
+    env, cwd = proxy_env(tree)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import proxy, os; print(os.path.dirname(proxy.__file__))"],
+        capture_output=True, text=True, timeout=60, cwd=cwd,
+        env={**os.environ, **(env or {})}, check=False,
+    )  # fmt: skip
+    found = Path(probe.stdout.strip() or "?").resolve()
+    if probe.returncode != 0 or found != tree / "proxy":
+        raise BenchError(
+            f"pinproxy from {tree} would import proxy from {found}, not {tree / 'proxy'}"
+            f"\n{probe.stderr[-2000:]}"
+        )
+    return found
 
 
 def start_pinproxy_in_front(
@@ -524,6 +562,7 @@ def start_pinproxy_in_front(
     port: int | None = None,
     name: str = "pinproxy",
     workers: int = 1,
+    src: Path | None = None,
 ) -> tuple[Proc, int]:
     """pinproxy in front of one ``(id, region, url)`` backend; returns it and its port.
 
@@ -538,7 +577,9 @@ def start_pinproxy_in_front(
         key_prefix=f"bench-{tag}-{port}:",
         sections=parse_overrides(proxy_set),
     )
-    proc = start_pinproxy(procs, name, toml, port, cpus=cpus, layout=layout, workers=workers)
+    proc = start_pinproxy(
+        procs, name, toml, port, cpus=cpus, layout=layout, workers=workers, src=src
+    )
     return proc, port
 
 

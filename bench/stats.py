@@ -92,3 +92,71 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], digits: int 
 
 def counts_line(counts: Mapping[str, object]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"
+
+
+def _binom_cdf(k: int, n: int) -> float:
+    """P(X <= k) for X ~ Binomial(n, 1/2)."""
+    return sum(math.comb(n, i) for i in range(max(k, -1) + 1)) / float(2**n)
+
+
+def sign_test_p(above: int, below: int) -> float:
+    """Two-sided exact sign test: how likely a split at least this uneven is when each
+    pair is equally likely to land above or below (ties dropped beforehand)."""
+    n = above + below
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * _binom_cdf(min(above, below), n))
+
+
+def median_interval(
+    values: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """Distribution-free interval for the median (the sign test's): the k-th smallest and
+    k-th largest values, k as large as keeps the coverage at least ``confidence``.
+    Returns ``(low, high, exact coverage)``; with too few values, the full range."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        return (math.nan, math.nan, 0.0)
+    # The median lies below ordered[k] only when at most k values fall below it, and
+    # likewise above: [ordered[k], ordered[n - 1 - k]] covers it with probability
+    # 1 - 2 P(X <= k), X ~ Binomial(n, 1/2).
+    k = 0
+    while k + 1 <= n - 2 - k and 1 - 2 * _binom_cdf(k + 1, n) >= confidence:
+        k += 1
+    return (ordered[k], ordered[n - 1 - k], 1 - 2 * _binom_cdf(k, n))
+
+
+def bootstrap_median_interval(
+    values: Sequence[float], confidence: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median (seeded, so a report is reproducible)."""
+    if not values:
+        return (math.nan, math.nan)
+    rng = random.Random(seed)
+    data = list(values)
+    medians = sorted(statistics.median(rng.choices(data, k=len(data))) for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    return (percentile(medians, 100 * tail), percentile(medians, 100 * (1 - tail)))
+
+
+def paired_ratios(values: Sequence[float], confidence: float = 0.95) -> dict[str, float | int]:
+    """Summary of per-pair ratios (B over A, each pair measured back to back): the median,
+    its sign-test and bootstrap intervals, and the sign test of "B is no different"
+    (ratio 1)."""
+    above = sum(1 for v in values if v > 1)
+    below = sum(1 for v in values if v < 1)
+    low, high, coverage = median_interval(values, confidence)
+    boot_low, boot_high = bootstrap_median_interval(values, confidence)
+    return {
+        "pairs": len(values),
+        "median": round(statistics.median(values), 4) if values else math.nan,
+        "sign_low": round(low, 4),
+        "sign_high": round(high, 4),
+        "sign_coverage": round(coverage, 4),
+        "bootstrap_low": round(boot_low, 4),
+        "bootstrap_high": round(boot_high, 4),
+        "b_higher": above,
+        "b_lower": below,
+        "sign_test_p": round(sign_test_p(above, below), 4),
+    }

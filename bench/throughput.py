@@ -44,6 +44,7 @@ from bench.procs import (
     machine_busy_seconds,
     nginx_proxy_conf,
     nginx_static_pop_conf,
+    proxy_source,
     start_nginx,
     start_pinproxy_in_front,
     start_redis,
@@ -84,6 +85,9 @@ class ThroughputConfig:
     fresh_sessions: bool = True
     pop_ceiling: bool = True
     proxy_set: tuple[str, ...] = ()  # pinproxy config overrides, section.key=value
+    # The tree whose proxy/ package pinproxy runs from (default: BENCH_PROXY_SRC, else
+    # this checkout); reported, after checking, as each pinproxy target's proxy_source.
+    proxy_src: Path | None = None
     pin: bool = True
     out_root: Path | None = None
 
@@ -94,6 +98,7 @@ class _Target:
     url: str
     proc: Proc | None  # None for direct: there is no proxy to account for
     note: str = ""
+    source: str | None = None  # pinproxy's proxy/ package directory
 
 
 def redis_commands(url: str | None) -> int | None:
@@ -255,12 +260,14 @@ def _start_target(
     if workers > 1 and redis_url is None:
         return "several workers need the Redis store"
     cpus = layout.sut_cpus if workers == 1 else layout.all_cpus
+    source = str(proxy_source(cfg.proxy_src))
     proc, _ = start_pinproxy_in_front(
         ctx.procs, layout, (backend_id, "bench", backend_url), redis_url=redis_url,
         tag="tp", proxy_set=cfg.proxy_set, cpus=cpus, port=port, name=name, workers=workers,
+        src=cfg.proxy_src,
     )
     note = f"{workers} worker(s) on CPU {cpus}" if cpus else f"{workers} worker(s)"
-    return _Target(name, f"http://127.0.0.1:{port}", proc, note)
+    return _Target(name, f"http://127.0.0.1:{port}", proc, note, source)
 
 
 def run(cfg: ThroughputConfig) -> dict[str, Any]:
@@ -330,6 +337,7 @@ def run(cfg: ThroughputConfig) -> dict[str, Any]:
             rss = t.proc.rss_bytes() if t.proc else 0
             results[name] = {
                 "note": t.note,
+                **({"proxy_source": t.source} if t.source else {}),
                 "ceiling": ceiling,
                 "rounds": rounds[name],
                 "open_loop": levels,

@@ -360,6 +360,7 @@ async def open_services(
             counter=soak, block=lambda version: control.set_blocked(version, True),
             admit=lambda version: control.set_blocked(version, False),
             clock=clock, metrics_registry=metrics.registry,
+            stop_timeout_s=1.0 + 2 * settings.store.op_timeout_ms / 1000,
         )
         await rollout.start()
         stack.push_async_callback(rollout.close)

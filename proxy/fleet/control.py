@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from proxy.core.errors import Conflict, NotFound, ProxyError
+from proxy.core.tasks import stop_tasks
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
     from proxy.fleet.registry import Registry
 
 logger = logging.getLogger(__name__)
+# A cancelled first poll ends at once; the deadline only bounds one that swallowed its
+# cancellation (proxy/core/tasks.py).
+_STOP_POLLS_S = 5.0
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -197,10 +201,7 @@ class ControlPlane:
     async def close(self) -> None:
         """Stop following changes and cancel first polls still under way."""
         await self._store.close()
-        for task in self._polls:
-            task.cancel()
-        if self._polls:
-            await asyncio.gather(*self._polls, return_exceptions=True)
+        await stop_tasks(list(self._polls), timeout_s=_STOP_POLLS_S, what="first polls")
         self._polls.clear()
 
     async def reload(self) -> None:

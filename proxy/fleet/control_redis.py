@@ -19,7 +19,6 @@ blocked version), so a full reload costs one round trip.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,6 +27,7 @@ import orjson
 
 from proxy.core.models import Backend, InvalidVersion, VersionBundle
 from proxy.core.outage import OutageLog
+from proxy.core.tasks import stop_tasks
 from proxy.fleet.control import ControlState, ControlUnavailable, PushedReport
 from proxy.redis.call import RedisCall, RedisFailure
 from proxy.redis.pubsub import Subscriber
@@ -182,11 +182,9 @@ class RedisControlStore:
     async def close(self) -> None:
         if self._subscriber is not None:
             self._subscriber.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_tasks([self._task], timeout_s=1.0 + 2 * self._op_timeout_s,
+                         what="control subscription")  # fmt: skip
+        self._task = None
 
     async def _reload(self, reload: Callable[[], Awaitable[None]]) -> None:
         try:

@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from proxy.core.models import Backend, InvalidVersion, VersionBundle
+from proxy.core.tasks import stop_tasks
 
 if TYPE_CHECKING:
     import random
@@ -91,9 +92,8 @@ class Discovery:
         tasks = [*self._tasks.values(), *self._probes.values()]
         self._tasks.clear()
         self._probes.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # A cancelled poll ends at once; the deadline bounds one that swallowed it.
+        await stop_tasks(tasks, timeout_s=1.0 + 2 * self._config.timeout_s, what="discovery")
 
     async def poll_all(self) -> None:
         backends = [

@@ -28,7 +28,6 @@ Every decision is a ``RolloutEvent``: kept (the last ``events_kept``) for
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections import deque
@@ -54,6 +53,7 @@ from proxy.core.rollout import (
     roll_back,
     with_rollback,
 )
+from proxy.core.tasks import stop_tasks
 from proxy.redis.call import RedisCall, RedisFailure
 from proxy.redis.pubsub import Subscriber
 
@@ -244,10 +244,9 @@ class RedisRolloutStore:
     async def close(self) -> None:
         if self._subscriber is not None:
             self._subscriber.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_tasks([self._task], timeout_s=1.0 + 2 * self._timeout,
+                         what="rollout subscription")  # fmt: skip
+        self._task = None
 
     def __repr__(self) -> str:
         return f"RedisRolloutStore(key={self._key!r})"
@@ -294,7 +293,10 @@ class RolloutController:
         admit: Callable[[str], Awaitable[None]],
         clock: Clock,
         metrics_registry: CollectorRegistry,
+        stop_timeout_s: float = 5.0,
     ) -> None:
+        """``stop_timeout_s``: how long ``close`` waits for a check under way (longer
+        than a Redis call's timeout)."""
         self._config = config
         self._policy = policy_from(config)
         self._registry = registry
@@ -309,6 +311,8 @@ class RolloutController:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._closed = False
+        self._stop_timeout_s = stop_timeout_s
         self._checks = OutageLog(logger, "rollout checks")
         self._event_count = Counter(
             "pinproxy_rollout_events", "Rollout decisions, by kind (flipped, held_back, "
@@ -353,16 +357,18 @@ class RolloutController:
         self._task = asyncio.create_task(self._run(), name="rollout")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        # The flag ends the loop even if a cancellation is swallowed on the way (see
+        # proxy/core/tasks.py); the wake-up ends its wait at once.
+        self._closed = True
+        self._wake.set()
+        await stop_tasks([self._task], timeout_s=self._stop_timeout_s, what="rollout checks")
+        self._task = None
         await self._store.close()
 
     async def _run(self) -> None:
         # A check runs at once when the registry publishes a change (a replica reports
         # a new version) or another replica announces one, else every interval.
-        while True:
+        while not self._closed:
             woken = asyncio.ensure_future(self._wake.wait())
             changed = asyncio.ensure_future(
                 self._registry.wait_for_change(self._policy.check_interval_s)

@@ -28,7 +28,6 @@ starts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections import defaultdict
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.core.errors import ProxyError
 from proxy.core.outage import OutageLog
+from proxy.core.tasks import stop_tasks
 from proxy.redis.call import RedisCall, RedisFailure
 
 if TYPE_CHECKING:
@@ -198,11 +198,9 @@ class TrafficCounter:
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_tasks([self._task], timeout_s=1.0 + 2 * self._op_timeout_s,
+                         what=f"{self._prefix} flushes")  # fmt: skip
+        self._task = None
         if self._redis is not None:
             try:
                 await self.flush()
