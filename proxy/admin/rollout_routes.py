@@ -77,9 +77,10 @@ class RollbackResult(BaseModel):
     rollbacks: dict[str, str]
 
 
-# The body names versions as the path does; its schema is over every dimension (a body
-# schema cannot follow versions.dimensions), so a dimension outside the configured ones
-# is accepted and names no running version (the target then is 409 target_not_serving).
+# The body names versions as the path does. Its schema is over every dimension (the
+# body models are built once, not per config); the handler then refuses a dimension
+# outside versions.dimensions with 400 invalid_version naming "from" or "to", as the
+# path's version_ref does for "version".
 _BODY_VERSION: Final = str(version_ref_schema(DIMENSIONS)["pattern"])
 
 
@@ -183,15 +184,17 @@ async def _roll_back(request: web.Request) -> web.StreamResponse:
     fleet = Fleet.of(request)
     dims = fleet.registry.dimensions
     bad = version_ref(request.match_info["version"], dims)
-    to = version_ref(request.match_info["target"], dims)
+    to = version_ref(request.match_info["target"], dims, param="target")
     return await _rollback_answer(request, fleet, bad, to)
 
 
 async def _rollback_body(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, RollbackBody)
-    bad = version_ref(body.bad, DIMENSIONS)
-    to = version_ref(body.to, DIMENSIONS)
-    return await _rollback_answer(request, Fleet.of(request), bad, to)
+    fleet = Fleet.of(request)
+    dims = fleet.registry.dimensions
+    bad = version_ref(body.bad, dims, param="from")
+    to = version_ref(body.to, dims, param="to")
+    return await _rollback_answer(request, fleet, bad, to)
 
 
 async def _rollback_answer(request: web.Request, fleet: Fleet, bad: str,
@@ -272,7 +275,8 @@ ROUTES: tuple[Route, ...] = (
           'Coordinated rollback as one body, {"from", "to"}: the same as POST '
           "/admin/versions/{from}/roll-back-to/{to}.",
           RollbackResult, RollbackBody, tags=_TAGS,
-          errors=((409, "no healthy backend serves the target"),)),
+          errors=((400, "a version names a dimension outside versions.dimensions"),
+                  (409, "no healthy backend serves the target"))),
     Route("POST", "/admin/versions/{version}/evals/{region}", _evals,
           "Eval results for a version in a region: the soak's evals signal.",
           EvalsAccepted, EvalsBody, status=202, tags=_TAGS, path_params=(VERSION, REGION)),
