@@ -119,6 +119,12 @@ class Services:
     rollout: RolloutController  # region cutover, soak, kill switch
     reloader: Reloader | None  # live config reload; None when there is nothing to re-read
 
+    @property
+    def live_settings(self) -> Settings:
+        """The settings in force: the start's, or the last applied reload's. Read the
+        reloadable ones (proxy/config/reload.py ``LIVE``) from here, not ``settings``."""
+        return self.settings if self.reloader is None else self.reloader.current
+
 
 def default_store(
     settings: Settings,
