@@ -19,7 +19,6 @@ blocked version), so a full reload costs one round trip.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,7 +29,7 @@ from proxy.core.models import Backend, InvalidVersion, VersionBundle
 from proxy.core.outage import OutageLog
 from proxy.fleet.control import ControlState, ControlUnavailable, PushedReport
 from proxy.redis.call import RedisCall, RedisFailure
-from proxy.redis.pubsub import Subscriber
+from proxy.redis.pubsub import Subscriber, stop
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -180,13 +179,8 @@ class RedisControlStore:
             logger.warning("started before the shared control state could be loaded")
 
     async def close(self) -> None:
-        if self._subscriber is not None:
-            self._subscriber.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop(self._subscriber, self._task)
+        self._task = None
 
     async def _reload(self, reload: Callable[[], Awaitable[None]]) -> None:
         try:

@@ -145,3 +145,13 @@ class Subscriber:
 
     def __repr__(self) -> str:
         return f"Subscriber(channel={self._channel!r}, subscriptions={self.subscriptions})"
+
+
+async def stop(subscriber: Subscriber | None, task: asyncio.Task[None] | None) -> None:
+    """Close ``subscriber`` and cancel the task running it, waiting until it has ended."""
+    if subscriber is not None:
+        subscriber.close()
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -116,6 +116,10 @@ async def test_a_bad_version_trips_the_kill_switch_on_either_replica_and_every_c
     trips = [e for p in replicas for e in p.services.rollout.events() if e.kind == "regression"]
     assert len(trips) == 1  # judged by one replica, applied by both
     assert trips[0].detail["signal"] == "structured_output"
+    assert trips[0].detail["baseline_at_flip"] is True
+    for proxy in replicas:  # and listed once in the fleet's decisions, by either replica
+        fleet = await proxy.services.rollout.fleet_events(500)
+        assert [e for e in fleet if e.kind == "regression"] == trips
     assert all(current(p, "eu") == V46 for p in replicas)
     exposed = sorted(s for s, answers in seen.items() if ("v47", None) in answers)
     assert exposed
@@ -183,9 +187,9 @@ async def test_eval_scores_pushed_through_the_admin_api_alone_trip_the_kill_swit
                              headers=headers) as resp:
             assert resp.status == 202, await resp.text()
 
-    # An eval system reports in batches while the soak runs (results from before the
-    # judge's soak began are its baseline, not its evidence, so one early batch may not
-    # count): the baseline fails 1% of evals, the new version 20% in the soaking region.
+    # An eval system reports in batches while the soak runs (every batch pushed after the
+    # flip is evidence, however late a replica first judges the soak): the baseline
+    # fails 1% of evals, the new version 20% in the soaking region.
     deadline = time.monotonic() + 20
     while not all(state(p, "eu").halted == V47 for p in replicas):
         assert time.monotonic() < deadline, "eval scores never tripped the kill switch"
