@@ -120,39 +120,42 @@ BundleView = create_model(
 )
 
 
-def version_ref(text: str, dimensions: tuple[Dimension, ...]) -> str:
-    """A version reference from a path: a full key (made canonical) or a bare prompt.
+def version_ref(text: str, dimensions: tuple[Dimension, ...], *, param: str = "version") -> str:
+    """A version reference from a path or a body: a full key (made canonical) or a bare
+    prompt; a 400 ``invalid_version`` naming ``param`` otherwise.
 
     ``prompt=v47,parser=p2`` (any order; percent-encoded or not) becomes the canonical
     key; ``v47`` stays a bare prompt version, which names every key with that prompt.
+    A dimension outside ``dimensions`` (``versions.dimensions``) is refused: no version
+    key here carries it, so it would name nothing.
     """
     if "=" not in text:
-        return _checked("prompt", text)
+        return _checked("prompt", text, param)
     values: dict[str, str] = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
         if not sep or name not in DIMENSIONS:
             raise BadRequest(
-                f"version: {part!r} is not 'dimension=value' with a dimension among "
+                f"{param}: {part!r} is not 'dimension=value' with a dimension among "
                 f"{', '.join(DIMENSIONS)}",
                 code="invalid_version",
-                param="version",
+                param=param,
             )
         if name in values:
             raise BadRequest(
-                f"version: {name} given twice", code="invalid_version", param="version"
+                f"{param}: {name} given twice", code="invalid_version", param=param
             )
         if name not in dimensions:
             raise BadRequest(
-                f"version: {name} is not part of version keys here "
+                f"{param}: {name} is not part of version keys here "
                 f"(versions.dimensions = {', '.join(dimensions)})",
                 code="invalid_version",
-                param="version",
+                param=param,
             )
-        values[name] = _checked(name, value)
+        values[name] = _checked(name, value, param)
     if "prompt" not in values:
         raise BadRequest(
-            "version: a version key must include prompt=", code="invalid_version", param="version"
+            f"{param}: a version key must include prompt=", code="invalid_version", param=param
         )
     return ",".join(f"{dim}={values[dim]}" for dim in DIMENSIONS if dim in values)
 
@@ -192,10 +195,8 @@ def matches(ref: str, version_key: str) -> bool:
     return version_key == ref or ("=" not in ref and prompt_of(version_key) == ref)
 
 
-def _checked(dimension: str, value: str) -> str:
+def _checked(dimension: str, value: str, param: str) -> str:
     try:
         return check_value(dimension, value)
     except InvalidVersion as exc:
-        raise BadRequest(
-            f"version: {exc}", code="invalid_version", param="version"
-        ) from exc
+        raise BadRequest(f"{param}: {exc}", code="invalid_version", param=param) from exc

@@ -81,7 +81,7 @@ async def _draining(
 
 async def _coverage(services: Services, timeout_s: float) -> list[Coverage] | None:
     """Eval coverage over ``evals.window_s``, or None when the counts cannot be read."""
-    config = services.settings.evals
+    config = services.live_settings.evals
     try:
         async with asyncio.timeout(timeout_s):
             production = await services.traffic.window(config.window_s)

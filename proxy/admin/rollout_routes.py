@@ -13,6 +13,7 @@ from proxy.admin.app import SERVICES
 from proxy.admin.fleet_common import VERSION, Fleet, matches, version_ref, version_ref_schema
 from proxy.core.errors import BadRequest, Conflict, NotFound
 from proxy.core.models import DIMENSIONS
+from proxy.fleet.rollout_store import RolloutUnavailable
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -36,6 +37,8 @@ class EventView(BaseModel):
     region: str
     version: str
     detail: dict[str, Any] = Field(description="the evidence: reasons, counts, rates, z")
+    replica: str | None = Field(description="the pinproxy replica that took the decision "
+                                "(host/pid/suffix)")
 
 
 class RegionView(BaseModel):
@@ -56,7 +59,11 @@ class RolloutView(BaseModel):
     regions: list[RegionView]
     blocked: list[str]
     rollbacks: dict[str, str] = Field(description="rolled-back version -> repin target")
-    events: list[EventView] = Field(description="the latest decisions, oldest first")
+    events: list[EventView] = Field(description="the latest decisions of every replica, "
+                                    "oldest first")
+    events_complete: bool = Field(description="false: the shared store could not be read, "
+                                  "and events lists only this replica's own decisions")
+    events_error: str | None = Field(description="why events is incomplete (a stable code)")
 
 
 class RollbackTarget(BaseModel):
@@ -77,9 +84,10 @@ class RollbackResult(BaseModel):
     rollbacks: dict[str, str]
 
 
-# The body names versions as the path does; its schema is over every dimension (a body
-# schema cannot follow versions.dimensions), so a dimension outside the configured ones
-# is accepted and names no running version (the target then is 409 target_not_serving).
+# The body names versions as the path does. Its schema is over every dimension (the
+# body models are built once, not per config); the handler then refuses a dimension
+# outside versions.dimensions with 400 invalid_version naming "from" or "to", as the
+# path's version_ref does for "version".
 _BODY_VERSION: Final = str(version_ref_schema(DIMENSIONS)["pattern"])
 
 
@@ -109,13 +117,28 @@ def _controller(request: web.Request) -> RolloutController:
     return request.app[SERVICES].rollout
 
 
+def _event(e: RolloutEvent) -> EventView:
+    return EventView(at=e.at, kind=e.kind, region=e.region, version=e.version,
+                     detail=dict(e.detail), replica=e.replica)
+
+
 def _events(events: list[RolloutEvent]) -> list[EventView]:
-    return [EventView(at=e.at, kind=e.kind, region=e.region, version=e.version,
-                      detail=dict(e.detail)) for e in events]
+    return [_event(e) for e in events]
 
 
-def rollout_view(controller: RolloutController, fleet: Fleet, *, last: int = 50) -> RolloutView:
-    """The rollout picture (also what ``pinproxy status`` and /admin/ui show)."""
+async def rollout_view(controller: RolloutController, fleet: Fleet, *,
+                       last: int = 50) -> RolloutView:
+    """The rollout picture (also what ``pinproxy status`` and /admin/ui show).
+
+    The state is this replica's last adopted copy of the shared one; the events are the
+    fleet's, read from the shared store, or this replica's own while it is away (marked
+    by ``events_complete``), so the picture still answers during a store outage."""
+    try:
+        events = await controller.fleet_events(last)
+        error = None
+    except RolloutUnavailable as exc:
+        events = controller.events()[-last:] if last else []
+        error = exc.code
     snapshot = fleet.registry.snapshot
     state = controller.state
     policy = controller.policy
@@ -135,23 +158,25 @@ def rollout_view(controller: RolloutController, fleet: Fleet, *, last: int = 50)
             candidate=rs.candidate, held=rs.held, halted=rs.halted, replicas=replicas,
         ))
     return RolloutView(regions=regions, blocked=sorted(snapshot.blocked_versions),
-                       rollbacks=dict(state.rollbacks),
-                       events=_events(controller.events()[-last:]))
+                       rollbacks=dict(state.rollbacks), events=_events(events),
+                       events_complete=error is None, events_error=error)
 
 
 class EventsView(BaseModel):
-    events: list[EventView] = Field(description="the latest rollout decisions, oldest first "
-                                    "(at most rollout.events_kept)")
+    events: list[EventView] = Field(description="the latest rollout decisions of every "
+                                    "replica, oldest first (at most rollout.events_kept)")
 
 
 async def _events_route(request: web.Request) -> web.StreamResponse:
     limit = int_query(request, "limit", 100, lo=0, hi=100_000)
-    events = _controller(request).events()
-    return reply(EventsView(events=_events(events[-limit:] if limit else [])))
+    # Raises RolloutUnavailable (503 rollout_events_unavailable) while the store is away:
+    # a list of this replica's decisions alone would read as the fleet's.
+    events = await _controller(request).fleet_events(limit)
+    return reply(EventsView(events=_events(events)))
 
 
 async def _rollout(request: web.Request) -> web.StreamResponse:
-    return reply(rollout_view(_controller(request), Fleet.of(request)))
+    return reply(await rollout_view(_controller(request), Fleet.of(request)))
 
 
 def _region(request: web.Request) -> str:
@@ -175,23 +200,24 @@ async def _force(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"no backend in region {region!r} reports {ref!r}",
                        code="version_not_in_region", param="version")
     event = await _controller(request).force(region, keys[0])
-    return reply(EventView(at=event.at, kind=event.kind, region=event.region,
-                           version=event.version, detail=dict(event.detail)))
+    return reply(_event(event))
 
 
 async def _roll_back(request: web.Request) -> web.StreamResponse:
     fleet = Fleet.of(request)
     dims = fleet.registry.dimensions
     bad = version_ref(request.match_info["version"], dims)
-    to = version_ref(request.match_info["target"], dims)
+    to = version_ref(request.match_info["target"], dims, param="target")
     return await _rollback_answer(request, fleet, bad, to)
 
 
 async def _rollback_body(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, RollbackBody)
-    bad = version_ref(body.bad, DIMENSIONS)
-    to = version_ref(body.to, DIMENSIONS)
-    return await _rollback_answer(request, Fleet.of(request), bad, to)
+    fleet = Fleet.of(request)
+    dims = fleet.registry.dimensions
+    bad = version_ref(body.bad, dims, param="from")
+    to = version_ref(body.to, dims, param="to")
+    return await _rollback_answer(request, fleet, bad, to)
 
 
 async def _rollback_answer(request: web.Request, fleet: Fleet, bad: str,
@@ -255,6 +281,7 @@ ROUTES: tuple[Route, ...] = (
           "Rollout decisions with their evidence (flipped, held_back, soak_passed, "
           "regression, rolled_back, forced, initialised), oldest first.",
           EventsView, tags=_TAGS,
+          errors=((503, "the shared store cannot be read: rollout_events_unavailable"),),
           query=(integer_param("limit", "how many of the latest (default 100)", lo=0,
                                hi=100_000),)),
     Route("PUT", "/admin/rollout/regions/{region}/current/{version}", _force,
@@ -272,7 +299,8 @@ ROUTES: tuple[Route, ...] = (
           'Coordinated rollback as one body, {"from", "to"}: the same as POST '
           "/admin/versions/{from}/roll-back-to/{to}.",
           RollbackResult, RollbackBody, tags=_TAGS,
-          errors=((409, "no healthy backend serves the target"),)),
+          errors=((400, "a version names a dimension outside versions.dimensions"),
+                  (409, "no healthy backend serves the target"))),
     Route("POST", "/admin/versions/{version}/evals/{region}", _evals,
           "Eval results for a version in a region: the soak's evals signal.",
           EvalsAccepted, EvalsBody, status=202, tags=_TAGS, path_params=(VERSION, REGION)),

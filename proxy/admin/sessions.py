@@ -23,9 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from proxy.admin.api import Body, Param, Route, int_query, integer_param, read_body, reply
 from proxy.admin.app import SERVICES
+from proxy.admin.fleet_common import version_ref, version_ref_schema
 from proxy.core.errors import BadRequest, Conflict, NotFound
 from proxy.core.headers import ensure_traceparent, new_request_id, valid_request_id
-from proxy.core.models import Forward, Pin, RequestFacts, Snapshot, prompt_of
+from proxy.core.models import DIMENSIONS, Forward, Pin, RequestFacts, Snapshot, prompt_of
 from proxy.policy.routing import choose
 from proxy.telemetry.audit import AuditRecord
 
@@ -103,7 +104,10 @@ def _repin_schema(schema: dict[str, Any]) -> None:
     """The body as the validator below has it: exactly one of a string ``version`` and
     ``fresh: true``; no nulls (pydantic would document ``str | None`` as nullable)."""
     properties = schema["properties"]
+    # The pattern is over every dimension (this model is built once, not per config):
+    # one outside versions.dimensions is refused by the handler, 400 invalid_version.
     properties["version"] = {"type": "string", "minLength": 1, "maxLength": 1024,
+                             "pattern": version_ref_schema(DIMENSIONS)["pattern"],
                              "description": "a version key, or a bare prompt version naming "
                                             "exactly one serving key"}
     properties["fresh"] = {"const": True, "description": "what a new session would get now"}
@@ -215,7 +219,9 @@ def _choose(request: web.Request, session_id: str, body: RepinBody) -> Forward:
     facts = RequestFacts(session_id=session_id)
     target: Pin | None = None
     if body.version is not None:
-        key = resolve_version(snapshot, body.version)
+        # Canonical, and over versions.dimensions only (400 invalid_version otherwise).
+        wanted = version_ref(body.version, services.registry.dimensions)
+        key = resolve_version(snapshot, wanted)
         # Routing among the named version's backends, exactly as a pinned request would.
         target = Pin(key, "", "", 0.0)
     decision = choose(

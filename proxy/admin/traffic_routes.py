@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from proxy.admin.api import Route, int_query, integer_param, reply
+from proxy.admin.app import SERVICES
 from proxy.admin.fleet_common import Fleet
 from proxy.admin.versions import LONG_WINDOW_S, Share, shares
 from proxy.telemetry.eval_coverage import coverage
@@ -73,7 +74,7 @@ async def _traffic(request: web.Request) -> web.StreamResponse:
     window_s = int_query(request, "window_s", LONG_WINDOW_S, lo=MIN_WINDOW_S, hi=MAX_WINDOW_S)
     production = await fleet.traffic.window(window_s)
     evals = await fleet.eval_traffic.window(window_s)
-    config = fleet.settings.evals
+    config = request.app[SERVICES].live_settings.evals
     prod = _distribution(production)
     rows = coverage(production, evals, config.min_production_share)
     view = TrafficView(

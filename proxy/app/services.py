@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -49,13 +52,9 @@ from proxy.fleet.control import ControlPlane, ControlStore, LocalControlStore
 from proxy.fleet.control_redis import RedisControlStore
 from proxy.fleet.discovery import Discovery
 from proxy.fleet.registry import Registry
-from proxy.fleet.rollout_control import (
-    LocalRolloutStore,
-    RedisRolloutStore,
-    RolloutController,
-    RolloutStore,
-    SoakCounter,
-)
+from proxy.fleet.rollout_control import RolloutController
+from proxy.fleet.rollout_soak import SoakCounter
+from proxy.fleet.rollout_store import LocalRolloutStore, RedisRolloutStore, RolloutStore
 from proxy.redis.client import sharded_pubsub_opener
 from proxy.store import PinStore
 from proxy.store.memory import MemoryPinStore
@@ -125,6 +124,12 @@ class Services:
     control: ControlPlane  # operators' fleet changes, shared by replicas
     rollout: RolloutController  # region cutover, soak, kill switch
     reloader: Reloader | None  # live config reload; None when there is nothing to re-read
+
+    @property
+    def live_settings(self) -> Settings:
+        """The settings in force: the start's, or the last applied reload's. Read the
+        reloadable ones (proxy/config/reload.py ``LIVE``) from here, not ``settings``."""
+        return self.settings if self.reloader is None else self.reloader.current
 
 
 def admission_gate(
@@ -258,7 +263,7 @@ async def open_services(
     loads = LoadTracker(
         clock, settings.routing.ewma_decay_s, settings.routing.initial_latency_ms / 1000.0
     )
-    soak = SoakCounter()
+    soak = SoakCounter(clock, check_interval_s=settings.rollout.check_interval_s)
     loop_lag = LoopLagMonitor(metrics.loop_lag.observe, clock=clock.monotonic)
     opened_audit: list[AuditLog] = []  # for the conflict reporter, once it exists
 
@@ -349,17 +354,18 @@ async def open_services(
         await control.start()
         stack.push_async_callback(control.close)
         # 10.
+        kept = settings.rollout.events_kept
         rollout_store: RolloutStore = (
-            LocalRolloutStore() if redis is None else RedisRolloutStore(
+            LocalRolloutStore(kept) if redis is None else RedisRolloutStore(
                 redis, settings.store.key_prefix, clock, settings.store.op_timeout_ms / 1000,
-                redis_metrics=metrics.redis,
+                events_kept=kept, redis_metrics=metrics.redis,
             )
         )
         rollout = RolloutController(
             config=settings.rollout, registry=registry, store=rollout_store,
             counter=soak, block=lambda version: control.set_blocked(version, True),
             admit=lambda version: control.set_blocked(version, False),
-            clock=clock, metrics_registry=metrics.registry,
+            clock=clock, metrics_registry=metrics.registry, replica=replica_name(),
             stop_timeout_s=1.0 + 2 * settings.store.op_timeout_ms / 1000,
         )
         await rollout.start()
@@ -386,3 +392,9 @@ async def open_services(
             admission=admission,
             control=control, rollout=rollout, reloader=reloader,
         )
+
+
+def replica_name() -> str:
+    """This replica's name in the fleet's rollout decisions: host (a pod's name), process,
+    and a random suffix, as replicas (and the tests' in-process ones) may share both."""
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"

@@ -74,13 +74,16 @@ def render_status(document: Mapping[str, Any], *, events: int = _EVENTS_SHOWN) -
     lines.append(f"rollbacks  {moved or '(none)'}")
     recent = list(document.get("events") or [])[-events:] if events else []
     lines.append("")
+    if document.get("events_complete") is False:
+        lines.append(f"(the shared store is unavailable ({_text(document.get('events_error'))}): "
+                     "only the asked replica's own decisions are listed)")
     if not recent:
         lines.append("recent events: none")
     else:
         lines.append(f"recent events: last {len(recent)}, oldest first")
-        lines += table(("TIME (UTC)", "KIND", "REGION", "VERSION", "DETAIL"), [
+        lines += table(("TIME (UTC)", "KIND", "REGION", "VERSION", "REPLICA", "DETAIL"), [
             (format_time(e.get("at")), _text(e.get("kind")), _text(e.get("region")),
-             _text(e.get("version")), _detail(e.get("detail")))
+             _text(e.get("version")), _text(e.get("replica")), _detail(e.get("detail")))
             for e in recent
         ])
     return "\n".join(lines) + "\n"

@@ -43,6 +43,9 @@ LIVE: Final = frozenset({
     "sessions.on_lost_pin",
     "sessions.lost_pin_refuse_s",
     "log.level",
+    # Eval coverage: the header is read by the data plane's policies; the window and
+    # the share by whoever reads the coverage (the counts themselves do not change).
+    "evals",
 })
 
 

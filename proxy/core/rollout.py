@@ -53,6 +53,8 @@ from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Literal
 
+from proxy.core.soak import Counts, Signal
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
@@ -60,7 +62,6 @@ if TYPE_CHECKING:
 
 RegionMode = Literal["atomic", "per_replica"]
 OnCurrentLost = Literal["other_regions", "flip"]
-Signal = Literal["errors", "structured_output", "evals"]
 SIGNALS: tuple[Signal, ...] = ("errors", "structured_output", "evals")
 
 
@@ -135,6 +136,9 @@ class RolloutEvent:
     region: str
     version: str
     detail: Mapping[str, object] = field(default_factory=dict)
+    # The pinproxy replica that took the decision (set by the controller that recorded
+    # it; the pure functions here do not know which replica runs them).
+    replica: str | None = None
 
 
 # --- the evaluator -------------------------------------------------------------------------
@@ -294,18 +298,6 @@ def with_rollback(rollbacks: Mapping[str, str], bad: str, goal: str) -> dict[str
 
 
 # --- the regression judge --------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Counts:
-    """Trials and failures of one signal."""
-
-    trials: int = 0
-    failures: int = 0
-
-    @property
-    def rate(self) -> float:
-        return self.failures / self.trials if self.trials else 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ class LivePolicies:
     lost_pin: LostPinPolicy
     retry_budget_percent: float
     min_retry_concurrency: int
+    eval_header: str | None  # evals.header: marks eval traffic (None: none is marked)
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: ProxyMetrics) -> LivePolicies:
@@ -59,4 +60,5 @@ class LivePolicies:
             lost_pin=LostPinPolicy(settings.sessions, metrics, routing.retry_after_s),
             retry_budget_percent=routing.retry_budget_percent,
             min_retry_concurrency=routing.min_retry_concurrency,
+            eval_header=settings.evals.header,
         )

@@ -156,7 +156,6 @@ class DataPlane:
         self._probe = probe
         self._trace = trace
         self._trusted = TrustedProxies(settings.listen.trusted_proxies)
-        self._eval_header = settings.evals.header
         # Usage and JSON validity are read off responses only for someone to observe.
         self._tap_limits = TapLimits() if self._observers else None
 
@@ -200,6 +199,9 @@ class DataPlane:
         )
         forwarding = self._forwarding(request)
         outcome = Outcome(client=forwarding.client)
+        # Read on arrival, like every live policy: a reload under way does not re-mark it.
+        eval_header = self._live.eval_header
+        eval_run = eval_header is not None and eval_header in request.headers
         self._budget.active += 1
         try:
             if refusal is not None:
@@ -227,7 +229,7 @@ class DataPlane:
             self._budget.active -= 1
             if self._observers:
                 self._emit(request, request_id, (incoming_trace, traceparent), arrived_at,
-                           arrived, outcome)
+                           arrived, outcome, eval_run)
 
     def _emit(
         self,
@@ -237,6 +239,7 @@ class DataPlane:
         arrived_at: float,
         arrived: float,
         outcome: Outcome,
+        eval_run: bool,
     ) -> None:
         event = outcome.event(
             at=arrived_at,
@@ -246,7 +249,7 @@ class DataPlane:
             method=request.method,
             path=request.rel_url.path,
             duration_s=self._clock.monotonic() - arrived,
-            eval_run=self._eval_header is not None and self._eval_header in request.headers,
+            eval_run=eval_run,
         )
         for observer in self._observers:
             try:

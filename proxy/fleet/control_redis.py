@@ -27,10 +27,9 @@ import orjson
 
 from proxy.core.models import Backend, InvalidVersion, VersionBundle
 from proxy.core.outage import OutageLog
-from proxy.core.tasks import stop_tasks
 from proxy.fleet.control import ControlState, ControlUnavailable, PushedReport
 from proxy.redis.call import RedisCall, RedisFailure
-from proxy.redis.pubsub import Subscriber
+from proxy.redis.pubsub import Subscriber, stop
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -180,10 +179,8 @@ class RedisControlStore:
             logger.warning("started before the shared control state could be loaded")
 
     async def close(self) -> None:
-        if self._subscriber is not None:
-            self._subscriber.close()
-        await stop_tasks([self._task], timeout_s=1.0 + 2 * self._op_timeout_s,
-                         what="control subscription")  # fmt: skip
+        await stop(self._subscriber, self._task, timeout_s=1.0 + 2 * self._op_timeout_s,
+                   what="control subscription")
         self._task = None
 
     async def _reload(self, reload: Callable[[], Awaitable[None]]) -> None:

@@ -1,52 +1,48 @@
-"""Runs the rollout discipline (proxy/core/rollout.py): shares its state, acts on its events.
+"""Runs the rollout discipline (proxy/core/rollout.py): cutover by compare-and-set, the
+kill switch, operators' forced cutovers and rollbacks.
 
 Theory of operation
 -------------------
-Every ``check_interval_s`` (and whenever a replica announces a change) each pinproxy
-replica loads the shared ``RolloutState``, moves it on with ``rollout.evaluate`` over
-its own registry snapshot, and, when that changed anything, writes it back by
-compare-and-set on the state's ``rev``: of two replicas deciding the same flip, one
-write wins and the other reloads and finds it done. So a region flips in one instant
-for the whole fleet (the winner's), and every replica applies the same
-``region_current`` to its registry (``Registry.set_rollout``), which routing reads.
-With the memory store there is one process and the state is only kept here.
+Every ``check_interval_s`` (and whenever a replica announces a change, or the registry
+publishes one) each pinproxy replica loads the shared ``RolloutState``, moves it on
+with ``rollout.evaluate`` over its own registry snapshot, judges the regions soaking
+(proxy/fleet/rollout_soak.py), and, when that changed anything, writes it back by
+compare-and-set on the state's ``rev`` together with the decisions it took
+(proxy/fleet/rollout_store.py). Of two replicas deciding the same flip, one write wins
+and the other reloads and finds it done; so a region flips in one instant for the
+whole fleet (the winner's), that instant is the soak's start on every replica, and the
+decision is recorded once, naming the replica that took it. Every replica applies the
+same ``region_current`` to its registry (``Registry.set_rollout``), which routing reads.
 
-The soak judge runs here too: ``SoakCounter`` is a request observer that counts, per
-(region, version), answered requests and their failures (5xx and gateway errors;
-structured-output failures among requests that asked for JSON), and eval results
-pushed through the admin API. Each replica judges what it proxied itself; a
-regression found by any replica halts the rollout for all of them: the version is
+A regression found by any replica halts the rollout for all of them: the version is
 blocked for new sessions through the control plane (fleet-wide, like an operator's
 block) and every region that runs it returns to its previous version in the same
-compare-and-set. A replica's false-alarm rate is the rule's ``alpha``; the fleet's is at
-most replicas x alpha.
+compare-and-set.
 
-Every decision is a ``RolloutEvent``: kept (the last ``events_kept``) for
-``GET /admin/rollout``, logged, and counted in ``pinproxy_rollout_events_total``.
+Every decision is a ``RolloutEvent``: recorded in the shared store (the fleet's list,
+``GET /admin/events``), kept here too (the last ``events_kept`` this replica took, the
+fallback while the store is away), logged, and counted in
+``pinproxy_rollout_events_total``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import orjson
 from prometheus_client import Counter, Gauge
 
 from proxy.core.errors import ProxyError
 from proxy.core.models import prompt_of
 from proxy.core.outage import OutageLog
 from proxy.core.rollout import (
-    Counts,
     RegionState,
     RolloutEvent,
     RolloutPolicy,
     RolloutState,
-    Signal,
     evaluate,
     force,
     judge,
@@ -54,28 +50,21 @@ from proxy.core.rollout import (
     with_rollback,
 )
 from proxy.core.tasks import stop_tasks
-from proxy.redis.call import RedisCall, RedisFailure
-from proxy.redis.pubsub import Subscriber
+from proxy.fleet.rollout_soak import SoakBook
+from proxy.fleet.rollout_store import RolloutUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Awaitable, Callable, Sequence
 
     from prometheus_client import CollectorRegistry
-    from redis.asyncio import Redis
 
     from proxy.config.rollout import RolloutConfig
     from proxy.core.clock import Clock
-    from proxy.core.events import RequestEvent
     from proxy.fleet.registry import Registry
-    from proxy.redis.metrics import RedisMetrics
+    from proxy.fleet.rollout_soak import SoakCounter
+    from proxy.fleet.rollout_store import RolloutStore
 
 logger = logging.getLogger(__name__)
-
-
-class RolloutUnavailable(ProxyError):
-    status = 503
-    error_type = "rollout_state_unavailable"
-    default_code = "rollout_state_unavailable"
 
 
 def policy_from(config: RolloutConfig) -> RolloutPolicy:
@@ -85,198 +74,6 @@ def policy_from(config: RolloutConfig) -> RolloutPolicy:
         on_current_lost=config.on_current_lost, alpha=config.alpha, margin=config.margin,
         min_samples=config.min_samples, check_interval_s=config.check_interval_s,
     )
-
-
-# --- counting what each version does in each region ----------------------------------------
-
-
-Cell = tuple[str, str]  # (region, version key)
-
-
-class SoakCounter:
-    """A RequestObserver: cumulative trials and failures per (region, version, signal)."""
-
-    def __init__(self) -> None:
-        self._counts: dict[tuple[str, str, Signal], list[int]] = {}
-
-    def observe(self, event: RequestEvent) -> None:
-        if event.backend_id is None or event.region is None or event.version_key is None:
-            return
-        if event.eval_run:
-            return  # eval traffic is not production: its verdict comes through push_evals
-        failed = event.status >= 500 or event.error_type in ("upstream_error", "upstream_timeout")
-        self.add(event.region, event.version_key, "errors", 1, int(failed))
-        if event.structured_output_valid is not None:
-            self.add(event.region, event.version_key, "structured_output", 1,
-                     int(not event.structured_output_valid))
-
-    def add(self, region: str, version: str, signal: Signal, trials: int, failures: int) -> None:
-        cell = self._counts.get((region, version, signal))
-        if cell is None:
-            cell = self._counts[(region, version, signal)] = [0, 0]
-        cell[0] += trials
-        cell[1] += failures
-
-    def totals(self, version: str, region: str | None = None) -> dict[Signal, Counts]:
-        """Counts of ``version`` in ``region`` (every region: None)."""
-        out: dict[Signal, list[int]] = {}
-        for (r, v, signal), (trials, failures) in self._counts.items():
-            if v == version and (region is None or r == region):
-                acc = out.setdefault(signal, [0, 0])
-                acc[0] += trials
-                acc[1] += failures
-        return {s: Counts(t, f) for s, (t, f) in out.items()}
-
-    def __repr__(self) -> str:
-        return f"SoakCounter(cells={len(self._counts)})"
-
-
-def _minus(now: Mapping[Signal, Counts], base: Mapping[Signal, Counts]) -> dict[Signal, Counts]:
-    out: dict[Signal, Counts] = {}
-    for signal, c in now.items():
-        b = base.get(signal, Counts())
-        out[signal] = Counts(c.trials - b.trials, c.failures - b.failures)
-    return out
-
-
-# --- the shared state ---------------------------------------------------------------------
-
-
-class RolloutStore(Protocol):
-    async def load(self) -> RolloutState: ...
-    async def swap(self, expected_rev: int, state: RolloutState) -> bool:
-        """Write ``state`` if the stored rev is still ``expected_rev``; True if written."""
-        ...
-    async def start(self, changed: Callable[[], Awaitable[None]]) -> None: ...
-    async def close(self) -> None: ...
-
-
-class LocalRolloutStore:
-    def __init__(self) -> None:
-        self._state = RolloutState()
-
-    async def load(self) -> RolloutState:
-        return self._state
-
-    async def swap(self, expected_rev: int, state: RolloutState) -> bool:
-        if self._state.rev != expected_rev:
-            return False
-        self._state = state
-        return True
-
-    async def start(self, changed: Callable[[], Awaitable[None]]) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    def __repr__(self) -> str:
-        return f"LocalRolloutStore(rev={self._state.rev})"
-
-
-# KEYS[1]: the state; ARGV[1]: the expected rev; ARGV[2]: the new document; ARGV[3]: the
-# channel. The rev lives inside the document, so one GET reads both.
-_SWAP = """
-local doc = redis.call('GET', KEYS[1])
-local rev = 0
-if doc then rev = cjson.decode(doc)['rev'] end
-if tonumber(rev) ~= tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], 'changed')
-return 1
-"""
-
-
-def _unavailable(failure: RedisFailure) -> RolloutUnavailable:
-    # The exception's class only: its text could carry connection details.
-    return RolloutUnavailable(
-        f"the shared rollout state is unavailable ({failure.what}): {failure.kind}",
-        code="rollout_state_unavailable",
-    )
-
-
-class RedisRolloutStore:
-    """The state as one JSON document in Redis, swapped by a Lua compare-and-set."""
-
-    def __init__(self, redis: Redis, key_prefix: str, clock: Clock, op_timeout_s: float,
-                 *, redis_metrics: RedisMetrics | None = None) -> None:
-        self._redis = redis
-        self._key = f"{key_prefix}rollout"
-        self._channel = f"{key_prefix}rollout:changed"
-        self._clock = clock
-        self._timeout = op_timeout_s
-        self._call = RedisCall(
-            op_timeout_s, _unavailable, clock=clock.monotonic, metrics=redis_metrics,
-            component="rollout", operations=("load", "swap"),
-        )
-        self._swap = redis.register_script(_SWAP)
-        self._subscriber: Subscriber | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._outage = OutageLog(logger, "rollout subscription")
-
-    async def load(self) -> RolloutState:
-        raw = await self._call("load", self._redis.get(self._key))
-        return RolloutState() if raw is None else state_from_json(raw)
-
-    async def swap(self, expected_rev: int, state: RolloutState) -> bool:
-        written = await self._call(
-            "swap", self._swap(keys=[self._key], args=[expected_rev, state_to_json(state),
-                                                 self._channel])
-        )
-        return bool(written)
-
-    async def start(self, changed: Callable[[], Awaitable[None]]) -> None:
-        async def on_messages(batch: list[object]) -> None:
-            await changed()
-
-        async def on_subscribed() -> None:
-            self._outage.succeeded()
-            await changed()
-
-        self._subscriber = Subscriber(
-            self._redis, self._channel, clock=self._clock, rng=random.Random(),
-            op_timeout_s=self._timeout, poll_s=0.5, on_subscribed=on_subscribed,
-            on_messages=on_messages,
-            on_lost=self._outage.failed,
-        )
-        self._task = asyncio.create_task(self._subscriber.run(), name="rollout-sub")
-
-    async def close(self) -> None:
-        if self._subscriber is not None:
-            self._subscriber.close()
-        await stop_tasks([self._task], timeout_s=1.0 + 2 * self._timeout,
-                         what="rollout subscription")  # fmt: skip
-        self._task = None
-
-    def __repr__(self) -> str:
-        return f"RedisRolloutStore(key={self._key!r})"
-
-
-def state_to_json(state: RolloutState) -> bytes:
-    return orjson.dumps({
-        "rev": state.rev,
-        "regions": {r: asdict(s) for r, s in state.regions.items()},
-        "rollbacks": dict(state.rollbacks),
-    })
-
-
-def state_from_json(raw: bytes | str) -> RolloutState:
-    data = orjson.loads(raw)
-    regions = {r: RegionState(**fields) for r, fields in data.get("regions", {}).items()}
-    return RolloutState(regions, int(data.get("rev", 0)), dict(data.get("rollbacks", {})))
-
-
-# --- the controller -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Soak:
-    """Where a region's soak started counting: baselines to subtract."""
-
-    version: str
-    previous: str
-    new_base: Mapping[Signal, Counts]
-    old_base: Mapping[Signal, Counts]
 
 
 class RolloutController:
@@ -293,10 +90,12 @@ class RolloutController:
         admit: Callable[[str], Awaitable[None]],
         clock: Clock,
         metrics_registry: CollectorRegistry,
+        replica: str,
         stop_timeout_s: float = 5.0,
     ) -> None:
-        """``stop_timeout_s``: how long ``close`` waits for a check under way (longer
-        than a Redis call's timeout)."""
+        """``replica``: this pinproxy replica's name, recorded with its decisions;
+        ``stop_timeout_s``: how long ``close`` waits for a check under way (longer than
+        a Redis call's timeout)."""
         self._config = config
         self._policy = policy_from(config)
         self._registry = registry
@@ -306,8 +105,9 @@ class RolloutController:
         self._admit = admit
         self._clock = clock
         self._state = RolloutState()
+        self._replica = replica
         self._events: deque[RolloutEvent] = deque(maxlen=config.events_kept)
-        self._soaks: dict[str, Soak] = {}
+        self._book = SoakBook(counter.ledger)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -342,8 +142,18 @@ class RolloutController:
     def policy(self) -> RolloutPolicy:
         return self._policy
 
+    @property
+    def replica(self) -> str:
+        return self._replica
+
     def events(self) -> list[RolloutEvent]:
+        """The decisions this replica took (the last ``events_kept``), oldest first."""
         return list(self._events)
+
+    async def fleet_events(self, limit: int) -> list[RolloutEvent]:
+        """Every replica's latest ``limit`` decisions, oldest first, from the shared
+        store; raises ``RolloutUnavailable`` while it cannot be read."""
+        return await self._store.events(limit)
 
     async def start(self) -> None:
         async def changed() -> None:
@@ -395,30 +205,23 @@ class RolloutController:
                 now = self._clock.time()
                 state, events = evaluate(loaded, self._registry.snapshot, self._policy, now)
                 state, events = await self._judge(state, events, now)
-                if state is loaded or await self._store.swap(loaded.rev, state):
-                    self._adopt(state, events)
+                if await self._commit(loaded, state, events) is not None:
                     return
             logger.info("rollout state changed under us three times; next check retries")
 
     async def _judge(self, state: RolloutState, events: list[RolloutEvent], now: float
                      ) -> tuple[RolloutState, list[RolloutEvent]]:
+        self._book.forget(set(state.regions))
         for region, rs in state.regions.items():
-            if not rs.soaking or rs.previous is None:
-                self._soaks.pop(region, None)
+            sides = self._book.sides(region, rs)
+            if sides is None or rs.previous is None:
                 continue
-            soak = self._soaks.get(region)
-            if soak is None or soak.version != rs.current:
-                soak = self._soaks[region] = Soak(
-                    rs.current, rs.previous, self._counter.totals(rs.current, region),
-                    self._counter.totals(rs.previous),
-                )
-            new = _minus(self._counter.totals(rs.current, region), soak.new_base)
-            old = _minus(self._counter.totals(rs.previous), soak.old_base)
-            verdict = judge(new, old, self._policy)
+            verdict = judge(sides.new, sides.old, self._policy)
             if not verdict.regressed:
                 continue
             evidence = {**verdict.evidence(), "soak_since": rs.since,
-                        "window_s": round(now - rs.since, 3), "previous": rs.previous}
+                        "window_s": round(now - rs.since, 3), "previous": rs.previous,
+                        "baseline_at_flip": sides.exact}
             regression = RolloutEvent(now, "regression", region, rs.current, evidence)
             bad = rs.current
             await self._block(bad)
@@ -427,7 +230,19 @@ class RolloutController:
             return state, [*events, regression, *rolled]
         return state, events
 
-    def _adopt(self, state: RolloutState, events: list[RolloutEvent]) -> None:
+    async def _commit(self, loaded: RolloutState, state: RolloutState,
+                      events: Sequence[RolloutEvent]) -> list[RolloutEvent] | None:
+        """Write ``state`` over ``loaded`` with its decisions, stamped with this replica
+        (returned); None when another replica changed the state first (nothing written)."""
+        stamped = [replace(e, replica=self._replica) for e in events]
+        if state is loaded:
+            await self._store.record(stamped)
+        elif not await self._store.swap(loaded.rev, state, stamped):
+            return None
+        self._adopt(state, stamped)
+        return stamped
+
+    def _adopt(self, state: RolloutState, events: Sequence[RolloutEvent]) -> None:
         self._state = state
         atomic = {r: s.current for r, s in state.regions.items()
                   if self._policy.mode_of(r) == "atomic"}
@@ -457,9 +272,9 @@ class RolloutController:
             for _ in range(3):
                 loaded = await self._store.load()
                 state, event = force(loaded, region, version, self._clock.time())
-                if state is loaded or await self._store.swap(loaded.rev, state):
-                    self._adopt(state, [event])
-                    return event
+                recorded = await self._commit(loaded, state, [event])
+                if recorded is not None:
+                    return recorded[0]
         raise RolloutUnavailable("the rollout state kept changing; try again",
                                  code="rollout_state_busy")
 
@@ -498,9 +313,9 @@ class RolloutController:
                         # No region had it current: its sessions still move back.
                         state = RolloutState(state.regions, loaded.rev + 1, with_rollback(
                             state.rollbacks, key, self._resolve(to)))
-                if state is loaded or await self._store.swap(loaded.rev, state):
-                    self._adopt(state, events)
-                    return events
+                recorded = await self._commit(loaded, state, events)
+                if recorded is not None:
+                    return recorded
         raise RolloutUnavailable("the rollout state kept changing; try again",
                                  code="rollout_state_busy")
 
@@ -510,7 +325,7 @@ class RolloutController:
 
     def push_evals(self, region: str, version: str, passed: int, failed: int) -> None:
         """An eval system's results for a version in a region (the ``evals`` signal)."""
-        self._counter.add(region, version, "evals", passed + failed, failed)
+        self._counter.push_evals(region, version, passed, failed)
 
     def __repr__(self) -> str:
         return f"RolloutController(rev={self._state.rev}, regions={len(self._state.regions)})"

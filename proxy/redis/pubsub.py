@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from proxy.core.tasks import stop_tasks
 from proxy.redis.client import REDIS_FAILURES
 
 if TYPE_CHECKING:
@@ -145,3 +146,14 @@ class Subscriber:
 
     def __repr__(self) -> str:
         return f"Subscriber(channel={self._channel!r}, subscriptions={self.subscriptions})"
+
+
+async def stop(
+    subscriber: Subscriber | None, task: asyncio.Task[None] | None, *, timeout_s: float,
+    what: str,
+) -> None:
+    """Close ``subscriber`` and cancel the task running it, waiting until it has ended,
+    for at most ``timeout_s`` (proxy/core/tasks.py: a cancellation can be swallowed)."""
+    if subscriber is not None:
+        subscriber.close()
+    await stop_tasks([task], timeout_s=timeout_s, what=what)

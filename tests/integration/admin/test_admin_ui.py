@@ -102,6 +102,7 @@ async def test_the_page_shows_a_region_flipping_after_a_cutover_and_a_session(
     start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
     proxy, eu = await _proxy(start_pop, start_proxy)
+    rollout = proxy.services.rollout
     await browser.get(f"{proxy.admin_url}/admin/ui?refresh=200")
     await browser.type_and_submit("token", TOKEN)
     await browser.until(f"{ROW} && {ROW}.dataset.state === 'steady'", "eu steady")
@@ -124,6 +125,10 @@ async def test_the_page_shows_a_region_flipping_after_a_cutover_and_a_session(
     assert current == "1"  # eu-1, the one replica on eu's current version
     await browser.until("document.querySelector('#events').innerText.includes('forced')",
                         "the forced decision listed")
+    # Each decision names the replica that took it (the fleet's list, from the store).
+    text = await browser.js("return document.querySelector('#events').innerText;")
+    assert rollout.replica in text
+    assert await browser.js("return document.getElementById('events-partial').hidden;")
 
     # Session lookup.
     async with http.post(f"{proxy.url}/v1/chat/completions", headers={"X-Session-ID": "alice"},

@@ -14,7 +14,7 @@ import aiohttp
 
 from proxy.config.settings import Settings, settings_from_mapping
 from tests.fixtures.proxy import RunningProxy, StartProxy, proxy_config
-from tests.integration.admin.sessions_helpers import chat, wait_routable
+from tests.integration.admin.sessions_helpers import CHAT, chat, wait_routable
 
 if TYPE_CHECKING:
     from proxy.sim import SimPop
@@ -174,3 +174,52 @@ async def test_concurrent_reloads_apply_once(
     results = await asyncio.gather(*(_reload(http, proxy) for _ in range(4)))
     statuses = sorted(body["status"] for _, body in results)
     assert statuses == ["applied", "unchanged", "unchanged", "unchanged"]
+
+
+async def test_the_eval_settings_reload_live(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession
+) -> None:
+    pop = await start_pop("pop-a", "r1", "v1")
+    proxy, config = await _proxy(start_proxy, [pop])
+    await wait_routable(proxy, "pop-a")
+
+    async def marked(header: str, n: int) -> None:
+        for i in range(n):
+            async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT,
+                                 headers={"X-Session-ID": f"{header}-{i}",
+                                          header: "run-1"}) as resp:
+                assert resp.status == 200
+
+    async def traffic() -> Any:
+        async with http.get(f"{proxy.admin_url}/admin/traffic",
+                            headers=proxy.admin_headers) as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    await marked("X-Eval-Run", 2)  # the default header: eval traffic
+    before = await traffic()
+    assert (before["evals"]["requests"], before["requests"]) == (2, 0)
+    assert before["coverage"][0]["uncovered"] is False
+
+    config.data["evals"] = {"header": "X-Eval-Batch", "window_s": 120,
+                            "min_production_share": 0.5}
+    status, body = await _reload(http, proxy)
+    assert status == 200, body
+    assert body["changed"] == ["evals.header", "evals.min_production_share", "evals.window_s"]
+    await marked("X-Eval-Run", 3)  # no longer the eval header: production now
+    await marked("X-Eval-Batch", 1)
+    after = await traffic()
+    assert (after["evals"]["requests"], after["requests"]) == (3, 3)
+    assert (after["eval_header"], after["min_production_share"]) == ("X-Eval-Batch", 0.5)
+    # The coverage is judged over the reloaded window and share: the version had
+    # eval traffic in the window (both headers' requests), so it is covered.
+    assert [(c["production_requests"], c["eval_requests"], c["uncovered"])
+            for c in after["coverage"]] == [(3, 3, False)]
+    assert proxy.services.live_settings.evals.window_s == 120
+    # Unmarked by any header, eval coverage is gone for new requests, not for the past.
+    config.data["evals"] = {"header": None}
+    status, body = await _reload(http, proxy)
+    assert status == 200, body
+    await marked("X-Eval-Batch", 1)
+    last = await traffic()
+    assert (last["eval_header"], last["evals"]["requests"], last["requests"]) == (None, 3, 4)

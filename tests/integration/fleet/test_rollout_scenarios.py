@@ -116,6 +116,10 @@ async def test_a_bad_version_trips_the_kill_switch_on_either_replica_and_every_c
     trips = [e for p in replicas for e in p.services.rollout.events() if e.kind == "regression"]
     assert len(trips) == 1  # judged by one replica, applied by both
     assert trips[0].detail["signal"] == "structured_output"
+    assert trips[0].detail["baseline_at_flip"] is True
+    for proxy in replicas:  # and listed once in the fleet's decisions, by either replica
+        fleet = await proxy.services.rollout.fleet_events(500)
+        assert [e for e in fleet if e.kind == "regression"] == trips
     assert all(current(p, "eu") == V46 for p in replicas)
     exposed = sorted(s for s, answers in seen.items() if ("v47", None) in answers)
     assert exposed
@@ -183,9 +187,9 @@ async def test_eval_scores_pushed_through_the_admin_api_alone_trip_the_kill_swit
                              headers=headers) as resp:
             assert resp.status == 202, await resp.text()
 
-    # An eval system reports in batches while the soak runs (results from before the
-    # judge's soak began are its baseline, not its evidence, so one early batch may not
-    # count): the baseline fails 1% of evals, the new version 20% in the soaking region.
+    # An eval system reports in batches while the soak runs (every batch pushed after the
+    # flip is evidence, however late a replica first judges the soak): the baseline
+    # fails 1% of evals, the new version 20% in the soaking region.
     deadline = time.monotonic() + 20
     while not all(state(p, "eu").halted == V47 for p in replicas):
         assert time.monotonic() < deadline, "eval scores never tripped the kill switch"
@@ -197,3 +201,32 @@ async def test_eval_scores_pushed_through_the_admin_api_alone_trip_the_kill_swit
     assert trips[0].detail["signal"] == "evals"
     assert all(current(p, "eu") == V46 for p in replicas)
     assert all(p.registry.snapshot.blocks(V47) for p in replicas)
+
+
+async def test_a_version_at_3_percent_against_0_1_percent_trips_within_the_soak(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    """The issue's pair over real sockets, at its rates and the default min_samples:
+    v47 fails 1 JSON answer in 33 (3%), v46 1 in 1000 (0.1%); one look per second."""
+    soak_s = 60.0
+    eu, _us, replicas, old = await _soak_setup(
+        start_pop, start_proxy, redis_url, http, soak_s=soak_s, min_samples=200,
+        check_interval_s=1.0)
+    eu.state.json_invalid_every = 33
+    eu.flip(VersionBundle(prompt="v47"))
+    await until(lambda: all(current(p, "eu") == V47 for p in replicas))
+    judge = replicas[0]  # each replica judges what it proxied: send it everything
+    since = state(judge, "eu").since
+    sent = 0
+    while state(judge, "eu").halted != V47:
+        assert time.time() - since < soak_s, f"no trip within the soak ({sent} requests)"
+        # Ten new sessions (eu: v47) and the ten pinned ones (us: v46) at a time.
+        await asyncio.gather(*(ask(http, judge, session, JSON_CHAT)
+                               for n in range(10) for session in (f"new-{sent}-{n}", old[n])))
+        sent += 20
+    trip = next(e for e in judge.services.rollout.events() if e.kind == "regression")
+    assert trip.detail["signal"] == "structured_output"
+    evidence: dict[str, Any] = dict(trip.detail)
+    assert evidence["new_trials"] >= 200
+    assert evidence["new_rate"] > 0.02 > 0.002 > evidence["old_rate"]
+    assert trip.at - since < soak_s

@@ -28,7 +28,7 @@ DOCUMENT: dict[str, Any] = {
     "rollbacks": {V47: V46},
     "events": [
         {"at": T0 + i, "kind": "flipped", "region": "eu", "version": V47,
-         "detail": {"previous": V46}} for i in range(12)
+         "detail": {"previous": V46}, "replica": f"pod-{i % 2}/7/ab12cd"} for i in range(12)
     ],
 }
 
@@ -60,7 +60,18 @@ def test_recent_events_are_the_latest_oldest_first() -> None:
     assert lines[start + 1].split()[:3] == ["TIME", "(UTC)", "KIND"]
     times = [line.split()[1] for line in lines[start + 2:]]
     assert times == ["14:00:09.000", "14:00:10.000", "14:00:11.000"]
-    assert lines[-1].endswith("flipped  eu      prompt=v47  previous=prompt=v46")
+    assert lines[-1].endswith("flipped  eu      prompt=v47  pod-1/7/ab12cd  previous=prompt=v46")
+    assert not any("shared store is unavailable" in line for line in lines)
+
+
+def test_a_list_of_one_replicas_decisions_says_so() -> None:
+    partial = {**DOCUMENT, "events_complete": False,
+               "events_error": "rollout_events_unavailable"}
+    lines = render_status(partial, events=1).splitlines()
+    start = lines.index("recent events: last 1, oldest first")
+    assert lines[start - 1] == (
+        "(the shared store is unavailable (rollout_events_unavailable): only the asked "
+        "replica's own decisions are listed)")
 
 
 def test_an_empty_picture_says_so() -> None:

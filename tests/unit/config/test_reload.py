@@ -129,3 +129,12 @@ def test_the_config_source_reads_the_file_with_the_command_line_overrides(
     with pytest.raises(ConfigError, match=r"routing\.pin_wait_ms") as refused:
         source()
     assert refused.value.fields == ("routing.pin_wait_ms", "routing.max_attempts")
+
+
+def test_the_eval_coverage_settings_change_live() -> None:
+    new = settings(evals={"header": "X-Eval-Batch", "window_s": 600,
+                          "min_production_share": 0.2})
+    plan = plan_reload(settings(), new)
+    assert plan.allowed
+    assert plan.changed == ("evals.header", "evals.min_production_share", "evals.window_s")
+    assert plan_reload(settings(), settings(evals={"header": None})).allowed

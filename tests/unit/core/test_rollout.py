@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from proxy.core.models import Backend, BackendState, Snapshot, VersionBundle
 from proxy.core.rollout import (
-    Counts,
     RegionState,
     RolloutPolicy,
     RolloutState,
@@ -21,6 +20,7 @@ from proxy.core.rollout import (
     roll_back,
     threshold,
 )
+from proxy.core.soak import Counts
 
 NOW = 1_700_000_000.0
 V46, V47, V48 = (VersionBundle(prompt=p).key() for p in ("v46", "v47", "v48"))

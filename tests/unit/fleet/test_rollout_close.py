@@ -13,14 +13,16 @@ from proxy.core.clock import ManualClock
 from proxy.core.models import Backend
 from proxy.core.rollout import RolloutState
 from proxy.fleet.registry import Registry
-from proxy.fleet.rollout_control import LocalRolloutStore, RolloutController, SoakCounter
+from proxy.fleet.rollout_control import RolloutController
+from proxy.fleet.rollout_soak import SoakCounter
+from proxy.fleet.rollout_store import LocalRolloutStore
 
 
 class SwallowingStore(LocalRolloutStore):
     """Once armed, a load absorbs a cancellation and answers anyway (once)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(events_kept=10)
         self.armed = False
         self.loading = asyncio.Event()
         self.swallowed = 0
@@ -47,8 +49,8 @@ async def test_close_ends_a_check_that_swallowed_its_cancellation() -> None:
     store = SwallowingStore()
     controller = RolloutController(
         config=RolloutConfig(check_interval_s=0.01), registry=registry, store=store,
-        counter=SoakCounter(), block=_noop, admit=_noop, clock=clock,
-        metrics_registry=CollectorRegistry(), stop_timeout_s=5.0,
+        counter=SoakCounter(clock), block=_noop, admit=_noop, clock=clock,
+        metrics_registry=CollectorRegistry(), replica="test", stop_timeout_s=5.0,
     )  # fmt: skip
     await controller.start()
     store.armed = True  # the loop's next check is the one under way at close
