@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from http.cookies import CookieError, SimpleCookie
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote
 
 import httptools
@@ -30,10 +30,29 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
     from proxy.core.errors import ProxyError
-    from proxy.dataplane.h1_server import H1Connection
+    from proxy.dataplane.edge_options import EdgeOptions
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LOW_WATER = 16 * 1024  # reading resumes once the handler has this little left unread
+
+
+class Connection(Protocol):
+    """What an exchange needs of its connection (h1_server.H1Connection)."""
+
+    transport: asyncio.Transport | None
+    ip: str | None
+    local: tuple[str, int] | None
+    tls: bool
+    options: EdgeOptions
+    write_paused: bool
+
+    def keep_alive_for(self, exchange: H1Exchange) -> bool: ...
+
+    def resume_reading(self) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 def decode_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDictProxy[str]:
@@ -73,7 +92,7 @@ class H1Exchange:
 
     def __init__(
         self,
-        conn: H1Connection,
+        conn: Connection,
         method: str,
         target: str,
         version: tuple[int, int],
