@@ -644,6 +644,9 @@ def start_vllm_router(
     cmd = [
         binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", backend_url,
         "--policy", "consistent_hash", "--log-level", "warning",
+        # Its metrics listener defaults to port 29000: two benches on one machine
+        # would collide there, and the second router would not start.
+        "--prometheus-port", str(free_port()),
     ]
     return procs.start(
         name, layout.wrap(cmd, cpus), port=port, timeout_s=60.0, env={"RUST_LOG": "warn"}
