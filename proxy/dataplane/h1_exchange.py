@@ -1,4 +1,4 @@
-"""One request on an ``H1Connection`` and the writer of its answer (an ``Exchange``).
+"""One request on an ``H1Connection`` (h1_connection.py) and the writer of its answer.
 
 The connection's parser callbacks fill the exchange (``feed``, ``body_done``,
 ``body_failed``); the handler reads the body with ``read_chunk`` and answers with
@@ -37,7 +37,7 @@ _LOW_WATER = 16 * 1024  # reading resumes once the handler has this little left 
 
 
 class Connection(Protocol):
-    """What an exchange needs of its connection (h1_server.H1Connection)."""
+    """What an exchange needs of its connection (h1_connection.H1Connection)."""
 
     transport: asyncio.Transport | None
     ip: str | None
@@ -51,6 +51,8 @@ class Connection(Protocol):
     def resume_reading(self) -> None: ...
 
     async def drain(self) -> None: ...
+
+    def close_gracefully(self) -> None: ...
 
     def abort(self) -> None: ...
 
@@ -287,7 +289,7 @@ class H1Exchange:
         if self._framing is Framing.CHUNKED and transport is not None:
             transport.write(LAST_CHUNK)
         if self._framing is Framing.CLOSE and transport is not None:
-            transport.close()
+            self._conn.close_gracefully()  # the end of the connection ends the body
         self.complete = True
 
     def abort(self) -> None:

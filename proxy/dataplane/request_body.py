@@ -146,7 +146,7 @@ async def _chain(prefix: list[bytes], rest: Exchange, cap: int) -> AsyncIterator
     """``prefix``, then the rest of the body, as it streams upstream.
 
     The listener fails a body's reads once more than ``listen.max_request_body_bytes``
-    of it arrived (h1_server.py), but a read already woken by the bytes that crossed the
+    of it arrived (h1_connection.py), but a read already woken by the bytes that crossed the
     cap still returns them; counting here keeps those from being sent: failing the
     iteration aborts the upstream request before it is complete.
     """

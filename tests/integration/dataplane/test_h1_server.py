@@ -167,3 +167,25 @@ async def test_shutdown_closes_idle_connections_and_lets_an_answer_in_flight_fin
     finally:
         idle_writer.close()
         busy_writer.close()
+
+
+async def test_a_refusal_reaches_a_client_still_sending_instead_of_a_reset(
+    serve: Serve,
+) -> None:
+    """413 up front while the client's body is still in flight: the answer must arrive
+    whole and the connection end with a FIN, not a reset that would discard it."""
+
+    async def handler(exchange: Exchange) -> None:
+        raise AssertionError("a refused request is never handled")
+
+    _server, port = await serve(handler, max_body_bytes=1024)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        body = b"x" * 512 * 1024
+        writer.write(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        writer.write(body)
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"request_body_too_large" in answer
