@@ -1,10 +1,10 @@
-"""The data port: one handler for every request, served by aiohttp's low-level server.
+"""The data port: one handler for every request, served by pinproxy's own HTTP server.
 
-Every data-port request goes to the same handler, so aiohttp's URL dispatcher, match
-info and middleware chain would only cost time (what skipping them saved:
-bench/RESULTS.md). The port is therefore served by aiohttp's public
-low-level server (``web.Server`` — here :class:`~proxy.dataplane.listener.EdgeServer`,
-which adds the edge's limits — run by ``web.ServerRunner``), not by an application.
+Every data-port request goes to the same handler, so a URL dispatcher, match info and
+a middleware chain would only cost time. The port is served by
+:class:`~proxy.dataplane.h1_server.H1Server` (an asyncio protocol on httptools, with
+the edge's limits), which hands each request to ``data_port_handler`` as an
+:class:`~proxy.dataplane.exchange.Exchange`; aiohttp serves the admin listener only.
 
 The port has one error boundary (proxy/dataplane/boundary.py), the data plane's: it
 answers whatever the data plane raises, and whatever the front door here raises (an
@@ -17,19 +17,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from aiohttp import HttpVersion11, web
-
 from proxy.core.edge_limits import method_refusal, target_refusal
 from proxy.core.errors import ExpectationFailed, PathNotServed, ProxyError
 from proxy.dataplane.edge_options import EdgeOptions
+from proxy.dataplane.exchange import Exchange
+from proxy.dataplane.h1_server import H1Server
 from proxy.dataplane.health import HealthEndpoints
-from proxy.dataplane.listener import EdgeServer
-from proxy.dataplane.relay import error_response
+from proxy.dataplane.relay import respond_error
 
 if TYPE_CHECKING:
     from proxy.app.services import Services
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Handler = Callable[[Exchange], Awaitable[None]]
 
 
 def data_port_handler(services: Services) -> Handler:
@@ -45,18 +44,21 @@ def data_port_handler(services: Services) -> Handler:
     dataplane, admission = services.dataplane, services.admission
     boundary = dataplane.boundary
 
-    async def serve(request: web.BaseRequest) -> web.StreamResponse:
+    async def serve(request: Exchange) -> None:
         try:
             refusal = method_refusal(request.method) or _target_refusal(request, listen_host)
             if refusal is not None:
-                return error_response(refusal)
+                await respond_error(request, refusal)
+                return
             if request.headers.get("Expect") is not None:
                 await _expect(request)
             path = request.path
             if path == health_path:
-                return await health.healthz(request)
+                await health.healthz(request)
+                return
             if path == ready_path:
-                return await health.readyz(request)
+                await health.readyz(request)
+                return
             if not path.startswith("/"):
                 # Asterisk form (OPTIONS *) and authority form (CONNECT host:port) name
                 # no resource to proxy, and a CONNECT must never open a tunnel.
@@ -66,62 +68,51 @@ def data_port_handler(services: Services) -> Handler:
         except Exception as exc:
             # The data plane's boundary, which answers (and records) everything past
             # this point.
-            return error_response(boundary.error_for(exc, request))
+            await respond_error(request, boundary.error_for(exc, request))
+            return
         # Admission control (limits.*): only proxied requests queue or are shed.
-        return await admission.run(request, dataplane.handle, dataplane.handle)
+        await admission.run(request, dataplane.handle, dataplane.handle)
 
     return serve
 
 
-def data_port_runner(services: Services) -> web.ServerRunner:
-    """The data port's runner: ``data_port_handler`` behind the edge's limits.
+def data_port_server(services: Services) -> H1Server:
+    """The data port's server: ``data_port_handler`` behind the edge's limits.
 
-    ``handler_cancellation``: a client that disconnects cancels its handler, which
-    closes the upstream request instead of generating tokens nobody will read.
-    ``auto_decompress=False``: a request body passes byte for byte, its
-    Content-Encoding with it (aiohttp would inflate a gzip body and forward the plain
-    bytes still labelled gzip, which the backend then fails to inflate).
+    A client that disconnects cancels its handler, which closes the upstream request
+    instead of generating tokens nobody will read. A request body passes byte for
+    byte, its Content-Encoding with it (never inflated on the way).
     """
-    server = EdgeServer(
+    return H1Server(
         data_port_handler(services),
         options=EdgeOptions.data_port(services.settings),
         metrics=services.metrics,
-        handler_cancellation=True,
-        access_log=None,
-        auto_decompress=False,
-    )
-    return web.ServerRunner(
-        server, shutdown_timeout=services.settings.listen.shutdown_timeout_s
     )
 
 
-def _target_refusal(request: web.BaseRequest, listen_host: str) -> ProxyError | None:
+def _target_refusal(request: Exchange, listen_host: str) -> ProxyError | None:
     """An absolute-form target not naming this proxy (edge_limits.target_refusal)."""
-    target = request.raw_path
+    target = request.target
     if target.startswith("/"):
         return None  # origin form: nearly every request, decided without a lookup
-    transport = request.transport
-    local = transport.get_extra_info("sockname") if transport is not None else None
+    local = request.local
     # A wildcard listen host names no authority a client could have meant.
     hosts, port = ([] if listen_host in ("0.0.0.0", "::", "") else [listen_host]), None
-    if isinstance(local, tuple | list) and len(local) >= 2:
-        hosts.append(str(local[0]))
-        port = int(local[1])
+    if local is not None:
+        hosts.append(local[0])
+        port = local[1]
     return target_refusal(target, "http", hosts, port)
 
 
-async def _expect(request: web.BaseRequest) -> None:
+async def _expect(request: Exchange) -> None:
     """Answer ``Expect: 100-continue`` (RFC 9110 §10.1.1).
 
-    The low-level server has no router to do it, and a client that sent it waits for
-    the interim answer before sending its body: without one the request would stall
-    until the client gives up.
+    A client that sent it waits for the interim answer before sending its body:
+    without one the request would stall until the client gives up.
     """
     expect = request.headers.get("Expect", "")
-    if request.version != HttpVersion11:
+    if request.version != (1, 1):
         return  # HTTP/1.0 has no interim answers; the client sends its body anyway
     if expect.lower() != "100-continue":
         raise ExpectationFailed(f"unknown expectation {expect!r}", code="417")
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # the interim answer is not part of the response
-    await request.writer.drain()
+    await request.send_continue()

@@ -64,8 +64,8 @@ class ListenConfig(Section):
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     max_connections_per_ip: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     # Sizes. A request head (request line and headers) over max_request_head_bytes is
-    # answered 431 before anything is forwarded (aiohttp's own caps also apply: a line
-    # over 8190 bytes, more than 128 headers). A body over max_request_body_bytes is
+    # answered 431 before anything is forwarded (aiohttp's parser caps also apply: a
+    # line over 8190 bytes, more than 128 headers). A body over max_request_body_bytes is
     # answered 413: up front when its Content-Length says so, else (chunked) as soon as
     # that much has arrived, the upstream request aborted. 0: no body limit. The default
     # fits chat requests with images; raise it for file uploads (/v1/files).

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -32,6 +32,16 @@ LOG_EVERY_S = 10.0
 def http_refusal(exc: web.HTTPException) -> ProxyError:
     """aiohttp's refusal (e.g. its 413) as the narrow error of its status."""
     return refusal_for_status(exc.status, exc.reason, code=str(exc.status))
+
+
+class _Request(Protocol):
+    """What a log line names of the request that failed (either port's request)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
 
 
 class ErrorBoundary:
@@ -58,7 +68,7 @@ class ErrorBoundary:
         # that is answered 500.
         self._observer_logs = WarningLimiter(interval_s, clock)
 
-    def error_for(self, exc: Exception, request: web.BaseRequest | None = None) -> ProxyError:
+    def error_for(self, exc: Exception, request: _Request | None = None) -> ProxyError:
         """The error to answer ``exc`` with (logging it when it is a bug)."""
         if isinstance(exc, ProxyError):
             return exc
@@ -85,7 +95,3 @@ class ErrorBoundary:
     def __repr__(self) -> str:
         return f"ErrorBoundary({self._port}, {self._logs!r})"
 
-
-def response_started(request: web.BaseRequest) -> bool:
-    """Whether part of an answer already left: nothing else can be answered then."""
-    return request.writer.output_size > 0

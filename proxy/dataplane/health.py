@@ -16,13 +16,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 
 from proxy.core.errors import MethodNotAllowed, ProxyError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from proxy.dataplane.exchange import Exchange
     from proxy.fleet.registry import Registry
     from proxy.store import PinStore
 
@@ -54,11 +54,11 @@ class HealthEndpoints:
         self._store = store
         self._drain = drain
 
-    async def healthz(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def healthz(self, request: Exchange) -> None:
         _only_get(request)
-        return _json(200, {"status": "alive"})
+        await _json(request, 200, {"status": "alive"})
 
-    async def readyz(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def readyz(self, request: Exchange) -> None:
         _only_get(request)
         snapshot = self._registry.snapshot
         known = sum(1 for s in snapshot.backends if s.version_key is not None)
@@ -82,20 +82,22 @@ class HealthEndpoints:
             "checks": {"backends": backends, "pin_store": pin_store,
                        "draining": {"ok": not draining}},
         }
-        return _json(200 if ready else 503, body)
+        await _json(request, 200 if ready else 503, body)
 
     def __repr__(self) -> str:
         return f"HealthEndpoints(drain={self._drain!r})"
 
 
-def _only_get(request: web.BaseRequest) -> None:
+def _only_get(request: Exchange) -> None:
     if request.method not in ("GET", "HEAD"):
         raise MethodNotAllowed(
             f"{request.method} is not allowed here (GET only)", headers={"Allow": "GET, HEAD"}
         )
 
 
-def _json(status: int, body: dict[str, Any]) -> web.Response:
+async def _json(request: Exchange, status: int, body: dict[str, Any]) -> None:
     # Never cached: a balancer must see the current answer.
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+    await request.respond(status, _JSON_HEADERS, orjson.dumps(body))
+
+
+_JSON_HEADERS = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))

@@ -1,4 +1,6 @@
-"""Both listeners' HTTP server: aiohttp's, with an edge's limits on what clients send.
+"""The admin and metrics listeners' HTTP server: aiohttp's, with the edge's limits.
+
+(The data port has its own server, h1_server.py, with the same limits.)
 
 Theory of operation. aiohttp's low-level server (``web.Server``) makes one
 ``RequestHandler`` (an asyncio protocol) per connection; ``EdgeServer`` makes an
@@ -43,8 +45,6 @@ integration tests (tests/integration/dataplane/test_edge_*.py) pin what this rel
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
@@ -54,7 +54,6 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy.core.edge_limits import (
     ConnectionAdmission,
-    WarningLimiter,
     body_too_large_error,
     connection_refusal,
     declared_body_too_large,
@@ -68,17 +67,13 @@ from proxy.core.edge_limits import (
 )
 from proxy.core.errors import HandlerTimeout, InternalError, ProxyError
 from proxy.dataplane.edge_options import EdgeOptions, bannered
+from proxy.dataplane.edge_report import EdgeReport
 from proxy.dataplane.relay import error_response
 
 if TYPE_CHECKING:
     from aiohttp.streams import StreamReader
 
     from proxy.telemetry.metrics import ProxyMetrics
-
-logger = logging.getLogger(__name__)
-
-# Anyone can send malformed requests: one warning per this long, however many come.
-_WARN_EVERY_S = 10.0
 
 
 class EdgeServer(web.Server):
@@ -98,10 +93,8 @@ class EdgeServer(web.Server):
         self.admission = ConnectionAdmission(
             options.max_connections, options.max_connections_per_ip
         )
-        self._metrics = metrics
+        self._report = EdgeReport(options.name, metrics)
         self._loop_ = asyncio.get_running_loop()
-        self._malformed_warnings = WarningLimiter(_WARN_EVERY_S, time.monotonic)
-        self._error_logs = WarningLimiter(_WARN_EVERY_S, time.monotonic)
         # What aiohttp's Server would hand each RequestHandler (it keeps them private).
         self._protocol_kwargs = {
             k: v for k, v in kwargs.items() if k not in ("request_factory", "handler_cancellation")
@@ -113,29 +106,16 @@ class EdgeServer(web.Server):
         return EdgeProtocol(self, loop=self._loop_, **self._protocol_kwargs)
 
     def refused(self, reason: str) -> None:
-        self._metrics.client_connections_refused.labels(self.options.name, reason).inc()
+        self._report.refused(reason)
 
     def timed_out(self, phase: str) -> None:
-        self._metrics.client_timeouts.labels(self.options.name, phase).inc()
+        self._report.timed_out(phase)
 
     def malformed(self, reason: str, peer: str | None) -> None:
-        """Count a malformed request; warn, at most once per ``_WARN_EVERY_S``."""
-        self._metrics.bad_http_requests.labels(self.options.name, reason).inc()
-        held = self._malformed_warnings.allow()
-        if held is not None:
-            logger.warning(
-                "%s HTTP request on the %s port from %s (%s); answered 4xx and closed%s",
-                "oversized" if reason == "body_too_large" else "malformed",
-                self.options.name, peer or "?", reason,
-                f"; {held} more since the last such warning" if held else "",
-            )
+        self._report.malformed(reason, peer)
 
     def unexpected(self, exc: BaseException | None) -> None:
-        """A handler failed in a way nothing caught: log it, at most once per interval."""
-        held = self._error_logs.allow()
-        if held is not None:
-            logger.error("unexpected error answering on the %s port (%d more since)",
-                         self.options.name, held, exc_info=exc)
+        self._report.unexpected(exc)
 
     def __repr__(self) -> str:
         return f"EdgeServer({self.options.name}, {self.admission!r})"

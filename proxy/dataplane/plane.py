@@ -27,8 +27,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, TypeVar
 
-from aiohttp import web
-
 from proxy.core.continuation import continues_conversation
 from proxy.core.errors import (
     Overloaded,
@@ -51,10 +49,10 @@ from proxy.core.headers import (
     valid_request_id,
 )
 from proxy.core.models import STAMP_HEADERS, Dimension, InvalidVersion, Pin, check_value
-from proxy.dataplane.boundary import ErrorBoundary, response_started
+from proxy.dataplane.boundary import ErrorBoundary
 from proxy.dataplane.live_policy import LivePolicies
 from proxy.dataplane.pin_token_http import PinTokenHeaders, changed_against_token
-from proxy.dataplane.relay import Served, error_response, relay
+from proxy.dataplane.relay import Served, relay, respond_error
 from proxy.dataplane.request_body import RequestBody
 from proxy.policy.lifecycle import (
     CountMismatch,
@@ -97,6 +95,7 @@ if TYPE_CHECKING:
     from proxy.core.clock import Clock
     from proxy.core.events import RequestObserver
     from proxy.core.ewma import LoadTracker
+    from proxy.dataplane.exchange import Exchange
     from proxy.dataplane.request_body import RequestBody
     from proxy.fleet.registry import Registry
     from proxy.policy.pin_token import TokenCheck
@@ -179,11 +178,10 @@ class DataPlane:
         self._budget.reconfigure(live.retry_budget_percent, live.min_retry_concurrency)
         self._live = live
 
-    async def handle(
-        self, request: web.BaseRequest, refusal: ProxyError | None = None
-    ) -> web.StreamResponse:
-        """Proxy ``request``; or, given a ``refusal`` (admission shed it), answer that
-        without reading the body or routing, recorded like any other answer."""
+    async def handle(self, request: Exchange, refusal: ProxyError | None = None) -> None:
+        """Answer ``request`` (proxied, or refused with a JSON error), and record it; given
+        a ``refusal`` (admission shed it), answer that without reading the body or
+        routing, recorded like any other answer."""
         arrived_at = self._clock.time()
         arrived = self._clock.monotonic()
         incoming = request.headers.get("X-Request-ID")
@@ -206,7 +204,7 @@ class DataPlane:
         try:
             if refusal is not None:
                 raise refusal
-            return await self._proxy(
+            await self._proxy(
                 request, request_id, traceparent, arrived, outcome, forwarding
             )
         except Exception as exc:
@@ -217,14 +215,13 @@ class DataPlane:
                 self._metrics.unavailable.labels(error.version_key).inc()
                 outcome.version_key = error.version_key
             outcome.error_type = error.error_type
-            if response_started(request):
+            if request.response_started:
                 # The head is out (its status recorded by relay): the answer can
                 # only be cut off, which tells the client it is incomplete.
-                if request.transport is not None:
-                    request.transport.close()
-                return web.Response(status=outcome.status)
+                request.abort()
+                return
             outcome.status = error.status
-            return error_response(error, request_id)
+            await respond_error(request, error, request_id)
         finally:
             self._budget.active -= 1
             if self._observers:
@@ -233,7 +230,7 @@ class DataPlane:
 
     def _emit(
         self,
-        request: web.BaseRequest,
+        request: Exchange,
         request_id: str,
         traces: tuple[str | None, str],
         arrived_at: float,
@@ -247,7 +244,7 @@ class DataPlane:
             traceparent=traces[1],
             incoming_traceparent=traces[0],
             method=request.method,
-            path=request.rel_url.path,
+            path=request.path,
             duration_s=self._clock.monotonic() - arrived,
             eval_run=eval_run,
         )
@@ -260,13 +257,13 @@ class DataPlane:
 
     async def _proxy(
         self,
-        request: web.BaseRequest,
+        request: Exchange,
         request_id: str,
         traceparent: str,
         arrived: float,
         outcome: Outcome,
         forwarding: Forwarding,
-    ) -> web.StreamResponse:
+    ) -> None:
         live = self._live  # this request's policies, to its end (see reconfigure)
         body, session_id = await live.body_reader.read(request)
         outcome.session_id = session_id
@@ -287,13 +284,13 @@ class DataPlane:
             outcome.extra_headers = self._tokens.answer_headers(
                 session_id, served_pin, token, self._clock.time()
             )
-        return await relay(
+        await relay(
             request, request_id, served, outcome, loads=self._loads, tap_limits=self._tap_limits
         )
 
     async def _route_and_send(
         self,
-        request: web.BaseRequest,
+        request: Exchange,
         request_id: str,
         traceparent: str,
         body: RequestBody,
@@ -423,7 +420,7 @@ class DataPlane:
 
     async def _attempt(
         self,
-        request: web.BaseRequest,
+        request: Exchange,
         request_id: str,
         traceparent: str,
         body: RequestBody,
@@ -492,7 +489,7 @@ class DataPlane:
 
     async def _send(
         self,
-        request: web.BaseRequest,
+        request: Exchange,
         request_id: str,
         traceparent: str,
         body: RequestBody,
@@ -516,7 +513,7 @@ class DataPlane:
         started = self._clock.monotonic()
         try:
             response = await self._upstream.send(
-                request.method, backend.backend.url, request.rel_url.raw_path_qs, headers,
+                request.method, backend.backend.url, request.raw_path_qs, headers,
                 payload, replayable=action.replayable,
             )
         except UpstreamError:
@@ -570,15 +567,10 @@ class DataPlane:
             return None
         return self._registry.report_stamp(backend_id, stamp)
 
-    def _forwarding(self, request: web.BaseRequest) -> Forwarding:
+    def _forwarding(self, request: Exchange) -> Forwarding:
         """Who the client is (forwarded.py): the socket's peer, or as far back as the
         trusted proxies in front vouch for."""
-        transport = request.transport
-        scheme = (
-            "https"
-            if transport is not None and transport.get_extra_info("sslcontext") is not None
-            else "http"
-        )
+        scheme = "https" if request.tls else "http"
         trusted = self._trusted
         headers = forwarding_headers(request.headers) if trusted else ()
         return forwarding(request.remote, scheme, trusted, headers)

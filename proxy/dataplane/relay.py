@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from proxy.core.events import Outcome
     from proxy.core.ewma import LoadTracker
     from proxy.core.models import Forward
+    from proxy.dataplane.exchange import Exchange
     from proxy.telemetry.usage import TapLimits
     from proxy.upstream.client import UpstreamResponse
 
@@ -37,14 +38,14 @@ class Served:
 
 
 async def relay(
-    request: web.BaseRequest,
+    exchange: Exchange,
     request_id: str,
     served: Served,
     outcome: Outcome,
     *,
     loads: LoadTracker,
     tap_limits: TapLimits | None,
-) -> web.StreamResponse:
+) -> None:
     """Write the backend's answer to the client: head, then the body as it arrives.
 
     Usage and JSON validity are read off the body after each write (never delaying a
@@ -65,16 +66,9 @@ async def relay(
         for name, value in outcome.extra_headers:
             headers.add(name, value)
     outcome.streamed = upstream.content_type == "text/event-stream"
-    # An answer that is already all here (most non-streamed ones) goes out as one
-    # web.Response, whose head and body leave in one write instead of two.
+    # An answer that is already all here (most non-streamed ones) goes out in one
+    # write, head and body together.
     whole = upstream.whole_body()
-    out = (
-        web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        if whole is None
-        else web.Response(
-            status=upstream.status, reason=upstream.reason, headers=headers, body=whole
-        )
-    )
     tap = None
     if tap_limits is not None:
         tap = new_tap(
@@ -86,16 +80,19 @@ async def relay(
         )
     completed = False
     try:
-        await out.prepare(request)
-        outcome.status = upstream.status  # the status sent, whatever befalls the body
-        if whole is None:
+        if whole is not None:
+            await exchange.respond(upstream.status, headers.items(), whole, upstream.reason)
+            outcome.status = upstream.status  # the status sent, whatever befalls the body
+            if tap is not None:
+                tap.feed(whole)
+        else:
+            await exchange.start(upstream.status, headers.items(), upstream.reason)
+            outcome.status = upstream.status
             while chunk := await upstream.read_chunk():
-                await out.write(chunk)
+                await exchange.write(chunk)
                 if tap is not None:
                     tap.feed(chunk)  # after the write: reading never delays a byte
-        await out.write_eof()
-        if whole and tap is not None:
-            tap.feed(whole)
+            await exchange.finish()
         completed = True
         if tap is not None:
             found = tap.finish()
@@ -107,8 +104,7 @@ async def relay(
         # truncated answer off as complete; dropping the connection tells the truth.
         logger.warning("backend %s failed mid-response: %r", backend.id, exc)
         outcome.error_type = exc.error_type
-        if request.transport is not None:
-            request.transport.close()
+        exchange.abort()
     except ConnectionResetError:
         logger.debug("client went away mid-response (request %s)", request_id)
         outcome.status = 499  # nginx's "client closed request": nobody read the answer
@@ -121,11 +117,21 @@ async def relay(
         else:
             upstream.close()
         loads.finish(backend.id, None if served.failed else served.ttfb_s)
-    return out
+
+
+async def respond_error(
+    exchange: Exchange, exc: ProxyError, request_id: str | None = None
+) -> None:
+    """Answer with the OpenAI-shaped JSON body of any ProxyError."""
+    headers = [("Content-Type", "application/json"), *exc.headers.items()]
+    if request_id is not None:
+        headers.append(("X-Request-ID", request_id))
+    await exchange.respond(exc.status, headers, exc.body())
 
 
 def error_response(exc: ProxyError, request_id: str | None = None) -> web.Response:
-    """The OpenAI-shaped JSON answer for any ProxyError."""
+    """The OpenAI-shaped JSON answer for any ProxyError, as aiohttp's response (the
+    admin listener's)."""
     headers = dict(exc.headers)
     if request_id is not None:
         headers["X-Request-ID"] = request_id

@@ -30,13 +30,9 @@ from proxy.policy.sessions import BodyLookup, no_json_body, resolve_session_id
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
-    import aiohttp
-    from aiohttp import web
-
     from proxy.config.settings import SessionsConfig
+    from proxy.dataplane.exchange import Exchange
     from proxy.upstream.client import Body
-
-_STREAM_CHUNK = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -50,24 +46,24 @@ class RequestBody:
         return self.data is not None or self.stream is None
 
 
-async def read_body(request: web.BaseRequest, limit: int, cap: int = 0) -> RequestBody:
+async def read_body(request: Exchange, limit: int, cap: int = 0) -> RequestBody:
     """Hold bodies of up to ``limit`` bytes; larger ones stream on, unreplayable, and
     fail past ``cap`` bytes (0: no cap; see ``_chain``)."""
     length = request.content_length
     if not request.body_exists:
         return RequestBody(data=b"", stream=None, content_length=None)
     if length is not None and length > limit:
-        return RequestBody(None, _chain([], request.content, cap), length)
+        return RequestBody(None, _chain([], request, cap), length)
     parts: list[bytes] = []
     size = 0
     while size <= limit:
-        chunk = await request.content.readany()
+        chunk = await request.read_chunk()
         if not chunk:
             return RequestBody(data=b"".join(parts), stream=None, content_length=None)
         parts.append(chunk)
         size += len(chunk)
     # Larger than we hold (and of undeclared length): stream what we have and the rest.
-    return RequestBody(None, _chain(parts, request.content, cap), length)
+    return RequestBody(None, _chain(parts, request, cap), length)
 
 
 class SessionBodyReader:
@@ -85,7 +81,7 @@ class SessionBodyReader:
         self._scan_limit = max(buffer_bytes, sessions.max_scan_bytes)
         self._cap = max_body_bytes
 
-    async def read(self, request: web.BaseRequest) -> tuple[RequestBody, str | None]:
+    async def read(self, request: Exchange) -> tuple[RequestBody, str | None]:
         """The body to send and the session id (None: unpinned); raises ``BadRequest``."""
         encoding = request.headers.get("Content-Encoding")
         kind = (
@@ -106,12 +102,12 @@ class SessionBodyReader:
             )
         return body, session
 
-    async def _read_json(self, request: web.BaseRequest) -> tuple[RequestBody, str | None]:
+    async def _read_json(self, request: Exchange) -> tuple[RequestBody, str | None]:
         parts: list[bytes] = []
         size = 0
         scanner: PathScanner | None = None
         while True:
-            chunk = await request.content.readany()
+            chunk = await request.read_chunk()
             if not chunk:
                 data = b"".join(parts)
                 held = self._resolve(request, HeldJson(data))
@@ -129,7 +125,7 @@ class SessionBodyReader:
                 scanner.feed(chunk)
             session = self._resolve(request, scanner.result)
             if session is not PENDING:
-                stream = _chain(parts, request.content, self._cap)
+                stream = _chain(parts, request, self._cap)
                 return RequestBody(None, stream, request.content_length), session
             if size > self._scan_limit:
                 raise PayloadTooLarge(
@@ -139,20 +135,18 @@ class SessionBodyReader:
                     code="session_id_beyond_scan_limit",
                 )
 
-    def _resolve(self, request: web.BaseRequest, lookup: BodyLookup) -> str | Pending | None:
+    def _resolve(self, request: Exchange, lookup: BodyLookup) -> str | Pending | None:
         return resolve_session_id(
             self._sources, request.headers, request.cookies, lookup,
             max_bytes=self._max_id_bytes,
         )
 
 
-async def _chain(
-    prefix: list[bytes], rest: aiohttp.StreamReader, cap: int
-) -> AsyncIterator[bytes]:
+async def _chain(prefix: list[bytes], rest: Exchange, cap: int) -> AsyncIterator[bytes]:
     """``prefix``, then the rest of the body, as it streams upstream.
 
     The listener fails a body's reads once more than ``listen.max_request_body_bytes``
-    of it arrived (listener.py), but a read already woken by the bytes that crossed the
+    of it arrived (h1_connection.py), but a read already woken by the bytes that crossed the
     cap still returns them; counting here keeps those from being sent: failing the
     iteration aborts the upstream request before it is complete.
     """
@@ -160,7 +154,7 @@ async def _chain(
     prefix.reverse()
     while prefix:
         yield prefix.pop()  # each part is let go of once it is sent
-    async for chunk in rest.iter_chunked(_STREAM_CHUNK):
+    while chunk := await rest.read_chunk():
         sent += len(chunk)
         if cap and sent > cap:
             raise body_too_large_error(cap)

@@ -20,7 +20,7 @@ from proxy.admin.app import build_admin_app
 from proxy.admin.backend_urls import Resolver, system_resolve
 from proxy.admin.metrics_routes import install_metrics_only
 from proxy.admin.routes import installers
-from proxy.app.dataport import data_port_runner
+from proxy.app.dataport import data_port_server
 from proxy.app.services import Services, open_services
 from proxy.config.listen import is_loopback_address
 from proxy.core.errors import ConfigError
@@ -71,16 +71,16 @@ async def running_proxy(
     """
     async with open_services(settings, **service_options) as services, \
             AsyncExitStack() as stack:
-        data = data_port_runner(services)
-        await data.setup()
-        stack.push_async_callback(data.cleanup)
-        await _listen(
-            web.TCPSite(
-                data, settings.listen.host, settings.listen.port, reuse_port=reuse_port,
-                backlog=1024,
-            ),
-            "listen.port", settings.listen.host, settings.listen.port,
-        )
+        data = data_port_server(services)
+        # Closed after the admin and metrics listeners (the stack unwinds in reverse):
+        # stop accepting, then let requests in flight finish.
+        stack.push_async_callback(data.shutdown, settings.listen.shutdown_timeout_s)
+        try:
+            await data.listen(settings.listen.host, settings.listen.port,
+                              reuse_port=reuse_port, backlog=1024)
+        except OSError as exc:
+            raise bind_error("listen.port", settings.listen.host, settings.listen.port,
+                             exc) from exc
         admin_addresses: tuple[tuple[str, int], ...] = ()
         if settings.admin.enabled:
             admin = admin_runner(services, admin_resolve)
