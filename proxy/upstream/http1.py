@@ -119,6 +119,7 @@ class Connection(asyncio.Protocol):
         self._head_size = 0  # of the heads parsed so far (interim ones)
         self._interim = False
         self._head_only = False  # answering HEAD: no body, whatever the head says
+        self._scan_tail = b""  # of an answer to HEAD: see _feed_head_only
         self._head: Http1Response | None = None
         self._keep_alive = False
         self._until_eof = False
@@ -311,7 +312,10 @@ class Connection(asyncio.Protocol):
         if awaiting_head:
             self._head_bytes += len(data)
         try:
-            self._parser.feed_data(data)
+            if self._head_only:
+                self._feed_head_only(data)
+            else:
+                self._parser.feed_data(data)
             if awaiting_head and self._head is None:
                 # No end of the head yet: refuse it without buffering the rest.
                 self._check_head(self._head_bytes, len(self._raw_headers))
@@ -324,6 +328,41 @@ class Connection(asyncio.Protocol):
             self._fail(UpstreamBodyError(message) if self._head else UpstreamError(message))
             self.abort()
             del exc
+
+    def _feed_head_only(self, data: bytes) -> None:
+        """Feed llhttp an answer to HEAD up to the end of its final head, never past it.
+
+        The answer has no body whatever its head says, but llhttp parses on by the
+        head's framing: after ``Transfer-Encoding: chunked`` it would take what follows
+        (a broken backend's ``0\r\n\r\n``, or the start of a stray response) as chunk
+        framing, without a callback, and the connection would look clean. So the heads
+        are found here; bytes after the final one, other than empty lines (which llhttp
+        judges as after any answer), close the connection.
+        """
+        if self._head is None:
+            # Where each head ends; 3 bytes of the last packet catch a split terminator.
+            tail = self._scan_tail
+            joined = tail + data
+            pos = 0  # of ``data``, fed so far
+            while True:
+                end = joined.find(b"\r\n\r\n", max(0, len(tail) + pos - 3))
+                if end < 0:
+                    self._parser.feed_data(data[pos:])
+                    self._scan_tail = joined[-3:]
+                    return
+                cut = end + 4 - len(tail)
+                self._parser.feed_data(data[pos:cut])
+                pos = cut
+                if self._head is not None or self.closed:
+                    break  # the final head (interim ones loop on to the next)
+            data = data[pos:]
+        if data.strip(b"\r\n"):
+            # A body, or a stray answer: the answer stands (it is complete), the
+            # connection does not (as when llhttp itself reports a body: on_body).
+            self._keep_alive = False
+            self.abort()
+        elif data:
+            self._parser.feed_data(data)
 
     def _check_head(self, size: int, count: int) -> None:
         problem = self._limits.exceeded(size, count)

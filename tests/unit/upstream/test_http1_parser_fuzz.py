@@ -165,6 +165,11 @@ def test_a_connection_with_bytes_after_its_response_is_never_reused(
        extra=st.binary(max_size=30), cuts=st.lists(st.integers(0, 300), max_size=6))
 @example(framing="Content-Length: 0", headers=[], interim=False,
          extra=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", cuts=[])
+# Found by this fuzz: llhttp took what followed a chunked-framed answer to HEAD as chunk
+# framing, without a callback, so the connection looked clean and was reused.
+@example(framing="Transfer-Encoding: chunked", headers=[], interim=False, extra=b"0", cuts=[])
+@example(framing="Transfer-Encoding: chunked", headers=[], interim=True,
+         extra=b"0\r\n\r\n", cuts=[20, 40, 41, 42])
 def test_an_answer_to_head_has_no_body_and_is_reused_only_when_nothing_follows(
     framing: str | None, headers: list[tuple[str, str]], interim: bool, extra: bytes,
     cuts: list[int],
