@@ -234,7 +234,11 @@ class RedisPinStore:
         return Lookup(pin)
 
     async def _reasserted(self, session_id: str, held: Pin) -> Lookup:
-        pin = await self.pin_if_absent(session_id, held)
+        pin, written = await self._pin_if_absent(session_id, held)
+        if written:
+            # A write-back like the background re-assertion's (redis_sync.py): whichever
+            # of the two gets there first writes it, and it is counted once.
+            self._sync.reasserted += 1
         if pin.version_key == held.version_key:
             return Lookup(pin)
         return Lookup(pin, changed_from=held.version_key)
@@ -256,6 +260,10 @@ class RedisPinStore:
         task.add_done_callback(self._writing_back.discard)
 
     async def pin_if_absent(self, session_id: str, pin: Pin) -> Pin:
+        return (await self._pin_if_absent(session_id, pin))[0]
+
+    async def _pin_if_absent(self, session_id: str, pin: Pin) -> tuple[Pin, bool]:
+        """The session's pin after the call, and whether this call wrote it."""
         self._check_open()
         generation = self._cache.generation
         raw = await self._call(
@@ -269,7 +277,7 @@ class RedisPinStore:
         # way the next batch records the session under its version (count_pinned).
         self._touches.add(session_id, winner.version_key)
         self._remember(session_id, winner, generation)
-        return winner
+        return winner, raw is None
 
     async def repin(self, session_id: str, pin: Pin) -> Pin | None:
         self._check_open()
