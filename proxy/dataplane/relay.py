@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from proxy.core.ewma import LoadTracker
     from proxy.core.models import Forward
     from proxy.dataplane.exchange import Exchange
-    from proxy.telemetry.usage import TapLimits
+    from proxy.telemetry.usage import ResponseTap, TapLimits
     from proxy.upstream.client import UpstreamResponse
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,7 @@ async def relay(
         else:
             await exchange.start(upstream.status, headers.items(), upstream.reason)
             outcome.status = upstream.status
-            while chunk := await upstream.read_chunk():
-                await exchange.write(chunk)
-                if tap is not None:
-                    tap.feed(chunk)  # after the write: reading never delays a byte
+            await _stream(exchange, upstream, tap)
             await exchange.finish()
         completed = True
         if tap is not None:
@@ -117,6 +114,24 @@ async def relay(
         else:
             upstream.close()
         loads.finish(backend.id, None if served.failed else served.ttfb_s)
+
+
+async def _stream(exchange: Exchange, upstream: UpstreamResponse, tap: ResponseTap | None) -> None:
+    """Relay the body as it arrives: all that is buffered in one write, no coroutine per
+    piece (a bare future per wake, an await only while the client's socket is full)."""
+    take, arrival = upstream.take_chunk, upstream.arrival
+    send = exchange.write_nowait
+    while True:
+        chunk = take()
+        if chunk is None:
+            await arrival()
+            continue
+        if not chunk:
+            return
+        if send(chunk):
+            await exchange.drain()  # a slow client: the backend's read pauses meanwhile
+        if tap is not None:
+            tap.feed(chunk)  # after the write: reading never delays a byte
 
 
 async def respond_error(

@@ -23,6 +23,7 @@ from proxy.core.errors import UpstreamConnectError
 from proxy.upstream.framing import Target
 
 if TYPE_CHECKING:
+    import asyncio
     import ssl
 
     from multidict import CIMultiDict, CIMultiDictProxy
@@ -49,6 +50,15 @@ class UpstreamResponse(Protocol):
 
     async def read_chunk(self) -> bytes:
         """What has arrived of the body; ``b""`` at its end. Raises ``UpstreamBodyError``."""
+        ...
+
+    def take_chunk(self) -> bytes | None:
+        """What has arrived of the body, without waiting; ``b""`` at its end, None when
+        nothing has yet. Raises ``UpstreamBodyError``."""
+        ...
+
+    def arrival(self) -> asyncio.Future[None]:
+        """A future done when more of the body arrives, it ends or it fails."""
         ...
 
     def whole_body(self) -> bytes | None:

@@ -175,14 +175,31 @@ class Connection(asyncio.Protocol):
         return self._head
 
     async def read_chunk(self) -> bytes:
-        while True:
-            if self._chunks:
-                return self._take_buffered()
-            if self.state is ConnState.COMPLETE:
-                return b""
-            if self._error is not None:
-                raise self._error
+        while (data := self.take_chunk()) is None:
             await self._wait()
+        return data
+
+    def take_chunk(self) -> bytes | None:
+        """All the body buffered so far, ``b""`` at its end, None while nothing is here."""
+        if self._chunks:
+            return self._take_buffered()
+        if self.state is ConnState.COMPLETE:
+            return b""
+        if self._error is not None:
+            raise self._error
+        return None
+
+    def arrival(self) -> asyncio.Future[None]:
+        """A future done when more of the response arrives, it ends, or it fails.
+
+        Awaiting it costs the relay one future per wake and no coroutine; the idle
+        timeout still bounds the wait.
+        """
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._last_io + self._idle_timeout_s, self._check_idle)
+        return waiter
 
     def whole_body(self) -> bytes | None:
         if self.state is not ConnState.COMPLETE or self._head_only:
@@ -231,19 +248,19 @@ class Connection(asyncio.Protocol):
     # --- waiting, with the idle timeout ----------------------------------------------
 
     async def _wait(self) -> None:
-        waiter = self._loop.create_future()
-        self._waiter = waiter
-        if self._timer is None:
-            self._timer = self._loop.call_at(self._last_io + self._idle_timeout_s, self._check_idle)
+        waiter = self.arrival()
         try:
             await waiter
         finally:
-            self._waiter = None
+            if self._waiter is waiter:
+                self._waiter = None  # cancelled: nobody waits any more
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None  # woken once: a waiter that looks again asks anew
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _check_idle(self) -> None:
         self._timer = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import asyncio
+
     from multidict import CIMultiDictProxy
 
 
@@ -12,6 +14,8 @@ class Exchange(Protocol):
     """What a response reads its body through: its connection (http1.Connection)."""
 
     async def read_chunk(self) -> bytes: ...
+    def take_chunk(self) -> bytes | None: ...
+    def arrival(self) -> asyncio.Future[None]: ...
     def whole_body(self) -> bytes | None: ...
     def finish(self, *, reuse: bool) -> None: ...
 
@@ -37,6 +41,15 @@ class Http1Response:
     async def read_chunk(self) -> bytes:
         """The next part of the body (all that has arrived); ``b""`` at its end."""
         return await self._conn.read_chunk()
+
+    def take_chunk(self) -> bytes | None:
+        """What has arrived of the body, without waiting: ``b""`` at its end, None when
+        nothing has yet (then await ``arrival()`` and ask again)."""
+        return self._conn.take_chunk()
+
+    def arrival(self) -> asyncio.Future[None]:
+        """Done when more of the body arrives, it ends or it fails (see ``take_chunk``)."""
+        return self._conn.arrival()
 
     def whole_body(self) -> bytes | None:
         """The whole body when all of it has already arrived (then read), else None.
