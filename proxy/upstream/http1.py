@@ -25,6 +25,9 @@ the response, and body chunks are handed to the relay as they arrive. The decisi
   buffered.
 - Backpressure on reading: past ``_HIGH_WATER`` unread bytes the socket stops being read
   until the relay takes what is buffered (it always takes all of it at once).
+- The relay reads a body with ``take_chunk`` (everything buffered, without waiting) and
+  awaits ``arrival()``, a bare future, only when nothing is there: no coroutine per
+  piece. ``read_chunk`` is the same for callers that prefer one await.
 - A response ends the connection's business until it is finished: bytes past its end
   (a second response nobody asked for) close the connection rather than join a body.
 - Timeouts: connecting is bounded by ``connect_timeout_s`` (pool.py); each silence
