@@ -117,21 +117,43 @@ async def relay(
 
 
 async def _stream(exchange: Exchange, upstream: UpstreamResponse, tap: ResponseTap | None) -> None:
-    """Relay the body as it arrives: all that is buffered in one write, no coroutine per
-    piece (a bare future per wake, an await only while the client's socket is full)."""
-    take, arrival = upstream.take_chunk, upstream.arrival
+    """Relay the body as it arrives, with no coroutine and no task wake per piece.
+
+    While the relay waits, the upstream client hands each piece straight to
+    ``forward`` (``stream_to``), which writes it and feeds the tap; the relay's task
+    wakes only at the end, on an error, or when the client's socket is full (then it
+    waits for the drain, the backend's bytes buffering meanwhile and their read pausing
+    past the high-water mark). What was buffered meanwhile goes out in one write.
+    """
+    take, arrival, sink = upstream.take_chunk, upstream.arrival, upstream.stream_to
     send = exchange.write_nowait
+    paused = False
+
+    def forward(piece: bytes) -> bool:
+        nonlocal paused
+        paused = send(piece)
+        if tap is not None:
+            tap.feed(piece)  # after the write: reading never delays a byte
+        return not paused
+
     while True:
         chunk = take()
         if chunk is None:
-            await arrival()
+            sink(forward)
+            try:
+                await arrival()
+            finally:
+                sink(None)
+            if paused:
+                paused = False
+                await exchange.drain()  # a slow client: the backend's read pauses meanwhile
             continue
         if not chunk:
             return
         if send(chunk):
-            await exchange.drain()  # a slow client: the backend's read pauses meanwhile
+            await exchange.drain()
         if tap is not None:
-            tap.feed(chunk)  # after the write: reading never delays a byte
+            tap.feed(chunk)
 
 
 async def respond_error(

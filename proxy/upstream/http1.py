@@ -67,7 +67,7 @@ from proxy.upstream.state import (
 from proxy.upstream.writer import BodyWriter
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable
+    from collections.abc import AsyncIterable, Callable
 
 __all__ = ["Connection", "ConnectionOwner", "HeadLimits", "Http1Response", "Origin", "Target",
            "request_bytes"]
@@ -129,6 +129,8 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
+        self._sink: Callable[[bytes], bool] | None = None  # see stream_to
+        self._sink_error: Exception | None = None
         self._paused = False
         self.got_bytes = False
         self._last_io = 0.0
@@ -184,6 +186,8 @@ class Connection(asyncio.Protocol):
 
     def take_chunk(self) -> bytes | None:
         """All the body buffered so far, ``b""`` at its end, None while nothing is here."""
+        if self._sink_error is not None:
+            raise self._sink_error
         if self._chunks:
             return self._take_buffered()
         if self.state is ConnState.COMPLETE:
@@ -203,6 +207,17 @@ class Connection(asyncio.Protocol):
         if self._timer is None:
             self._timer = self._loop.call_at(self._last_io + self._idle_timeout_s, self._check_idle)
         return waiter
+
+    def stream_to(self, sink: Callable[[bytes], bool] | None) -> None:
+        """While set, each piece of the body parsed goes to ``sink`` at once, unbuffered.
+
+        For the relay while it awaits ``arrival()``: a piece then costs no wake of its
+        task. ``sink`` returns False to stop (the client's socket is full: what follows
+        is buffered, and reading pauses past the high-water mark); the waiter is woken
+        then, and when ``sink`` raises (``take_chunk`` raises it next), and as ever when
+        the body ends or fails. Only a body with nothing buffered is sent to ``sink``.
+        """
+        self._sink = sink
 
     def whole_body(self) -> bytes | None:
         if self.state is not ConnState.COMPLETE or self._head_only:
@@ -421,6 +436,16 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._head_only:
             raise UpstreamError("the backend sent a body with its answer to HEAD")
+        sink = self._sink
+        if sink is not None and not self._chunks:
+            try:
+                if sink(body):
+                    return
+            except Exception as exc:  # the client's side failed; out of llhttp's callback
+                self._sink_error = exc
+            self._sink = None
+            self._wake()
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self._transport is not None:

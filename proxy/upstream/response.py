@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable
 
     from multidict import CIMultiDictProxy
 
@@ -16,6 +17,7 @@ class Exchange(Protocol):
     async def read_chunk(self) -> bytes: ...
     def take_chunk(self) -> bytes | None: ...
     def arrival(self) -> asyncio.Future[None]: ...
+    def stream_to(self, sink: Callable[[bytes], bool] | None) -> None: ...
     def whole_body(self) -> bytes | None: ...
     def finish(self, *, reuse: bool) -> None: ...
 
@@ -50,6 +52,11 @@ class Http1Response:
     def arrival(self) -> asyncio.Future[None]:
         """Done when more of the body arrives, it ends or it fails (see ``take_chunk``)."""
         return self._conn.arrival()
+
+    def stream_to(self, sink: Callable[[bytes], bool] | None) -> None:
+        """While set, hand each piece of the body to ``sink`` as it arrives, unbuffered;
+        ``sink`` returns False to stop (see ``http1.Connection.stream_to``)."""
+        self._conn.stream_to(sink)
 
     def whole_body(self) -> bytes | None:
         """The whole body when all of it has already arrived (then read), else None.
