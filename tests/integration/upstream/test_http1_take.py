@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from proxy.core.errors import UpstreamBodyError
-from tests.fixtures.raw_backend import MakePool, Peer, StartBackend
+from tests.fixtures.raw_backend import MakePool, Peer, Script, StartBackend
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -21,23 +21,25 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def test_everything_buffered_is_taken_in_one_piece_then_the_end(
-    start_backend: StartBackend, make_pool: MakePool
-) -> None:
-    go = asyncio.Event()
-
+def _three_events_then_end(go: asyncio.Event) -> Script:
     async def script(peer: Peer) -> None:
         await peer.request()
         peer.send(CHUNKED)
         await peer.writer.drain()
         await go.wait()
-        # Three events and the end in one segment: llhttp hands over three bodies.
-        peer.send(b"".join(_chunk(e) for e in (b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"))
-                  + b"0\r\n\r\n")
+        peer.send(b"".join(_chunk(b"data: %d\n\n" % i) for i in (1, 2, 3)) + b"0\r\n\r\n")
         await peer.writer.drain()
         await peer.wait_eof()
 
-    backend = await start_backend(script)
+    return script
+
+
+async def test_everything_buffered_is_taken_in_one_piece_then_the_end(
+    start_backend: StartBackend, make_pool: MakePool
+) -> None:
+    go = asyncio.Event()
+    # Three events and the end in one segment: llhttp hands over three bodies.
+    backend = await start_backend(_three_events_then_end(go))
     resp = await make_pool().request(backend.target(), "GET", "/", {}, b"")
     assert resp.take_chunk() is None  # nothing of the body yet: wait for it
     arrived = resp.arrival()
@@ -88,5 +90,49 @@ async def test_a_silent_backend_mid_body_fails_the_arrival_wait_by_the_idle_time
     assert first == b"data: 1\n\n"
     await asyncio.wait_for(resp.arrival(), 5)  # woken by the idle timer, not by bytes
     with pytest.raises(UpstreamBodyError, match="silent"):
+        resp.take_chunk()
+    resp.close()
+
+
+async def test_a_sink_gets_each_piece_unbuffered_until_it_says_stop(
+    start_backend: StartBackend, make_pool: MakePool
+) -> None:
+    go = asyncio.Event()
+    backend = await start_backend(_three_events_then_end(go))
+    resp = await make_pool().request(backend.target(), "GET", "/", {}, b"")
+    got: list[bytes] = []
+
+    def sink(piece: bytes) -> bool:
+        got.append(piece)
+        return len(got) < 2  # the client's socket is full after the second
+
+    assert resp.take_chunk() is None
+    resp.stream_to(sink)
+    arrived = resp.arrival()
+    go.set()
+    await arrived  # woken by the stop, not once per piece
+    resp.stream_to(None)
+    assert got == [b"data: 1\n\n", b"data: 2\n\n"]
+    assert resp.take_chunk() == b"data: 3\n\n"  # buffered after the stop, in order
+    assert resp.take_chunk() == b""
+    resp.release()
+
+
+async def test_a_sink_that_raises_wakes_the_waiter_and_take_raises_it(
+    start_backend: StartBackend, make_pool: MakePool
+) -> None:
+    go = asyncio.Event()
+    backend = await start_backend(_three_events_then_end(go))
+    resp = await make_pool().request(backend.target(), "GET", "/", {}, b"")
+
+    def sink(piece: bytes) -> bool:
+        raise ConnectionResetError("the client went away")
+
+    resp.stream_to(sink)
+    arrived = resp.arrival()
+    go.set()
+    await asyncio.wait_for(arrived, 5)
+    resp.stream_to(None)
+    with pytest.raises(ConnectionResetError):
         resp.take_chunk()
     resp.close()
