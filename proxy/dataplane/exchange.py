@@ -100,6 +100,13 @@ class Exchange(Protocol):
     async def write(self, chunk: bytes) -> None:
         """Write a piece of the body; waits only while the client's socket is full."""
 
+    def write_nowait(self, chunk: bytes) -> bool:
+        """Write a piece of the body now; True when the client's socket is full, and
+        the caller must ``await drain()`` before writing more (flow control)."""
+
+    async def drain(self) -> None:
+        """Wait until the client's socket takes more (after ``write_nowait`` said so)."""
+
     async def finish(self) -> None:
         """End the body (the last chunk of a chunked answer)."""
 

@@ -274,15 +274,21 @@ class H1Exchange:
         transport.write(head)
 
     async def write(self, data: bytes) -> None:
+        if self.write_nowait(data):
+            await self._conn.drain()
+
+    def write_nowait(self, data: bytes) -> bool:
         if not data or self._framing is Framing.NONE:
-            return
+            return False
         conn = self._conn
         transport = conn.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client connection is closed")
         transport.write(chunk(data) if self._framing is Framing.CHUNKED else data)
-        if conn.write_paused:
-            await conn.drain()
+        return conn.write_paused
+
+    async def drain(self) -> None:
+        await self._conn.drain()
 
     async def finish(self) -> None:
         transport = self._conn.transport

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from proxy.core.ewma import LoadTracker
     from proxy.core.models import Forward
     from proxy.dataplane.exchange import Exchange
-    from proxy.telemetry.usage import TapLimits
+    from proxy.telemetry.usage import ResponseTap, TapLimits
     from proxy.upstream.client import UpstreamResponse
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,7 @@ async def relay(
         else:
             await exchange.start(upstream.status, headers.items(), upstream.reason)
             outcome.status = upstream.status
-            while chunk := await upstream.read_chunk():
-                await exchange.write(chunk)
-                if tap is not None:
-                    tap.feed(chunk)  # after the write: reading never delays a byte
+            await _stream(exchange, upstream, tap)
             await exchange.finish()
         completed = True
         if tap is not None:
@@ -117,6 +114,46 @@ async def relay(
         else:
             upstream.close()
         loads.finish(backend.id, None if served.failed else served.ttfb_s)
+
+
+async def _stream(exchange: Exchange, upstream: UpstreamResponse, tap: ResponseTap | None) -> None:
+    """Relay the body as it arrives, with no coroutine and no task wake per piece.
+
+    While the relay waits, the upstream client hands each piece straight to
+    ``forward`` (``stream_to``), which writes it and feeds the tap; the relay's task
+    wakes only at the end, on an error, or when the client's socket is full (then it
+    waits for the drain, the backend's bytes buffering meanwhile and their read pausing
+    past the high-water mark). What was buffered meanwhile goes out in one write.
+    """
+    take, arrival, sink = upstream.take_chunk, upstream.arrival, upstream.stream_to
+    send = exchange.write_nowait
+    paused = False
+
+    def forward(piece: bytes) -> bool:
+        nonlocal paused
+        paused = send(piece)
+        if tap is not None:
+            tap.feed(piece)  # after the write: reading never delays a byte
+        return not paused
+
+    while True:
+        chunk = take()
+        if chunk is None:
+            sink(forward)
+            try:
+                await arrival()
+            finally:
+                sink(None)
+            if paused:
+                paused = False
+                await exchange.drain()  # a slow client: the backend's read pauses meanwhile
+            continue
+        if not chunk:
+            return
+        if send(chunk):
+            await exchange.drain()
+        if tap is not None:
+            tap.feed(chunk)
 
 
 async def respond_error(

@@ -172,6 +172,13 @@ class SseTap:
             self._skipping, self._carry = False, b""
             chunk = probe[cut:]
         parts = self._parts
+        if not parts and chunk[-2:] == b"\n\n" and not self._json_mode and b"\r" not in chunk:
+            # The common piece of a stream: whole events and nothing after them. Only
+            # where they end is noted; no copy, no search.
+            end = len(chunk) - 2
+            if end > 16 or chunk[:end].strip() not in _DONE_EVENTS:
+                self._last_block, self._last = (chunk, end), None
+            return
         if parts and not _may_end_event(parts[-1], chunk):
             self._hold_more(chunk)
             return

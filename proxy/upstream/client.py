@@ -14,7 +14,7 @@ reaching the backend and an idle-read timeout bounds each silence, head included
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
@@ -23,6 +23,7 @@ from proxy.core.errors import UpstreamConnectError
 from proxy.upstream.framing import Target
 
 if TYPE_CHECKING:
+    import asyncio
     import ssl
 
     from multidict import CIMultiDict, CIMultiDictProxy
@@ -49,6 +50,21 @@ class UpstreamResponse(Protocol):
 
     async def read_chunk(self) -> bytes:
         """What has arrived of the body; ``b""`` at its end. Raises ``UpstreamBodyError``."""
+        ...
+
+    def take_chunk(self) -> bytes | None:
+        """What has arrived of the body, without waiting; ``b""`` at its end, None when
+        nothing has yet. Raises ``UpstreamBodyError``."""
+        ...
+
+    def arrival(self) -> asyncio.Future[None]:
+        """A future done when more of the body arrives, it ends or it fails."""
+        ...
+
+    def stream_to(self, sink: Callable[[bytes], bool] | None) -> None:
+        """While set, each piece of the body that arrives goes to ``sink`` unbuffered
+        (while nothing is buffered); ``sink`` returns False to stop, and the waiter on
+        ``arrival()`` is woken then, when ``sink`` raises, and at the body's end."""
         ...
 
     def whole_body(self) -> bytes | None:

@@ -25,6 +25,9 @@ the response, and body chunks are handed to the relay as they arrive. The decisi
   buffered.
 - Backpressure on reading: past ``_HIGH_WATER`` unread bytes the socket stops being read
   until the relay takes what is buffered (it always takes all of it at once).
+- The relay reads a body with ``take_chunk`` (everything buffered, without waiting) and
+  awaits ``arrival()``, a bare future, only when nothing is there: no coroutine per
+  piece. ``read_chunk`` is the same for callers that prefer one await.
 - A response ends the connection's business until it is finished: bytes past its end
   (a second response nobody asked for) close the connection rather than join a body.
 - Timeouts: connecting is bounded by ``connect_timeout_s`` (pool.py); each silence
@@ -64,7 +67,7 @@ from proxy.upstream.state import (
 from proxy.upstream.writer import BodyWriter
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable
+    from collections.abc import AsyncIterable, Callable
 
 __all__ = ["Connection", "ConnectionOwner", "HeadLimits", "Http1Response", "Origin", "Target",
            "request_bytes"]
@@ -127,6 +130,8 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
+        self._sink: Callable[[bytes], bool] | None = None  # see stream_to
+        self._sink_error: Exception | None = None
         self._paused = False
         self.got_bytes = False
         self._last_io = 0.0
@@ -176,14 +181,44 @@ class Connection(asyncio.Protocol):
         return self._head
 
     async def read_chunk(self) -> bytes:
-        while True:
-            if self._chunks:
-                return self._take_buffered()
-            if self.state is ConnState.COMPLETE:
-                return b""
-            if self._error is not None:
-                raise self._error
+        while (data := self.take_chunk()) is None:
             await self._wait()
+        return data
+
+    def take_chunk(self) -> bytes | None:
+        """All the body buffered so far, ``b""`` at its end, None while nothing is here."""
+        if self._sink_error is not None:
+            raise self._sink_error
+        if self._chunks:
+            return self._take_buffered()
+        if self.state is ConnState.COMPLETE:
+            return b""
+        if self._error is not None:
+            raise self._error
+        return None
+
+    def arrival(self) -> asyncio.Future[None]:
+        """A future done when more of the response arrives, it ends, or it fails.
+
+        Awaiting it costs the relay one future per wake and no coroutine; the idle
+        timeout still bounds the wait.
+        """
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._last_io + self._idle_timeout_s, self._check_idle)
+        return waiter
+
+    def stream_to(self, sink: Callable[[bytes], bool] | None) -> None:
+        """While set, each piece of the body parsed goes to ``sink`` at once, unbuffered.
+
+        For the relay while it awaits ``arrival()``: a piece then costs no wake of its
+        task. ``sink`` returns False to stop (the client's socket is full: what follows
+        is buffered, and reading pauses past the high-water mark); the waiter is woken
+        then, and when ``sink`` raises (``take_chunk`` raises it next), and as ever when
+        the body ends or fails. Only a body with nothing buffered is sent to ``sink``.
+        """
+        self._sink = sink
 
     def whole_body(self) -> bytes | None:
         if self.state is not ConnState.COMPLETE or self._head_only:
@@ -232,19 +267,19 @@ class Connection(asyncio.Protocol):
     # --- waiting, with the idle timeout ----------------------------------------------
 
     async def _wait(self) -> None:
-        waiter = self._loop.create_future()
-        self._waiter = waiter
-        if self._timer is None:
-            self._timer = self._loop.call_at(self._last_io + self._idle_timeout_s, self._check_idle)
+        waiter = self.arrival()
         try:
             await waiter
         finally:
-            self._waiter = None
+            if self._waiter is waiter:
+                self._waiter = None  # cancelled: nobody waits any more
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None  # woken once: a waiter that looks again asks anew
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _check_idle(self) -> None:
         self._timer = None
@@ -440,6 +475,16 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._head_only:
             raise UpstreamError("the backend sent a body with its answer to HEAD")
+        sink = self._sink
+        if sink is not None and not self._chunks:
+            try:
+                if sink(body):
+                    return
+            except Exception as exc:  # the client's side failed; out of llhttp's callback
+                self._sink_error = exc
+            self._sink = None
+            self._wake()
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self._transport is not None:

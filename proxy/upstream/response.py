@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable
+
     from multidict import CIMultiDictProxy
 
 
@@ -12,6 +15,9 @@ class Exchange(Protocol):
     """What a response reads its body through: its connection (http1.Connection)."""
 
     async def read_chunk(self) -> bytes: ...
+    def take_chunk(self) -> bytes | None: ...
+    def arrival(self) -> asyncio.Future[None]: ...
+    def stream_to(self, sink: Callable[[bytes], bool] | None) -> None: ...
     def whole_body(self) -> bytes | None: ...
     def finish(self, *, reuse: bool) -> None: ...
 
@@ -37,6 +43,20 @@ class Http1Response:
     async def read_chunk(self) -> bytes:
         """The next part of the body (all that has arrived); ``b""`` at its end."""
         return await self._conn.read_chunk()
+
+    def take_chunk(self) -> bytes | None:
+        """What has arrived of the body, without waiting: ``b""`` at its end, None when
+        nothing has yet (then await ``arrival()`` and ask again)."""
+        return self._conn.take_chunk()
+
+    def arrival(self) -> asyncio.Future[None]:
+        """Done when more of the body arrives, it ends or it fails (see ``take_chunk``)."""
+        return self._conn.arrival()
+
+    def stream_to(self, sink: Callable[[bytes], bool] | None) -> None:
+        """While set, hand each piece of the body to ``sink`` as it arrives, unbuffered;
+        ``sink`` returns False to stop (see ``http1.Connection.stream_to``)."""
+        self._conn.stream_to(sink)
 
     def whole_body(self) -> bytes | None:
         """The whole body when all of it has already arrived (then read), else None.
