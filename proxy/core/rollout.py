@@ -10,9 +10,10 @@ time. proxy/fleet/rollout_control.py runs it, shares the state between replicas 
 on its events; routing reads the result from the snapshot (``region_current``).
 
 A replica decides a region's next step only on reports newer than the region's current
-state (every routable replica's last report at or after ``since``): replicas poll on
-their own schedules, and one that has not yet seen what another flipped the region on
-would otherwise flip it back.
+state (every routable replica's last report at or after ``since``, and after
+``candidate_since`` while there is a candidate): replicas poll on their own schedules,
+and one that has not yet seen what another flipped the region on would otherwise flip
+it back, or clear a candidate that the other then finds (and holds back) again.
 
 Each region has a *current* version: the only one its backends serve to new sessions
 (in ``atomic`` mode). While a region's replicas are mixed (some report v47, some
@@ -174,10 +175,12 @@ def evaluate(
             events.append(RolloutEvent(now, "soak_passed", region, rs.current,
                                        {"soak_s": policy.soak_s}))
         regions[region] = rs
-        if reported.get(region, math.inf) < rs.since:
+        if reported.get(region, math.inf) < max(rs.since, rs.candidate_since):
             # This replica's view of the region predates its current state (another
-            # replica flipped it on fresher reports): it must not decide on it, or a
-            # replica whose poll lags would flip the region back to what it last saw.
+            # replica flipped it, or found its candidate, on fresher reports): it must
+            # not decide on it, or a replica whose poll lags would flip the region back
+            # to what it last saw, or clear a candidate that another replica then finds
+            # again (a held-back decision recorded once per round, a settle restarted).
             continue
         regions[region] = rs = _next(rs, region, healthy, known, policy, now)
     # Gates need every region's currents, so flips are decided in a second pass.

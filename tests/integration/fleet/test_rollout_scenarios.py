@@ -20,7 +20,16 @@ from proxy.core.rollout import RolloutEvent
 from proxy.sim import SimPop
 from tests.fixtures.proxy import RunningProxy, StartProxy
 from tests.fixtures.sim import StartPop
-from tests.integration.fleet.test_rollout import CHAT, FAST, JSON_CHAT, V46, V47, current, until
+from tests.integration.fleet.test_rollout import (
+    CHAT,
+    FAST,
+    JSON_CHAT,
+    V46,
+    V47,
+    current,
+    sees,
+    until,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -230,3 +239,79 @@ async def test_a_version_at_3_percent_against_0_1_percent_trips_within_the_soak(
     assert evidence["new_trials"] >= 200
     assert evidence["new_rate"] > 0.02 > 0.002 > evidence["old_rate"]
     assert trip.at - since < soak_s
+
+
+async def test_a_region_that_completes_while_another_soaks_is_held_back_until_the_soak_passes(
+    start_pop: StartPop, start_proxy: StartProxy, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    """At most one region soaks at a time (the default): us, whose replicas all run v47
+    while eu soaks it, keeps v46 as its current version, so its backends take no new
+    session (they would be the fastest); the hold is one fleet-wide event, a counter and
+    the gauge the held-back alert reads; when eu's soak passes, us flips on both replicas."""
+    soak_s = 2.0
+    eu = await start_pop("eu-1", "eu", "v46", ttfb_ms=20)  # new sessions prefer us
+    us = [await start_pop(f"us-{i}", "us", "v46") for i in range(2)]
+    replicas = [await start_proxy([eu, *us], redis_url, discovery=FAST,
+                                  rollout={"soak_s": soak_s, "check_interval_s": 0.1},
+                                  routing={"initial_latency_ms": 1}) for _ in range(2)]
+    await until(lambda: all(current(p, r) == V46 for p in replicas for r in ("eu", "us")))
+    eu.flip(VersionBundle(prompt="v47"))
+    await until(lambda: all(current(p, "eu") == V47 and state(p, "eu").soaking
+                            for p in replicas))
+    soak_since = state(replicas[0], "eu").since
+    for pop in us:
+        pop.flip(VersionBundle(prompt="v47"))
+
+    def held(proxy: RunningProxy) -> bool:
+        return state(proxy, "us").held == "soak_limit"
+
+    # Each replica learns of the hold from the shared store, and of the flips from its
+    # own polls: until both have, it could still take us's POPs for v46 ones.
+    await until(lambda: all(held(p) and sees(p, pop, V47) for p in replicas for pop in us))
+    gauge = {"region": "us", "candidate": V47, "reason": "soak_limit"}
+    assert all(p.metric("pinproxy_rollout_held_back", **gauge) == 1 for p in replicas)
+    on_hold: list[str] = []
+    for n, proxy in enumerate(replicas * 6):
+        assert all(held(p) for p in replicas), "the soak passed before the hold was checked"
+        session = f"held-{n}"
+        assert (await ask(http, proxy, session))[0] == "v47"  # eu's current, from eu
+        if all(held(p) for p in replicas):
+            on_hold.append(session)
+    assert len(on_hold) >= 6, "the soak passed while the hold was being checked"
+    for proxy in replicas:  # us keeps its previous version as its current one
+        assert (current(proxy, "us"), state(proxy, "us").candidate) == (V46, V47)
+    served_by_us = {r.session_id for pop in us for r in pop.requests}
+    assert served_by_us.isdisjoint(on_hold)
+    assert {r.session_id for r in eu.requests} >= set(on_hold)
+    # One decision, taken by one replica and listed fleet-wide by both.
+    listed = []
+    for proxy in replicas:
+        async with http.get(f"{proxy.admin_url}/admin/events",
+                            headers=proxy.admin_headers) as resp:
+            assert resp.status == 200, await resp.text()
+            listed.append([e for e in (await resp.json())["events"]
+                           if e["kind"] == "held_back"])
+    assert listed[0] == listed[1]
+    assert [(e["region"], e["version"], e["detail"]) for e in listed[0]] == [
+        ("us", V47, {"reason": "soak_limit", "current": V46})]
+    assert listed[0][0]["replica"] in {p.services.rollout.replica for p in replicas}
+    assert sum(p.metric("pinproxy_rollout_events_total", kind="held_back", region="us")
+               for p in replicas) == 1
+
+    # eu's soak passes; us flips in the same instant for both replicas, and soaks.
+    await until(lambda: all(current(p, "us") == V47 for p in replicas), timeout=soak_s + 10)
+    flipped = state(replicas[0], "us")
+    assert flipped.since == state(replicas[1], "us").since
+    assert flipped.since - soak_since >= soak_s
+    assert (flipped.previous, flipped.soaking, flipped.held) == (V46, True, None)
+    assert not any(state(p, "eu").soaking for p in replicas)
+    events = decisions(replicas)
+    passed = next(e for e in events if e.kind == "soak_passed" and e.region == "eu")
+    flip = next(e for e in events if e.kind == "flipped" and e.region == "us")
+    assert passed.at <= flip.at == flipped.since
+    assert not any(p.metric("pinproxy_rollout_held_back", **gauge) for p in replicas)
+    after = [f"after-{n}" for n in range(20)]
+    for n, session in enumerate(after):
+        assert (await ask(http, replicas[n % 2], session))[0] == "v47"
+    served_by_us = {r.session_id for pop in us for r in pop.requests}
+    assert served_by_us & set(after)  # us takes new sessions again

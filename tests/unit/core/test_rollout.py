@@ -100,6 +100,27 @@ def test_only_one_region_soaks_at_a_time() -> None:
     assert kinds(events) == [("soak_passed", "eu", V47), ("flipped", "us", V47)]
 
 
+def test_a_replica_whose_view_predates_a_hold_keeps_it_and_it_is_one_event() -> None:
+    # Replica A sees both us replicas on v47 at NOW while eu soaks: us is held back.
+    # Replica B's last polls of us (at NOW - 0.5) still say v46: it must not clear the
+    # candidate, or A would find it again and record the same hold once more.
+    state = steady(us=V46)
+    state = replace(state, regions={**state.regions, "eu": RegionState(
+        V47, NOW - 1, previous=V46, soaking=True)})
+    eu = replace(replica("e", "eu", V47), reported_at=NOW)
+    fresh = fleet(eu, *(replace(replica(b, "us", V47), reported_at=NOW) for b in "ab"))
+    stale = fleet(eu, *(replace(replica(b, "us", V46), reported_at=NOW - 0.5) for b in "ab"))
+    held, events = evaluate(state, fresh, POLICY, NOW)
+    assert kinds(events) == [("held_back", "us", V47)]
+    transcript = [evaluate(held, stale, POLICY, NOW + 0.1),  # replica B
+                  evaluate(held, fresh, POLICY, NOW + 0.2)]  # replica A again
+    assert transcript == [(held, []), (held, [])]
+    # Once B's view is newer than the candidate, a runtime really back on v46 is followed.
+    back = fleet(eu, *(replace(replica(b, "us", V46), reported_at=NOW + 1) for b in "ab"))
+    state, events = evaluate(held, back, POLICY, NOW + 1)
+    assert (state.regions["us"].candidate, state.regions["us"].held, events) == (None, None, [])
+
+
 def test_a_third_version_waits_until_the_previous_rollout_completes() -> None:
     state = steady(eu=V47, us=V46, ap=V46)
     snap = fleet(replica("a", "eu", V47), replica("b", "us", V46), replica("c", "ap", V48))
