@@ -54,10 +54,10 @@ from proxy.core.edge_limits import (
 from proxy.core.errors import InternalError, ProxyError
 from proxy.dataplane.h1_exchange import H1Exchange, decode_headers
 from proxy.dataplane.h1_head import (
+    MAX_HEADERS,
+    MAX_LINE_BYTES,
     HeadRefused,
     checked_head,
-    header_over_caps,
-    line_too_long,
     parse_error_answer,
 )
 
@@ -231,14 +231,14 @@ class H1Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if line_too_long(len(self._url)):
+        if len(self._url) > MAX_LINE_BYTES:
             self.server.report.malformed("head_too_large", self.ip)
             raise _Refused(malformed_error("head_too_large"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self._headers
         headers.append((name, value))
-        if header_over_caps(len(headers), name, value):
+        if len(headers) > MAX_HEADERS or len(name) + len(value) + 2 > MAX_LINE_BYTES:
             self.server.report.malformed("head_too_large", self.ip)
             raise _Refused(malformed_error("head_too_large"))
 

@@ -6,7 +6,8 @@ pieces is here, with no socket and no state, so each rule reads as one check:
 
 - Line and count caps (aiohttp's, kept): a request line or header line over
   ``MAX_LINE_BYTES``, or more than ``MAX_HEADERS`` headers, is ``head_too_large``
-  (431); checked as the pieces arrive (``line_too_long``, ``too_many_headers``).
+  (431); the connection checks them inline as the pieces arrive (once a header:
+  a call each would be work added to every request).
 - ``checked_head``, once the head is complete: over ``max_request_head_bytes`` in all
   is 431; a declared Content-Length over ``max_request_body_bytes`` is 413 up front;
   an HTTP version other than 1.1 or 1.0 is a malformed request line (400).
@@ -53,16 +54,6 @@ class HeadRefused(Exception):
         super().__init__(reason)
         self.reason = reason
         self.error = error
-
-
-def line_too_long(url_bytes: int) -> bool:
-    """Whether a request target of ``url_bytes`` (so far) is over the line cap."""
-    return url_bytes > MAX_LINE_BYTES
-
-
-def header_over_caps(count: int, name: bytes, value: bytes) -> bool:
-    """Whether the ``count``-th header, ``name: value``, breaks the count or line cap."""
-    return count > MAX_HEADERS or len(name) + len(value) + 2 > MAX_LINE_BYTES
 
 
 def checked_head(

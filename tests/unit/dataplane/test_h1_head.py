@@ -7,12 +7,8 @@ import pytest
 
 from proxy.dataplane.edge_options import EdgeOptions
 from proxy.dataplane.h1_head import (
-    MAX_HEADERS,
-    MAX_LINE_BYTES,
     HeadRefused,
     checked_head,
-    header_over_caps,
-    line_too_long,
     parse_error_answer,
 )
 
@@ -55,14 +51,6 @@ def test_a_head_over_a_cap_or_of_another_version_is_refused(
         checked_head("GET", "/", raw, version, OPTIONS)
     assert refused.value.reason == reason
     assert refused.value.error.status == status
-
-
-def test_the_line_and_count_caps_are_aiohttps() -> None:
-    assert not line_too_long(MAX_LINE_BYTES)
-    assert line_too_long(MAX_LINE_BYTES + 1)
-    assert not header_over_caps(MAX_HEADERS, b"a", b"b")
-    assert header_over_caps(MAX_HEADERS + 1, b"a", b"b")
-    assert header_over_caps(1, b"a", b"b" * (MAX_LINE_BYTES - 2))
 
 
 def test_what_llhttp_refuses_is_a_counted_400() -> None:
