@@ -4,10 +4,10 @@ Theory of operation. A replay of a request that was written and then dropped is 
 load on a fleet that may already be failing; unbounded, replays turn a brownout into a
 retry storm. So, in the spirit of Envoy's retry budget, replays are allowed while
 fewer than ``percent`` of the active requests, or ``min_concurrency``, are retrying,
-whichever is more. The counts are plain integers kept by the data plane's executor
-(proxy/dataplane/executor.py: ``active`` for each request in the handler,
-``retrying`` from a request's first budgeted retry to its end); the lifecycle reads
-only ``has_room()``, through its ``World``, so its decisions stay pure.
+whichever is more. The counts are plain integers kept by the data plane (``active``
+for each request in the handler, plane.py; ``retrying`` from a request's first
+budgeted retry to its end, executor.py); the lifecycle reads only ``has_room()``,
+through its ``World``, so its decisions stay pure.
 """
 
 from __future__ import annotations
