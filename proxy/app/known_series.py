@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final, get_args
 from proxy.core.admission import SHED_REASONS
 from proxy.core.edge_limits import MALFORMED_DESCRIPTIONS
 from proxy.dataplane.lost_pin import Action
-from proxy.policy.lifecycle import RetryReason
+from proxy.policy.lifecycle_messages import RetryReason
 from proxy.policy.pin_token import Result
 
 if TYPE_CHECKING:

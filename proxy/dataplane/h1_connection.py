@@ -17,14 +17,12 @@ close``, an upgrade not made).
 The edge's rules, decided before the handler runs:
 - Connection caps: one over a cap is answered 503 and closed before a byte of it is
   parsed.
-- Malformed heads (llhttp refuses CL+TE, duplicate or invalid Content-Length, bad
-  chunk sizes, obs-fold, NUL and control bytes, bad versions and methods) get the
-  OpenAI-shaped JSON 400 (``malformed_error``), counted by reason; a parse error in
-  the body of a request being handled fails its body's reads with that 400 instead.
-- Sizes: a head over ``max_request_head_bytes`` (also while still arriving), a line
-  over 8190 bytes or more than 128 headers (aiohttp's caps, kept) gets 431; a
-  declared body over ``max_request_body_bytes`` gets 413 up front, a chunked one as
-  soon as that much arrived (its reads fail, an upstream request streaming it aborts).
+- What a head may be (line, count and size caps, a declared body over the cap, the
+  HTTP version, what llhttp refuses) is h1_head.py's; a refused head gets its
+  OpenAI-shaped JSON answer (431, 413, 400, 405), counted by reason. A parse error in
+  the body of a request being handled fails its body's reads with that 400 instead,
+  and a chunked body gets 413 as soon as more than ``max_request_body_bytes`` arrived
+  (its reads fail, an upstream request streaming it aborts).
 - A refusal is answered in turn, after any answer still being written, then the
   connection closes.
 
@@ -48,16 +46,20 @@ import httptools
 from proxy.core.edge_limits import (
     body_too_large_error,
     connection_refusal,
-    declared_body_too_large,
     head_timeout_error,
     head_too_large_error,
     malformed_error,
-    malformed_reason,
     raw_answer,
-    unparsed_method_refusal,
 )
 from proxy.core.errors import InternalError, ProxyError
 from proxy.dataplane.h1_exchange import H1Exchange, decode_headers
+from proxy.dataplane.h1_head import (
+    MAX_HEADERS,
+    MAX_LINE_BYTES,
+    HeadRefused,
+    checked_head,
+    parse_error_answer,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -72,23 +74,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-# aiohttp's parser caps, kept: a request line or header line, and the header count.
-MAX_LINE_BYTES = 8190
-MAX_HEADERS = 128
 _HIGH_WATER = 64 * 1024  # unread body bytes buffered before reading pauses
 LINGER_S = 2.0  # after the last answer, how long a client's late bytes are read away
-
-
-def parser_error_kinds(exc: httptools.HttpParserError) -> list[str]:
-    """httptools' error as the kinds ``malformed_reason`` reads (aiohttp's names)."""
-    if isinstance(exc, httptools.HttpParserInvalidMethodError):
-        return ["BadHttpMethod"]
-    if isinstance(exc, httptools.HttpParserInvalidURLError):
-        return ["InvalidURLError"]
-    text = str(exc).lower()
-    if "version" in text or "after version" in text or "crlf" in text:
-        return ["BadStatusLine"]
-    return [kind.__name__ for kind in type(exc).__mro__]
 
 
 class Phase(Enum):
@@ -257,23 +244,15 @@ class H1Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        options = self.options
         method = parser.get_method().decode("ascii", "replace")
         target = self._url.decode("utf-8", "surrogateescape")
-        raw = self._headers
-        size = len(method) + len(target) + 12 + sum(len(n) + len(v) + 4 for n, v in raw)
-        if size > options.max_head_bytes:
-            self.server.report.malformed("head_too_large", self.ip)
-            raise _Refused(head_too_large_error(options.max_head_bytes))
-        headers = decode_headers(raw)
-        if declared_body_too_large(headers.get("Content-Length"), options.max_body_bytes):
-            self.server.report.malformed("body_too_large", self.ip)
-            raise _Refused(body_too_large_error(options.max_body_bytes))
-        text = parser.get_http_version()
-        if text not in ("1.1", "1.0"):
-            self.server.report.malformed("request_line", self.ip)
-            raise _Refused(malformed_error("request_line"))
-        version = (1, 1) if text == "1.1" else (1, 0)
+        try:
+            headers, version = checked_head(
+                method, target, self._headers, parser.get_http_version(), self.options
+            )
+        except HeadRefused as refused:
+            self.server.report.malformed(refused.reason, self.ip)
+            raise _Refused(refused.error) from refused
         exchange = H1Exchange(self, method, target, version, headers,
                               keep_alive=parser.should_keep_alive())
         self._head_bytes = 0
@@ -381,13 +360,10 @@ class H1Connection(asyncio.Protocol):
             self.server.report.malformed("body_framing", self.ip)
             self._refuse_body(parsing, malformed_error("body_framing"))
             return
-        kinds = parser_error_kinds(exc)
-        # llhttp does not know TRACK: refused as a method (405), quoted from the head.
-        error = unparsed_method_refusal(kinds, repr(self._head_start))
-        if error is None:
-            reason = malformed_reason(kinds, str(exc), in_body=False)
+        # llhttp does not know TRACK: refused as a method (405), and not counted.
+        reason, error = parse_error_answer(exc, self._head_start)
+        if reason is not None:
             self.server.report.malformed(reason, self.ip)
-            error = malformed_error(reason)
         self._refuse(error)
 
     def _refuse(self, error: ProxyError) -> None:

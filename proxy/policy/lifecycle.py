@@ -9,9 +9,10 @@ in the style of h11's state tables and mitmproxy's layers, the machine takes
 synchronous *effects* (count this, mark that backend suspect, close that response
 unseen) and exactly one *action*, the next thing to await (look the pin up, write
 it if absent, send to backend X, wait for the registry until T) or a terminal one
-(relay the response just received, answer error E). ``DataPlane`` is the loop that
-executes actions and feeds their results back as events (proxy/dataplane/plane.py);
-the messages themselves are in lifecycle_messages.py; tests
+(relay the response just received, answer error E). ``LifecycleExecutor`` is the loop
+that executes actions and feeds their results back (proxy/dataplane/executor.py);
+the messages themselves are in lifecycle_messages.py (import them from there), the
+shared retry budget the ``World`` reports on is retry_budget.py; tests
 drive the machine directly as transcripts (tests/unit/policy/test_lifecycle.py).
 
 Every event carries a ``World``: the registry snapshot current when it happened,
@@ -70,7 +71,6 @@ from proxy.core.errors import (
 )
 from proxy.core.models import Forward, Pin, RequestFacts, Unavailable
 from proxy.policy.lifecycle_messages import (
-    Action,
     CountMismatch,
     CountNewPin,
     CountRaceLost,
@@ -95,50 +95,12 @@ from proxy.policy.lifecycle_messages import (
     RetryReason,
     Send,
     SendFailed,
-    SendFailure,
     Step,
     Waited,
     WaitForRegistry,
     World,
 )
 from proxy.policy.routing import choose
-
-__all__ = [
-    "Action",
-    "CountMismatch",
-    "CountNewPin",
-    "CountRaceLost",
-    "CountRefusal",
-    "CountRepin",
-    "CountRetry",
-    "Discard",
-    "Effect",
-    "Event",
-    "Fail",
-    "HeadReceived",
-    "Lifecycle",
-    "LifecycleError",
-    "LifecyclePolicy",
-    "LookUpPin",
-    "MarkSuspect",
-    "PinIfAbsent",
-    "PinLooked",
-    "PinStored",
-    "Relay",
-    "Repin",
-    "Repinned",
-    "ReportResult",
-    "Reprobe",
-    "RetryBudget",
-    "RetryReason",
-    "Send",
-    "SendFailed",
-    "SendFailure",
-    "Step",
-    "WaitForRegistry",
-    "Waited",
-    "World",
-]
 
 if TYPE_CHECKING:
     import random
@@ -452,31 +414,3 @@ class Lifecycle:
 
 class LifecycleError(Exception):
     """An event arrived that the current phase does not expect: a data-plane bug."""
-
-
-class RetryBudget:
-    """How many requests may be replaying at once, in the spirit of Envoy's budget.
-
-    Replays of written requests are allowed while fewer than ``percent`` of the active
-    requests, or ``min_concurrency``, are retrying, whichever is more; so a failing
-    fleet gets a bounded amount of extra load, never a retry storm.
-    """
-
-    __slots__ = ("_min", "_share", "active", "retrying")
-
-    def __init__(self, percent: float, min_concurrency: int) -> None:
-        self._share = percent / 100
-        self._min = min_concurrency
-        self.active = 0
-        self.retrying = 0
-
-    def has_room(self) -> bool:
-        return self.retrying < max(self._min, self.active * self._share)
-
-    def reconfigure(self, percent: float, min_concurrency: int) -> None:
-        """New limits (a config reload); the counts of requests in flight carry over."""
-        self._share = percent / 100
-        self._min = min_concurrency
-
-    def __repr__(self) -> str:
-        return f"RetryBudget(active={self.active}, retrying={self.retrying})"

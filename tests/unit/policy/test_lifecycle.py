@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from proxy.core.errors import NoBackends, UpstreamDropped, UpstreamError, VersionUnavailable
 from proxy.core.models import Backend, BackendState, Pin, Snapshot, VersionBundle
-from proxy.policy.lifecycle import (
+from proxy.policy.lifecycle import Lifecycle, LifecycleError, LifecyclePolicy
+from proxy.policy.lifecycle_messages import (
     CountMismatch,
     CountNewPin,
     CountRaceLost,
@@ -28,9 +29,6 @@ from proxy.policy.lifecycle import (
     Discard,
     Fail,
     HeadReceived,
-    Lifecycle,
-    LifecycleError,
-    LifecyclePolicy,
     LookUpPin,
     MarkSuspect,
     PinIfAbsent,
@@ -41,7 +39,6 @@ from proxy.policy.lifecycle import (
     Repinned,
     ReportResult,
     Reprobe,
-    RetryBudget,
     Send,
     SendFailed,
     Step,
@@ -431,18 +428,6 @@ def test_an_event_out_of_order_is_a_bug_not_a_guess() -> None:
     with pytest.raises(LifecycleError):
         m.step(HeadReceived(200, V1), world())
 
-
-def test_the_retry_budget_is_a_share_of_active_requests_with_a_floor() -> None:
-    budget = RetryBudget(20.0, 3)
-    budget.active = 100
-    budget.retrying = 19
-    assert budget.has_room()
-    budget.retrying = 20
-    assert not budget.has_room()
-    budget.active, budget.retrying = 2, 2
-    assert budget.has_room()  # the floor: min_retry_concurrency
-    budget.retrying = 3
-    assert not budget.has_room()
 
 
 # --- properties over generated event orders ---------------------------------------------------
