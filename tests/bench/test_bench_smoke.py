@@ -147,8 +147,11 @@ def test_kill_switch_replay_trips_on_the_bad_version_and_marks_every_change(
     tmp_path: Path,
 ) -> None:
     report = kill_switch.run(
+        # v47 far worse than v46 and a small sample floor: each replica judges only what
+        # it proxied, and with a floor of 20 and one bad answer in 4 it tripped at 4.7 s
+        # of the 8 here when the machine was quiet, and not at all under CI's own load.
         kill_switch.KillSwitchConfig(
-            duration_s=8.0, sessions=80, turns=5, bad_every=4, min_samples=20,
+            duration_s=8.0, sessions=80, turns=5, bad_every=3, min_samples=10,
             out_root=tmp_path,
         )
     )
