@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, TypeVar
 
-from proxy.core.continuation import continues_conversation
 from proxy.core.errors import (
     Overloaded,
     StoreUnavailable,
@@ -232,7 +231,7 @@ class LifecycleExecutor:
         def propose() -> Pin | None:
             if token is not None and token.result == "expired":
                 return None
-            if continues_conversation(body.data):
+            if body.continues:
                 return None
             return machine.propose(self._world())
 
@@ -251,7 +250,7 @@ class LifecycleExecutor:
         if pin is None:
             # An expired token is genuine proof the conversation began before.
             expired = token is not None and token.result == "expired"
-            return None, live.lost_pin.check(found, body.data, expired)
+            return None, live.lost_pin.check(found, body.continues, expired)
         if found.changed_from is not None:
             return f"{found.changed_from} -> {pin.version_key}", False
         return changed_against_token(token, pin), False

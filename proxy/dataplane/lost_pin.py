@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from proxy.core.continuation import continues_conversation
 from proxy.core.errors import PinLost
 
 if TYPE_CHECKING:
@@ -49,13 +48,14 @@ class LostPinPolicy:
         self._metrics = metrics
         self._retry_after_s = retry_after_s
 
-    def check(self, found: Lookup, body: bytes | None, has_token: bool = False) -> bool:
+    def check(self, found: Lookup, continues: bool, has_token: bool = False) -> bool:
         """True: pin afresh and mark the answer; False: an ordinary new session.
 
+        ``continues``: the request continues a conversation (RequestBody.continues);
         ``has_token``: the request presented a genuine (expired) pin token: it was
         answered before. Raises ``PinLost`` to refuse. Only called without a pin.
         """
-        continuing = has_token or continues_conversation(body)
+        continuing = has_token or continues
         action = lost_pin_action(self._config, found, continuing)
         if action == "new":
             return False

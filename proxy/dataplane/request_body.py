@@ -18,9 +18,10 @@ id before the first byte goes upstream, so the body is read until the id is sett
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from proxy.core.continuation import continues_conversation
 from proxy.core.edge_limits import body_too_large_error
 from proxy.core.errors import BadRequest, PayloadTooLarge
 from proxy.core.json_body import PENDING, BodyKind, HeldJson, Pending, body_kind
@@ -40,10 +41,22 @@ class RequestBody:
     data: bytes | None  # the whole body, when it was small enough to hold
     stream: Body  # what to send upstream
     content_length: int | None
+    _continues: bool | None = field(default=None, repr=False, compare=False)
 
     @property
     def replayable(self) -> bool:
         return self.data is not None or self.stream is None
+
+    @property
+    def continues(self) -> bool:
+        """Whether the held body continues a conversation (proxy/core/continuation.py).
+
+        Parsed once per request: a cache miss asks it before its lookup (may the
+        store write a proposal?) and again when no pin was found (a lost pin?).
+        """
+        if self._continues is None:
+            self._continues = continues_conversation(self.data)
+        return self._continues
 
 
 async def read_body(request: Exchange, limit: int, cap: int = 0) -> RequestBody:
