@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--targets",
         default="direct,pinproxy-1w,pinproxy-2w,nginx,vllm-router",
-        help="comma-separated subset of direct,pinproxy-1w,pinproxy-2w,nginx,vllm-router",
+        help="comma-separated subset of direct,pinproxy-1w,pinproxy-2w,nginx,vllm-router,"
+        "python-floor (bench/floor_proxy.py, not run by default)",
     )
     p.add_argument(
         "--backend",

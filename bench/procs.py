@@ -692,3 +692,16 @@ def start_vllm_router(
     return procs.start(
         name, layout.wrap(cmd, cpus), port=port, timeout_s=60.0, env={"RUST_LOG": "warn"}
     )
+
+
+# -- the Python floor (bench/floor_proxy.py) -----------------------------------------------
+
+
+def start_python_floor(
+    procs: Procs, name: str, port: int, backend_url: str, cpus: str | None, layout: Layout
+) -> Proc:
+    """bench/floor_proxy.py in front of one backend: uvloop and httptools relaying bytes,
+    the least a Python proxy costs per request on this machine."""
+    cmd = [sys.executable, "-m", "bench.floor_proxy", "--port", str(port),
+           "--upstream", backend_url]
+    return procs.start(name, layout.wrap(cmd, cpus), port=port)

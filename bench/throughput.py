@@ -5,7 +5,10 @@ Targets, in one run and against one backend: ``direct`` (the backend itself),
 (one worker, upstream chosen by a consistent hash of the session header: the compiled
 floor, when nginx is installed) and ``vllm-router`` (Rust, ``consistent_hash`` policy:
 the session-affine router pinproxy's CPU per request is judged against, when the
-``bench`` extra is installed).
+``bench`` extra is installed) and ``python-floor`` (bench/floor_proxy.py: uvloop and
+httptools relaying bytes and nothing else, the least any Python proxy costs here, so
+a report tells the language's share of pinproxy's CPU from pinproxy's own; not in the
+default set).
 
 The session mix is the issue's harder case by default: 64 connections, 1,000 session
 ids, one request per session in turn (``turns``), and every measured run on session
@@ -47,6 +50,7 @@ from bench.procs import (
     proxy_source,
     start_nginx,
     start_pinproxy_in_front,
+    start_python_floor,
     start_redis,
     start_sim_pop,
     start_vllm_router,
@@ -58,7 +62,9 @@ from bench.worker_pins import check_pins_across_workers
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-TARGETS = ("direct", "pinproxy-1w", "pinproxy-2w", "nginx", "vllm-router")
+TARGETS = ("direct", "pinproxy-1w", "pinproxy-2w", "nginx", "vllm-router", "python-floor")
+# What runs without --targets: the floor is a diagnostic, asked for by name.
+DEFAULT_TARGETS = TARGETS[:-1]
 MIN_SHARE_OF_NGINX = 0.20
 # Issue 14: pinproxy's CPU per request at most twice the Rust router's, same run.
 MAX_CPU_VS_VLLM_ROUTER = 2.0
@@ -74,7 +80,7 @@ class ThroughputConfig:
     warmup_s: float = 0.5
     concurrency: int = 64
     levels: tuple[float, ...] = (0.5, 0.8, 0.95)
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     backend: Literal["auto", "sim", "static"] = "auto"
     generator: Literal["auto", "wrk", "builtin"] = "auto"
     store: Literal["redis", "memory"] = "redis"
@@ -256,6 +262,12 @@ def _start_target(
         return _Target(
             name, f"http://127.0.0.1:{port}", proc, "vllm-router, consistent_hash on X-Session-ID"
         )
+    if name == "python-floor":
+        proc = start_python_floor(ctx.procs, name, port, backend_url, layout.sut_cpus, layout)
+        return _Target(
+            name, f"http://127.0.0.1:{port}", proc,
+            "bench/floor_proxy.py: uvloop + httptools relaying bytes, no features",
+        )
     workers = 2 if name == "pinproxy-2w" else 1
     if workers > 1 and redis_url is None:
         return "several workers need the Redis store"
@@ -432,6 +444,12 @@ def _report(
         ),
         "cpu_per_request pinproxy-1w/nginx": _round_ratios(results, "pinproxy-1w", "nginx"),
         "cpu_per_request vllm-router/nginx": _round_ratios(results, "vllm-router", "nginx"),
+        "cpu_per_request pinproxy-1w/python-floor": _round_ratios(
+            results, "pinproxy-1w", "python-floor"
+        ),
+        "cpu_per_request python-floor/vllm-router": _round_ratios(
+            results, "python-floor", "vllm-router"
+        ),
     }
     share = ratios["pinproxy-1w/nginx"]
     by_round = per_round["cpu_per_request pinproxy-1w/vllm-router"]

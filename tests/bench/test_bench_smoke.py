@@ -60,13 +60,13 @@ def test_throughput_reports_ceilings_open_loop_cpu_and_ratios(tmp_path: Path) ->
             levels=(0.5,),
             rounds=2,
             sessions=50,
-            targets=("direct", "pinproxy-1w", "nginx"),
+            targets=("direct", "pinproxy-1w", "nginx", "python-floor"),
             out_root=tmp_path,
         )
     )
     on_disk = _written(report, "latency-cdf.png", "ceilings.png", "cpu-per-request.png")
     results = on_disk["results"]
-    assert {"direct", "pinproxy-1w"} <= set(results)
+    assert {"direct", "pinproxy-1w", "python-floor"} <= set(results)
     if find_nginx() is None:
         assert "nginx" in on_disk["skipped"]
     else:
@@ -94,6 +94,10 @@ def test_throughput_reports_ceilings_open_loop_cpu_and_ratios(tmp_path: Path) ->
     if "nginx" in results:
         per_round = on_disk["ratios_per_round"]["cpu_per_request pinproxy-1w/nginx"]
         assert len(per_round["rounds"]) == 2
+    # The Python floor answered every request (errors 0 above) and is measured per round.
+    floor = on_disk["ratios_per_round"]["cpu_per_request pinproxy-1w/python-floor"]
+    assert len(floor["rounds"]) == 2
+    assert floor["median"] > 0
 
 
 def test_streaming_reports_ttft_gaps_completion_and_rss(tmp_path: Path) -> None:
