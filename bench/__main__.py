@@ -151,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--a", type=Path, required=True, help="tree A (holds a proxy/ package)")
     p.add_argument("--b", type=Path, required=True, help="tree B, reported as B/A")
+    p.add_argument("--a-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a pinproxy setting for side A only (after --proxy-set); repeatable")
+    p.add_argument("--b-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a pinproxy setting for side B only, e.g. log.request_log=false "
+                   "with --a and --b the same tree: what the setting costs; repeatable")
     p.add_argument("--pairs", type=int, default=10, help="A/B pairs, run A B, B A, A B, ...")
     p.add_argument("--store", choices=("redis", "memory"), default="redis")
     p.add_argument("--duration", type=float, default=6.0, help="seconds per measured run")
@@ -290,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 pin=pin,
                 out_root=args.out,
                 proxy_set=tuple(args.proxy_set),
+                a_set=tuple(args.a_set),
+                b_set=tuple(args.b_set),
             )
         )
     elif args.scenario == "kill-switch":

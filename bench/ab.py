@@ -11,7 +11,9 @@ interval for that median (the sign test's order statistics) beside a bootstrap o
 and the sign test of "no difference". A tree is any directory holding a ``proxy/``
 package, e.g. ``git worktree add --detach /tmp/pre <commit>``; before each run the
 bench checks that the child will import ``proxy`` from that tree and not from the
-checkout installed in the bench's interpreter, and records where it did.
+checkout installed in the bench's interpreter, and records where it did. A and B may
+be the same tree with different settings (``a_set`` / ``b_set``, applied after the
+common ``proxy_set``): what one setting costs, e.g. ``--b-set log.request_log=false``.
 
 The measure is the closed-loop ceiling's proxy CPU µs per request (the proxy's whole
 process tree, from /proc); the open-loop run at ``levels`` of each run's own ceiling
@@ -48,6 +50,8 @@ class AbConfig:
     concurrency: int = 64
     sessions: int = 1000
     proxy_set: tuple[str, ...] = ()
+    a_set: tuple[str, ...] = ()  # settings of side A only, after proxy_set
+    b_set: tuple[str, ...] = ()
     pin: bool = True
     out_root: Path | None = None
 
@@ -78,7 +82,9 @@ def describe_tree(tree: Path) -> dict[str, Any]:
     }
 
 
-def _one(cfg: AbConfig, tree: Path, runs_root: Path) -> dict[str, Any]:
+def _one(
+    cfg: AbConfig, tree: Path, runs_root: Path, side_set: tuple[str, ...] = ()
+) -> dict[str, Any]:
     report = throughput.run(
         throughput.ThroughputConfig(
             duration_s=cfg.duration_s,
@@ -89,7 +95,7 @@ def _one(cfg: AbConfig, tree: Path, runs_root: Path) -> dict[str, Any]:
             store=cfg.store,
             sessions=cfg.sessions,
             pop_ceiling=False,
-            proxy_set=cfg.proxy_set,
+            proxy_set=cfg.proxy_set + side_set,
             proxy_src=tree,
             pin=cfg.pin,
             out_root=runs_root,
@@ -108,6 +114,7 @@ def _one(cfg: AbConfig, tree: Path, runs_root: Path) -> dict[str, Any]:
         "machine_busy_cores": ceiling["machine_busy_cores"],
         "redis_commands_per_request": ceiling.get("redis_commands_per_request"),
         "proxy_source": result["proxy_source"],
+        "proxy_set": list(report["config"]["proxy_set"]),  # what the run was given
         "out": report["out"],
     }
 
@@ -119,7 +126,8 @@ def run(cfg: AbConfig) -> dict[str, Any]:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     runs: list[dict[str, Any]] = []
     for pair, side in order(cfg.pairs):
-        row = _one(cfg, trees[side], out / "runs") | {"pair": pair, "side": side}
+        side_set = cfg.a_set if side == "a" else cfg.b_set
+        row = _one(cfg, trees[side], out / "runs", side_set) | {"pair": pair, "side": side}
         runs.append(row)
         print(f"pair {pair} {side}: {row['cpu_us']:.1f} µs/req, {row['rps']:.0f} req/s, "
               f"busy {row['machine_busy_cores']:.2f} cores", flush=True)  # fmt: skip
@@ -186,7 +194,9 @@ def _summary(report: dict[str, Any]) -> str:
             [
                 (
                     side.upper(),
-                    trees[side]["path"],
+                    trees[side]["path"] + "".join(
+                        f" `{setting}`" for setting in report["config"][f"{side}_set"]
+                    ),
                     (trees[side]["commit"] or "?")[:10]
                     + (" (+changes)" if trees[side]["proxy_dirty"] else ""),
                     ", ".join(f"{v:.0f}" for v in sides[side]["cpu_us"]),

@@ -121,3 +121,19 @@ def test_ab_runs_both_trees_in_alternation_and_reports_ratios(tmp_path: Path) ->
     assert ceiling["pairs"] == 2
     assert ceiling["median"] > 0
     assert all(r["errors"] == 0 and r["cpu_us"] > 0 for r in report["runs"])
+
+
+def test_ab_gives_each_side_its_own_settings_on_one_tree(tmp_path: Path) -> None:
+    report = ab.run(
+        ab.AbConfig(
+            a=REPO_ROOT, b=REPO_ROOT, pairs=1, store="memory", duration_s=0.3, levels=(),
+            concurrency=4, sessions=20, out_root=tmp_path / "results",
+            proxy_set=("log.level='warning'",), b_set=("log.request_log=false",),
+        )
+    )  # fmt: skip
+    given = {r["side"]: r["proxy_set"] for r in report["runs"]}
+    assert given == {
+        "a": ["log.level='warning'"],
+        "b": ["log.level='warning'", "log.request_log=false"],
+    }
+    assert "`log.request_log=false`" in (Path(report["out"]) / "summary.md").read_text()
