@@ -1,6 +1,7 @@
 """The request log: one structured line per proxied request, written off the hot path.
 
-``observe`` only appends the event to a bounded in-memory queue. A writer thread
+``observe`` only appends the values its line needs (a tuple, never the event itself,
+which holds the request body) to a bounded in-memory queue. A writer thread
 drains it every ``interval_s`` and writes the lines to a ``LineSink``: stderr in the
 log format (JSON or text, the lines logs.py's formatters make of a ``pinproxy.requests``
 record), a batch of lines per write, so a slow terminal or log pipe never stalls the
@@ -22,11 +23,13 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Final, Protocol, TextIO, TypeAlias
 
+from proxy.core.models import prompt_of
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from proxy.config.observability import LogConfig
-    from proxy.core.events import RequestEvent
+    from proxy.core.events import RequestEvent, Usage
 
     Line: TypeAlias = tuple[float, Mapping[str, object]]  # (when, fields) of one line
 
@@ -89,31 +92,59 @@ class SessionHasher:
         return f"SessionHasher(raw={self._raw}, key={key})"
 
 
-def event_fields(event: RequestEvent, hasher: SessionHasher) -> dict[str, object]:
-    """The request log's fields for ``event`` (also what the tests compare against)."""
-    usage = event.usage
+# What a line needs of its event, taken when the request finishes: a queued line holds
+# these values and nothing else of the event, above all not the request body the event
+# carries for tracing (a stalled log pipe would otherwise keep up to ``max_pending``
+# bodies alive, each as large as a prompt).
+_Taken: TypeAlias = tuple[
+    float, str, str, "str | None", "str | None", str, str, int, "str | None", "str | None",
+    "str | None", bool, "str | None", float, "float | None", "Usage | None", "bool | None",
+    bool, "str | None",
+]
+
+
+def _take(event: RequestEvent) -> _Taken:
+    # A line is dated when its request finished, not when the writer got to it.
+    return (
+        event.at + event.duration_s, event.request_id, event.trace_id, event.session_id,
+        event.client, event.method, event.path, event.status, event.version_key,
+        event.region, event.backend_id, event.new_pin, event.version_changed,
+        event.duration_s, event.ttfb_s, event.usage, event.structured_output_valid,
+        event.streamed, event.error_type,
+    )
+
+
+def _fields(taken: _Taken, hasher: SessionHasher) -> dict[str, object]:
+    (_, request_id, trace_id, session_id, client, method, path, status, version_key,
+     region, backend_id, new_pin, version_changed, duration_s, ttfb_s, usage,
+     structured_output_valid, streamed, error_type) = taken  # fmt: skip
     return {
-        "request_id": event.request_id,
-        "trace_id": event.trace_id,
-        "session": hasher(event.session_id),
-        "client": event.client,
-        "method": event.method,
-        "path": event.path,
-        "status": event.status,
-        "prompt_version": event.prompt_version,
-        "version_key": event.version_key,
-        "region": event.region,
-        "backend": event.backend_id,
-        "new_pin": event.new_pin,
-        "version_changed": event.version_changed,
-        "duration_ms": round(event.duration_s * 1000, 3),
-        "ttfb_ms": None if event.ttfb_s is None else round(event.ttfb_s * 1000, 3),
+        "request_id": request_id,
+        "trace_id": trace_id,
+        "session": hasher(session_id),
+        "client": client,
+        "method": method,
+        "path": path,
+        "status": status,
+        "prompt_version": None if version_key is None else prompt_of(version_key),
+        "version_key": version_key,
+        "region": region,
+        "backend": backend_id,
+        "new_pin": new_pin,
+        "version_changed": version_changed,
+        "duration_ms": round(duration_s * 1000, 3),
+        "ttfb_ms": None if ttfb_s is None else round(ttfb_s * 1000, 3),
         "prompt_tokens": None if usage is None else usage.prompt_tokens,
         "completion_tokens": None if usage is None else usage.completion_tokens,
-        "structured_output_valid": event.structured_output_valid,
-        "streamed": event.streamed,
-        "error_type": event.error_type,
+        "structured_output_valid": structured_output_valid,
+        "streamed": streamed,
+        "error_type": error_type,
     }
+
+
+def event_fields(event: RequestEvent, hasher: SessionHasher) -> dict[str, object]:
+    """The request log's fields for ``event`` (also what the tests compare against)."""
+    return _fields(_take(event), hasher)
 
 
 class Sink(Protocol):
@@ -184,7 +215,7 @@ class RequestLog:
         looked up at each write."""
         self._hasher = hasher
         self._sink = sink
-        self._pending: deque[RequestEvent] = deque()
+        self._pending: deque[_Taken] = deque()
         self._max_pending = max_pending
         self._interval_s = interval_s
         self._on_drop = on_drop
@@ -200,7 +231,7 @@ class RequestLog:
             if self._on_drop is not None:
                 self._on_drop(1)
             return
-        self._pending.append(event)
+        self._pending.append(_take(event))
 
     def start(self) -> None:
         if self._thread is not None:
@@ -228,9 +259,8 @@ class RequestLog:
             pending, hasher = self._pending, self._hasher
             while pending:
                 count = min(len(pending), _LINES_PER_WRITE)
-                events = [pending.popleft() for _ in range(count)]
-                # A line is dated when its request finished, not when the thread got to it.
-                sink.write([(e.at + e.duration_s, event_fields(e, hasher)) for e in events])
+                taken = [pending.popleft() for _ in range(count)]
+                sink.write([(t[0], _fields(t, hasher)) for t in taken])
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):

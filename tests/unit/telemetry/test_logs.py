@@ -12,6 +12,7 @@ import io
 import logging
 import random
 import time
+import tracemalloc
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -228,3 +229,28 @@ def test_the_session_hash_is_the_keyed_blake2b_and_its_memo_stays_bounded(
     assert SessionHasher(b"other")("s1") != hasher("s1")
     assert SessionHasher(None, raw=True)("s1") == "s1"
     assert hasher(None) is None
+
+
+def test_queued_lines_do_not_keep_request_bodies_alive() -> None:
+    # A stalled log pipe keeps up to max_pending lines queued: each must cost its
+    # fields, not its request's body (which the event carries for tracing).
+    stream = io.StringIO()
+    request_log = RequestLog(SessionHasher(b"key"), sink=LineSink(stream, TextFormatter(None)))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):
+            request_log.observe(RequestEvent(
+                at=1.0, request_id=f"r{i}", trace_id="t", session_id=f"s{i}", method="POST",
+                path="/v1/chat/completions", status=200, backend_id="b", region="r",
+                version_key="v1", new_pin=False, version_changed=None, duration_s=0.01,
+                ttfb_s=None, error_type=None, request_body=bytes(100_000) + str(i).encode(),
+            ))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 2_000_000  # 200 bodies of 100 kB would be 20 MB
+    request_log.flush()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 200
+    assert "request_id=r199" in lines[-1]
