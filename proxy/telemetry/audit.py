@@ -170,9 +170,9 @@ def entries_json(entries: Iterable[AuditEntry]) -> bytes:
 
     Element i is ``entry_json`` of entry i byte for byte; splitting the array's inside
     on ``ENTRY_SEPARATOR`` gives them back (the separator's "}" ends one, the rest
-    starts the next). One call per batch instead of a bytes object per record, and no
-    join: about half the writer's cost per record (bench/RESULTS.md, issue 14 audit
-    round).
+    starts the next). One call per script call instead of a bytes object per record,
+    an exact-size copy of each and a join: cheaper per record, by how much in
+    bench/RESULTS.md (issue 14, the audit trail's per-request cost).
     """
     return orjson.dumps([entry_value(entry) for entry in entries])
 

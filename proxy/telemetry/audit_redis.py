@@ -59,8 +59,8 @@ _RECORDS_PER_CALL = 100
 # records in the order of KEYS as one argument: a command argument costs redis-py more
 # to pack than the script costs Redis to split. The argument is one JSON array made in
 # one orjson call (audit.entries_json), split here on audit.ENTRY_SEPARATOR, not a
-# bytes object per record joined by newlines (bench/RESULTS.md, issue 14 telemetry
-# round, then the audit round).
+# bytes object per record joined by newlines (bench/RESULTS.md: issue 14's telemetry
+# round, then the audit trail's per-request cost).
 _APPEND = """
 local maxlen, ttl, field, records = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local streams = {}
