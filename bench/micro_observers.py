@@ -7,8 +7,8 @@ data plane hands them over, and each stage is timed on its own, in µs per event
 
 - audit observe: ``AuditObserver.observe`` into a ``RedisAudit`` queue (the record's
   fields taken, queued; what runs inline on the request path).
-- audit record JSON: the per-record serialization and key of a batch write, no Redis
-  (held for a whole batch, as a batch write holds them until it sends).
+- audit record JSON: the keys and records argument of a batch write's script calls
+  (``RedisAudit.script_call``), no Redis.
 - audit batch write: ``RedisAudit.flush`` of the queued records into a private
   ``redis-server`` on a free port (never 6379); wall time, and this process's CPU time
   (the client's share: command building, packing, reply parsing). Also redis-server's
@@ -41,7 +41,7 @@ from proxy.config.observability import AuditConfig
 from proxy.config.settings import StoreConfig
 from proxy.core.events import RequestEvent, Usage
 from proxy.telemetry.audit import AuditObserver, entry_json
-from proxy.telemetry.audit_redis import RedisAudit
+from proxy.telemetry.audit_redis import _RECORDS_PER_CALL, RedisAudit
 from proxy.telemetry.logs import JsonFormatter, TextFormatter
 from proxy.telemetry.requestlog import LineSink, RequestLog, SessionHasher
 
@@ -118,13 +118,20 @@ def bench_audit_json(events: list[RequestEvent], rounds: int) -> list[float]:
     for event in events:
         observer.observe(event)
     queued = list(audit._queue)
-    key, size = audit.key, AuditConfig().batch_size
+    # What the writer makes per script call (keys, records argument), as a batch write
+    # makes them; trees before RedisAudit.script_call made a bytes object per record.
+    script_call = getattr(audit, "script_call", None)
+    size = _RECORDS_PER_CALL if script_call is not None else AuditConfig().batch_size
+    key = audit.key
 
     def run() -> None:
         for start in range(0, len(queued), size):
-            batch = [(key(session_id), entry_json(entry))
-                     for session_id, entry in queued[start:start + size]]
-            del batch
+            chunk = queued[start:start + size]
+            if script_call is not None:
+                made = script_call(chunk)
+            else:
+                made = [(key(session_id), entry_json(entry)) for session_id, entry in chunk]
+            del made
 
     return _timed(rounds, lambda: None, run)
 

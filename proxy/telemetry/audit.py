@@ -8,10 +8,12 @@ O(1) and never awaits or raises, because it runs inline on the request path
 (invariant 4: nothing on the hot path waits on work that can happen later).
 
 The log is offered a tuple of the event's audit fields (``raw_record``), not a record:
-the record's JSON is made straight from the tuple when a batch is written
-(``entry_json``), and in memory an ``AuditRecord`` is made only when a trail is read
-(``record_of``). A request pays for a tuple and a queue append; most records are
-written and never read back as objects (bench/RESULTS.md, issue 14 telemetry round).
+the record's JSON is made straight from the tuple when a batch is written (the records
+of one Redis script call as one JSON array in one orjson call, ``entries_json``; one
+record alone, ``entry_json``, gives the same bytes), and in memory an ``AuditRecord``
+is made only when a trail is read (``record_of``). A request pays for a tuple and a
+queue append; most records are written and never read back as objects (bench/RESULTS.md,
+issue 14 telemetry round).
 The tuple, unlike the event, holds no request body. Records made elsewhere (a repin
 from the admin API, a pin conflict) are offered as ``AuditRecord`` s.
 
@@ -33,6 +35,8 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 import orjson
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from proxy.config.observability import AuditConfig
     from proxy.core.clock import Clock
     from proxy.core.events import RequestEvent
@@ -117,17 +121,15 @@ def record_of(entry: AuditEntry) -> AuditRecord:
     )
 
 
-def entry_json(entry: AuditEntry) -> bytes:
-    """``record_of(entry).to_json()``, made without the record.
-
-    The same bytes (tests/unit/telemetry/test_audit.py holds them equal): orjson writes
-    a dict in insertion order, and the keys here are AuditRecord's fields in order.
-    """
+def entry_value(entry: AuditEntry) -> AuditRecord | dict[str, object]:
+    """What orjson writes as the entry's record: the record itself, or for a queued tuple
+    a dict with AuditRecord's fields as keys, in its order (orjson keeps insertion order),
+    rounded as ``record_of`` rounds them."""
     if not isinstance(entry, tuple):
-        return entry.to_json()
+        return entry
     (at, request_id, trace_id, method, path, status, backend_id, region, version_key,
      duration_s, ttfb_s, version_changed, error_type) = entry
-    return memoryview(orjson.dumps({
+    return {
         "at": at,
         "request_id": request_id,
         "trace_id": trace_id,
@@ -141,7 +143,38 @@ def entry_json(entry: AuditEntry) -> bytes:
         "ttfb_ms": None if ttfb_s is None else round(ttfb_s * 1000.0, 3),
         "version_changed": version_changed,
         "error_type": error_type,
-    })).tobytes()  # exact size: see AuditRecord.to_json
+    }
+
+
+def entry_json(entry: AuditEntry) -> bytes:
+    """``record_of(entry).to_json()``, made without the record.
+
+    The same bytes (tests/unit/telemetry/test_audit.py holds them equal): orjson writes
+    a dataclass's fields and a dict's keys in order, and ``entry_value``'s keys are
+    AuditRecord's fields in order.
+    """
+    if not isinstance(entry, tuple):
+        return entry.to_json()
+    return memoryview(orjson.dumps(entry_value(entry))).tobytes()  # see AuditRecord.to_json
+
+
+# Between two records in ``entries_json``'s array. Every record starts with the field
+# "at", and its values are scalars, so "}" outside a string only ends a record, and
+# orjson writes a quote inside a string as \": this sequence cannot occur inside a
+# record (tests/unit/telemetry/test_audit.py splits adversarial records on it).
+ENTRY_SEPARATOR = b'},{"at":'
+
+
+def entries_json(entries: Iterable[AuditEntry]) -> bytes:
+    """The entries' records as one JSON array, in one orjson call.
+
+    Element i is ``entry_json`` of entry i byte for byte; splitting the array's inside
+    on ``ENTRY_SEPARATOR`` gives them back (the separator's "}" ends one, the rest
+    starts the next). One call per script call instead of a bytes object per record,
+    an exact-size copy of each and a join: cheaper per record, by how much in
+    bench/RESULTS.md (issue 14, the audit trail's per-request cost).
+    """
+    return orjson.dumps([entry_value(entry) for entry in entries])
 
 
 class AuditTrail(Protocol):

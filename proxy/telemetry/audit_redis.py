@@ -28,10 +28,16 @@ from typing import TYPE_CHECKING
 
 from proxy.core.errors import StoreUnavailable
 from proxy.redis.call import RedisCall, RedisFailure
-from proxy.telemetry.audit import AuditRecord, by_arrival, entry_json
+from proxy.telemetry.audit import (
+    ENTRY_SEPARATOR,
+    AuditRecord,
+    by_arrival,
+    entries_json,
+    entry_json,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from redis.asyncio import Redis
 
@@ -50,24 +56,32 @@ _FIELD = b"r"  # the one field of each stream entry: the record as JSON
 # (bench/RESULTS.md, "Numbers behind choices in the code").
 _RECORDS_PER_CALL = 100
 # KEYS: each record's stream; ARGV: MAXLEN, TTL in ms, the entry's field, then the
-# records as JSON in the order of KEYS, joined by "\n" into one argument: a command
-# argument costs redis-py more to pack than the script costs Redis to split, and
-# orjson never writes a raw newline (bench/RESULTS.md, issue 14 telemetry round).
+# records in the order of KEYS as one argument: a command argument costs redis-py more
+# to pack than the script costs Redis to split. The argument is one JSON array made in
+# one orjson call (audit.entries_json), split here on audit.ENTRY_SEPARATOR, not a
+# bytes object per record joined by newlines (bench/RESULTS.md: issue 14's telemetry
+# round, then the audit trail's per-request cost).
 _APPEND = """
 local maxlen, ttl, field, records = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local streams = {}
-local at = 1
+local at, last = 2, #records - 1
 for _, key in ipairs(KEYS) do
-  local stop = string.find(records, '\\n', at, true) or (#records + 1)
-  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', field, string.sub(records, at, stop - 1))
-  at = stop + 1
+  local stop = string.find(records, 'SEPARATOR', at, true)
+  local record
+  if stop then
+    record = string.sub(records, at, stop)
+    at = stop + 2
+  else
+    record = string.sub(records, at, last)
+  end
+  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', field, record)
   streams[key] = true
 end
 for key in pairs(streams) do
   redis.call('PEXPIRE', key, ttl)
 end
 return #KEYS
-"""
+""".replace("SEPARATOR", ENTRY_SEPARATOR.decode())
 
 
 def _ignore_drops(reason: str, count: int) -> None:
@@ -218,15 +232,21 @@ class RedisAudit:
         self._failing = False
         self.written += size
 
+    def script_call(self, chunk: Sequence[tuple[str, AuditEntry]]) -> tuple[list[bytes], bytes]:
+        """The ``_APPEND`` script's keys and records argument for up to
+        ``_RECORDS_PER_CALL`` records: a batch write's cost per record in this process,
+        apart from redis-py's packing and the send (bench/micro_observers.py times it)."""
+        key = self.key
+        return ([key(session_id) for session_id, _ in chunk],
+                entries_json([entry for _, entry in chunk]))
+
     async def _send(self, batch: list[tuple[str, AuditEntry]]) -> None:
         if self._cluster:
             await self._send_plain(batch)
             return
         async with self._client.pipeline(transaction=False) as pipe:
             for start in range(0, len(batch), _RECORDS_PER_CALL):
-                chunk = batch[start:start + _RECORDS_PER_CALL]
-                keys = [self.key(session_id) for session_id, _ in chunk]
-                records = b"\n".join([entry_json(entry) for _, entry in chunk])
+                keys, records = self.script_call(batch[start:start + _RECORDS_PER_CALL])
                 pipe.eval(_APPEND, len(keys), *keys, *self._script_args, records)
             await pipe.execute()
 

@@ -166,8 +166,9 @@ async def test_a_batch_of_many_sessions_keeps_each_sessions_order_and_ttl(
 async def test_records_of_one_script_call_come_back_whole_newlines_and_all(
     redis_url: str,
 ) -> None:
-    # A call's records travel as one argument split on "\n" in the script: a record
-    # whose fields hold newlines (escaped in its JSON) must not be cut in two.
+    # A call's records travel as one JSON array that the script splits between records:
+    # a record whose fields hold newlines, quotes, backslashes or the boundary itself
+    # (escaped in its JSON) must not be cut in two.
     from dataclasses import replace
 
     from proxy.core.events import RequestEvent
@@ -177,6 +178,8 @@ async def test_records_of_one_script_call_come_back_whole_newlines_and_all(
     store = StoreConfig(kind="redis", url=redis_url, key_prefix="newline:", pin_ttl_s=30)
     audit = RedisAudit(AuditConfig(records_per_session=10), store, client)
     odd = replace(_record(1), path="/a\nb\r\n\u2028ü", error_type="x\ny")
+    boundary = replace(_record(3), at=1_700_000_002.5, request_id='},{"at":',
+                       path='/"},{"at":1,"x":"', version_changed='\\"},{"at":', error_type="}")
     event = RequestEvent(
         at=1_700_000_003.0, request_id="r-ev", trace_id="ab" * 16, session_id="s", method="POST",
         path="/p\n", status=200, backend_id="b", region="eu", version_key="prompt=v1",
@@ -188,9 +191,10 @@ async def test_records_of_one_script_call_come_back_whole_newlines_and_all(
         audit.offer("s", odd)
         audit.offer("s", raw_record(event))
         audit.offer("s", _record(2))
+        audit.offer("s", boundary)
         await audit.flush()
         assert await audit.trail("s", 10) == [
-            _record(0), odd, _record(2), AuditRecord.from_event(event)]
+            _record(0), odd, _record(2), boundary, AuditRecord.from_event(event)]
     finally:
         await client.delete(audit.key("s"))
         await audit.close()

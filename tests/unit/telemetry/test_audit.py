@@ -15,11 +15,13 @@ from proxy.config.store import StoreConfig
 from proxy.core.clock import ManualClock
 from proxy.core.events import RequestEvent
 from proxy.telemetry.audit import (
+    ENTRY_SEPARATOR,
     AuditEntry,
     AuditObserver,
     AuditRecord,
     DisabledAudit,
     MemoryAudit,
+    entries_json,
     entry_json,
     raw_record,
     record_of,
@@ -112,6 +114,45 @@ def test_the_lazy_record_is_the_record_made_at_once(
     assert entry_json(raw) == eager.to_json() == orjson.dumps(asdict(eager))
     assert entry_json(eager) == eager.to_json()
     assert record_of(eager) is eager
+
+
+# Strings that look like the array's record boundary, or could hide one in escapes.
+_tricky = st.text(alphabet=st.sampled_from(['}', ',', '{', '"', '\\', 'a', 't', ':', '\n', 'é']),
+                  max_size=40) | st.sampled_from(['},{"at":', '"},{"at":"', '\\"},{"at":',
+                                                 '},{\\"at\\":'])
+_maybe_tricky = st.none() | _tricky
+
+
+@given(st.lists(st.tuples(
+    st.floats(min_value=0, max_value=4e9, allow_nan=False), _tricky, _tricky, _tricky,
+    _tricky, st.integers(100, 599), _maybe_tricky, _maybe_tricky, _maybe_tricky, _seconds,
+    st.none() | _seconds, _maybe_tricky, _maybe_tricky, st.booleans(),
+), min_size=1, max_size=12))
+@example([(1.0, '},{"at":', '"},{"at":"', "GET", '\\"},{"at":', 200, None, None, None, 0.5,
+           None, "},{", "x\ny", False),
+          (2.0, "r", "t", "POST", "/", 503, "b", "eu", "v", 0.25, 0.125, None, None, True)])
+def test_the_batch_array_splits_into_each_records_json(
+    rows: list[tuple[float, str, str, str, str, int, str | None, str | None, str | None,
+                     float, float | None, str | None, str | None, bool]],
+) -> None:
+    # The writer sends a script call's records as one JSON array that the script splits
+    # on ENTRY_SEPARATOR (proxy/telemetry/audit_redis.py): whatever the fields hold, the
+    # pieces must be exactly each record's own JSON, for queued tuples and records alike.
+    entries: list[AuditEntry] = []
+    for *fields, as_record in rows:
+        raw = tuple(fields)
+        entries.append(record_of(raw) if as_record else raw)  # type: ignore[arg-type]
+    array = entries_json(entries)
+    assert array.startswith(b"[")
+    assert array.endswith(b"]")
+    pieces = array[1:-1].split(ENTRY_SEPARATOR)
+    rebuilt = [pieces[0] + b"}"] if len(pieces) > 1 else [pieces[0]]
+    rebuilt += [b'{"at":' + piece + b"}" for piece in pieces[1:-1]]
+    if len(pieces) > 1:
+        rebuilt.append(b'{"at":' + pieces[-1])
+    assert rebuilt == [entry_json(entry) for entry in entries]
+    assert [AuditRecord.from_json(piece) for piece in rebuilt] == [
+        record_of(entry) for entry in entries]
 
 
 class RawSink:
