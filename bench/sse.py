@@ -18,7 +18,11 @@ once after the ramp. A level of the form ``N@R`` runs N streams at R tokens/s, f
 one load core cannot offer N x 50 events/s (the report says which levels were lowered).
 
 Per target and level: CPU per relayed event (the target's process-tree CPU over the
-run ÷ events the clients received), its core utilisation, inter-chunk gap p50/p99 (the
+run ÷ events the clients received), and split in two: CPU per event in the steady
+window (from ``STEADY_MARGIN_S`` after the last stream's start to as long before the
+first one's end: every stream open, none starting or ending, so the relay alone) and
+the level's CPU beyond that rate per stream (what a stream's start and end cost), its
+core utilisation, inter-chunk gap p50/p99 (the
 pacing interval is the floor), TTFT p99, streams completed, RSS growth; from those,
 streams held per core (1 ÷ (CPU per event x rate)) and per GB of RSS growth.
 """
@@ -57,6 +61,10 @@ if TYPE_CHECKING:
 TARGETS = ("direct", "pinproxy", "nginx", "vllm-router")
 PATH = "/v1/chat/completions"
 KEEPS_UP_SLACK_MS = 5.0  # direct's gap p99 may exceed the pacing interval by this much
+# The steady window (see _drive) starts this long after the last stream's start and
+# ends this long before the first stream's end; shorter than MIN_STEADY_S: not measured.
+STEADY_MARGIN_S = 0.25
+MIN_STEADY_S = 0.5
 MAX_ADDED_GAP_P99_MS = 5.0  # issue 14: gap p99 at most 5 ms above direct's
 
 
@@ -205,6 +213,20 @@ async def _drive(
         run.streams.append(stream)
         loop.call_at(loop.time() + (start - time.perf_counter()), launch, stream)
     stream_s = cfg.completion_tokens / rate
+    # The steady window: every stream has started and none has ended, so the target
+    # only relays. Its CPU per event there, against the level's, tells the cost of
+    # relaying an event from that of starting and ending a stream (spread over its
+    # events in the level's figure).
+    marks: list[tuple[float, int]] = []
+
+    def mark() -> None:
+        assert proc is not None
+        marks.append((proc.cpu_seconds(), sum(s.events for s in run.streams)))
+
+    window = (t0 + cfg.ramp_s + STEADY_MARGIN_S, t0 + stream_s - STEADY_MARGIN_S)
+    if proc is not None and window[1] - window[0] >= MIN_STEADY_S:
+        for at in window:
+            loop.call_at(loop.time() + (at - time.perf_counter()), mark)
     started = time.perf_counter()
     await run.wait(cfg.ramp_s + stream_s + 30.0, proc, peak)
     wall = time.perf_counter() - started
@@ -227,6 +249,12 @@ async def _drive(
     events = sum(s.events for s in run.streams)
     # Every stream sends its tokens, then one last event with usage, then [DONE].
     expected = n * (cfg.completion_tokens + 2)
+    steady_us = per_stream_ms = None
+    if len(marks) == 2 and marks[1][1] > marks[0][1]:
+        steady_us = 1e6 * (marks[1][0] - marks[0][0]) / (marks[1][1] - marks[0][1])
+        # What the level cost beyond relaying its events at the steady rate: stream
+        # starts (accept, session, pin, routing, connect, head) and ends (telemetry).
+        per_stream_ms = 1e3 * (cpu - steady_us * 1e-6 * events) / n
     gaps = summarize_ms(run.gaps)
     return {
         "streams": n,
@@ -241,6 +269,11 @@ async def _drive(
         "inter_chunk": gaps,
         "cpu_s": round(cpu, 3),
         "cpu_us_per_event": round(1e6 * cpu / events, 2) if proc and events else None,
+        "steady_s": round(window[1] - window[0], 2) if steady_us is not None else None,
+        "cpu_us_per_event_steady": None if steady_us is None else round(steady_us, 2),
+        "cpu_ms_per_stream_beyond_relay": (
+            None if per_stream_ms is None else round(per_stream_ms, 3)
+        ),
         "core_util": round(cpu / wall, 3) if proc and wall else None,
         "generator_cpu_util": round(gen_cpu / wall, 3) if wall else None,
         "backend_cpu_util": round(backend_cpu / wall, 3) if wall else None,
@@ -361,6 +394,10 @@ def _report(
                 level[f"cpu_per_event {a}/{b}"] = round(
                     level[a]["cpu_us_per_event"] / level[b]["cpu_us_per_event"], 3
                 )
+            steady_a = level.get(a, {}).get("cpu_us_per_event_steady")
+            steady_b = level.get(b, {}).get("cpu_us_per_event_steady")
+            if steady_a is not None and steady_b:
+                level[f"steady cpu_per_event {a}/{b}"] = round(steady_a / steady_b, 3)
         rows.append(level)
     targets: dict[str, Any] = {}
     ratios = [lv["cpu_per_event pinproxy/vllm-router"] for lv in rows
@@ -424,12 +461,14 @@ def _write(
             rows.append([
                 f"{lv['streams']} @ {lv['tokens_per_second']:g}/s", name,
                 f"{r['completed']}/{r['streams']}", r["events_per_s"], r["cpu_us_per_event"],
+                r["cpu_us_per_event_steady"], r["cpu_ms_per_stream_beyond_relay"],
                 r["core_util"], r["inter_chunk"].get("p50_ms"), r["inter_chunk"].get("p99_ms"),
                 r.get("added_gap_p99_ms"), r["ttft"].get("p99_ms"), r["rss_mb_peak"],
                 r["streams_per_core"], r["streams_per_gb"], r["generator_cpu_util"],
                 r["backend_cpu_util"],
             ])
-    md += table(["level", "target", "completed", "events/s", "CPU µs/event", "core util",
+    md += table(["level", "target", "completed", "events/s", "CPU µs/event",
+                 "steady CPU µs/event", "CPU ms/stream beyond relay", "core util",
                  "gap p50 ms", "gap p99 ms", "added gap p99", "TTFT p99 ms", "RSS peak MB",
                  "streams/core", "streams/GB", "client util", "backend util"], rows)
     md += "\n\n"
@@ -440,7 +479,8 @@ def _write(
                f"p99 over the pacing interval: {lv.get('direct_gap_p99_over_pacing_ms')} ms, "
                f"limit {KEEPS_UP_SLACK_MS:g})"
                + (" (rate lowered from the target's)" if lv["lowered"] else "")
-               + "".join(f"; {k} = {v}" for k, v in lv.items() if k.startswith("cpu_per_event"))
+               + "".join(f"; {k} = {v}" for k, v in lv.items()
+                         if k.startswith(("cpu_per_event", "steady cpu_per_event")))
                + "\n")
     if report["skipped"]:
         md += "\nSkipped: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items()) + "\n"

@@ -199,7 +199,9 @@ def test_sse_reports_cpu_per_event_gaps_and_whether_direct_keeps_up(tmp_path: Pa
     # pinproxy-only mode: CI installs neither nginx nor vllm-router for this.
     report = sse.run(
         sse.SseConfig(
-            levels=("8", "6@25"),
+            # 6@4: 1.25-s streams, so a steady window (every stream open, none ended)
+            # of 0.55 s fits after the 0.2-s ramp.
+            levels=("8", "6@4"),
             completion_tokens=5,
             ramp_s=0.2,
             targets=("direct", "pinproxy"),
@@ -209,7 +211,7 @@ def test_sse_reports_cpu_per_event_gaps_and_whether_direct_keeps_up(tmp_path: Pa
     on_disk = _written(report, "inter-chunk-cdf.png")
     first, second = on_disk["levels"]
     assert (first["streams"], first["tokens_per_second"], first["lowered"]) == (8, 50.0, False)
-    assert (second["streams"], second["tokens_per_second"], second["lowered"]) == (6, 25.0, True)
+    assert (second["streams"], second["tokens_per_second"], second["lowered"]) == (6, 4.0, True)
     for level in (first, second):
         for name in ("direct", "pinproxy"):
             side = level[name]
@@ -220,5 +222,14 @@ def test_sse_reports_cpu_per_event_gaps_and_whether_direct_keeps_up(tmp_path: Pa
         assert level["pinproxy"]["cpu_us_per_event"] is not None
         assert level["pinproxy"]["added_gap_p99_ms"] is not None
         assert isinstance(level["direct_keeps_up"], bool)
+    # 0.1-s streams leave no steady window; the 1.25-s ones do, and it saw events.
+    assert first["pinproxy"]["cpu_us_per_event_steady"] is None
+    assert first["pinproxy"]["cpu_ms_per_stream_beyond_relay"] is None
+    steady = second["pinproxy"]
+    assert steady["steady_s"] == 0.55
+    assert steady["cpu_us_per_event_steady"] is not None
+    assert steady["cpu_us_per_event_steady"] >= 0
+    assert steady["cpu_ms_per_stream_beyond_relay"] is not None
+    assert second["direct"]["cpu_us_per_event_steady"] is None  # no process of its own
     assert on_disk["targets"]["pinproxy_streams_lost"]["value"] == 0
     assert "cpu_per_event_vs_vllm_router" not in on_disk["targets"]
