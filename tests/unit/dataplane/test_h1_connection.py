@@ -315,6 +315,27 @@ def test_versions_other_than_1_0_and_1_1_are_refused_as_a_bad_request_line() -> 
     asyncio.run(scenario())
 
 
+def test_a_later_heads_deadline_counts_from_its_own_first_byte() -> None:
+    # The connection's one timer is kept from the first head's deadline (it is not
+    # recreated per request): coming due early, it must wait on for the second head's.
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        conn, transport = _connection(head_timeout_s=0.2)
+        conn.data_received(b"GET /a HTTP/1.1\r\n\r\n")
+        await _settle()
+        assert transport.written.startswith(b"HTTP/1.1 200 ")
+        await asyncio.sleep(0.1)  # the first head's deadline is due halfway through the next
+        begun = loop.time()
+        conn.data_received(b"GET /b HT")
+        while not transport.ended:
+            assert loop.time() - begun < 2.0, "the head deadline never ran"
+            await asyncio.sleep(0.01)
+        assert loop.time() - begun >= 0.2 * 0.9
+        assert b"request_head_timeout" in transport.written
+
+    asyncio.run(scenario())
+
+
 def test_a_head_begun_in_the_read_that_ended_the_last_body_runs_the_head_deadline() -> None:
     async def scenario() -> None:
         conn, transport = _connection(head_timeout_s=0.05)
