@@ -138,8 +138,12 @@ class H1Exchange:
     @property
     def cookies(self) -> Mapping[str, str]:
         if self._cookies is None:
+            raws = self.headers.getall("Cookie", ())
+            if not raws:
+                self._cookies = {}  # most API requests: no SimpleCookie to build
+                return self._cookies
             parsed: SimpleCookie = SimpleCookie()
-            for raw in self.headers.getall("Cookie", ()):
+            for raw in raws:
                 try:
                     parsed.load(raw)
                 except CookieError:
