@@ -8,6 +8,7 @@ pipelined streams at arbitrary points and feeds arbitrary bytes.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -311,6 +312,30 @@ def test_versions_other_than_1_0_and_1_1_are_refused_as_a_bad_request_line() -> 
         assert transport.written.startswith(b"HTTP/1.1 400 ")
         assert b"HTTP version is invalid" in transport.written
         assert transport.ended
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("earlier", [0, 2])
+def test_a_client_gone_before_its_handler_ran_leaves_nothing_in_flight(earlier: int) -> None:
+    # The request is handed over and the client leaves in the same turn of the loop,
+    # before the connection's task runs it: on a fresh connection (the task never took
+    # a step) and on one that served ``earlier`` requests (its task waits for the next).
+    async def scenario() -> None:
+        conn, transport = _connection()
+        for _ in range(earlier):
+            conn.data_received(b"GET /a HTTP/1.1\r\n\r\n")
+            await _settle()
+        assert transport.written.count(b"HTTP/1.1 200 ") == earlier
+        conn.data_received(b"GET /b HTTP/1.1\r\n\r\n")
+        conn.connection_lost(None)
+        await _settle()
+        server = conn.server
+        assert isinstance(server, H1Server)
+        started = time.monotonic()
+        await asyncio.wait_for(server.shutdown(5.0), 10.0)
+        assert time.monotonic() - started < 2.0  # nothing in flight to wait for
+        assert b"/b" not in transport.written
 
     asyncio.run(scenario())
 
