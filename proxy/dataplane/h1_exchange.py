@@ -23,6 +23,7 @@ from proxy.dataplane.exchange import (
     Framing,
     body_framing,
     chunk,
+    header_lines,
     response_head,
 )
 
@@ -232,15 +233,16 @@ class H1Exchange:
 
     def _head(
         self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
-        declared: str | None, body_length: int | None,
+        body_length: int | None,
     ) -> bytes:
+        lines, declared = header_lines(headers)
         framing, length = body_framing(self.method, status, self.version, declared, body_length)
         self._framing = framing
         keep_alive = self._conn.keep_alive_for(self) and (self.body_complete or framing is
                                                           Framing.CLOSE)
         if not keep_alive:
             self.keep_alive = False
-        return response_head(status, reason, headers, framing=framing, content_length=length,
+        return response_head(status, reason, lines, framing=framing, content_length=length,
                              keep_alive=keep_alive, http10=self.version < (1, 1),
                              banner=self._conn.options.server_header)
 
@@ -248,9 +250,7 @@ class H1Exchange:
         self, status: int, headers: Iterable[tuple[str, str]], body: bytes,
         reason: str | None = None,
     ) -> None:
-        listed = list(headers)
-        declared = next((v for n, v in listed if n.lower() == "content-length"), None)
-        head = self._head(status, reason, listed, declared, len(body))
+        head = self._head(status, reason, headers, len(body))
         self.response_started = True
         transport = self._conn.transport
         if transport is None or transport.is_closing():
@@ -268,9 +268,7 @@ class H1Exchange:
     async def start(
         self, status: int, headers: Iterable[tuple[str, str]], reason: str | None = None
     ) -> None:
-        listed = list(headers)
-        declared = next((v for n, v in listed if n.lower() == "content-length"), None)
-        head = self._head(status, reason, listed, declared, None)
+        head = self._head(status, reason, headers, None)
         self.response_started = True
         transport = self._conn.transport
         if transport is None or transport.is_closing():
