@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import time
+from time import monotonic as _monotonic
+from time import time as _time
 from typing import Protocol
 
 
@@ -17,11 +18,10 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    def time(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
+    # The C functions themselves, not methods calling them: a request reads the clock
+    # about twenty times, and a Python frame per reading cost ~0.09 µs each.
+    time = staticmethod(_time)
+    monotonic = staticmethod(_monotonic)
 
     def __repr__(self) -> str:
         return "SystemClock()"

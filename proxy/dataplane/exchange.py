@@ -9,7 +9,8 @@ response types crosses the seam, so the handler does not depend on which HTTP se
 parsed the bytes.
 
 The framing of an answer is decided here, as pure functions of the request and the
-head (``body_framing``, ``response_head``), so the server only writes bytes.
+head (``header_lines``, ``body_framing``, ``response_head``), so the server only writes
+bytes.
 """
 
 from __future__ import annotations
@@ -171,10 +172,27 @@ _SERVER_SET: Final = frozenset(
 )
 
 
+def header_lines(headers: Iterable[tuple[str, str]]) -> tuple[list[str], str | None]:
+    """The handler's headers as head lines, minus those the server sets itself, and the
+    first ``Content-Length`` among them (``body_framing``'s ``declared``).
+
+    One pass that lowers each name once: the answer's head is written from these.
+    """
+    lines: list[str] = []
+    declared: str | None = None
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered not in _SERVER_SET:
+            lines.append(f"{name}: {value}\r\n")
+        elif declared is None and lowered == "content-length":
+            declared = value
+    return lines, declared
+
+
 def response_head(
     status: int,
     reason: str | None,
-    headers: Iterable[tuple[str, str]],
+    lines: list[str],
     *,
     framing: Framing,
     content_length: int | None,
@@ -184,6 +202,7 @@ def response_head(
 ) -> bytes:
     """The bytes of an answer's head (``body_framing`` decides the framing and length).
 
+    ``lines``: the handler's headers, from ``header_lines`` (extended here).
     ``http10``: the request was HTTP/1.0, whose connections close unless the answer
     says keep-alive. ``banner``: the ``Server`` header, none when empty.
     """
@@ -191,9 +210,7 @@ def response_head(
         line = STATUS_LINES.get(status) or f"HTTP/1.1 {status} \r\n".encode("latin-1")
     else:
         line = f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1", "replace")
-    parts = [
-        f"{name}: {value}\r\n" for name, value in headers if name.lower() not in _SERVER_SET
-    ]
+    parts = lines
     if content_length is not None:
         parts.append(f"Content-Length: {content_length}\r\n")
     if framing is Framing.CHUNKED:

@@ -23,6 +23,7 @@ from proxy.dataplane.exchange import (
     Framing,
     body_framing,
     chunk,
+    header_lines,
     response_head,
 )
 
@@ -59,10 +60,11 @@ class Connection(Protocol):
 
 def decode_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDictProxy[str]:
     """Header bytes as text: UTF-8, other bytes kept by ``surrogateescape`` (as aiohttp)."""
-    return CIMultiDictProxy(CIMultiDict(
+    # A list, not a generator: CIMultiDict takes a list in ~0.8 µs less (4 headers).
+    return CIMultiDictProxy(CIMultiDict([
         (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         for name, value in raw
-    ))
+    ]))
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -138,8 +140,12 @@ class H1Exchange:
     @property
     def cookies(self) -> Mapping[str, str]:
         if self._cookies is None:
+            raws = self.headers.getall("Cookie", ())
+            if not raws:
+                self._cookies = {}  # most API requests: no SimpleCookie to build
+                return self._cookies
             parsed: SimpleCookie = SimpleCookie()
-            for raw in self.headers.getall("Cookie", ()):
+            for raw in raws:
                 try:
                     parsed.load(raw)
                 except CookieError:
@@ -228,15 +234,16 @@ class H1Exchange:
 
     def _head(
         self, status: int, reason: str | None, headers: Iterable[tuple[str, str]],
-        declared: str | None, body_length: int | None,
+        body_length: int | None,
     ) -> bytes:
+        lines, declared = header_lines(headers)
         framing, length = body_framing(self.method, status, self.version, declared, body_length)
         self._framing = framing
         keep_alive = self._conn.keep_alive_for(self) and (self.body_complete or framing is
                                                           Framing.CLOSE)
         if not keep_alive:
             self.keep_alive = False
-        return response_head(status, reason, headers, framing=framing, content_length=length,
+        return response_head(status, reason, lines, framing=framing, content_length=length,
                              keep_alive=keep_alive, http10=self.version < (1, 1),
                              banner=self._conn.options.server_header)
 
@@ -244,9 +251,7 @@ class H1Exchange:
         self, status: int, headers: Iterable[tuple[str, str]], body: bytes,
         reason: str | None = None,
     ) -> None:
-        listed = list(headers)
-        declared = next((v for n, v in listed if n.lower() == "content-length"), None)
-        head = self._head(status, reason, listed, declared, len(body))
+        head = self._head(status, reason, headers, len(body))
         self.response_started = True
         transport = self._conn.transport
         if transport is None or transport.is_closing():
@@ -264,9 +269,7 @@ class H1Exchange:
     async def start(
         self, status: int, headers: Iterable[tuple[str, str]], reason: str | None = None
     ) -> None:
-        listed = list(headers)
-        declared = next((v for n, v in listed if n.lower() == "content-length"), None)
-        head = self._head(status, reason, listed, declared, None)
+        head = self._head(status, reason, headers, None)
         self.response_started = True
         transport = self._conn.transport
         if transport is None or transport.is_closing():

@@ -68,10 +68,10 @@ class H1Server:
     def busy(self, delta: int) -> None:
         """An exchange started (+1) or finished (-1): shutdown waits for none in flight."""
         self._busy += delta
-        if self._busy:
-            self._idle.clear()
-        else:
+        if not self._busy:
             self._idle.set()
+        elif delta > 0 and self._busy == 1:
+            self._idle.clear()  # only on the way out of idle: it stays clear while busy
 
     async def shutdown(self, timeout_s: float) -> None:
         """Stop accepting; let exchanges in flight finish for up to ``timeout_s``."""

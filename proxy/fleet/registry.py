@@ -132,8 +132,12 @@ class Registry:
         if state is None:
             return self.version_key(bundle)
         now = self._clock.time()
-        key = self.version_key(bundle)
-        changed = state.version != bundle
+        # A response stamp naming the known version hands that very bundle back
+        # (report_stamp): its key is the one stored with it, not rebuilt per response.
+        known = bundle is state.version and state.version_key is not None
+        key = state.version_key if known else self.version_key(bundle)
+        assert key is not None
+        changed = not known and state.version != bundle
         if changed:
             if state.version_key is not None and state.version_key != key:
                 logger.warning(

@@ -13,7 +13,9 @@ once, at the end:
   ``max_content_bytes``) that the answer's validity is judged on.
 * JSON (``application/json``). The usage object comes last in OpenAI-shaped bodies,
   so the tap keeps only the chunks covering the last ``tail_bytes`` and parses just
-  the ``usage`` object it finds there. A request that asked for JSON output needs the
+  the ``usage`` object it finds there; an answer of at most ``_PARSE_WHOLE_BYTES``
+  (most non-streamed completions) is parsed whole instead, which is cheaper, and read
+  by the scan only if it does not parse. A request that asked for JSON output needs the
   message content too: then the whole body is kept, up to ``max_body_bytes``, and
   parsed once. Over a cap there is no answer rather than a wrong one.
 
@@ -48,6 +50,9 @@ if TYPE_CHECKING:
 
 _JSON_FORMATS: Final = frozenset({"json_object", "json_schema"})
 _DONE: Final = b"[DONE]"
+# A JSON answer this small is parsed whole rather than scanned (JsonTap.finish): the
+# parse wins up to ~5 KiB of a chat completion (timeit, this VM).
+_PARSE_WHOLE_BYTES: Final = 4096
 _DONE_EVENTS: Final = (b"data: [DONE]", b"data:[DONE]")
 
 
@@ -293,8 +298,19 @@ class JsonTap:
             return TapResult()
         data = b"".join(self._chunks)
         if not self._json_mode:
+            whole = self._kept == self._size
+            if whole and self._size <= _PARSE_WHOLE_BYTES:
+                # A small answer, kept whole: one orjson parse costs less than the two
+                # scans (285 B: ~1.5 µs against ~3.3 µs; even at ~5 KiB). A body that
+                # does not parse is read by the scans, as a larger one is.
+                try:
+                    doc = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    doc = None
+                if isinstance(doc, dict):
+                    return TapResult(usage_of(doc), None, model_of(doc))
             # The model is named near the start: only when the start is still kept.
-            model = model_in_head(data) if self._kept == self._size else None
+            model = model_in_head(data) if whole else None
             return TapResult(usage_in_tail(data), None, model)
         try:
             doc = orjson.loads(data)

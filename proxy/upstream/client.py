@@ -14,7 +14,7 @@ reaching the backend and an idle-read timeout bounds each silence, head included
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
@@ -114,7 +114,7 @@ class Upstream:
         self._pool = pool
         self._targets: dict[str, Target] = {}
 
-    async def send(
+    def send(
         self,
         method: str,
         base_url: str,
@@ -123,8 +123,10 @@ class Upstream:
         body: Body,
         *,
         replayable: bool = False,
-    ) -> UpstreamResponse:
-        """Send the request; return once the response head is in. The caller finishes it.
+    ) -> Awaitable[UpstreamResponse]:
+        """Send the request; the awaitable is done once the response head is in. The
+        caller finishes the response. (A plain function handing back the pool's
+        coroutine: no coroutine of its own on every request's path.)
 
         Failures are told apart by what the backend may have seen: nothing
         (``UpstreamConnectError``), the request but no head (``UpstreamDropped``), a
@@ -144,9 +146,7 @@ class Upstream:
         target = self._targets.get(base_url)
         if target is None:
             target = self._targets[base_url] = Target(base_url)
-        return await self._pool.request(
-            target, method, path_qs, headers, body, replayable=replayable
-        )
+        return self._pool.request(target, method, path_qs, headers, body, replayable=replayable)
 
     def __repr__(self) -> str:
         return f"Upstream(pool={self._pool!r})"

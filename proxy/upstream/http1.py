@@ -33,7 +33,10 @@ the response, and body chunks are handed to the relay as they arrive. The decisi
 - Timeouts: connecting is bounded by ``connect_timeout_s`` (pool.py); each silence
   while the response is awaited (head or body) by ``read_idle_timeout_s``, checked by
   one timer per connection against the time of the last byte either way, so reading
-  costs no timer and a slow upload does not count as the backend's silence.
+  costs no timer and a slow upload does not count as the backend's silence. The timer
+  is left set when a response completes: a request on a pooled connection reuses it
+  (it fires, finds the new waiter and sets itself for the rest) instead of creating
+  and cancelling one per request.
 """
 
 from __future__ import annotations
@@ -244,7 +247,8 @@ class Connection(asyncio.Protocol):
             request_sent=self._request_sent if self._writer is None else self._writer.done,
             unread=bool(self._chunks),
         ):
-            self._cancel_timer()
+            # The idle timer stays set: it finds no waiter and stops, or finds the next
+            # request's and sets itself for that one's last byte (see _check_idle).
             if self._head_only:
                 # llhttp still expects the body the HEAD answer's head described.
                 self._parser = httptools.HttpResponseParser(self)
@@ -505,7 +509,6 @@ class Connection(asyncio.Protocol):
 
     def _completed(self) -> None:
         self.state = ConnState.COMPLETE
-        self._cancel_timer()
         self._wake()
 
     def __repr__(self) -> str:

@@ -85,7 +85,8 @@ class Http1Pool:
         else:
             stream = body
             payload, declared = streamed_head(method, path, target.host_header, headers)
-        conn = await self._acquire(target.origin)
+        # The usual case, an idle connection ready, needs no coroutine of _acquire's.
+        conn = self._take_idle(target.origin, self._quiet_s) or await self._acquire(target.origin)
         for fresh in (False, True):
             try:
                 if stream is None:

@@ -417,6 +417,30 @@ async def test_silent_backend_times_out_before_the_head(
     await until(lambda: backend.eofs == 1)
 
 
+async def test_a_silent_backend_on_a_reused_connection_times_out_from_its_own_request(
+    start_backend: StartBackend, make_pool: MakePool
+) -> None:
+    # The connection's idle timer outlives the first response (it is not recreated per
+    # request): it must still time the second request from that request's own send.
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        peer.send(response(b"first"))
+        await peer.request()
+        await peer.wait_eof()  # the second is never answered
+
+    backend = await start_backend(script)
+    pool, target = make_pool(idle_timeout_s=IDLE_S), backend.target()
+    assert (await fetch(pool, target))[1] == b"first"
+    # Past half the first request's timer: it comes due while the second one waits.
+    await asyncio.sleep(IDLE_S / 2)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        await asyncio.wait_for(pool.request(target, "GET", "/", {}, b""), SLOW_S)
+    assert IDLE_S * 0.9 <= time.monotonic() - started < SLOW_S
+    assert backend.accepted == 1  # the same connection, reused
+    await until(lambda: backend.eofs == 1)
+
+
 async def silent_mid_body(peer: Peer) -> None:
     await peer.request()
     peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")

@@ -11,6 +11,7 @@ from proxy.dataplane.exchange import (
     Framing,
     body_framing,
     chunk,
+    header_lines,
     response_head,
 )
 
@@ -37,14 +38,27 @@ def test_no_body_statuses_carry_no_length() -> None:
 
 
 def test_the_head_replaces_what_the_server_sets_and_names_the_banner() -> None:
-    head = response_head(
-        200, None,
+    lines, declared = header_lines(
         [("Content-Type", "text/plain"), ("Connection", "keep-alive"), ("Server", "backend"),
-         ("Content-Length", "99"), ("Transfer-Encoding", "chunked")],
-        framing=Framing.LENGTH, content_length=2, keep_alive=False, banner="edge",
+         ("Content-Length", "99"), ("Transfer-Encoding", "chunked")]
+    )
+    assert declared == "99"
+    head = response_head(
+        200, None, lines, framing=Framing.LENGTH, content_length=2, keep_alive=False,
+        banner="edge",
     )
     assert head == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
                     b"Server: edge\r\nConnection: close\r\n\r\n")
+
+
+def test_header_lines_keep_order_and_declare_the_first_content_length_in_any_case() -> None:
+    lines, declared = header_lines(
+        [("X-B", "1"), ("content-LENGTH", "7"), ("X-A", "2"), ("Content-Length", "9"),
+         ("keep-alive", "timeout=5")]
+    )
+    assert lines == ["X-B: 1\r\n", "X-A: 2\r\n"]
+    assert declared == "7"
+    assert header_lines([("X-A", "1")]) == (["X-A: 1\r\n"], None)
 
 
 def test_an_http_1_0_answer_kept_alive_says_so() -> None:
@@ -90,7 +104,7 @@ def test_every_framed_answer_parses_back_to_the_same_body(
     body = b"".join(pieces)
     framing, length = body_framing(method, status, version, str(len(body)) if declared else None,
                                    None)
-    head = response_head(status, None, [("X-A", "1")], framing=framing, content_length=length,
+    head = response_head(status, None, ["X-A: 1\r\n"], framing=framing, content_length=length,
                          keep_alive=framing is not Framing.CLOSE)
     wire = bytearray(head)
     if framing is Framing.CHUNKED:

@@ -8,6 +8,7 @@ pipelined streams at arbitrary points and feeds arbitrary bytes.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -311,6 +312,51 @@ def test_versions_other_than_1_0_and_1_1_are_refused_as_a_bad_request_line() -> 
         assert transport.written.startswith(b"HTTP/1.1 400 ")
         assert b"HTTP version is invalid" in transport.written
         assert transport.ended
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("earlier", [0, 2])
+def test_a_client_gone_before_its_handler_ran_leaves_nothing_in_flight(earlier: int) -> None:
+    # The request is handed over and the client leaves in the same turn of the loop,
+    # before the connection's task runs it: on a fresh connection (the task never took
+    # a step) and on one that served ``earlier`` requests (its task waits for the next).
+    async def scenario() -> None:
+        conn, transport = _connection()
+        for _ in range(earlier):
+            conn.data_received(b"GET /a HTTP/1.1\r\n\r\n")
+            await _settle()
+        assert transport.written.count(b"HTTP/1.1 200 ") == earlier
+        conn.data_received(b"GET /b HTTP/1.1\r\n\r\n")
+        conn.connection_lost(None)
+        await _settle()
+        server = conn.server
+        assert isinstance(server, H1Server)
+        started = time.monotonic()
+        await asyncio.wait_for(server.shutdown(5.0), 10.0)
+        assert time.monotonic() - started < 2.0  # nothing in flight to wait for
+        assert b"/b" not in transport.written
+
+    asyncio.run(scenario())
+
+
+def test_a_later_heads_deadline_counts_from_its_own_first_byte() -> None:
+    # The connection's one timer is kept from the first head's deadline (it is not
+    # recreated per request): coming due early, it must wait on for the second head's.
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        conn, transport = _connection(head_timeout_s=0.2)
+        conn.data_received(b"GET /a HTTP/1.1\r\n\r\n")
+        await _settle()
+        assert transport.written.startswith(b"HTTP/1.1 200 ")
+        await asyncio.sleep(0.1)  # the first head's deadline is due halfway through the next
+        begun = loop.time()
+        conn.data_received(b"GET /b HT")
+        while not transport.ended:
+            assert loop.time() - begun < 2.0, "the head deadline never ran"
+            await asyncio.sleep(0.01)
+        assert loop.time() - begun >= 0.2 * 0.9
+        assert b"request_head_timeout" in transport.written
 
     asyncio.run(scenario())
 

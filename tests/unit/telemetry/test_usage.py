@@ -214,6 +214,14 @@ def test_the_answering_model_is_read_from_a_json_answer(body: bytes, expected: s
     assert run(JsonTap(json_mode=False, limits=LIMITS), body, [3]).model == expected
 
 
+def test_a_small_answer_that_does_not_parse_is_still_scanned() -> None:
+    # Small answers are parsed whole; one that is not a JSON document (here, bytes after
+    # it) is read by the scans, as before.
+    body = b'{"model":"m","usage":{"prompt_tokens":1,"completion_tokens":2}} trailing'
+    found = run(JsonTap(json_mode=False, limits=LIMITS), body, [5])
+    assert found == TapResult(Usage(1, 2), None, "m")
+
+
 # -- the tail scan against a full parse -----------------------------------------------------
 # A JSON answer's usage is read from its tail without parsing the body (answers.py's
 # usage_in_tail); it must say what a full parse of an OpenAI-shaped answer says, whatever
