@@ -32,6 +32,23 @@ FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-backgroun
          "--disable-component-update", "--disable-sync", "--no-first-run")
 
 
+# Holds every fetch until the test calls the functions in ``window.__held``; counts them
+# in ``window.__inflight`` until their JSON body is read and the code awaiting it ran (the
+# count drops in a task queued after that body's promise settled).
+HOLD_FETCHES = """
+window.__held = []; window.__inflight = 0;
+const real = window.fetch;
+window.fetch = (...args) => {
+  window.__inflight++;
+  return new Promise((go) => window.__held.push(go)).then(() => real(...args)).then((resp) => {
+    const json = resp.json.bind(resp);
+    resp.json = () => json().finally(() => setTimeout(() => { window.__inflight--; }, 0));
+    return resp;
+  });
+};
+"""
+
+
 class Browser:
     """A chromium driven through chromedriver; every call runs in a thread, because the
     proxy it talks to runs in this test's event loop."""
@@ -145,8 +162,13 @@ async def test_the_page_shows_a_region_flipping_after_a_cutover_and_a_session(
     await browser.until("(document.getElementById('session-pin') || {}).textContent === "
                         "'no such session'", "unknown session")
 
-    # Forgetting the token empties the page.
+    # Forgetting the token empties the page, even when a refresh is on its way: the page
+    # holds the next refresh's request until the token is forgotten, then lets it answer.
+    await browser.js(HOLD_FETCHES)
+    await browser.until("window.__held.length > 0", "a refresh held")
     await browser.run(lambda: browser.driver.find_element(By.ID, "logout").click())
+    await browser.js("window.__held.forEach((go) => go()); window.__held = [];")
+    await browser.until("window.__inflight === 0", "the held refresh answered")
     assert await browser.js("return document.getElementById('view').hidden;") is True
     assert await browser.js("return document.querySelectorAll('#grid tr').length;") == 0
 
