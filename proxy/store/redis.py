@@ -105,7 +105,7 @@ class RedisPinStore:
         self._writing_back: set[asyncio.Task[None]] = set()
         self._closed = False
         self._call = store_call(config, clock, metrics)
-        self._reader = PinReader(client, self._keys, self._ttl_ms)
+        self._reader = PinReader(client, self._keys, self._ttl_ms, self._op_timeout_s)
         self._changes = PinChanges(client, self._keys, config, clock, self._call, self._ttl_ms)
         self._sync = PinSync(
             client, self._keys, self._cache, config, clock, self._call, on_conflict=on_conflict
@@ -150,6 +150,11 @@ class RedisPinStore:
     @property
     def pending_touches(self) -> int:
         return len(self._touches)
+
+    @property
+    def reader(self) -> PinReader:
+        """The lookup script's runner (its batch counters for tests and the bench)."""
+        return self._reader
 
     @property
     def sync(self) -> PinSync:
@@ -355,6 +360,7 @@ class RedisPinStore:
             return
         self._closed = True
         self._subscriber.close()
+        await self._reader.close()
         await self._sync.close()
         if self._writing_back:
             await asyncio.wait(list(self._writing_back), timeout=2 * self._op_timeout_s)

@@ -24,16 +24,33 @@ Every key of one script must be in one slot on a cluster: the pin and the mark s
 the session's hash tag, but the epoch lives in the ``{sync}`` slot, so there the
 script reads the pin and mark and the epoch is read beside it in the same pipeline
 (one round trip per node, sent together).
+
+Lookups that start in the same turn of the event loop go out together (standalone and
+Sentinel): the first one queued schedules a send for the loop's next turn, so every
+request the loop's current turn is running can join, and the queued scripts go in one
+pipeline (one connection, one write, one read), each still its own atomic script with
+its own answer. One call through redis-py costs ~90 µs of client CPU (the pool, the
+packing, a write and a read, each wake-up of the other process), most of it per call
+rather than per command, and a new session's lookup was the largest single item in a
+stream's start and in the CPU of a mix of new sessions (bench/RESULTS.md, issue 14,
+2026-12-06). A lone lookup is sent as it always was; the batch has its own deadline
+(the callers' own, lag-tolerant, from the batch's start), each caller keeps its own
+(RedisCall), and a caller that gives up leaves the others' answers alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from redis.exceptions import NoScriptError
 
+from proxy.redis.call import LagTolerantDeadline
+
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from redis.asyncio import Redis
 
     from proxy.store.redis_wire import StoreKeys
@@ -71,15 +88,37 @@ class Found(NamedTuple):
     created: bool
 
 
+Queued: TypeAlias = "tuple[tuple[bytes, ...], asyncio.Future[Any]]"
+
+
 class PinReader:
     """Runs the lookup script for the pin store (inside its ``RedisCall``)."""
 
-    __slots__ = ("_client", "_keys", "_ttl")
+    __slots__ = (
+        "_client",
+        "_closed",
+        "_keys",
+        "_queued",
+        "_sending",
+        "_timeout_s",
+        "_ttl",
+        "batched",
+        "batches",
+        "sent",
+    )
 
-    def __init__(self, client: Redis, keys: StoreKeys, ttl_ms: int) -> None:
+    def __init__(self, client: Redis, keys: StoreKeys, ttl_ms: int, timeout_s: float) -> None:
+        """``timeout_s``: how long one batch of lookups may take (the store's op timeout)."""
         self._client = client
         self._keys = keys
         self._ttl = str(ttl_ms).encode()
+        self._timeout_s = timeout_s
+        self._queued: list[Queued] = []  # (KEYS and ARGV, the caller's future)
+        self._sending: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.sent = 0  # lookups handed to redis-py, alone or in a batch (tests, bench)
+        self.batches = 0  # sends of more than one lookup that were answered
+        self.batched = 0  # lookups those sends carried
 
     async def read(self, session_id: str, consume_mark: bool, offer: bytes | None) -> Found:
         """The pin, mark and epoch; with ``offer``, the offer written if no pin was held."""
@@ -89,7 +128,7 @@ class PinReader:
             args.append(offer)
         pin, mark = keys.pin(session_id), keys.changed(session_id)
         if not keys.cluster:
-            reply = await self._script(3, pin, mark, keys.epoch, *args)
+            reply = await self._joined((pin, mark, keys.epoch, *args))
             return Found(reply[0], reply[1], reply[2], reply[3] == 1)
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.execute_command("EVALSHA", LOOKUP_SHA, 2, pin, mark, *args)
@@ -102,6 +141,91 @@ class PinReader:
             if isinstance(value, Exception):
                 raise value
         return Found(reply[0], reply[1], epoch, reply[3] == 1)
+
+    async def close(self) -> None:
+        """Stop sending: queued and in-flight lookups fail (their callers are told)."""
+        self._closed = True
+        for task in list(self._sending):
+            task.cancel()
+        if self._sending:
+            await asyncio.wait(list(self._sending), timeout=2 * self._timeout_s + 1.0)
+        self._fail(self._queued, ConnectionError("the pin store is closed"))
+        self._queued = []
+
+    async def _joined(self, keys_and_args: tuple[bytes, ...]) -> Any:
+        """The script's reply for three keys, sent with every lookup of this loop turn."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._send_queued)
+        self._queued.append((keys_and_args, future))
+        # A caller that gives up cancels its own future only; the batch goes on.
+        return await future
+
+    def _send_queued(self) -> None:
+        queued = [(what, future) for what, future in self._queued if not future.done()]
+        self._queued = []
+        if self._closed:
+            self._fail(queued, ConnectionError("the pin store is closed"))
+            return
+        if not queued:
+            return
+        task = asyncio.get_running_loop().create_task(self._send(queued))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, queued: list[Queued]) -> None:
+        self.sent += len(queued)
+        try:
+            # Bounded like each caller's own call (RedisCall: lag-tolerant), from the
+            # batch's start, so just after the earliest caller's deadline: a batch that
+            # gets no answer is cancelled then, and its connection let go, as a lone
+            # call's is.
+            async with asyncio.timeout(None) as timeout:
+                deadline = LagTolerantDeadline(timeout, self._timeout_s)
+                try:
+                    if len(queued) == 1:
+                        (what, future), = queued
+                        reply = await self._script(3, *what)
+                        if not future.done():
+                            future.set_result(reply)
+                        return
+                    replies = await self._pipelined([what for what, _ in queued])
+                finally:
+                    deadline.cancel()
+        except asyncio.CancelledError:
+            self._fail(queued, ConnectionError("the pin store is closed"))
+            raise
+        except Exception as exc:  # every caller gets it, as its own call would have
+            self._fail(queued, exc)
+            return
+        self.batches += 1
+        self.batched += len(queued)
+        for (_, future), reply in zip(queued, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _pipelined(self, batch: list[tuple[bytes, ...]]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for what in batch:
+                pipe.execute_command("EVALSHA", LOOKUP_SHA, 3, *what)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for i, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                # Not cached on this server (a restart, a failover): the first EVAL
+                # caches it; each lookup still runs its own script.
+                replies[i] = await self._eval(3, *batch[i])
+        return replies
+
+    @staticmethod
+    def _fail(queued: list[Queued], exc: BaseException) -> None:
+        for _, future in queued:
+            if not future.done():
+                future.set_exception(exc)
 
     async def _script(self, numkeys: int, *keys_and_args: bytes) -> Any:
         try:

@@ -160,3 +160,86 @@ async def test_a_failed_lookup_is_measured_by_kind(private_redis: RedisServer) -
     finally:
         private_redis.start()
         await store.close()
+
+
+async def test_lookups_started_together_go_out_in_one_pipeline(
+    private_redis: RedisServer, admin: Redis
+) -> None:
+    store = await opened(private_redis.url)
+    try:
+        assert (await store.lookup("warm", propose=lambda: pin(1))).created  # script cached
+        assert store.reader.batches == 0  # a lone lookup goes out alone
+        before = await calls(admin, "evalsha", "eval")
+        sessions = [f"together-{n}" for n in range(30)]
+        found = await asyncio.gather(*(
+            store.lookup(session, propose=lambda n=n: pin(n % 3 + 1))  # type: ignore[misc]
+            for n, session in enumerate(sessions)
+        ))
+        assert [(f.pin, f.created) for f in found] == [(pin(n % 3 + 1), True) for n in range(30)]
+        assert (store.reader.batches, store.reader.batched) == (1, 30)
+        after = await calls(admin, "evalsha", "eval")
+        # Each lookup is still its own script call, atomic on its own.
+        assert (after["evalsha"] - before["evalsha"], after["eval"] - before["eval"]) == (30, 0)
+        for session in sessions:
+            assert await admin.get(store.key(session)) is not None, session
+        # Known now: read from the batch's answers, cached, no call.
+        assert (await store.lookup("together-4")).pin == pin(2)
+    finally:
+        await store.close()
+
+
+async def test_a_batch_meeting_a_flushed_script_cache_still_answers_each_lookup(
+    private_redis: RedisServer, admin: Redis
+) -> None:
+    store = await opened(private_redis.url)
+    try:
+        assert (await store.lookup("warm", propose=lambda: pin(1))).created
+        await admin.script_flush()
+        found = await asyncio.gather(*(
+            store.lookup(f"flushed-{n}", propose=lambda: pin(2)) for n in range(8)
+        ))
+        assert all(f.pin == pin(2) and f.created for f in found)
+        assert store.reader.batches == 1
+        assert (await store.lookup("after", propose=lambda: pin(3))).created
+    finally:
+        await store.close()
+
+
+async def test_a_caller_that_gives_up_leaves_the_rest_of_its_batch_alone(
+    private_redis: RedisServer,
+) -> None:
+    store = await opened(private_redis.url)
+    try:
+        assert (await store.lookup("warm", propose=lambda: pin(1))).created
+        sent = store.reader.sent
+        private_redis.pause()  # the batch goes out and waits for its answer
+        tasks = [asyncio.create_task(store.lookup(f"gives-up-{n}", propose=lambda: pin(2)))
+                 for n in range(6)]
+        while store.reader.sent < sent + 6:  # all six handed to redis-py
+            await asyncio.sleep(0)
+        tasks[0].cancel()
+        private_redis.resume()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError)
+        assert all(not isinstance(r, BaseException) and r.created for r in results[1:])
+        assert store.reader.batched == 6
+    finally:
+        private_redis.resume()
+        await store.close()
+
+
+async def test_every_lookup_of_a_batch_fails_as_its_own_call_would_when_redis_is_down(
+    private_redis: RedisServer,
+) -> None:
+    store = await opened(private_redis.url)
+    try:
+        assert (await store.lookup("warm", propose=lambda: pin(1))).created
+        private_redis.stop()
+        results = await asyncio.gather(
+            *(store.lookup(f"down-{n}", propose=lambda: pin(2)) for n in range(5)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+    finally:
+        private_redis.start()
+        await store.close()
