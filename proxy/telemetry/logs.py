@@ -8,11 +8,12 @@ Both formatters also format many lines of one logger at once (``format_lines``),
 same lines ``format`` would make of the records: the request log, a line sink of its
 own rather than a logger, writes its lines in batches that way (see requestlog.py).
 ``format_request_lines`` is the request log's own batch form: the same lines again,
-made straight from its queued tuples rather than from a dict of fields per line. The
-JSON one builds the line's whole object in one dict; the text one remembers the text
-of the runs of fields that repeat from request to request (method to version_changed,
-structured_output_valid to error_type), made by the same code as ``format``'s, and
-formats only the rest per line.
+made straight from its queued tuples rather than from a dict of fields per line. Both
+remember the text of the runs of fields that repeat from request to request (method to
+version_changed, structured_output_valid to error_type), made by the same code as
+``format``'s, and format only the rest per line: the text one as pairs, the JSON one
+as one ``orjson.dumps`` of a dozen entries, each run an ``orjson.Fragment`` of JSON
+already written.
 """
 
 from __future__ import annotations
