@@ -9,6 +9,12 @@ event loop. When the queue is full, new lines are dropped and counted rather tha
 waited for. The request log is a sink of its own, not a logger: a logging record per
 line would cost about as much again as the line itself.
 
+The formatters make each line straight from the queued tuple
+(``format_request_lines``), not from a dict of its fields: the fields and their order
+are fixed, and the dict alone cost as much as the rest of a JSON line. ``line_fields``
+stays the definition of a line's fields: the tests pin that every line is what the
+formatter's ``format`` makes of a record carrying them.
+
 Session ids are never logged raw unless ``log.raw_session_ids`` says so: the line
 carries a keyed BLAKE2b hash, equal for equal ids under the same key, so one
 session's lines can be found without the id itself being exposed.
@@ -53,6 +59,14 @@ class LineFormatter(Protocol):
         """What ``format`` makes of a record per line, with these name, level, message."""
         ...
 
+    def format_request_lines(
+        self, name: str, levelno: int, message: str, lines: Sequence[Taken],
+        hasher: SessionHasher,
+    ) -> str:
+        """``format_lines`` of ``(t[0], line_fields(t, hasher))`` per queued ``t``, each
+        line ended by a newline, as one text."""
+        ...
+
 
 class SessionHasher:
     """Keyed hash of session ids for logs and spans (or the raw id, when configured)."""
@@ -86,6 +100,12 @@ class SessionHasher:
             ).hexdigest()
         return hashed
 
+    @property
+    def remembered(self) -> Mapping[str, str]:
+        """The hashes remembered, by session id (none when ids are logged raw): a
+        caller's fast path; always the same mapping, emptied in place when full."""
+        return self._cache
+
     def __repr__(self) -> str:
         # Never the key itself.
         key = "configured" if self._configured else "random"
@@ -96,27 +116,37 @@ class SessionHasher:
 # these values and nothing else of the event, above all not the request body the event
 # carries for tracing (a stalled log pipe would otherwise keep up to ``max_pending``
 # bodies alive, each as large as a prompt).
-_Taken: TypeAlias = tuple[
-    float, str, str, "str | None", "str | None", str, str, int, "str | None", "str | None",
-    "str | None", bool, "str | None", float, "float | None", "Usage | None", "bool | None",
-    bool, "str | None",
+Taken: TypeAlias = tuple[
+    float, str, str, "str | None", "str | None", float, "float | None", "Usage | None",
+    str, str, int, "str | None", "str | None", "str | None", bool, "str | None",
+    "bool | None", bool, "str | None",
 ]
+# The values that mostly repeat from request to request (method to error_type), last in
+# the tuple so that one slice holds them all. The fields made of them, and of nothing
+# else, are the two runs of keys below: formatters remember the runs' text by the slice.
+REPEATING: Final = 8  # taken[REPEATING:]
+REPEATING_RUNS: Final = (
+    ("method", "path", "status", "prompt_version", "version_key", "region", "backend",
+     "new_pin", "version_changed"),
+    ("structured_output_valid", "streamed", "error_type"),
+)
 
 
-def _take(event: RequestEvent) -> _Taken:
+def _take(event: RequestEvent) -> Taken:
     # A line is dated when its request finished, not when the writer got to it.
     return (
         event.at + event.duration_s, event.request_id, event.trace_id, event.session_id,
-        event.client, event.method, event.path, event.status, event.version_key,
-        event.region, event.backend_id, event.new_pin, event.version_changed,
-        event.duration_s, event.ttfb_s, event.usage, event.structured_output_valid,
+        event.client, event.duration_s, event.ttfb_s, event.usage, event.method,
+        event.path, event.status, event.version_key, event.region, event.backend_id,
+        event.new_pin, event.version_changed, event.structured_output_valid,
         event.streamed, event.error_type,
     )
 
 
-def _fields(taken: _Taken, hasher: SessionHasher) -> dict[str, object]:
-    (_, request_id, trace_id, session_id, client, method, path, status, version_key,
-     region, backend_id, new_pin, version_changed, duration_s, ttfb_s, usage,
+def line_fields(taken: Taken, hasher: SessionHasher) -> dict[str, object]:
+    """A queued line's fields, in their order: what every line format is defined by."""
+    (_, request_id, trace_id, session_id, client, duration_s, ttfb_s, usage, method, path,
+     status, version_key, region, backend_id, new_pin, version_changed,
      structured_output_valid, streamed, error_type) = taken  # fmt: skip
     return {
         "request_id": request_id,
@@ -144,14 +174,15 @@ def _fields(taken: _Taken, hasher: SessionHasher) -> dict[str, object]:
 
 def event_fields(event: RequestEvent, hasher: SessionHasher) -> dict[str, object]:
     """The request log's fields for ``event`` (also what the tests compare against)."""
-    return _fields(_take(event), hasher)
+    return line_fields(_take(event), hasher)
 
 
 class Sink(Protocol):
     """Where the request log's lines go (a ``LineSink``, or a test's fan-out)."""
 
-    def write(self, lines: Sequence[Line]) -> None:
-        """Write a batch of lines; never raise (the writer thread must go on)."""
+    def write(self, lines: Sequence[Taken], hasher: SessionHasher) -> None:
+        """Write a batch of queued lines, their sessions hashed by ``hasher``; never
+        raise (the writer thread must go on)."""
         ...
 
 
@@ -171,13 +202,14 @@ class LineSink:
         self._lock = lock or threading.RLock()
         self.failures = 0  # writes the stream refused (their lines are lost)
 
-    def write(self, lines: Sequence[Line]) -> None:
+    def write(self, lines: Sequence[Taken], hasher: SessionHasher) -> None:
         """Write ``lines``; a stream that refuses (a closed pipe) loses them, counted,
         and is reported once, rather than stopping the request log."""
-        text = self._formatter.format_lines(LOGGER_NAME, logging.INFO, _MESSAGE, lines)
+        text = self._formatter.format_request_lines(
+            LOGGER_NAME, logging.INFO, _MESSAGE, lines, hasher)
         try:
             with self._lock:
-                self._stream.write("\n".join(text) + "\n")
+                self._stream.write(text)
                 self._stream.flush()
         except (OSError, ValueError) as exc:  # ValueError: the stream is closed
             self.failures += 1
@@ -215,7 +247,7 @@ class RequestLog:
         looked up at each write."""
         self._hasher = hasher
         self._sink = sink
-        self._pending: deque[_Taken] = deque()
+        self._pending: deque[Taken] = deque()
         self._max_pending = max_pending
         self._interval_s = interval_s
         self._on_drop = on_drop
@@ -259,8 +291,7 @@ class RequestLog:
             pending, hasher = self._pending, self._hasher
             while pending:
                 count = min(len(pending), _LINES_PER_WRITE)
-                taken = [pending.popleft() for _ in range(count)]
-                sink.write([(t[0], _fields(t, hasher)) for t in taken])
+                sink.write([pending.popleft() for _ in range(count)], hasher)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):

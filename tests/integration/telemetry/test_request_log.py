@@ -18,7 +18,7 @@ from tests.fixtures.sim import StartPop
 from tests.integration.telemetry.test_metrics import wait_for
 
 if TYPE_CHECKING:
-    from proxy.telemetry.requestlog import Line
+    from proxy.telemetry.requestlog import Taken
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hello"}],
         "stream": True, "stream_options": {"include_usage": True}}
@@ -31,9 +31,9 @@ class Both:
     def __init__(self, *sinks: LineSink) -> None:
         self._sinks = sinks
 
-    def write(self, lines: Sequence[Line]) -> None:
+    def write(self, lines: Sequence[Taken], hasher: SessionHasher) -> None:
         for sink in self._sinks:
-            sink.write(lines)
+            sink.write(lines, hasher)
 
 
 @pytest.fixture

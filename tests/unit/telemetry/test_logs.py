@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from proxy.config.observability import LogConfig
 from proxy.core.events import RequestEvent, Usage
@@ -28,11 +30,14 @@ from proxy.telemetry.requestlog import (
     RequestLog,
     SessionHasher,
     event_fields,
+    line_fields,
     route_request_log,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
+
+    from proxy.telemetry.requestlog import Taken
 
 # Around second and millisecond boundaries, where rounding decides the printed time.
 EDGES = [1_764_000_000.0, 1_764_000_000.0005, 1_764_000_000.9995, 1_764_000_000.9999995,
@@ -254,3 +259,138 @@ def test_queued_lines_do_not_keep_request_bodies_alive() -> None:
     lines = stream.getvalue().splitlines()
     assert len(lines) == 200
     assert "request_id=r199" in lines[-1]
+
+
+# -- format_request_lines: the request log's lines straight from its queued tuples ------
+
+_texts = st.text(max_size=12)
+_maybe = st.none() | _texts
+# Every float, infinities and NaN too: a line's duration is what the clock said.
+_seconds = st.floats(allow_subnormal=True)
+_ORJSON_INTS = st.integers(-(2**63), 2**64 - 1)  # what orjson writes; it refuses others
+
+
+def _taken(
+    when: float = 1_764_000_000.25, request_id: str = "r-1", trace_id: str = "ab" * 16,
+    session_id: str | None = "alice", client: str | None = "10.0.0.1",
+    duration_s: float = 0.0123456, ttfb_s: float | None = 0.002,
+    usage: Usage | None = Usage(12, 4), method: str = "POST",  # noqa: B008 - frozen
+    path: str = "/v1/chat/completions", status: int = 200,
+    version_key: str | None = "prompt=v47,parser=json-v2", region: str | None = "us-east",
+    backend_id: str | None = "us-east-1", new_pin: bool = False,
+    version_changed: str | None = None, structured_output_valid: bool | None = None,
+    streamed: bool = True, error_type: str | None = None,
+) -> Taken:
+    """A queued line, in ``Taken``'s order (what ``_take`` makes of an event)."""
+    return (when, request_id, trace_id, session_id, client, duration_s, ttfb_s, usage,
+            method, path, status, version_key, region, backend_id, new_pin,
+            version_changed, structured_output_valid, streamed, error_type)
+
+
+def _taken_lines(ints: st.SearchStrategy[int]) -> st.SearchStrategy[list[Taken]]:
+    one = st.builds(
+        _taken, when=st.floats(0, 4_102_444_800) | st.sampled_from(EDGES),
+        request_id=_texts, trace_id=_texts, session_id=_maybe, client=_maybe,
+        duration_s=_seconds, ttfb_s=st.none() | _seconds,
+        usage=st.none() | st.builds(Usage, ints, ints), method=_texts, path=_texts,
+        status=ints, version_key=_maybe, region=_maybe, backend_id=_maybe,
+        new_pin=st.booleans(), version_changed=_maybe,
+        structured_output_valid=st.none() | st.booleans(), streamed=st.booleans(),
+        error_type=_maybe,
+    )
+    # Several lines, and more made of them: each of the first's with one value of the
+    # last's (a remembered run must tell them apart by every value it is made of), the
+    # first two again 0.4 ms later (the second the formatters remember comes back).
+    def more(lines: list[Taken]) -> st.SearchStrategy[list[Taken]]:
+        first, last = lines[0], lines[-1]
+        mixed = [(*first[:i], last[i], *first[i + 1:]) for i in range(len(first))]
+        again = [(line[0] + 0.0004, *line[1:]) for line in lines[:2]]
+        return st.permutations(lines + mixed + again)  # type: ignore[arg-type]
+
+    return st.lists(one, min_size=1, max_size=4).flatmap(more)
+
+
+# Values at the edges of each field's formatting: None everywhere; spaces, quotes,
+# backslashes, control and non-ASCII characters, empty strings; floats that print in
+# exponent form, negative zero, infinities, NaN, halfway cases of round(x, 3); bools;
+# ints at orjson's limits (text: beyond them); times at second and ms boundaries.
+_EDGE_LINES = [
+    [_taken(session_id=None, client=None, ttfb_s=None, usage=None, version_key=None,
+            region=None, backend_id=None, version_changed=None,
+            structured_output_valid=None, error_type=None)],
+    [_taken(request_id="a b", trace_id="", session_id="it's \"x\"", client="é ü",
+            method="", path="/with space", version_key="parser=json", region='"q"',
+            backend_id="back\\slash", version_changed="prompt=v46 -> prompt=v47",
+            error_type="\x00\n\t\x7f\u2028", structured_output_valid=True, new_pin=True)],
+    [_taken(duration_s=1e-10, ttfb_s=-0.0), _taken(duration_s=-0.0, ttfb_s=1e-7),
+     _taken(duration_s=1e13, ttfb_s=5e-7), _taken(duration_s=2.675e-3, ttfb_s=1.0005e-3),
+     _taken(duration_s=float("inf"), ttfb_s=float("nan")),
+     _taken(duration_s=-1e-7, ttfb_s=float("-inf"), structured_output_valid=False)],
+    [_taken(usage=Usage(2**64 - 1, -(2**63)), status=0)],
+    [_taken(when=when) for when in EDGES],
+]
+
+
+@pytest.mark.parametrize("worker", [None, 7])
+@given(lines=_taken_lines(_ORJSON_INTS), raw=st.booleans())
+@settings(max_examples=300, deadline=None)
+@example(lines=_EDGE_LINES[0], raw=False)
+@example(lines=_EDGE_LINES[1], raw=True)
+@example(lines=_EDGE_LINES[2], raw=False)
+@example(lines=_EDGE_LINES[3], raw=False)
+@example(lines=_EDGE_LINES[4], raw=False)
+def test_json_request_lines_are_the_records_lines(
+    worker: int | None, lines: list[Taken], raw: bool,
+) -> None:
+    hasher = SessionHasher(b"key", raw=raw)
+    formatter = JsonFormatter(worker)
+    expected = "".join(formatter.format(_record(t[0], line_fields(t, hasher))) + "\n"
+                       for t in lines)
+    for _ in range(2):  # the second time from what the formatter remembered
+        assert formatter.format_request_lines(
+            LOGGER_NAME, logging.INFO, "request", lines, hasher) == expected
+
+
+@pytest.mark.parametrize("worker", [None, 7])
+@given(lines=_taken_lines(st.integers()), raw=st.booleans())
+@settings(max_examples=300, deadline=None)
+@example(lines=_EDGE_LINES[0], raw=False)
+@example(lines=_EDGE_LINES[1], raw=True)
+@example(lines=_EDGE_LINES[2], raw=False)
+@example(lines=[_taken(usage=Usage(10**30, -(10**30)), status=-(2**70))], raw=False)
+@example(lines=_EDGE_LINES[4], raw=False)
+def test_text_request_lines_are_the_records_lines(
+    worker: int | None, lines: list[Taken], raw: bool,
+) -> None:
+    hasher = SessionHasher(b"key", raw=raw)
+    formatter = TextFormatter(worker)
+    expected = "".join(formatter.format(_record(t[0], line_fields(t, hasher))) + "\n"
+                       for t in lines)
+    for _ in range(2):
+        assert formatter.format_request_lines(
+            LOGGER_NAME, logging.INFO, "request", lines, hasher) == expected
+
+
+def test_json_request_lines_refuse_what_orjson_refuses() -> None:
+    # An int beyond 64 bits: the records' lines fail as the batch does, nothing half-made.
+    [line] = [_taken(usage=Usage(2**64, 1))]
+    hasher = SessionHasher(b"key")
+    formatter = JsonFormatter(None)
+    with pytest.raises(orjson.JSONEncodeError):
+        formatter.format(_record(line[0], line_fields(line, hasher)))
+    with pytest.raises(orjson.JSONEncodeError):
+        formatter.format_request_lines(LOGGER_NAME, logging.INFO, "request", [line], hasher)
+
+
+def test_remembered_runs_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.telemetry import logs
+
+    monkeypatch.setattr(logs, "_REMEMBERED_RUNS", 3)
+    hasher = SessionHasher(b"key")
+    lines = [_taken(path=f"/p{i}") for i in range(10)]
+    for formatter in (JsonFormatter(None), TextFormatter(None)):
+        expected = "".join(formatter.format(_record(t[0], line_fields(t, hasher))) + "\n"
+                           for t in lines)
+        assert formatter.format_request_lines(
+            LOGGER_NAME, logging.INFO, "request", lines, hasher) == expected
+        assert len(formatter._runs) <= 3
