@@ -4,11 +4,11 @@ A record may carry structured ``fields`` (a dict, passed as ``extra={"fields": .
 the request log does): the JSON format puts them at the top level of the line, the
 text format appends them as ``key=value`` pairs.
 
-Both formatters also format many lines of one logger at once (``format_lines``), the
-same lines ``format`` would make of the records: the request log, a line sink of its
-own rather than a logger, writes its lines in batches that way (see requestlog.py).
-``format_request_lines`` is the request log's own batch form: the same lines again,
-made straight from its queued tuples rather than from a dict of fields per line. Both
+Both formatters also format the request log's lines many at once
+(``format_request_lines``), the same lines ``format`` would make of a record per line:
+the request log, a line sink of its own rather than a logger, writes its lines in
+batches, made straight from its queued tuples rather than from a dict of fields per
+line (see requestlog.py). Both
 remember the text of the runs of fields that repeat from request to request (method to
 version_changed, structured_output_valid to error_type), made by the same code as
 ``format``'s, and format only the rest per line: the text one as pairs, the JSON one
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 _RESERVED: Final = frozenset({"time", "level", "logger", "message", "worker", "exception"})
 
 
-@final  # format_lines must stay the batch form of format: no subclass may change one
+@final  # format_request_lines must stay the batch form of format: no subclass may change one
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ms), level, logger, message, fields."""
 
@@ -73,28 +73,11 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
 
-    def format_lines(
-        self, name: str, levelno: int, message: str,
-        lines: Sequence[tuple[float, Mapping[str, object]]],
-    ) -> list[str]:
-        """``format`` of a record per ``(created, fields)``, without the records."""
-        head = self._head(logging.getLevelName(levelno), name, message)
-        utc_time = self._utc_time
-        out = []
-        for created, fields in lines:
-            entry = {"time": utc_time(created), **head}
-            if _RESERVED.isdisjoint(fields):
-                entry.update(fields)
-            else:
-                entry.update((k, v) for k, v in fields.items() if k not in _RESERVED)
-            out.append(orjson.dumps(entry).decode())
-        return out
-
     def format_request_lines(
         self, name: str, levelno: int, message: str, lines: Sequence[Taken],
         hasher: SessionHasher,
     ) -> str:
-        """``format_lines`` of the request log's queued lines, as one text."""
+        """``format`` of a record per queued line (``line_fields``), as one text."""
         # Each line is one dumps of a dict of a dozen entries rather than of the 25 the
         # line has: a run of members that is the same from line to line (the head after
         # the time; method to version_changed; structured_output_valid to error_type)
@@ -187,13 +170,13 @@ class JsonFormatter(logging.Formatter):
         return f"JsonFormatter(worker={self._worker})"
 
 
-@final  # format_lines must stay the batch form of format: no subclass may change one
+@final  # format_request_lines must stay the batch form of format: no subclass may change one
 class TextFormatter(logging.Formatter):
     """``time level [wN] logger: message key=value ...`` for people reading a terminal."""
 
     def __init__(self, worker: int | None) -> None:
         tag = f"[w{worker}] " if worker is not None else ""
-        # The time leads, so a batch formats the rest of the head once (format_lines).
+        # The time leads, so a batch formats the rest of the head once (format_request_lines).
         self._after_time = f" %(levelname)-7s {tag}%(name)s: %(message)s"
         super().__init__("%(asctime)s" + self._after_time)
         self._worker = worker
@@ -209,25 +192,11 @@ class TextFormatter(logging.Formatter):
             return line
         return f"{line} {_pairs(fields)}"
 
-    def format_lines(
-        self, name: str, levelno: int, message: str,
-        lines: Sequence[tuple[float, Mapping[str, object]]],
-    ) -> list[str]:
-        """``format`` of a record per ``(created, fields)``, without the records."""
-        rest = self._after_time % {
-            "levelname": logging.getLevelName(levelno), "name": name, "message": message,
-        }
-        out = []
-        for created, fields in lines:
-            line = self._asctime(created) + rest
-            out.append(f"{line} {_pairs(fields)}" if fields else line)
-        return out
-
     def format_request_lines(
         self, name: str, levelno: int, message: str, lines: Sequence[Taken],
         hasher: SessionHasher,
     ) -> str:
-        """``format_lines`` of the request log's queued lines, as one text."""
+        """``format`` of a record per queued line (``line_fields``), as one text."""
         rest = self._after_time % {
             "levelname": logging.getLevelName(levelno), "name": name, "message": message,
         }

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from proxy.config.observability import LogConfig
     from proxy.core.events import RequestEvent, Usage
 
-    Line: TypeAlias = tuple[float, Mapping[str, object]]  # (when, fields) of one line
 
 LOGGER_NAME: Final = "pinproxy.requests"
 _HASH_BYTES: Final = 8  # 64 bits: collisions need ~4 billion sessions
@@ -53,18 +52,13 @@ _MESSAGE: Final = "request"
 class LineFormatter(Protocol):
     """A formatter that formats many lines of one logger at once (logs.py has two)."""
 
-    def format_lines(
-        self, name: str, levelno: int, message: str, lines: Sequence[Line]
-    ) -> list[str]:
-        """What ``format`` makes of a record per line, with these name, level, message."""
-        ...
-
     def format_request_lines(
         self, name: str, levelno: int, message: str, lines: Sequence[Taken],
         hasher: SessionHasher,
     ) -> str:
-        """``format_lines`` of ``(t[0], line_fields(t, hasher))`` per queued ``t``, each
-        line ended by a newline, as one text."""
+        """What ``format`` makes of a record carrying ``line_fields(t, hasher)``, dated
+        ``t[0]``, per queued ``t``, with these name, level and message; each line ended
+        by a newline, as one text."""
         ...
 
 

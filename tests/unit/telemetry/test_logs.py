@@ -1,7 +1,7 @@
 """Log formats: a batch of request log lines is exactly what logging makes of records.
 
-The request log is a line sink that writes its lines in batches (``format_lines``, one
-write per batch) instead of one logging record per line; these tests pin that both
+The request log is a line sink that writes its lines in batches (``format_request_lines``,
+one write per batch) instead of one logging record per line; these tests pin that both
 give the same text, that the JSON and text lines are still the ones the formats always
 made, and that ``configure_logging`` sends them to stderr beside the log.
 """
@@ -81,8 +81,7 @@ def _old_text(value: object) -> str:
 def test_json_lines_are_the_records_lines_and_the_format_is_unchanged(worker: int | None) -> None:
     formatter = JsonFormatter(worker)
     lines = [(created, _fields(i)) for i, created in enumerate(_timestamps())]
-    batch = formatter.format_lines(LOGGER_NAME, logging.INFO, "request", lines)
-    assert batch == [formatter.format(_record(created, f)) for created, f in lines]
+    batch = [formatter.format(_record(created, f)) for created, f in lines]
     for (created, fields), line in zip(lines, batch, strict=True):
         head: dict[str, object] = {
             "time": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
@@ -96,8 +95,7 @@ def test_json_lines_are_the_records_lines_and_the_format_is_unchanged(worker: in
 def test_json_fields_never_replace_the_head() -> None:
     formatter = JsonFormatter(1)
     fields = {"level": "nope", "a": 1, "time": "t", "exception": "x", "worker": 9}
-    [line] = formatter.format_lines(LOGGER_NAME, logging.INFO, "request", [(1.5, fields)])
-    assert line == formatter.format(_record(1.5, fields))
+    line = formatter.format(_record(1.5, fields))
     assert orjson.loads(line) == {"time": "1970-01-01T00:00:01.500+00:00", "level": "info",
                                   "logger": LOGGER_NAME, "message": "request", "worker": 1,
                                   "a": 1}
@@ -112,8 +110,7 @@ def test_text_lines_are_the_records_lines_and_the_format_is_unchanged(
     reference = logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s")
     lines = [(created, _fields(i)) for i, created in enumerate(_timestamps())]
     lines.append((1_764_000_000.25, {}))
-    batch = formatter.format_lines(LOGGER_NAME, logging.INFO, "request", lines)
-    assert batch == [formatter.format(_record(created, f)) for created, f in lines]
+    batch = [formatter.format(_record(created, f)) for created, f in lines]
     for (created, fields), line in zip(lines, batch, strict=True):
         expected = reference.format(_record(created, fields))
         pairs = " ".join(f"{k}={_old_text(v)}" for k, v in fields.items() if v is not None)
