@@ -13,7 +13,8 @@ within ``request_head_timeout_s`` of the accept, each later one of its first byt
 like nginx's client_header_timeout), ``BODY`` until the message is complete, and
 ``CLOSING`` once nothing more is read (a refusal, a parse error, ``Connection:
 close``, an upgrade not made). Both deadlines share one lazily re-armed timer per
-connection (``_arm``), so a request on a kept-alive connection creates no timer.
+connection (``Deadline``, deadline.py), so a request on a kept-alive connection creates
+no timer.
 
 The edge's rules, decided before the handler runs:
 - Connection caps: one over a cap is answered 503 and closed before a byte of it is
@@ -53,6 +54,7 @@ from proxy.core.edge_limits import (
     raw_answer,
 )
 from proxy.core.errors import InternalError, ProxyError
+from proxy.dataplane.deadline import Deadline
 from proxy.dataplane.h1_exchange import H1Exchange, decode_headers
 from proxy.dataplane.h1_head import (
     MAX_HEADERS,
@@ -77,8 +79,6 @@ logger = logging.getLogger(__name__)
 
 _HIGH_WATER = 64 * 1024  # unread body bytes buffered before reading pauses
 LINGER_S = 2.0  # after the last answer, how long a client's late bytes are read away
-# uvloop's timers tick in milliseconds: one that fires this close to its deadline is due.
-_TIMER_SLACK_S = 0.001
 
 
 class Phase(Enum):
@@ -126,9 +126,8 @@ class H1Connection(asyncio.Protocol):
         self.local: tuple[str, int] | None = None
         self.tls = False
         self._admitted = False
-        self._timer: asyncio.TimerHandle | None = None  # see _arm
-        self._due = 0.0  # loop time at which _on_due is called
-        self._on_due: Callable[[], None] | None = None
+        # The head deadline, the keep-alive timer and the linger share one (deadline.py).
+        self._deadline = Deadline(self.loop)
         self._queue: deque[H1Exchange] = deque()
         self._current: H1Exchange | None = None  # being handled
         self._parsing: H1Exchange | None = None  # whose message is being parsed
@@ -161,10 +160,10 @@ class H1Connection(asyncio.Protocol):
             return
         self._admitted = True
         self.server.connections.add(self)
-        self._arm(self.options.head_timeout_s, self._head_deadline)
+        self._deadline.arm(self.options.head_timeout_s, self._head_deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
+        self._deadline.cancel()
         self.phase = Phase.CLOSING
         if self._admitted:
             self._admitted = False
@@ -191,7 +190,7 @@ class H1Connection(asyncio.Protocol):
             return  # refused: nothing after a refusal is parsed
         if self.phase is Phase.IDLE:
             self.phase = Phase.HEAD
-            self._arm(self.options.head_timeout_s, self._head_deadline)
+            self._deadline.arm(self.options.head_timeout_s, self._head_deadline)
         if self.phase is Phase.HEAD:
             if not self._head_bytes:
                 self._head_start = data[:16]
@@ -239,7 +238,7 @@ class H1Connection(asyncio.Protocol):
         if self.phase is Phase.IDLE:
             # A head begun in the read that ended the last message: its deadline runs.
             self.phase = Phase.HEAD
-            self._arm(self.options.head_timeout_s, self._head_deadline)
+            self._deadline.arm(self.options.head_timeout_s, self._head_deadline)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -268,7 +267,7 @@ class H1Connection(asyncio.Protocol):
         exchange = H1Exchange(self, method, target, version, headers,
                               keep_alive=parser.should_keep_alive())
         self._head_bytes = 0
-        self._disarm()
+        self._deadline.disarm()
         self.phase = Phase.BODY
         self._parsing = exchange
         self._enqueue(exchange)
@@ -295,7 +294,7 @@ class H1Connection(asyncio.Protocol):
                 return
         self.phase = Phase.IDLE
         if self._current is None and not self._queue:
-            self._arm(self.options.keepalive_timeout_s, self._idle_timeout)
+            self._deadline.arm(self.options.keepalive_timeout_s, self._idle_timeout)
 
     # --- exchanges -------------------------------------------------------------------
 
@@ -394,7 +393,7 @@ class H1Connection(asyncio.Protocol):
             self.close_gracefully()  # nothing more is read (an upgrade not made)
             return
         if self.phase is Phase.IDLE:
-            self._arm(self.options.keepalive_timeout_s, self._idle_timeout)
+            self._deadline.arm(self.options.keepalive_timeout_s, self._idle_timeout)
         self.resume_reading()
 
     def keep_alive_for(self, exchange: H1Exchange) -> bool:
@@ -440,47 +439,9 @@ class H1Connection(asyncio.Protocol):
 
     def _stop_reading(self) -> None:
         self.phase = Phase.CLOSING
-        self._disarm()
+        self._deadline.disarm()
 
     # --- timers ----------------------------------------------------------------------
-
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        """Call ``callback`` in ``delay`` seconds, unless re-armed or disarmed first.
-
-        One lazy timer per connection: a timer already set to fire no later than the
-        new deadline is kept (firing early, it sets itself for the rest), so the head
-        deadline and the keep-alive timer of each request cost two assignments, not a
-        uvloop timer created and cancelled each (~1.7 µs a pair, two pairs a request).
-        """
-        due = self.loop.time() + delay
-        self._due = due
-        self._on_due = callback
-        timer = self._timer
-        if timer is not None:
-            if timer.when() <= due:
-                return
-            timer.cancel()
-        self._timer = self.loop.call_at(due, self._fire)
-
-    def _disarm(self) -> None:
-        self._on_due = None  # a timer still set fires into nothing (see _fire)
-
-    def _cancel_timer(self) -> None:
-        self._on_due = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _fire(self) -> None:
-        self._timer = None
-        callback = self._on_due
-        if callback is None:
-            return  # disarmed since
-        if self.loop.time() < self._due - _TIMER_SLACK_S:
-            self._timer = self.loop.call_at(self._due, self._fire)  # re-armed later since
-            return
-        self._on_due = None
-        callback()
 
     def _head_deadline(self) -> None:
         if self.phase is not Phase.HEAD or self.transport is None:
@@ -488,7 +449,7 @@ class H1Connection(asyncio.Protocol):
         if self._current is not None:
             # An answer is still being written; the half-sent head after it gets
             # another period rather than a 408 in the middle of that answer.
-            self._arm(self.options.head_timeout_s, self._head_deadline)
+            self._deadline.arm(self.options.head_timeout_s, self._head_deadline)
             return
         self.server.report.timed_out("request_head")
         self._answer_raw(head_timeout_error(self.options.head_timeout_s))
@@ -550,7 +511,7 @@ class H1Connection(asyncio.Protocol):
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
-        self._arm(LINGER_S, self.abort)
+        self._deadline.arm(LINGER_S, self.abort)
 
     def abort(self) -> None:
         """Cut the connection off (an answer that cannot be completed)."""
