@@ -134,10 +134,11 @@ class Registry:
         now = self._clock.time()
         # A response stamp naming the known version hands that very bundle back
         # (report_stamp): its key is the one stored with it, not rebuilt per response.
-        known = bundle is state.version and state.version_key is not None
-        key = state.version_key if known else self.version_key(bundle)
-        assert key is not None
-        changed = not known and state.version != bundle
+        stored = state.version_key
+        if bundle is state.version and stored is not None:
+            key, changed = stored, False
+        else:
+            key, changed = self.version_key(bundle), state.version != bundle
         if changed:
             if state.version_key is not None and state.version_key != key:
                 logger.warning(
